@@ -1,0 +1,20 @@
+//! The job domain: what a job is, how it moves between statuses, what a client may ask for
+//! (validated against a model's description), and how identical requests are recognised.
+//!
+//! Nothing here knows about AWS, HTTP or ONNX: the functions and the gpu-runner share it.
+
+pub mod cache_key;
+pub mod error;
+pub mod ids;
+pub mod job;
+pub mod model;
+pub mod params;
+pub mod status;
+
+pub use cache_key::CacheKey;
+pub use error::{InputError, InputErrorKind};
+pub use ids::{InvalidId, JobId, TenantId};
+pub use job::{Job, JobError, JobErrorCode, Output, Timings};
+pub use model::{ModelSpec, OutputFormat};
+pub use params::{JobParams, SeedSource, Submission, Webhook, WebhookEvent, WebhookPolicy};
+pub use status::JobStatus;

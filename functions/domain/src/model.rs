@@ -1,0 +1,240 @@
+//! A model's description: its name and version, the pipeline that runs it, and every limit and
+//! default a request is checked against. The same JSON is a model package's `manifest.json`
+//! (the runner serves it) and an entry of `GET /v1/models`.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// An inclusive range of allowed values.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Range<T> {
+    pub min: T,
+    pub max: T,
+}
+
+impl<T: PartialOrd + Copy> Range<T> {
+    pub fn contains(&self, value: T) -> bool {
+        self.min <= value && value <= self.max
+    }
+}
+
+/// Output encodings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    Png,
+    Gif,
+    Mp4,
+    Webm,
+}
+
+impl OutputFormat {
+    pub const ALL: [OutputFormat; 4] = [Self::Png, Self::Gif, Self::Mp4, Self::Webm];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Png => "png",
+            Self::Gif => "gif",
+            Self::Mp4 => "mp4",
+            Self::Webm => "webm",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Png => "image/png",
+            Self::Gif => "image/gif",
+            Self::Mp4 => "video/mp4",
+            Self::Webm => "video/webm",
+        }
+    }
+
+    /// Whether the format holds one frame (an image) rather than many.
+    pub fn is_image(self) -> bool {
+        matches!(self, Self::Png)
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.as_str() == text)
+    }
+}
+
+impl fmt::Display for OutputFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a request may ask of the model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    pub width: Range<u32>,
+    pub height: Range<u32>,
+    /// Width and height must be multiples of this (latent models need 8).
+    pub size_multiple: u32,
+    /// 1 is an image; more is a video.
+    pub num_frames: Range<u32>,
+    pub fps: Range<u32>,
+    pub steps: Range<u32>,
+    pub guidance: Range<f64>,
+    /// Cap on width × height × num_frames, which bounds render memory and time.
+    pub max_total_pixels: u64,
+    pub image_formats: Vec<OutputFormat>,
+    pub video_formats: Vec<OutputFormat>,
+}
+
+/// Values used when a request leaves a field out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Defaults {
+    pub width: u32,
+    pub height: u32,
+    pub num_frames: u32,
+    pub fps: u32,
+    pub steps: u32,
+    pub guidance: f64,
+    pub image_format: OutputFormat,
+    pub video_format: OutputFormat,
+}
+
+/// A served model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    /// What clients put in `model`.
+    pub name: String,
+    /// The version a job records; part of the cache key, so a new version never serves old results.
+    pub version: String,
+    /// Which pipeline the runner uses for the package (for example `procedural`, `latent-diffusion`).
+    pub pipeline: String,
+    #[serde(default)]
+    pub description: String,
+    pub limits: Limits,
+    pub defaults: Defaults,
+}
+
+/// A model description that contradicts itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("model `{model}`: {problem}")]
+pub struct InvalidModelSpec {
+    pub model: String,
+    pub problem: String,
+}
+
+impl ModelSpec {
+    /// Checks the description is usable: ranges ordered, defaults inside the limits.
+    pub fn check(&self) -> Result<(), InvalidModelSpec> {
+        let fail = |problem: String| {
+            Err(InvalidModelSpec {
+                model: self.name.clone(),
+                problem,
+            })
+        };
+        let (l, d) = (&self.limits, &self.defaults);
+        if self.name.is_empty() || self.name.len() > 64 || self.name.contains(['@', '/', ' ']) {
+            return fail("name must be 1 to 64 characters without '@', '/' or spaces".into());
+        }
+        if self.version.is_empty() {
+            return fail("version is empty".into());
+        }
+        if l.size_multiple == 0 {
+            return fail("limits.size_multiple must be at least 1".into());
+        }
+        let ordered = l.width.min <= l.width.max
+            && l.height.min <= l.height.max
+            && l.num_frames.min >= 1
+            && l.num_frames.min <= l.num_frames.max
+            && l.fps.min <= l.fps.max
+            && l.steps.min <= l.steps.max
+            && l.guidance.min <= l.guidance.max;
+        if !ordered {
+            return fail("a limit has min > max (or num_frames.min < 1)".into());
+        }
+        if !(l.width.contains(d.width) && l.height.contains(d.height))
+            || d.width % l.size_multiple != 0
+            || d.height % l.size_multiple != 0
+        {
+            return fail("default width/height outside the limits".into());
+        }
+        if !(l.num_frames.contains(d.num_frames)
+            && l.fps.contains(d.fps)
+            && l.steps.contains(d.steps)
+            && l.guidance.contains(d.guidance))
+        {
+            return fail("a default is outside its limit".into());
+        }
+        if l.image_formats.iter().any(|f| !f.is_image())
+            || l.video_formats.iter().any(|f| f.is_image())
+        {
+            return fail(
+                "image_formats must hold image formats and video_formats video formats".into(),
+            );
+        }
+        if !l.image_formats.contains(&d.image_format) {
+            return fail("defaults.image_format is not in limits.image_formats".into());
+        }
+        if l.num_frames.max > 1 && !l.video_formats.contains(&d.video_format) {
+            return fail("defaults.video_format is not in limits.video_formats".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A description used across the domain's tests.
+    pub fn demo() -> ModelSpec {
+        ModelSpec {
+            name: "demo".into(),
+            version: "1.0.0".into(),
+            pipeline: "procedural".into(),
+            description: String::new(),
+            limits: Limits {
+                width: Range { min: 64, max: 1024 },
+                height: Range { min: 64, max: 1024 },
+                size_multiple: 8,
+                num_frames: Range { min: 1, max: 48 },
+                fps: Range { min: 1, max: 30 },
+                steps: Range { min: 1, max: 50 },
+                guidance: Range {
+                    min: 0.0,
+                    max: 20.0,
+                },
+                max_total_pixels: 512 * 512 * 48,
+                image_formats: vec![OutputFormat::Png],
+                video_formats: vec![OutputFormat::Gif, OutputFormat::Mp4, OutputFormat::Webm],
+            },
+            defaults: Defaults {
+                width: 512,
+                height: 512,
+                num_frames: 1,
+                fps: 8,
+                steps: 4,
+                guidance: 0.0,
+                image_format: OutputFormat::Png,
+                video_format: OutputFormat::Gif,
+            },
+        }
+    }
+
+    #[test]
+    fn the_demo_description_is_valid() {
+        demo().check().unwrap();
+    }
+
+    #[test]
+    fn contradictory_descriptions_are_rejected() {
+        let mut m = demo();
+        m.defaults.width = 2048;
+        assert!(m.check().is_err());
+        let mut m = demo();
+        m.limits.steps = Range { min: 10, max: 1 };
+        assert!(m.check().is_err());
+        let mut m = demo();
+        m.limits.image_formats = vec![OutputFormat::Gif];
+        assert!(m.check().is_err());
+        let mut m = demo();
+        m.name = "a/b".into();
+        assert!(m.check().is_err());
+    }
+}
