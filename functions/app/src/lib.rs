@@ -1,1 +1,16 @@
+//! What the platform does with jobs, independent of where they are stored: submitting (with
+//! validation, caching, dedup and idempotency), reading, listing, canceling and expiring jobs,
+//! and authenticating tenants. Storage, queueing and artifact links are ports
+//! ([`ports`]) with AWS implementations in `kiln-aws` and in-memory ones in [`memory`].
 
+pub mod auth;
+pub mod error;
+pub mod jobs;
+pub mod memory;
+pub mod messages;
+pub mod ports;
+
+pub use auth::{ApiKey, Authenticator, Tenant};
+pub use error::AppError;
+pub use jobs::{Disposition, Jobs, JobsConfig, Submitted};
+pub use messages::JobMessage;

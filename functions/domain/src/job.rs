@@ -87,6 +87,18 @@ pub struct Job {
     pub outputs: Vec<Output>,
     #[serde(default)]
     pub timings: Timings,
+    /// Bumped by every change; stores write only when the stored revision is the one read, so
+    /// two writers racing on one job can never both win.
+    pub revision: u64,
+}
+
+/// A change the job's status does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("job {id} cannot go from {from} to {to}")]
+pub struct IllegalTransition {
+    pub id: JobId,
+    pub from: JobStatus,
+    pub to: JobStatus,
 }
 
 impl Job {
@@ -122,12 +134,141 @@ impl Job {
             error: None,
             outputs: Vec::new(),
             timings: Timings::default(),
+            revision: 0,
         }
+    }
+
+    /// Moves the job to `to`, stamping the times that move implies. Starting (or restarting a
+    /// job whose runner died) counts an attempt; a terminal status sets `finished_at`.
+    pub fn transition(
+        &mut self,
+        to: JobStatus,
+        now: DateTime<Utc>,
+    ) -> Result<(), IllegalTransition> {
+        if !self.status.can_become(to) {
+            return Err(IllegalTransition {
+                id: self.id.clone(),
+                from: self.status,
+                to,
+            });
+        }
+        if to == JobStatus::Running {
+            self.attempts += 1;
+            self.started_at = Some(now);
+            self.timings.queue_ms = Some(millis_between(self.created_at, now));
+        }
+        if to.is_terminal() {
+            self.finished_at = Some(now);
+        }
+        if to == JobStatus::Succeeded {
+            self.progress = 1.0;
+        }
+        self.status = to;
+        self.revision += 1;
+        Ok(())
+    }
+
+    /// Ends the job as failed with a reason.
+    pub fn fail(
+        &mut self,
+        code: JobErrorCode,
+        message: impl Into<String>,
+        now: DateTime<Utc>,
+    ) -> Result<(), IllegalTransition> {
+        self.transition(JobStatus::Failed, now)?;
+        self.error = Some(JobError {
+            code,
+            message: message.into(),
+        });
+        Ok(())
+    }
+
+    /// Flags a running job so its runner stops at the next step. Returns false when the job is
+    /// not running or already flagged (nothing to write).
+    pub fn request_cancel(&mut self) -> bool {
+        if self.status != JobStatus::Running || self.cancel_requested {
+            return false;
+        }
+        self.cancel_requested = true;
+        self.revision += 1;
+        true
     }
 
     /// The key under which the job's artifact with this extension is stored. Fixed by the job id,
     /// so a redelivered job overwrites its artifact instead of adding a second one.
     pub fn output_key(&self, extension: &str) -> String {
         format!("jobs/{}/{}/output.{extension}", self.tenant_id, self.id)
+    }
+}
+
+fn millis_between(start: DateTime<Utc>, end: DateTime<Utc>) -> u64 {
+    u64::try_from((end - start).num_milliseconds()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        model::tests::demo,
+        params::{Submission, WebhookPolicy},
+    };
+
+    fn job() -> Job {
+        let model = demo();
+        let params = Submission::parse(br#"{"model":"demo","prompt":"x"}"#)
+            .unwrap()
+            .resolve(&model, WebhookPolicy::default(), || 1)
+            .unwrap()
+            .params;
+        let now = Utc::now();
+        Job::new(
+            JobId::generate(now),
+            TenantId::parse("t").unwrap(),
+            model.name,
+            model.version,
+            params,
+            None,
+            now,
+            chrono::Duration::hours(1),
+        )
+    }
+
+    #[test]
+    fn a_successful_life() {
+        let mut job = job();
+        let start = job.created_at + chrono::Duration::milliseconds(250);
+        job.transition(JobStatus::Running, start).unwrap();
+        assert_eq!(
+            (job.attempts, job.started_at, job.timings.queue_ms),
+            (1, Some(start), Some(250))
+        );
+        job.transition(JobStatus::Running, start).unwrap();
+        assert_eq!(job.attempts, 2, "a restart counts an attempt");
+        job.transition(JobStatus::Succeeded, start).unwrap();
+        assert_eq!(
+            (job.progress, job.finished_at, job.revision),
+            (1.0, Some(start), 3)
+        );
+    }
+
+    #[test]
+    fn illegal_transitions_change_nothing() {
+        let mut job = job();
+        let before = job.clone();
+        assert!(job.transition(JobStatus::Succeeded, Utc::now()).is_err());
+        assert_eq!(job, before);
+        job.transition(JobStatus::Canceled, Utc::now()).unwrap();
+        assert!(job.fail(JobErrorCode::Internal, "x", Utc::now()).is_err());
+        assert!(job.error.is_none());
+    }
+
+    #[test]
+    fn cancel_is_requested_only_of_running_jobs_and_once() {
+        let mut job = job();
+        assert!(!job.request_cancel());
+        job.transition(JobStatus::Running, Utc::now()).unwrap();
+        assert!(job.request_cancel());
+        assert!(!job.request_cancel());
+        assert!(job.cancel_requested);
     }
 }

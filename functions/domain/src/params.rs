@@ -54,14 +54,6 @@ pub enum WebhookEvent {
 
 impl WebhookEvent {
     const ALL: [WebhookEvent; 3] = [Self::Started, Self::Progress, Self::Completed];
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Started => "started",
-            Self::Progress => "progress",
-            Self::Completed => "completed",
-        }
-    }
 }
 
 /// Where to tell the client about its job, and which events it wants.

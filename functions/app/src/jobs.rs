@@ -1,0 +1,420 @@
+//! The job use cases.
+
+use chrono::{DateTime, Utc};
+use kiln_domain::{
+    CacheKey, InputError, InputErrorKind, Job, JobErrorCode, JobId, JobStatus, ModelSpec,
+    Submission, TenantId, WebhookPolicy,
+};
+use rand::Rng;
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+use tracing::{info, warn};
+
+use crate::{
+    auth::Tenant,
+    error::AppError,
+    messages::JobMessage,
+    ports::{
+        ArtifactLinks, CacheClaim, IdempotencyRecord, InsertOutcome, JobPage, JobQueue, JobStore,
+        ModelCatalog, PresignedUrl,
+    },
+};
+
+/// Settings of the job use cases.
+#[derive(Debug, Clone)]
+pub struct JobsConfig {
+    /// A queued job that no runner has started within this expires.
+    pub queued_ttl: chrono::Duration,
+    /// How long an output's download link stays valid.
+    pub link_ttl: Duration,
+    /// Which webhook URLs are accepted.
+    pub webhook_policy: WebhookPolicy,
+    /// How long the model list is reused before it is read again.
+    pub catalog_ttl: Duration,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            queued_ttl: chrono::Duration::hours(1),
+            link_ttl: Duration::from_secs(3600),
+            webhook_policy: WebhookPolicy::default(),
+            catalog_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How a submission was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// A new job was queued.
+    Created,
+    /// An identical request already succeeded: its result is returned, nothing renders.
+    Cached,
+    /// An identical request is queued or running: that job is returned.
+    Deduplicated,
+    /// The same Idempotency-Key and body were sent before: the first job is returned.
+    Replayed,
+}
+
+#[derive(Debug, Clone)]
+pub struct Submitted {
+    pub job: Job,
+    pub disposition: Disposition,
+}
+
+/// A job with a download link for each output (succeeded jobs only).
+#[derive(Debug, Clone)]
+pub struct JobWithLinks {
+    pub job: Job,
+    pub links: Vec<PresignedUrl>,
+}
+
+/// Longest accepted `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+/// Largest page of `list`.
+pub const MAX_PAGE: u32 = 100;
+/// How many times a use case re-reads and retries when a concurrent writer won.
+const MAX_RACES: usize = 5;
+
+/// The job use cases over their ports.
+pub struct Jobs {
+    store: Arc<dyn JobStore>,
+    queue: Arc<dyn JobQueue>,
+    catalog: Arc<dyn ModelCatalog>,
+    links: Arc<dyn ArtifactLinks>,
+    config: JobsConfig,
+    models: Mutex<Option<(Instant, Arc<Vec<ModelSpec>>)>>,
+}
+
+impl Jobs {
+    pub fn new(
+        store: Arc<dyn JobStore>,
+        queue: Arc<dyn JobQueue>,
+        catalog: Arc<dyn ModelCatalog>,
+        links: Arc<dyn ArtifactLinks>,
+        config: JobsConfig,
+    ) -> Self {
+        Self {
+            store,
+            queue,
+            catalog,
+            links,
+            config,
+            models: Mutex::new(None),
+        }
+    }
+
+    /// Accepts a job: validates the body against its model, then answers from the cache, joins
+    /// an identical job in flight, replays an idempotent retry, or stores and queues a new job.
+    pub async fn submit(
+        &self,
+        tenant: &Tenant,
+        body: &[u8],
+        idempotency_key: Option<&str>,
+    ) -> Result<Submitted, AppError> {
+        let submission = Submission::parse(body)?;
+        let (name, version) = submission.model()?;
+        let model = self.model(name, version).await?;
+        let resolved =
+            submission.resolve(&model, self.config.webhook_policy, || rand::rng().random())?;
+        let idempotency = idempotency_key
+            .map(|key| {
+                check_idempotency_key(key).map(|()| IdempotencyRecord {
+                    key: key.to_owned(),
+                    fingerprint: submission.fingerprint().to_owned(),
+                    job_id: JobId::generate(Utc::now()),
+                })
+            })
+            .transpose()?;
+        if let Some(record) = &idempotency
+            && let Some(first) = self
+                .store
+                .idempotency_entry(&tenant.id, &record.key)
+                .await?
+        {
+            return self.replay(&tenant.id, record, first).await;
+        }
+
+        let now = Utc::now();
+        let cache_key = CacheKey::compute(&model.name, &model.version, &resolved.params);
+        for _ in 0..MAX_RACES {
+            let replaces = match self.store.cache_entry(&tenant.id, &cache_key).await? {
+                None => None,
+                Some(job_id) => match self.store.get(&job_id).await? {
+                    Some(job) if job.tenant_id == tenant.id && !job.status.is_terminal() => {
+                        return self
+                            .answer_existing(tenant, job, Disposition::Deduplicated, idempotency)
+                            .await;
+                    }
+                    Some(job)
+                        if job.tenant_id == tenant.id && job.status == JobStatus::Succeeded =>
+                    {
+                        return self
+                            .answer_existing(tenant, job, Disposition::Cached, idempotency)
+                            .await;
+                    }
+                    _ => Some(job_id),
+                },
+            };
+            let job = Job::new(
+                idempotency
+                    .as_ref()
+                    .map_or_else(|| JobId::generate(now), |r| r.job_id.clone()),
+                tenant.id.clone(),
+                model.name.clone(),
+                model.version.clone(),
+                resolved.params.clone(),
+                resolved.webhook.clone(),
+                now,
+                self.config.queued_ttl,
+            );
+            let claim = CacheClaim {
+                key: cache_key.clone(),
+                replaces,
+            };
+            match self
+                .store
+                .insert(&job, &claim, idempotency.as_ref())
+                .await?
+            {
+                InsertOutcome::Inserted => return self.enqueue(job, idempotency.as_ref()).await,
+                InsertOutcome::CacheKeyTaken => continue,
+                InsertOutcome::IdempotencyKeyTaken => {
+                    let record = idempotency.as_ref().ok_or(AppError::Contention)?;
+                    let first = self
+                        .store
+                        .idempotency_entry(&tenant.id, &record.key)
+                        .await?
+                        .ok_or(AppError::Contention)?;
+                    return self.replay(&tenant.id, record, first).await;
+                }
+            }
+        }
+        Err(AppError::Contention)
+    }
+
+    /// Puts a stored job on the queue. If that fails, the job is failed and its keys released at
+    /// once, so it never sits queued with no message; the client gets a 503 and may resubmit.
+    async fn enqueue(
+        &self,
+        mut job: Job,
+        idempotency: Option<&IdempotencyRecord>,
+    ) -> Result<Submitted, AppError> {
+        let Err(error) = self.queue.enqueue(&JobMessage::for_job(&job)).await else {
+            info!(job_id = %job.id, tenant_id = %job.tenant_id, model = %job.model, "job queued");
+            return Ok(Submitted {
+                job,
+                disposition: Disposition::Created,
+            });
+        };
+        warn!(job_id = %job.id, error = %error, "enqueue failed; failing the job");
+        job.fail(
+            JobErrorCode::EnqueueFailed,
+            "the job could not be queued; submit it again",
+            Utc::now(),
+        )?;
+        // If these writes fail too, the job stays queued without a message and the expiry
+        // sweep ends it when its time to live runs out.
+        match self.store.update(&job).await {
+            Ok(_) => {}
+            Err(err) => {
+                warn!(job_id = %job.id, error = %err, "could not mark the unqueued job failed")
+            }
+        }
+        if let Err(err) = self
+            .store
+            .release_keys(&job, idempotency.map(|r| r.key.as_str()))
+            .await
+        {
+            warn!(job_id = %job.id, error = %err, "could not release the unqueued job's keys");
+        }
+        Err(AppError::QueueUnavailable(error))
+    }
+
+    /// Answers with an existing job, recording the idempotency key for it first if one was sent.
+    async fn answer_existing(
+        &self,
+        tenant: &Tenant,
+        job: Job,
+        disposition: Disposition,
+        idempotency: Option<IdempotencyRecord>,
+    ) -> Result<Submitted, AppError> {
+        if let Some(mut record) = idempotency {
+            record.job_id = job.id.clone();
+            if !self.store.put_idempotency(&tenant.id, &record).await? {
+                let first = self
+                    .store
+                    .idempotency_entry(&tenant.id, &record.key)
+                    .await?
+                    .ok_or(AppError::Contention)?;
+                return self.replay(&tenant.id, &record, first).await;
+            }
+        }
+        Ok(Submitted { job, disposition })
+    }
+
+    async fn replay(
+        &self,
+        tenant: &TenantId,
+        sent: &IdempotencyRecord,
+        first: IdempotencyRecord,
+    ) -> Result<Submitted, AppError> {
+        if first.fingerprint != sent.fingerprint {
+            return Err(AppError::IdempotencyMismatch);
+        }
+        match self.store.get(&first.job_id).await? {
+            Some(job) if &job.tenant_id == tenant => Ok(Submitted {
+                job,
+                disposition: Disposition::Replayed,
+            }),
+            // The record was written in the same transaction as the job, so this is only
+            // reached if the job was deleted by retention.
+            _ => Err(AppError::NotFound(first.job_id.to_string())),
+        }
+    }
+
+    /// A job of this tenant's, with download links when it has succeeded.
+    pub async fn get(&self, tenant: &Tenant, id: &str) -> Result<JobWithLinks, AppError> {
+        let job = self.owned(tenant, id).await?;
+        let mut links = Vec::new();
+        if job.status == JobStatus::Succeeded {
+            for output in &job.outputs {
+                links.push(
+                    self.links
+                        .presign_get(&output.key, self.config.link_ttl)
+                        .await?,
+                );
+            }
+        }
+        Ok(JobWithLinks { job, links })
+    }
+
+    /// The tenant's jobs, newest first.
+    pub async fn list(
+        &self,
+        tenant: &Tenant,
+        status: Option<JobStatus>,
+        limit: u32,
+        after: Option<&JobId>,
+    ) -> Result<JobPage, AppError> {
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(InputError::invalid(
+                "limit",
+                format!("must be between 1 and {MAX_PAGE} (got {limit})"),
+            )
+            .into());
+        }
+        Ok(self.store.list(&tenant.id, status, limit, after).await?)
+    }
+
+    /// Cancels a queued job at once; flags a running one so its runner stops it. A job that has
+    /// already ended is a conflict, except one already canceled (canceling is idempotent).
+    pub async fn cancel(&self, tenant: &Tenant, id: &str) -> Result<Job, AppError> {
+        for _ in 0..MAX_RACES {
+            let mut job = self.owned(tenant, id).await?;
+            let changed = match job.status {
+                JobStatus::Queued => {
+                    job.transition(JobStatus::Canceled, Utc::now())?;
+                    true
+                }
+                JobStatus::Running => job.request_cancel(),
+                JobStatus::Canceled => false,
+                status => return Err(AppError::AlreadyFinished { id: job.id, status }),
+            };
+            if !changed || self.store.update(&job).await? {
+                info!(job_id = %job.id, status = %job.status, "cancel handled");
+                return Ok(job);
+            }
+        }
+        Err(AppError::Contention)
+    }
+
+    /// The served models, read through a short-lived cache.
+    pub async fn models(&self) -> Result<Arc<Vec<ModelSpec>>, AppError> {
+        if let Some((at, models)) = self
+            .models
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            && at.elapsed() < self.config.catalog_ttl
+        {
+            return Ok(models.clone());
+        }
+        let mut models = self.catalog.models().await?;
+        models.sort_by(|a, b| a.name.cmp(&b.name));
+        let models = Arc::new(models);
+        *self.models.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), models.clone()));
+        Ok(models)
+    }
+
+    async fn model(&self, name: &str, version: Option<&str>) -> Result<ModelSpec, AppError> {
+        let models = self.models().await?;
+        let unknown = |message: String| {
+            InputError::new(
+                InputErrorKind::UnknownModel,
+                Some("model".to_owned()),
+                message,
+            )
+        };
+        let model = models.iter().find(|m| m.name == name).ok_or_else(|| {
+            let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+            unknown(format!(
+                "no model `{}`; served: {}",
+                truncate(name, 64),
+                names.join(", ")
+            ))
+        })?;
+        match version {
+            Some(version) if version != model.version => Err(unknown(format!(
+                "model `{name}` has no version `{}`; the served version is {}",
+                truncate(version, 32),
+                model.version
+            ))
+            .into()),
+            _ => Ok(model.clone()),
+        }
+    }
+
+    /// Expires queued jobs whose time to live has passed. Returns how many it expired.
+    pub async fn expire_overdue(&self, now: DateTime<Utc>, batch: u32) -> Result<usize, AppError> {
+        let mut expired = 0;
+        for mut job in self.store.queued_expired_by(now, batch).await? {
+            if job.transition(JobStatus::Expired, now).is_ok() && self.store.update(&job).await? {
+                info!(job_id = %job.id, "job expired before any runner started it");
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Reads a job, hiding other tenants' jobs behind the same answer as a missing one.
+    async fn owned(&self, tenant: &Tenant, id: &str) -> Result<Job, AppError> {
+        let not_found = || AppError::NotFound(truncate(id, 40));
+        let id = JobId::parse(id).map_err(|_| not_found())?;
+        match self.store.get(&id).await? {
+            Some(job) if job.tenant_id == tenant.id => Ok(job),
+            _ => Err(not_found()),
+        }
+    }
+}
+
+fn check_idempotency_key(key: &str) -> Result<(), InputError> {
+    let printable = key.bytes().all(|b| (0x21..=0x7e).contains(&b));
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN || !printable {
+        return Err(InputError::invalid(
+            "Idempotency-Key",
+            format!(
+                "must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters without spaces"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn truncate(text: &str, max_chars: usize) -> String {
+    text.chars().take(max_chars).collect()
+}

@@ -1,0 +1,299 @@
+//! In-memory implementations of the ports, with the same conditional semantics as the AWS ones.
+//! For unit tests of the use cases and for running the runner without AWS.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use kiln_domain::{CacheKey, Job, JobId, JobStatus, ModelSpec, TenantId};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use crate::{
+    auth::Tenant,
+    messages::JobMessage,
+    ports::{
+        ArtifactLinks, CacheClaim, IdempotencyRecord, InsertOutcome, JobPage, JobQueue, JobStore,
+        ModelCatalog, PortError, PresignedUrl, TenantDirectory,
+    },
+};
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[derive(Default)]
+struct JobTables {
+    jobs: BTreeMap<JobId, Job>,
+    cache: HashMap<(TenantId, CacheKey), JobId>,
+    idempotency: HashMap<(TenantId, String), IdempotencyRecord>,
+}
+
+/// Jobs in a map.
+#[derive(Default)]
+pub struct MemoryJobStore {
+    tables: Mutex<JobTables>,
+}
+
+#[async_trait]
+impl JobStore for MemoryJobStore {
+    async fn insert(
+        &self,
+        job: &Job,
+        cache: &CacheClaim,
+        idempotency: Option<&IdempotencyRecord>,
+    ) -> Result<InsertOutcome, PortError> {
+        let mut tables = lock(&self.tables);
+        let cache_slot = (job.tenant_id.clone(), cache.key.clone());
+        if tables.cache.get(&cache_slot) != cache.replaces.as_ref() {
+            return Ok(InsertOutcome::CacheKeyTaken);
+        }
+        if let Some(record) = idempotency
+            && tables
+                .idempotency
+                .contains_key(&(job.tenant_id.clone(), record.key.clone()))
+        {
+            return Ok(InsertOutcome::IdempotencyKeyTaken);
+        }
+        if tables.jobs.contains_key(&job.id) {
+            return Err(PortError::Corrupt {
+                what: "job",
+                detail: format!("job {} exists", job.id),
+            });
+        }
+        tables.jobs.insert(job.id.clone(), job.clone());
+        tables.cache.insert(cache_slot, job.id.clone());
+        if let Some(record) = idempotency {
+            tables
+                .idempotency
+                .insert((job.tenant_id.clone(), record.key.clone()), record.clone());
+        }
+        Ok(InsertOutcome::Inserted)
+    }
+
+    async fn get(&self, id: &JobId) -> Result<Option<Job>, PortError> {
+        Ok(lock(&self.tables).jobs.get(id).cloned())
+    }
+
+    async fn update(&self, job: &Job) -> Result<bool, PortError> {
+        let mut tables = lock(&self.tables);
+        match tables.jobs.get_mut(&job.id) {
+            Some(stored) if stored.revision + 1 == job.revision => {
+                *stored = job.clone();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn list(
+        &self,
+        tenant: &TenantId,
+        status: Option<JobStatus>,
+        limit: u32,
+        after: Option<&JobId>,
+    ) -> Result<JobPage, PortError> {
+        let tables = lock(&self.tables);
+        let mut matching = tables
+            .jobs
+            .values()
+            .rev()
+            .filter(|job| &job.tenant_id == tenant && status.is_none_or(|s| job.status == s))
+            .filter(|job| after.is_none_or(|after| &job.id < after));
+        let jobs: Vec<Job> = matching.by_ref().take(limit as usize).cloned().collect();
+        let next = match matching.next() {
+            Some(_) => jobs.last().map(|job| job.id.clone()),
+            None => None,
+        };
+        Ok(JobPage { jobs, next })
+    }
+
+    async fn cache_entry(
+        &self,
+        tenant: &TenantId,
+        key: &CacheKey,
+    ) -> Result<Option<JobId>, PortError> {
+        Ok(lock(&self.tables)
+            .cache
+            .get(&(tenant.clone(), key.clone()))
+            .cloned())
+    }
+
+    async fn idempotency_entry(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, PortError> {
+        Ok(lock(&self.tables)
+            .idempotency
+            .get(&(tenant.clone(), key.to_owned()))
+            .cloned())
+    }
+
+    async fn put_idempotency(
+        &self,
+        tenant: &TenantId,
+        record: &IdempotencyRecord,
+    ) -> Result<bool, PortError> {
+        let mut tables = lock(&self.tables);
+        let slot = (tenant.clone(), record.key.clone());
+        if tables.idempotency.contains_key(&slot) {
+            return Ok(false);
+        }
+        tables.idempotency.insert(slot, record.clone());
+        Ok(true)
+    }
+
+    async fn release_keys(
+        &self,
+        job: &Job,
+        idempotency_key: Option<&str>,
+    ) -> Result<(), PortError> {
+        let mut tables = lock(&self.tables);
+        let cache_slot = (job.tenant_id.clone(), job.cache_key.clone());
+        if tables.cache.get(&cache_slot) == Some(&job.id) {
+            tables.cache.remove(&cache_slot);
+        }
+        if let Some(key) = idempotency_key {
+            let slot = (job.tenant_id.clone(), key.to_owned());
+            if tables
+                .idempotency
+                .get(&slot)
+                .is_some_and(|r| r.job_id == job.id)
+            {
+                tables.idempotency.remove(&slot);
+            }
+        }
+        Ok(())
+    }
+
+    async fn queued_expired_by(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Job>, PortError> {
+        let tables = lock(&self.tables);
+        let mut overdue: Vec<Job> = tables
+            .jobs
+            .values()
+            .filter(|job| job.status == JobStatus::Queued && job.expires_at < now)
+            .cloned()
+            .collect();
+        overdue.sort_by_key(|job| job.expires_at);
+        overdue.truncate(limit as usize);
+        Ok(overdue)
+    }
+}
+
+/// A queue that keeps what it was sent, and can be told to fail.
+#[derive(Default)]
+pub struct MemoryQueue {
+    pub sent: Mutex<Vec<JobMessage>>,
+    pub failing: AtomicBool,
+}
+
+impl MemoryQueue {
+    pub fn sent(&self) -> Vec<JobMessage> {
+        lock(&self.sent).clone()
+    }
+
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl JobQueue for MemoryQueue {
+    async fn enqueue(&self, message: &JobMessage) -> Result<(), PortError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(PortError::unavailable(
+                "memory queue",
+                "the queue is set to fail",
+            ));
+        }
+        lock(&self.sent).push(message.clone());
+        Ok(())
+    }
+}
+
+/// A fixed list of models.
+#[derive(Default)]
+pub struct MemoryCatalog {
+    models: Mutex<Vec<ModelSpec>>,
+}
+
+impl MemoryCatalog {
+    pub fn with(models: Vec<ModelSpec>) -> Self {
+        Self {
+            models: Mutex::new(models),
+        }
+    }
+}
+
+#[async_trait]
+impl ModelCatalog for MemoryCatalog {
+    async fn models(&self) -> Result<Vec<ModelSpec>, PortError> {
+        Ok(lock(&self.models).clone())
+    }
+
+    async fn publish(&self, model: &ModelSpec) -> Result<(), PortError> {
+        let mut models = lock(&self.models);
+        models.retain(|m| m.name != model.name);
+        models.push(model.clone());
+        Ok(())
+    }
+}
+
+/// Tenants and key hashes in maps.
+#[derive(Default)]
+pub struct MemoryTenants {
+    tenants: Mutex<HashMap<TenantId, Tenant>>,
+    keys: Mutex<HashMap<String, TenantId>>,
+}
+
+#[async_trait]
+impl TenantDirectory for MemoryTenants {
+    async fn tenant_by_key_hash(&self, key_hash: &str) -> Result<Option<Tenant>, PortError> {
+        let id = lock(&self.keys).get(key_hash).cloned();
+        Ok(id.and_then(|id| lock(&self.tenants).get(&id).cloned()))
+    }
+
+    async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, PortError> {
+        let mut tenants = lock(&self.tenants);
+        if tenants.contains_key(&tenant.id) {
+            return Ok(false);
+        }
+        tenants.insert(tenant.id.clone(), tenant.clone());
+        Ok(true)
+    }
+
+    async fn add_key(&self, tenant: &TenantId, key_hash: &str) -> Result<(), PortError> {
+        lock(&self.keys).insert(key_hash.to_owned(), tenant.clone());
+        Ok(())
+    }
+
+    async fn revoke_key(&self, key_hash: &str) -> Result<bool, PortError> {
+        Ok(lock(&self.keys).remove(key_hash).is_some())
+    }
+}
+
+/// Links of the form `memory://<key>?expires=<unix>`.
+#[derive(Default)]
+pub struct MemoryLinks;
+
+#[async_trait]
+impl ArtifactLinks for MemoryLinks {
+    async fn presign_get(&self, key: &str, valid_for: Duration) -> Result<PresignedUrl, PortError> {
+        let expires_at = Utc::now() + chrono::Duration::from_std(valid_for).unwrap_or_default();
+        Ok(PresignedUrl {
+            url: format!("memory://{key}?expires={}", expires_at.timestamp()),
+            expires_at,
+        })
+    }
+}

@@ -1,0 +1,31 @@
+//! Messages on the job queue: the contract between the API and the runner.
+
+use kiln_domain::{Job, JobId, TenantId};
+use serde::{Deserialize, Serialize};
+
+/// "Render this job." The job record is the source of truth; the message only points at it,
+/// so a stale or duplicated message is harmless (the runner's conditional start decides).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "render_job")]
+pub struct JobMessage {
+    /// Message schema version.
+    pub v: u32,
+    pub job_id: JobId,
+    pub tenant_id: TenantId,
+    pub model: String,
+    pub model_version: String,
+}
+
+impl JobMessage {
+    pub const VERSION: u32 = 1;
+
+    pub fn for_job(job: &Job) -> Self {
+        Self {
+            v: Self::VERSION,
+            job_id: job.id.clone(),
+            tenant_id: job.tenant_id.clone(),
+            model: job.model.clone(),
+            model_version: job.model_version.clone(),
+        }
+    }
+}

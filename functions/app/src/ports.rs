@@ -1,0 +1,164 @@
+//! The ports: what the use cases need from storage, the queue and the artifact store.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use kiln_domain::{CacheKey, Job, JobId, JobStatus, ModelSpec, TenantId};
+use std::time::Duration;
+
+use crate::{auth::Tenant, messages::JobMessage};
+
+/// A backend error; `source` keeps the SDK's error for the logs.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    /// The backend could not be reached or refused the call (throttling, network, permissions).
+    #[error("{backend} call failed")]
+    Unavailable {
+        backend: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Stored data does not decode.
+    #[error("stored {what} is corrupt: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+}
+
+impl PortError {
+    pub fn unavailable(
+        backend: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Unavailable {
+            backend,
+            source: source.into(),
+        }
+    }
+}
+
+/// The pointer from a cache key to the job that renders (or rendered) it, written with a new job.
+#[derive(Debug, Clone)]
+pub struct CacheClaim {
+    pub key: CacheKey,
+    /// The job the pointer held when it was read (a failed or expired one), or None when there
+    /// was none: the write succeeds only if that is still so.
+    pub replaces: Option<JobId>,
+}
+
+/// An `Idempotency-Key` and the fingerprint of the body first sent with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyRecord {
+    pub key: String,
+    pub fingerprint: String,
+    pub job_id: JobId,
+}
+
+/// What inserting a job did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertOutcome {
+    Inserted,
+    /// Another request claimed the cache key first; nothing was written.
+    CacheKeyTaken,
+    /// Another request claimed the idempotency key first; nothing was written.
+    IdempotencyKeyTaken,
+}
+
+/// One page of a tenant's jobs, newest first.
+#[derive(Debug, Clone)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    /// Pass back as `after` for the next page; None on the last page.
+    pub next: Option<JobId>,
+}
+
+/// Jobs and the request keys that point at them.
+#[async_trait]
+pub trait JobStore: Send + Sync {
+    /// Writes a new job together with its cache pointer and idempotency record, all or nothing.
+    async fn insert(
+        &self,
+        job: &Job,
+        cache: &CacheClaim,
+        idempotency: Option<&IdempotencyRecord>,
+    ) -> Result<InsertOutcome, PortError>;
+
+    async fn get(&self, id: &JobId) -> Result<Option<Job>, PortError>;
+
+    /// Writes `job` if the stored copy is still at `job.revision - 1`. False when someone else
+    /// changed it first (re-read and decide again).
+    async fn update(&self, job: &Job) -> Result<bool, PortError>;
+
+    /// A tenant's jobs, newest first, optionally only those in `status`.
+    async fn list(
+        &self,
+        tenant: &TenantId,
+        status: Option<JobStatus>,
+        limit: u32,
+        after: Option<&JobId>,
+    ) -> Result<JobPage, PortError>;
+
+    /// The job the cache key points at, if any.
+    async fn cache_entry(
+        &self,
+        tenant: &TenantId,
+        key: &CacheKey,
+    ) -> Result<Option<JobId>, PortError>;
+
+    async fn idempotency_entry(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, PortError>;
+
+    /// Records an idempotency key for an existing job; false when the key is already taken.
+    async fn put_idempotency(
+        &self,
+        tenant: &TenantId,
+        record: &IdempotencyRecord,
+    ) -> Result<bool, PortError>;
+
+    /// Removes the cache pointer and idempotency record if they still point at `job`.
+    async fn release_keys(&self, job: &Job, idempotency_key: Option<&str>)
+    -> Result<(), PortError>;
+
+    /// Queued jobs whose time to live ended before `now`, oldest first.
+    async fn queued_expired_by(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Job>, PortError>;
+}
+
+/// Where jobs wait for a runner.
+#[async_trait]
+pub trait JobQueue: Send + Sync {
+    async fn enqueue(&self, message: &JobMessage) -> Result<(), PortError>;
+}
+
+/// The models the platform serves.
+#[async_trait]
+pub trait ModelCatalog: Send + Sync {
+    async fn models(&self) -> Result<Vec<ModelSpec>, PortError>;
+    /// Adds or replaces a model's description (runners publish what they serve).
+    async fn publish(&self, model: &ModelSpec) -> Result<(), PortError>;
+}
+
+/// Tenants and their API keys (stored as SHA-256 hashes, never in clear).
+#[async_trait]
+pub trait TenantDirectory: Send + Sync {
+    async fn tenant_by_key_hash(&self, key_hash: &str) -> Result<Option<Tenant>, PortError>;
+    async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, PortError>;
+    async fn add_key(&self, tenant: &TenantId, key_hash: &str) -> Result<(), PortError>;
+    async fn revoke_key(&self, key_hash: &str) -> Result<bool, PortError>;
+}
+
+/// A time-limited download link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresignedUrl {
+    pub url: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Download links for stored artifacts.
+#[async_trait]
+pub trait ArtifactLinks: Send + Sync {
+    async fn presign_get(&self, key: &str, valid_for: Duration) -> Result<PresignedUrl, PortError>;
+}
