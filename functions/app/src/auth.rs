@@ -33,9 +33,7 @@ impl ApiKey {
     pub fn generate() -> Self {
         const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
         let mut rng = rand::rng();
-        let body: String = (0..40)
-            .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
-            .collect();
+        let body: String = (0..40).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect();
         Self(format!("{}{body}", Self::PREFIX))
     }
 
@@ -76,25 +74,19 @@ impl Authenticator {
     const CACHE_ENTRIES: usize = 10_000;
 
     pub fn new(tenants: Arc<dyn TenantDirectory>) -> Self {
-        Self {
-            tenants,
-            cache: Mutex::new(HashMap::new()),
-        }
+        Self { tenants, cache: Mutex::new(HashMap::new()) }
     }
 
     /// Checks `Authorization: Bearer <key>`.
     pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Tenant, AppError> {
-        let header = authorization.ok_or(AppError::Unauthorized(
-            "missing Authorization header; send `Authorization: Bearer <api key>`",
-        ))?;
+        let header = authorization
+            .ok_or(AppError::Unauthorized("missing Authorization header; send `Authorization: Bearer <api key>`"))?;
         let key = header
             .strip_prefix("Bearer ")
             .or_else(|| header.strip_prefix("bearer "))
             .map(str::trim)
             .filter(|key| !key.is_empty() && key.len() <= 256)
-            .ok_or(AppError::Unauthorized(
-                "malformed Authorization header; send `Authorization: Bearer <api key>`",
-            ))?;
+            .ok_or(AppError::Unauthorized("malformed Authorization header; send `Authorization: Bearer <api key>`"))?;
         let key_hash = hash_key(key);
         if let Some(tenant) = self.cached(&key_hash) {
             return Ok(tenant);
@@ -111,21 +103,12 @@ impl Authenticator {
     }
 
     fn cached(&self, key_hash: &str) -> Option<Tenant> {
-        let cache = self
-            .cache
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        cache
-            .get(key_hash)
-            .filter(|(at, _)| at.elapsed() < Self::CACHE_FOR)
-            .map(|(_, tenant)| tenant.clone())
+        let cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        cache.get(key_hash).filter(|(at, _)| at.elapsed() < Self::CACHE_FOR).map(|(_, tenant)| tenant.clone())
     }
 
     fn remember(&self, key_hash: String, tenant: Tenant) {
-        let mut cache = self
-            .cache
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if cache.len() >= Self::CACHE_ENTRIES {
             cache.clear();
         }
@@ -141,32 +124,15 @@ mod tests {
     #[tokio::test]
     async fn keys_authenticate_their_tenant_only() {
         let tenants = Arc::new(MemoryTenants::default());
-        let acme = Tenant {
-            id: TenantId::parse("acme").unwrap(),
-            name: "Acme".into(),
-            disabled: false,
-        };
+        let acme = Tenant { id: TenantId::parse("acme").unwrap(), name: "Acme".into(), disabled: false };
         tenants.create_tenant(&acme).await.unwrap();
         let key = ApiKey::generate();
         tenants.add_key(&acme.id, &key.hash()).await.unwrap();
         let auth = Authenticator::new(tenants.clone());
 
-        assert_eq!(
-            auth.authenticate(Some(&format!("Bearer {}", key.expose())))
-                .await
-                .unwrap(),
-            acme
-        );
-        for bad in [
-            None,
-            Some("Basic abc"),
-            Some("Bearer "),
-            Some("Bearer kiln_wrong"),
-        ] {
-            assert!(
-                matches!(auth.authenticate(bad).await, Err(AppError::Unauthorized(_))),
-                "{bad:?}"
-            );
+        assert_eq!(auth.authenticate(Some(&format!("Bearer {}", key.expose()))).await.unwrap(), acme);
+        for bad in [None, Some("Basic abc"), Some("Bearer "), Some("Bearer kiln_wrong")] {
+            assert!(matches!(auth.authenticate(bad).await, Err(AppError::Unauthorized(_))), "{bad:?}");
         }
     }
 

@@ -2,8 +2,8 @@
 
 use chrono::{DateTime, Utc};
 use kiln_domain::{
-    CacheKey, InputError, InputErrorKind, Job, JobErrorCode, JobId, JobStatus, ModelSpec,
-    Submission, TenantId, WebhookPolicy,
+    CacheKey, InputError, InputErrorKind, Job, JobErrorCode, JobId, JobStatus, ModelSpec, Submission, TenantId,
+    WebhookPolicy,
 };
 use rand::Rng;
 use std::{
@@ -17,8 +17,8 @@ use crate::{
     error::AppError,
     messages::JobMessage,
     ports::{
-        ArtifactLinks, CacheClaim, IdempotencyRecord, InsertOutcome, JobPage, JobQueue, JobStore,
-        ModelCatalog, PresignedUrl,
+        ArtifactLinks, CacheClaim, IdempotencyRecord, InsertOutcome, JobPage, JobQueue, JobStore, ModelCatalog,
+        PresignedUrl,
     },
 };
 
@@ -97,14 +97,7 @@ impl Jobs {
         links: Arc<dyn ArtifactLinks>,
         config: JobsConfig,
     ) -> Self {
-        Self {
-            store,
-            queue,
-            catalog,
-            links,
-            config,
-            models: Mutex::new(None),
-        }
+        Self { store, queue, catalog, links, config, models: Mutex::new(None) }
     }
 
     /// Accepts a job: validates the body against its model, then answers from the cache, joins
@@ -118,8 +111,7 @@ impl Jobs {
         let submission = Submission::parse(body)?;
         let (name, version) = submission.model()?;
         let model = self.model(name, version).await?;
-        let resolved =
-            submission.resolve(&model, self.config.webhook_policy, || rand::rng().random())?;
+        let resolved = submission.resolve(&model, self.config.webhook_policy, || rand::rng().random())?;
         let idempotency = idempotency_key
             .map(|key| {
                 check_idempotency_key(key).map(|()| IdempotencyRecord {
@@ -130,10 +122,7 @@ impl Jobs {
             })
             .transpose()?;
         if let Some(record) = &idempotency
-            && let Some(first) = self
-                .store
-                .idempotency_entry(&tenant.id, &record.key)
-                .await?
+            && let Some(first) = self.store.idempotency_entry(&tenant.id, &record.key).await?
         {
             return self.replay(&tenant.id, record, first).await;
         }
@@ -145,24 +134,16 @@ impl Jobs {
                 None => None,
                 Some(job_id) => match self.store.get(&job_id).await? {
                     Some(job) if job.tenant_id == tenant.id && !job.status.is_terminal() => {
-                        return self
-                            .answer_existing(tenant, job, Disposition::Deduplicated, idempotency)
-                            .await;
+                        return self.answer_existing(tenant, job, Disposition::Deduplicated, idempotency).await;
                     }
-                    Some(job)
-                        if job.tenant_id == tenant.id && job.status == JobStatus::Succeeded =>
-                    {
-                        return self
-                            .answer_existing(tenant, job, Disposition::Cached, idempotency)
-                            .await;
+                    Some(job) if job.tenant_id == tenant.id && job.status == JobStatus::Succeeded => {
+                        return self.answer_existing(tenant, job, Disposition::Cached, idempotency).await;
                     }
                     _ => Some(job_id),
                 },
             };
             let job = Job::new(
-                idempotency
-                    .as_ref()
-                    .map_or_else(|| JobId::generate(now), |r| r.job_id.clone()),
+                idempotency.as_ref().map_or_else(|| JobId::generate(now), |r| r.job_id.clone()),
                 tenant.id.clone(),
                 model.name.clone(),
                 model.version.clone(),
@@ -171,24 +152,14 @@ impl Jobs {
                 now,
                 self.config.queued_ttl,
             );
-            let claim = CacheClaim {
-                key: cache_key.clone(),
-                replaces,
-            };
-            match self
-                .store
-                .insert(&job, &claim, idempotency.as_ref())
-                .await?
-            {
+            let claim = CacheClaim { key: cache_key.clone(), replaces };
+            match self.store.insert(&job, &claim, idempotency.as_ref()).await? {
                 InsertOutcome::Inserted => return self.enqueue(job, idempotency.as_ref()).await,
                 InsertOutcome::CacheKeyTaken => continue,
                 InsertOutcome::IdempotencyKeyTaken => {
                     let record = idempotency.as_ref().ok_or(AppError::Contention)?;
-                    let first = self
-                        .store
-                        .idempotency_entry(&tenant.id, &record.key)
-                        .await?
-                        .ok_or(AppError::Contention)?;
+                    let first =
+                        self.store.idempotency_entry(&tenant.id, &record.key).await?.ok_or(AppError::Contention)?;
                     return self.replay(&tenant.id, record, first).await;
                 }
             }
@@ -198,24 +169,13 @@ impl Jobs {
 
     /// Puts a stored job on the queue. If that fails, the job is failed and its keys released at
     /// once, so it never sits queued with no message; the client gets a 503 and may resubmit.
-    async fn enqueue(
-        &self,
-        mut job: Job,
-        idempotency: Option<&IdempotencyRecord>,
-    ) -> Result<Submitted, AppError> {
+    async fn enqueue(&self, mut job: Job, idempotency: Option<&IdempotencyRecord>) -> Result<Submitted, AppError> {
         let Err(error) = self.queue.enqueue(&JobMessage::for_job(&job)).await else {
             info!(job_id = %job.id, tenant_id = %job.tenant_id, model = %job.model, "job queued");
-            return Ok(Submitted {
-                job,
-                disposition: Disposition::Created,
-            });
+            return Ok(Submitted { job, disposition: Disposition::Created });
         };
         warn!(job_id = %job.id, error = %error, "enqueue failed; failing the job");
-        job.fail(
-            JobErrorCode::EnqueueFailed,
-            "the job could not be queued; submit it again",
-            Utc::now(),
-        )?;
+        job.fail(JobErrorCode::EnqueueFailed, "the job could not be queued; submit it again", Utc::now())?;
         // If these writes fail too, the job stays queued without a message and the expiry
         // sweep ends it when its time to live runs out.
         match self.store.update(&job).await {
@@ -224,11 +184,7 @@ impl Jobs {
                 warn!(job_id = %job.id, error = %err, "could not mark the unqueued job failed")
             }
         }
-        if let Err(err) = self
-            .store
-            .release_keys(&job, idempotency.map(|r| r.key.as_str()))
-            .await
-        {
+        if let Err(err) = self.store.release_keys(&job, idempotency.map(|r| r.key.as_str())).await {
             warn!(job_id = %job.id, error = %err, "could not release the unqueued job's keys");
         }
         Err(AppError::QueueUnavailable(error))
@@ -245,11 +201,7 @@ impl Jobs {
         if let Some(mut record) = idempotency {
             record.job_id = job.id.clone();
             if !self.store.put_idempotency(&tenant.id, &record).await? {
-                let first = self
-                    .store
-                    .idempotency_entry(&tenant.id, &record.key)
-                    .await?
-                    .ok_or(AppError::Contention)?;
+                let first = self.store.idempotency_entry(&tenant.id, &record.key).await?.ok_or(AppError::Contention)?;
                 return self.replay(&tenant.id, &record, first).await;
             }
         }
@@ -266,10 +218,7 @@ impl Jobs {
             return Err(AppError::IdempotencyMismatch);
         }
         match self.store.get(&first.job_id).await? {
-            Some(job) if &job.tenant_id == tenant => Ok(Submitted {
-                job,
-                disposition: Disposition::Replayed,
-            }),
+            Some(job) if &job.tenant_id == tenant => Ok(Submitted { job, disposition: Disposition::Replayed }),
             // The record was written in the same transaction as the job, so this is only
             // reached if the job was deleted by retention.
             _ => Err(AppError::NotFound(first.job_id.to_string())),
@@ -279,14 +228,15 @@ impl Jobs {
     /// A job of this tenant's, with download links when it has succeeded.
     pub async fn get(&self, tenant: &Tenant, id: &str) -> Result<JobWithLinks, AppError> {
         let job = self.owned(tenant, id).await?;
+        self.with_links(job).await
+    }
+
+    /// Adds fresh download links to a succeeded job's outputs.
+    pub async fn with_links(&self, job: Job) -> Result<JobWithLinks, AppError> {
         let mut links = Vec::new();
         if job.status == JobStatus::Succeeded {
             for output in &job.outputs {
-                links.push(
-                    self.links
-                        .presign_get(&output.key, self.config.link_ttl)
-                        .await?,
-                );
+                links.push(self.links.presign_get(&output.key, self.config.link_ttl).await?);
             }
         }
         Ok(JobWithLinks { job, links })
@@ -301,11 +251,7 @@ impl Jobs {
         after: Option<&JobId>,
     ) -> Result<JobPage, AppError> {
         if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(InputError::invalid(
-                "limit",
-                format!("must be between 1 and {MAX_PAGE} (got {limit})"),
-            )
-            .into());
+            return Err(InputError::invalid("limit", format!("must be between 1 and {MAX_PAGE} (got {limit})")).into());
         }
         Ok(self.store.list(&tenant.id, status, limit, after).await?)
     }
@@ -334,11 +280,7 @@ impl Jobs {
 
     /// The served models, read through a short-lived cache.
     pub async fn models(&self) -> Result<Arc<Vec<ModelSpec>>, AppError> {
-        if let Some((at, models)) = self
-            .models
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
+        if let Some((at, models)) = self.models.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
             && at.elapsed() < self.config.catalog_ttl
         {
             return Ok(models.clone());
@@ -346,27 +288,17 @@ impl Jobs {
         let mut models = self.catalog.models().await?;
         models.sort_by(|a, b| a.name.cmp(&b.name));
         let models = Arc::new(models);
-        *self.models.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((Instant::now(), models.clone()));
+        *self.models.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), models.clone()));
         Ok(models)
     }
 
     async fn model(&self, name: &str, version: Option<&str>) -> Result<ModelSpec, AppError> {
         let models = self.models().await?;
-        let unknown = |message: String| {
-            InputError::new(
-                InputErrorKind::UnknownModel,
-                Some("model".to_owned()),
-                message,
-            )
-        };
+        let unknown =
+            |message: String| InputError::new(InputErrorKind::UnknownModel, Some("model".to_owned()), message);
         let model = models.iter().find(|m| m.name == name).ok_or_else(|| {
             let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
-            unknown(format!(
-                "no model `{}`; served: {}",
-                truncate(name, 64),
-                names.join(", ")
-            ))
+            unknown(format!("no model `{}`; served: {}", truncate(name, 64), names.join(", ")))
         })?;
         match version {
             Some(version) if version != model.version => Err(unknown(format!(
@@ -407,9 +339,7 @@ fn check_idempotency_key(key: &str) -> Result<(), InputError> {
     if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN || !printable {
         return Err(InputError::invalid(
             "Idempotency-Key",
-            format!(
-                "must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters without spaces"
-            ),
+            format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters without spaces"),
         ));
     }
     Ok(())

@@ -17,15 +17,13 @@ use crate::{
     auth::Tenant,
     messages::JobMessage,
     ports::{
-        ArtifactLinks, CacheClaim, IdempotencyRecord, InsertOutcome, JobPage, JobQueue, JobStore,
-        ModelCatalog, PortError, PresignedUrl, TenantDirectory,
+        ArtifactLinks, CacheClaim, IdempotencyRecord, InsertOutcome, JobPage, JobQueue, JobStore, ModelCatalog,
+        PortError, PresignedUrl, TenantDirectory,
     },
 };
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[derive(Default)]
@@ -55,24 +53,17 @@ impl JobStore for MemoryJobStore {
             return Ok(InsertOutcome::CacheKeyTaken);
         }
         if let Some(record) = idempotency
-            && tables
-                .idempotency
-                .contains_key(&(job.tenant_id.clone(), record.key.clone()))
+            && tables.idempotency.contains_key(&(job.tenant_id.clone(), record.key.clone()))
         {
             return Ok(InsertOutcome::IdempotencyKeyTaken);
         }
         if tables.jobs.contains_key(&job.id) {
-            return Err(PortError::Corrupt {
-                what: "job",
-                detail: format!("job {} exists", job.id),
-            });
+            return Err(PortError::Corrupt { what: "job", detail: format!("job {} exists", job.id) });
         }
         tables.jobs.insert(job.id.clone(), job.clone());
         tables.cache.insert(cache_slot, job.id.clone());
         if let Some(record) = idempotency {
-            tables
-                .idempotency
-                .insert((job.tenant_id.clone(), record.key.clone()), record.clone());
+            tables.idempotency.insert((job.tenant_id.clone(), record.key.clone()), record.clone());
         }
         Ok(InsertOutcome::Inserted)
     }
@@ -114,33 +105,15 @@ impl JobStore for MemoryJobStore {
         Ok(JobPage { jobs, next })
     }
 
-    async fn cache_entry(
-        &self,
-        tenant: &TenantId,
-        key: &CacheKey,
-    ) -> Result<Option<JobId>, PortError> {
-        Ok(lock(&self.tables)
-            .cache
-            .get(&(tenant.clone(), key.clone()))
-            .cloned())
+    async fn cache_entry(&self, tenant: &TenantId, key: &CacheKey) -> Result<Option<JobId>, PortError> {
+        Ok(lock(&self.tables).cache.get(&(tenant.clone(), key.clone())).cloned())
     }
 
-    async fn idempotency_entry(
-        &self,
-        tenant: &TenantId,
-        key: &str,
-    ) -> Result<Option<IdempotencyRecord>, PortError> {
-        Ok(lock(&self.tables)
-            .idempotency
-            .get(&(tenant.clone(), key.to_owned()))
-            .cloned())
+    async fn idempotency_entry(&self, tenant: &TenantId, key: &str) -> Result<Option<IdempotencyRecord>, PortError> {
+        Ok(lock(&self.tables).idempotency.get(&(tenant.clone(), key.to_owned())).cloned())
     }
 
-    async fn put_idempotency(
-        &self,
-        tenant: &TenantId,
-        record: &IdempotencyRecord,
-    ) -> Result<bool, PortError> {
+    async fn put_idempotency(&self, tenant: &TenantId, record: &IdempotencyRecord) -> Result<bool, PortError> {
         let mut tables = lock(&self.tables);
         let slot = (tenant.clone(), record.key.clone());
         if tables.idempotency.contains_key(&slot) {
@@ -150,11 +123,7 @@ impl JobStore for MemoryJobStore {
         Ok(true)
     }
 
-    async fn release_keys(
-        &self,
-        job: &Job,
-        idempotency_key: Option<&str>,
-    ) -> Result<(), PortError> {
+    async fn release_keys(&self, job: &Job, idempotency_key: Option<&str>) -> Result<(), PortError> {
         let mut tables = lock(&self.tables);
         let cache_slot = (job.tenant_id.clone(), job.cache_key.clone());
         if tables.cache.get(&cache_slot) == Some(&job.id) {
@@ -162,22 +131,14 @@ impl JobStore for MemoryJobStore {
         }
         if let Some(key) = idempotency_key {
             let slot = (job.tenant_id.clone(), key.to_owned());
-            if tables
-                .idempotency
-                .get(&slot)
-                .is_some_and(|r| r.job_id == job.id)
-            {
+            if tables.idempotency.get(&slot).is_some_and(|r| r.job_id == job.id) {
                 tables.idempotency.remove(&slot);
             }
         }
         Ok(())
     }
 
-    async fn queued_expired_by(
-        &self,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> Result<Vec<Job>, PortError> {
+    async fn queued_expired_by(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Job>, PortError> {
         let tables = lock(&self.tables);
         let mut overdue: Vec<Job> = tables
             .jobs
@@ -212,10 +173,7 @@ impl MemoryQueue {
 impl JobQueue for MemoryQueue {
     async fn enqueue(&self, message: &JobMessage) -> Result<(), PortError> {
         if self.failing.load(Ordering::SeqCst) {
-            return Err(PortError::unavailable(
-                "memory queue",
-                "the queue is set to fail",
-            ));
+            return Err(PortError::unavailable("memory queue", "the queue is set to fail"));
         }
         lock(&self.sent).push(message.clone());
         Ok(())
@@ -230,9 +188,7 @@ pub struct MemoryCatalog {
 
 impl MemoryCatalog {
     pub fn with(models: Vec<ModelSpec>) -> Self {
-        Self {
-            models: Mutex::new(models),
-        }
+        Self { models: Mutex::new(models) }
     }
 }
 
@@ -291,9 +247,6 @@ pub struct MemoryLinks;
 impl ArtifactLinks for MemoryLinks {
     async fn presign_get(&self, key: &str, valid_for: Duration) -> Result<PresignedUrl, PortError> {
         let expires_at = Utc::now() + chrono::Duration::from_std(valid_for).unwrap_or_default();
-        Ok(PresignedUrl {
-            url: format!("memory://{key}?expires={}", expires_at.timestamp()),
-            expires_at,
-        })
+        Ok(PresignedUrl { url: format!("memory://{key}?expires={}", expires_at.timestamp()), expires_at })
     }
 }

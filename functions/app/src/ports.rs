@@ -23,14 +23,8 @@ pub enum PortError {
 }
 
 impl PortError {
-    pub fn unavailable(
-        backend: &'static str,
-        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
-    ) -> Self {
-        Self::Unavailable {
-            backend,
-            source: source.into(),
-        }
+    pub fn unavailable(backend: &'static str, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Unavailable { backend, source: source.into() }
     }
 }
 
@@ -96,35 +90,18 @@ pub trait JobStore: Send + Sync {
     ) -> Result<JobPage, PortError>;
 
     /// The job the cache key points at, if any.
-    async fn cache_entry(
-        &self,
-        tenant: &TenantId,
-        key: &CacheKey,
-    ) -> Result<Option<JobId>, PortError>;
+    async fn cache_entry(&self, tenant: &TenantId, key: &CacheKey) -> Result<Option<JobId>, PortError>;
 
-    async fn idempotency_entry(
-        &self,
-        tenant: &TenantId,
-        key: &str,
-    ) -> Result<Option<IdempotencyRecord>, PortError>;
+    async fn idempotency_entry(&self, tenant: &TenantId, key: &str) -> Result<Option<IdempotencyRecord>, PortError>;
 
     /// Records an idempotency key for an existing job; false when the key is already taken.
-    async fn put_idempotency(
-        &self,
-        tenant: &TenantId,
-        record: &IdempotencyRecord,
-    ) -> Result<bool, PortError>;
+    async fn put_idempotency(&self, tenant: &TenantId, record: &IdempotencyRecord) -> Result<bool, PortError>;
 
     /// Removes the cache pointer and idempotency record if they still point at `job`.
-    async fn release_keys(&self, job: &Job, idempotency_key: Option<&str>)
-    -> Result<(), PortError>;
+    async fn release_keys(&self, job: &Job, idempotency_key: Option<&str>) -> Result<(), PortError>;
 
     /// Queued jobs whose time to live ended before `now`, oldest first.
-    async fn queued_expired_by(
-        &self,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> Result<Vec<Job>, PortError>;
+    async fn queued_expired_by(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Job>, PortError>;
 }
 
 /// Where jobs wait for a runner.

@@ -42,11 +42,7 @@ fn world() -> World {
 }
 
 fn tenant(id: &str) -> Tenant {
-    Tenant {
-        id: TenantId::parse(id).unwrap(),
-        name: id.into(),
-        disabled: false,
-    }
+    Tenant { id: TenantId::parse(id).unwrap(), name: id.into(), disabled: false }
 }
 
 const FOX: &[u8] = br#"{"model":"demo","prompt":"a fox"}"#;
@@ -58,11 +54,7 @@ async fn finish(world: &World, id: &kiln_domain::JobId, to: JobStatus) {
     assert!(world.store.update(&job).await.unwrap());
     job.transition(to, Utc::now()).unwrap();
     if to == JobStatus::Succeeded {
-        job.outputs.push(Output {
-            key: job.output_key("png"),
-            content_type: "image/png".into(),
-            bytes: 10,
-        });
+        job.outputs.push(Output { key: job.output_key("png"), content_type: "image/png".into(), bytes: 10 });
     }
     assert!(world.store.update(&job).await.unwrap());
 }
@@ -73,10 +65,7 @@ async fn a_new_job_is_stored_and_queued() {
     let submitted = world.jobs.submit(&tenant("a"), FOX, None).await.unwrap();
     assert_eq!(submitted.disposition, Disposition::Created);
     assert_eq!(submitted.job.status, JobStatus::Queued);
-    assert_eq!(
-        world.store.get(&submitted.job.id).await.unwrap().unwrap(),
-        submitted.job
-    );
+    assert_eq!(world.store.get(&submitted.job.id).await.unwrap().unwrap(), submitted.job);
     let sent = world.queue.sent();
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].job_id, submitted.job.id);
@@ -87,26 +76,12 @@ async fn identical_requests_join_the_job_in_flight_then_hit_the_cache() {
     let world = world();
     let a = tenant("a");
     let first = world.jobs.submit(&a, FOX, None).await.unwrap();
-    let second = world
-        .jobs
-        .submit(
-            &a,
-            br#"{"prompt":"a fox ","model":"demo","width":512}"#,
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        (second.disposition, &second.job.id),
-        (Disposition::Deduplicated, &first.job.id)
-    );
+    let second = world.jobs.submit(&a, br#"{"prompt":"a fox ","model":"demo","width":512}"#, None).await.unwrap();
+    assert_eq!((second.disposition, &second.job.id), (Disposition::Deduplicated, &first.job.id));
 
     finish(&world, &first.job.id, JobStatus::Succeeded).await;
     let third = world.jobs.submit(&a, FOX, None).await.unwrap();
-    assert_eq!(
-        (third.disposition, &third.job.id),
-        (Disposition::Cached, &first.job.id)
-    );
+    assert_eq!((third.disposition, &third.job.id), (Disposition::Cached, &first.job.id));
     assert_eq!(third.job.status, JobStatus::Succeeded);
     assert_eq!(world.queue.sent().len(), 1, "no second render");
 }
@@ -122,10 +97,7 @@ async fn a_failed_job_is_not_served_from_the_cache() {
     assert_ne!(again.job.id, first.job.id);
     // And the pointer moved on: the next identical request joins the new job.
     let third = world.jobs.submit(&a, FOX, None).await.unwrap();
-    assert_eq!(
-        (third.disposition, third.job.id),
-        (Disposition::Deduplicated, again.job.id)
-    );
+    assert_eq!((third.disposition, third.job.id), (Disposition::Deduplicated, again.job.id));
 }
 
 #[tokio::test]
@@ -142,16 +114,8 @@ async fn the_cache_is_never_shared_between_tenants() {
 async fn a_client_seed_makes_a_different_request() {
     let world = world();
     let a = tenant("a");
-    let first = world
-        .jobs
-        .submit(&a, br#"{"model":"demo","prompt":"x","seed":1}"#, None)
-        .await
-        .unwrap();
-    let second = world
-        .jobs
-        .submit(&a, br#"{"model":"demo","prompt":"x","seed":2}"#, None)
-        .await
-        .unwrap();
+    let first = world.jobs.submit(&a, br#"{"model":"demo","prompt":"x","seed":1}"#, None).await.unwrap();
+    let second = world.jobs.submit(&a, br#"{"model":"demo","prompt":"x","seed":2}"#, None).await.unwrap();
     assert_ne!(first.job.id, second.job.id);
     assert_eq!(second.disposition, Disposition::Created);
 }
@@ -161,51 +125,19 @@ async fn idempotency_keys_replay_the_first_job_and_refuse_other_bodies() {
     let world = world();
     let a = tenant("a");
     let first = world.jobs.submit(&a, FOX, Some("key-1")).await.unwrap();
-    let retry = world
-        .jobs
-        .submit(
-            &a,
-            br#"{ "prompt":"a fox", "model":"demo" }"#,
-            Some("key-1"),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        (retry.disposition, &retry.job.id),
-        (Disposition::Replayed, &first.job.id)
-    );
-    let other = world
-        .jobs
-        .submit(&a, br#"{"model":"demo","prompt":"a cat"}"#, Some("key-1"))
-        .await;
-    assert!(
-        matches!(other, Err(AppError::IdempotencyMismatch)),
-        "{other:?}"
-    );
+    let retry = world.jobs.submit(&a, br#"{ "prompt":"a fox", "model":"demo" }"#, Some("key-1")).await.unwrap();
+    assert_eq!((retry.disposition, &retry.job.id), (Disposition::Replayed, &first.job.id));
+    let other = world.jobs.submit(&a, br#"{"model":"demo","prompt":"a cat"}"#, Some("key-1")).await;
+    assert!(matches!(other, Err(AppError::IdempotencyMismatch)), "{other:?}");
     // Keys belong to a tenant: another tenant's same key is a different key.
-    let b = world
-        .jobs
-        .submit(
-            &tenant("b"),
-            br#"{"model":"demo","prompt":"a cat"}"#,
-            Some("key-1"),
-        )
-        .await
-        .unwrap();
+    let b = world.jobs.submit(&tenant("b"), br#"{"model":"demo","prompt":"a cat"}"#, Some("key-1")).await.unwrap();
     assert_eq!(b.disposition, Disposition::Created);
     // A key sent with a request answered by dedup is recorded too.
     let joined = world.jobs.submit(&a, FOX, Some("key-2")).await.unwrap();
     assert_eq!(joined.disposition, Disposition::Deduplicated);
     let replay = world.jobs.submit(&a, FOX, Some("key-2")).await.unwrap();
-    assert_eq!(
-        (replay.disposition, replay.job.id),
-        (Disposition::Replayed, first.job.id)
-    );
-    let bad = world
-        .jobs
-        .submit(&a, FOX, Some("has space"))
-        .await
-        .unwrap_err();
+    assert_eq!((replay.disposition, replay.job.id), (Disposition::Replayed, first.job.id));
+    let bad = world.jobs.submit(&a, FOX, Some("has space")).await.unwrap_err();
     assert!(matches!(bad, AppError::Input(e) if e.field.as_deref() == Some("Idempotency-Key")));
 }
 
@@ -220,18 +152,11 @@ async fn a_job_that_cannot_be_queued_is_failed_and_can_be_submitted_again() {
     assert_eq!(page.jobs.len(), 1);
     let failed = &page.jobs[0];
     assert_eq!(failed.status, JobStatus::Failed);
-    assert_eq!(
-        failed.error.as_ref().unwrap().code,
-        JobErrorCode::EnqueueFailed
-    );
+    assert_eq!(failed.error.as_ref().unwrap().code, JobErrorCode::EnqueueFailed);
 
     world.queue.set_failing(false);
     let retry = world.jobs.submit(&a, FOX, Some("k")).await.unwrap();
-    assert_eq!(
-        retry.disposition,
-        Disposition::Created,
-        "the key and cache pointer were released"
-    );
+    assert_eq!(retry.disposition, Disposition::Created, "the key and cache pointer were released");
     assert_ne!(retry.job.id, failed.id);
     assert_eq!(world.queue.sent().len(), 1);
 }
@@ -239,34 +164,12 @@ async fn a_job_that_cannot_be_queued_is_failed_and_can_be_submitted_again() {
 #[tokio::test]
 async fn other_tenants_jobs_do_not_exist() {
     let world = world();
-    let job = world
-        .jobs
-        .submit(&tenant("a"), FOX, None)
-        .await
-        .unwrap()
-        .job;
+    let job = world.jobs.submit(&tenant("a"), FOX, None).await.unwrap().job;
     let b = tenant("b");
-    assert!(matches!(
-        world.jobs.get(&b, job.id.as_str()).await,
-        Err(AppError::NotFound(_))
-    ));
-    assert!(matches!(
-        world.jobs.cancel(&b, job.id.as_str()).await,
-        Err(AppError::NotFound(_))
-    ));
-    assert!(
-        world
-            .jobs
-            .list(&b, None, 10, None)
-            .await
-            .unwrap()
-            .jobs
-            .is_empty()
-    );
-    assert!(matches!(
-        world.jobs.get(&b, "nonsense").await,
-        Err(AppError::NotFound(_))
-    ));
+    assert!(matches!(world.jobs.get(&b, job.id.as_str()).await, Err(AppError::NotFound(_))));
+    assert!(matches!(world.jobs.cancel(&b, job.id.as_str()).await, Err(AppError::NotFound(_))));
+    assert!(world.jobs.list(&b, None, 10, None).await.unwrap().jobs.is_empty());
+    assert!(matches!(world.jobs.get(&b, "nonsense").await, Err(AppError::NotFound(_))));
 }
 
 #[tokio::test]
@@ -276,49 +179,19 @@ async fn cancel_queued_running_and_finished_jobs() {
     let queued = world.jobs.submit(&a, FOX, None).await.unwrap().job;
     let canceled = world.jobs.cancel(&a, queued.id.as_str()).await.unwrap();
     assert_eq!(canceled.status, JobStatus::Canceled);
-    assert_eq!(
-        world
-            .jobs
-            .cancel(&a, queued.id.as_str())
-            .await
-            .unwrap()
-            .status,
-        JobStatus::Canceled
-    );
+    assert_eq!(world.jobs.cancel(&a, queued.id.as_str()).await.unwrap().status, JobStatus::Canceled);
 
-    let running = world
-        .jobs
-        .submit(&a, br#"{"model":"demo","prompt":"b"}"#, None)
-        .await
-        .unwrap()
-        .job;
+    let running = world.jobs.submit(&a, br#"{"model":"demo","prompt":"b"}"#, None).await.unwrap().job;
     let mut job = world.store.get(&running.id).await.unwrap().unwrap();
     job.transition(JobStatus::Running, Utc::now()).unwrap();
     world.store.update(&job).await.unwrap();
     let flagged = world.jobs.cancel(&a, running.id.as_str()).await.unwrap();
-    assert_eq!(
-        (flagged.status, flagged.cancel_requested),
-        (JobStatus::Running, true)
-    );
+    assert_eq!((flagged.status, flagged.cancel_requested), (JobStatus::Running, true));
 
-    let done = world
-        .jobs
-        .submit(&a, br#"{"model":"demo","prompt":"c"}"#, None)
-        .await
-        .unwrap()
-        .job;
+    let done = world.jobs.submit(&a, br#"{"model":"demo","prompt":"c"}"#, None).await.unwrap().job;
     finish(&world, &done.id, JobStatus::Succeeded).await;
     let err = world.jobs.cancel(&a, done.id.as_str()).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            AppError::AlreadyFinished {
-                status: JobStatus::Succeeded,
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    assert!(matches!(err, AppError::AlreadyFinished { status: JobStatus::Succeeded, .. }), "{err:?}");
 }
 
 #[tokio::test]
@@ -326,15 +199,7 @@ async fn succeeded_jobs_carry_download_links() {
     let world = world();
     let a = tenant("a");
     let job = world.jobs.submit(&a, FOX, None).await.unwrap().job;
-    assert!(
-        world
-            .jobs
-            .get(&a, job.id.as_str())
-            .await
-            .unwrap()
-            .links
-            .is_empty()
-    );
+    assert!(world.jobs.get(&a, job.id.as_str()).await.unwrap().links.is_empty());
     finish(&world, &job.id, JobStatus::Succeeded).await;
     let read = world.jobs.get(&a, job.id.as_str()).await.unwrap();
     assert_eq!(read.links.len(), 1);
@@ -349,10 +214,7 @@ async fn overdue_queued_jobs_expire() {
     assert_eq!(world.jobs.expire_overdue(Utc::now(), 10).await.unwrap(), 0);
     let later = job.expires_at + chrono::Duration::seconds(1);
     assert_eq!(world.jobs.expire_overdue(later, 10).await.unwrap(), 1);
-    assert_eq!(
-        world.store.get(&job.id).await.unwrap().unwrap().status,
-        JobStatus::Expired
-    );
+    assert_eq!(world.store.get(&job.id).await.unwrap().unwrap().status, JobStatus::Expired);
     assert_eq!(world.jobs.expire_overdue(later, 10).await.unwrap(), 0);
 }
 
@@ -363,47 +225,18 @@ async fn listing_pages_newest_first_and_filters_by_status() {
     let mut ids = Vec::new();
     for i in 0..5 {
         let body = format!(r#"{{"model":"demo","prompt":"p{i}"}}"#);
-        ids.push(
-            world
-                .jobs
-                .submit(&a, body.as_bytes(), None)
-                .await
-                .unwrap()
-                .job
-                .id,
-        );
+        ids.push(world.jobs.submit(&a, body.as_bytes(), None).await.unwrap().job.id);
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
     world.jobs.cancel(&a, ids[1].as_str()).await.unwrap();
     let first = world.jobs.list(&a, None, 2, None).await.unwrap();
-    assert_eq!(
-        first.jobs.iter().map(|j| &j.id).collect::<Vec<_>>(),
-        vec![&ids[4], &ids[3]]
-    );
-    let second = world
-        .jobs
-        .list(&a, None, 2, first.next.as_ref())
-        .await
-        .unwrap();
-    assert_eq!(
-        second.jobs.iter().map(|j| &j.id).collect::<Vec<_>>(),
-        vec![&ids[2], &ids[1]]
-    );
-    let last = world
-        .jobs
-        .list(&a, None, 2, second.next.as_ref())
-        .await
-        .unwrap();
+    assert_eq!(first.jobs.iter().map(|j| &j.id).collect::<Vec<_>>(), vec![&ids[4], &ids[3]]);
+    let second = world.jobs.list(&a, None, 2, first.next.as_ref()).await.unwrap();
+    assert_eq!(second.jobs.iter().map(|j| &j.id).collect::<Vec<_>>(), vec![&ids[2], &ids[1]]);
+    let last = world.jobs.list(&a, None, 2, second.next.as_ref()).await.unwrap();
     assert_eq!((last.jobs.len(), last.next), (1, None));
-    let canceled = world
-        .jobs
-        .list(&a, Some(JobStatus::Canceled), 10, None)
-        .await
-        .unwrap();
-    assert_eq!(
-        canceled.jobs.iter().map(|j| &j.id).collect::<Vec<_>>(),
-        vec![&ids[1]]
-    );
+    let canceled = world.jobs.list(&a, Some(JobStatus::Canceled), 10, None).await.unwrap();
+    assert_eq!(canceled.jobs.iter().map(|j| &j.id).collect::<Vec<_>>(), vec![&ids[1]]);
     assert!(world.jobs.list(&a, None, 0, None).await.is_err());
     assert!(world.jobs.list(&a, None, 101, None).await.is_err());
 }
@@ -412,22 +245,14 @@ async fn listing_pages_newest_first_and_filters_by_status() {
 async fn unknown_models_and_versions_are_named() {
     let world = world();
     let a = tenant("a");
-    for body in [
-        &br#"{"model":"nope","prompt":"x"}"#[..],
-        br#"{"model":"demo@9.9","prompt":"x"}"#,
-    ] {
+    for body in [&br#"{"model":"nope","prompt":"x"}"#[..], br#"{"model":"demo@9.9","prompt":"x"}"#] {
         match world.jobs.submit(&a, body, None).await {
-            Err(AppError::Input(e)) => assert_eq!(
-                (e.kind, e.field.as_deref()),
-                (InputErrorKind::UnknownModel, Some("model"))
-            ),
+            Err(AppError::Input(e)) => {
+                assert_eq!((e.kind, e.field.as_deref()), (InputErrorKind::UnknownModel, Some("model")))
+            }
             other => panic!("{other:?}"),
         }
     }
-    let pinned = world
-        .jobs
-        .submit(&a, br#"{"model":"demo@1.0.0","prompt":"x"}"#, None)
-        .await
-        .unwrap();
+    let pinned = world.jobs.submit(&a, br#"{"model":"demo@1.0.0","prompt":"x"}"#, None).await.unwrap();
     assert_eq!(pinned.job.model_version, "1.0.0");
 }

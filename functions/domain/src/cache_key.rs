@@ -20,9 +20,7 @@ pub struct CacheKey(String);
 
 impl CacheKey {
     pub fn compute(model: &str, model_version: &str, params: &JobParams) -> Self {
-        Self(hex::encode(Sha256::digest(
-            canonical_form(model, model_version, params).as_bytes(),
-        )))
+        Self(hex::encode(Sha256::digest(canonical_form(model, model_version, params).as_bytes())))
     }
 
     pub fn as_str(&self) -> &str {
@@ -116,10 +114,7 @@ mod tests {
 
     #[test]
     fn the_seed_counts_only_when_given() {
-        assert_eq!(
-            key(r#"{"model":"demo","prompt":"x"}"#, 1),
-            key(r#"{"model":"demo","prompt":"x"}"#, 2)
-        );
+        assert_eq!(key(r#"{"model":"demo","prompt":"x"}"#, 1), key(r#"{"model":"demo","prompt":"x"}"#, 2));
         assert_ne!(
             key(r#"{"model":"demo","prompt":"x","seed":1}"#, 0),
             key(r#"{"model":"demo","prompt":"x","seed":2}"#, 0)
@@ -134,10 +129,7 @@ mod tests {
             .resolve(&model, WebhookPolicy::default(), || 0)
             .unwrap()
             .params;
-        assert_ne!(
-            CacheKey::compute("demo", "1.0.0", &params),
-            CacheKey::compute("demo", "1.0.1", &params)
-        );
+        assert_ne!(CacheKey::compute("demo", "1.0.0", &params), CacheKey::compute("demo", "1.0.1", &params));
     }
 
     #[test]

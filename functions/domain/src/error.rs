@@ -42,33 +42,17 @@ pub struct InputError {
 }
 
 impl InputError {
-    pub fn new(
-        kind: InputErrorKind,
-        field: impl Into<Option<String>>,
-        message: impl Into<String>,
-    ) -> Self {
-        Self {
-            kind,
-            field: field.into(),
-            message: message.into(),
-        }
+    pub fn new(kind: InputErrorKind, field: impl Into<Option<String>>, message: impl Into<String>) -> Self {
+        Self { kind, field: field.into(), message: message.into() }
     }
 
     /// A value outside the model's limits or otherwise unacceptable.
     pub fn invalid(field: &str, message: impl Into<String>) -> Self {
-        Self::new(
-            InputErrorKind::InvalidValue,
-            Some(field.to_owned()),
-            message,
-        )
+        Self::new(InputErrorKind::InvalidValue, Some(field.to_owned()), message)
     }
 
     pub fn missing(field: &str) -> Self {
-        Self::new(
-            InputErrorKind::MissingField,
-            Some(field.to_owned()),
-            format!("`{field}` is required"),
-        )
+        Self::new(InputErrorKind::MissingField, Some(field.to_owned()), format!("`{field}` is required"))
     }
 }
 

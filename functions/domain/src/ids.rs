@@ -23,14 +23,9 @@ impl JobId {
 
     /// Parses a client-supplied id (any case); anything that is not a ULID is rejected.
     pub fn parse(text: &str) -> Result<Self, InvalidId> {
-        Ulid::from_string(text)
-            .map(|ulid| Self(ulid.to_string()))
-            .map_err(|_| {
-                InvalidId(format!(
-                    "`{}` is not a job id (26 characters, Crockford base32)",
-                    truncate(text, 40)
-                ))
-            })
+        Ulid::from_string(text).map(|ulid| Self(ulid.to_string())).map_err(|_| {
+            InvalidId(format!("`{}` is not a job id (26 characters, Crockford base32)", truncate(text, 40)))
+        })
     }
 
     pub fn as_str(&self) -> &str {
@@ -66,9 +61,7 @@ impl TenantId {
     pub fn parse(text: &str) -> Result<Self, InvalidId> {
         let ok = !text.is_empty()
             && text.len() <= 64
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+            && text.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
         if ok {
             Ok(Self(text.to_owned()))
         } else {

@@ -140,17 +140,9 @@ impl Job {
 
     /// Moves the job to `to`, stamping the times that move implies. Starting (or restarting a
     /// job whose runner died) counts an attempt; a terminal status sets `finished_at`.
-    pub fn transition(
-        &mut self,
-        to: JobStatus,
-        now: DateTime<Utc>,
-    ) -> Result<(), IllegalTransition> {
+    pub fn transition(&mut self, to: JobStatus, now: DateTime<Utc>) -> Result<(), IllegalTransition> {
         if !self.status.can_become(to) {
-            return Err(IllegalTransition {
-                id: self.id.clone(),
-                from: self.status,
-                to,
-            });
+            return Err(IllegalTransition { id: self.id.clone(), from: self.status, to });
         }
         if to == JobStatus::Running {
             self.attempts += 1;
@@ -176,10 +168,7 @@ impl Job {
         now: DateTime<Utc>,
     ) -> Result<(), IllegalTransition> {
         self.transition(JobStatus::Failed, now)?;
-        self.error = Some(JobError {
-            code,
-            message: message.into(),
-        });
+        self.error = Some(JobError { code, message: message.into() });
         Ok(())
     }
 
@@ -238,17 +227,11 @@ mod tests {
         let mut job = job();
         let start = job.created_at + chrono::Duration::milliseconds(250);
         job.transition(JobStatus::Running, start).unwrap();
-        assert_eq!(
-            (job.attempts, job.started_at, job.timings.queue_ms),
-            (1, Some(start), Some(250))
-        );
+        assert_eq!((job.attempts, job.started_at, job.timings.queue_ms), (1, Some(start), Some(250)));
         job.transition(JobStatus::Running, start).unwrap();
         assert_eq!(job.attempts, 2, "a restart counts an attempt");
         job.transition(JobStatus::Succeeded, start).unwrap();
-        assert_eq!(
-            (job.progress, job.finished_at, job.revision),
-            (1.0, Some(start), 3)
-        );
+        assert_eq!((job.progress, job.finished_at, job.revision), (1.0, Some(start), 3));
     }
 
     #[test]

@@ -122,12 +122,7 @@ pub struct InvalidModelSpec {
 impl ModelSpec {
     /// Checks the description is usable: ranges ordered, defaults inside the limits.
     pub fn check(&self) -> Result<(), InvalidModelSpec> {
-        let fail = |problem: String| {
-            Err(InvalidModelSpec {
-                model: self.name.clone(),
-                problem,
-            })
-        };
+        let fail = |problem: String| Err(InvalidModelSpec { model: self.name.clone(), problem });
         let (l, d) = (&self.limits, &self.defaults);
         if self.name.is_empty() || self.name.len() > 64 || self.name.contains(['@', '/', ' ']) {
             return fail("name must be 1 to 64 characters without '@', '/' or spaces".into());
@@ -161,12 +156,8 @@ impl ModelSpec {
         {
             return fail("a default is outside its limit".into());
         }
-        if l.image_formats.iter().any(|f| !f.is_image())
-            || l.video_formats.iter().any(|f| f.is_image())
-        {
-            return fail(
-                "image_formats must hold image formats and video_formats video formats".into(),
-            );
+        if l.image_formats.iter().any(|f| !f.is_image()) || l.video_formats.iter().any(|f| f.is_image()) {
+            return fail("image_formats must hold image formats and video_formats video formats".into());
         }
         if !l.image_formats.contains(&d.image_format) {
             return fail("defaults.image_format is not in limits.image_formats".into());
@@ -196,10 +187,7 @@ pub(crate) mod tests {
                 num_frames: Range { min: 1, max: 48 },
                 fps: Range { min: 1, max: 30 },
                 steps: Range { min: 1, max: 50 },
-                guidance: Range {
-                    min: 0.0,
-                    max: 20.0,
-                },
+                guidance: Range { min: 0.0, max: 20.0 },
                 max_total_pixels: 512 * 512 * 48,
                 image_formats: vec![OutputFormat::Png],
                 video_formats: vec![OutputFormat::Gif, OutputFormat::Mp4, OutputFormat::Webm],

@@ -66,7 +66,8 @@ pub struct Webhook {
 /// What webhook URLs are acceptable in this deployment.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WebhookPolicy {
-    /// Accept `http://` and loopback or private IP literals (local development only).
+    /// Accept `http://` and loopback addresses (local development only). Private, link-local
+    /// and other non-public addresses are refused whatever this says.
     pub allow_local: bool,
 }
 
@@ -114,18 +115,10 @@ impl Submission {
     /// the right types.
     pub fn parse(body: &[u8]) -> Result<Self, InputError> {
         let value: serde_json::Value = serde_json::from_slice(body).map_err(|err| {
-            InputError::new(
-                InputErrorKind::InvalidJson,
-                None,
-                format!("the body is not valid JSON: {err}"),
-            )
+            InputError::new(InputErrorKind::InvalidJson, None, format!("the body is not valid JSON: {err}"))
         })?;
         if !value.is_object() {
-            return Err(InputError::new(
-                InputErrorKind::InvalidJson,
-                None,
-                "the body must be a JSON object",
-            ));
+            return Err(InputError::new(InputErrorKind::InvalidJson, None, "the body must be a JSON object"));
         }
         let fingerprint = hex::encode(Sha256::digest(canonical_json(&value).as_bytes()));
         let body = serde_path_to_error::deserialize(&value).map_err(field_error)?;
@@ -140,20 +133,13 @@ impl Submission {
 
     /// The model asked for: `name` or `name@version`.
     pub fn model(&self) -> Result<(&str, Option<&str>), InputError> {
-        let text = self
-            .body
-            .model
-            .as_deref()
-            .ok_or_else(|| InputError::missing("model"))?;
+        let text = self.body.model.as_deref().ok_or_else(|| InputError::missing("model"))?;
         let (name, version) = match text.split_once('@') {
             Some((name, version)) => (name, Some(version)),
             None => (text, None),
         };
         if name.is_empty() || version.is_some_and(str::is_empty) {
-            return Err(InputError::invalid(
-                "model",
-                "expected `name` or `name@version`",
-            ));
+            return Err(InputError::invalid("model", "expected `name` or `name@version`"));
         }
         Ok((name, version))
     }
@@ -168,11 +154,7 @@ impl Submission {
     ) -> Result<Resolved, InputError> {
         let (body, limits, defaults) = (&self.body, &model.limits, &model.defaults);
 
-        let prompt = body
-            .prompt
-            .as_deref()
-            .ok_or_else(|| InputError::missing("prompt"))?
-            .trim();
+        let prompt = body.prompt.as_deref().ok_or_else(|| InputError::missing("prompt"))?.trim();
         if prompt.is_empty() {
             return Err(InputError::invalid("prompt", "must not be empty"));
         }
@@ -182,40 +164,22 @@ impl Submission {
 
         let width = body.width.unwrap_or(defaults.width);
         let height = body.height.unwrap_or(defaults.height);
-        for (field, value, range) in [
-            ("width", width, limits.width),
-            ("height", height, limits.height),
-        ] {
+        for (field, value, range) in [("width", width, limits.width), ("height", height, limits.height)] {
             in_range(field, value, range)?;
             if value % limits.size_multiple != 0 {
                 return Err(InputError::invalid(
                     field,
-                    format!(
-                        "must be a multiple of {} (got {value})",
-                        limits.size_multiple
-                    ),
+                    format!("must be a multiple of {} (got {value})", limits.size_multiple),
                 ));
             }
         }
-        let num_frames = in_range(
-            "num_frames",
-            body.num_frames.unwrap_or(defaults.num_frames),
-            limits.num_frames,
-        )?;
+        let num_frames = in_range("num_frames", body.num_frames.unwrap_or(defaults.num_frames), limits.num_frames)?;
         let fps = match num_frames {
             1 => None,
-            _ => Some(in_range(
-                "fps",
-                body.fps.unwrap_or(defaults.fps),
-                limits.fps,
-            )?),
+            _ => Some(in_range("fps", body.fps.unwrap_or(defaults.fps), limits.fps)?),
         };
         let steps = in_range("steps", body.steps.unwrap_or(defaults.steps), limits.steps)?;
-        let guidance = in_range(
-            "guidance",
-            body.guidance.unwrap_or(defaults.guidance),
-            limits.guidance,
-        )?;
+        let guidance = in_range("guidance", body.guidance.unwrap_or(defaults.guidance), limits.guidance)?;
 
         let total_pixels = u64::from(width) * u64::from(height) * u64::from(num_frames);
         if total_pixels > limits.max_total_pixels {
@@ -233,19 +197,12 @@ impl Submission {
             Some(seed) => match u32::try_from(seed) {
                 Ok(seed) => (seed, SeedSource::Client),
                 Err(_) => {
-                    return Err(InputError::invalid(
-                        "seed",
-                        format!("must be at most {} (got {seed})", u32::MAX),
-                    ));
+                    return Err(InputError::invalid("seed", format!("must be at most {} (got {seed})", u32::MAX)));
                 }
             },
             None => (draw_seed(), SeedSource::Drawn),
         };
-        let webhook = body
-            .webhook
-            .as_ref()
-            .map(|raw| resolve_webhook(raw, policy))
-            .transpose()?;
+        let webhook = body.webhook.as_ref().map(|raw| resolve_webhook(raw, policy)).transpose()?;
 
         Ok(Resolved {
             params: JobParams {
@@ -269,49 +226,27 @@ impl Submission {
 fn check_prompt_length(field: &str, text: &str) -> Result<(), InputError> {
     let chars = text.chars().count();
     if chars > MAX_PROMPT_CHARS {
-        return Err(InputError::invalid(
-            field,
-            format!("at most {MAX_PROMPT_CHARS} characters (got {chars})"),
-        ));
+        return Err(InputError::invalid(field, format!("at most {MAX_PROMPT_CHARS} characters (got {chars})")));
     }
     Ok(())
 }
 
-fn in_range<T: PartialOrd + Copy + Display>(
-    field: &str,
-    value: T,
-    range: Range<T>,
-) -> Result<T, InputError> {
+fn in_range<T: PartialOrd + Copy + Display>(field: &str, value: T, range: Range<T>) -> Result<T, InputError> {
     if range.contains(value) {
         Ok(value)
     } else {
         Err(InputError::invalid(
             field,
-            format!(
-                "must be between {} and {} for this model (got {value})",
-                range.min, range.max
-            ),
+            format!("must be between {} and {} for this model (got {value})", range.min, range.max),
         ))
     }
 }
 
-fn resolve_format(
-    asked: Option<&str>,
-    num_frames: u32,
-    model: &ModelSpec,
-) -> Result<OutputFormat, InputError> {
+fn resolve_format(asked: Option<&str>, num_frames: u32, model: &ModelSpec) -> Result<OutputFormat, InputError> {
     let (allowed, default, kind) = if num_frames == 1 {
-        (
-            &model.limits.image_formats,
-            model.defaults.image_format,
-            "an image (num_frames = 1)",
-        )
+        (&model.limits.image_formats, model.defaults.image_format, "an image (num_frames = 1)")
     } else {
-        (
-            &model.limits.video_formats,
-            model.defaults.video_format,
-            "a video (num_frames > 1)",
-        )
+        (&model.limits.video_formats, model.defaults.video_format, "a video (num_frames > 1)")
     };
     let Some(asked) = asked else {
         return Ok(default);
@@ -322,26 +257,16 @@ fn resolve_format(
             let names: Vec<&str> = allowed.iter().map(|f| f.as_str()).collect();
             Err(InputError::invalid(
                 "format",
-                format!(
-                    "`{}` is not available for {kind}; use one of: {}",
-                    truncate(asked, 20),
-                    names.join(", ")
-                ),
+                format!("`{}` is not available for {kind}; use one of: {}", truncate(asked, 20), names.join(", ")),
             ))
         }
     }
 }
 
 fn resolve_webhook(raw: &RawWebhook, policy: WebhookPolicy) -> Result<Webhook, InputError> {
-    let text = raw
-        .url
-        .as_deref()
-        .ok_or_else(|| InputError::missing("webhook.url"))?;
+    let text = raw.url.as_deref().ok_or_else(|| InputError::missing("webhook.url"))?;
     if text.len() > MAX_WEBHOOK_URL_BYTES {
-        return Err(InputError::invalid(
-            "webhook.url",
-            format!("at most {MAX_WEBHOOK_URL_BYTES} bytes"),
-        ));
+        return Err(InputError::invalid("webhook.url", format!("at most {MAX_WEBHOOK_URL_BYTES} bytes")));
     }
     let url = url::Url::parse(text)
         .map_err(|err| InputError::invalid("webhook.url", format!("not an absolute URL: {err}")))?;
@@ -349,17 +274,11 @@ fn resolve_webhook(raw: &RawWebhook, policy: WebhookPolicy) -> Result<Webhook, I
         "https" => {}
         "http" if policy.allow_local => {}
         _ => {
-            return Err(InputError::invalid(
-                "webhook.url",
-                "must be an https:// URL",
-            ));
+            return Err(InputError::invalid("webhook.url", "must be an https:// URL"));
         }
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err(InputError::invalid(
-            "webhook.url",
-            "must not carry credentials",
-        ));
+        return Err(InputError::invalid("webhook.url", "must not carry credentials"));
     }
     let literal_ip = match url.host() {
         None => return Err(InputError::invalid("webhook.url", "has no host")),
@@ -368,30 +287,18 @@ fn resolve_webhook(raw: &RawWebhook, policy: WebhookPolicy) -> Result<Webhook, I
         Some(url::Host::Domain(_)) => None,
     };
     if let Some(ip) = literal_ip
-        && !policy.allow_local
         && !is_public(ip)
+        && !(policy.allow_local && ip.is_loopback())
     {
-        return Err(InputError::invalid(
-            "webhook.url",
-            format!("{ip} is not a public address"),
-        ));
+        return Err(InputError::invalid("webhook.url", format!("{ip} is not a public address")));
     }
-    let mut events = raw
-        .events
-        .clone()
-        .unwrap_or_else(|| vec![WebhookEvent::Completed]);
+    let mut events = raw.events.clone().unwrap_or_else(|| vec![WebhookEvent::Completed]);
     if events.is_empty() {
-        return Err(InputError::invalid(
-            "webhook.events",
-            "must name at least one event",
-        ));
+        return Err(InputError::invalid("webhook.events", "must name at least one event"));
     }
     events.sort_by_key(|e| WebhookEvent::ALL.iter().position(|x| x == e));
     events.dedup();
-    Ok(Webhook {
-        url: url.to_string(),
-        events,
-    })
+    Ok(Webhook { url: url.to_string(), events })
 }
 
 /// A cheap first check on IP literals; delivery checks every resolved address again.
@@ -413,9 +320,7 @@ fn is_public(ip: IpAddr) -> bool {
                 || v6.is_multicast()
                 || (first & 0xfe00) == 0xfc00
                 || (first & 0xffc0) == 0xfe80
-                || v6
-                    .to_ipv4_mapped()
-                    .is_some_and(|v4| !is_public(IpAddr::V4(v4))))
+                || v6.to_ipv4_mapped().is_some_and(|v4| !is_public(IpAddr::V4(v4))))
         }
     }
 }
@@ -424,21 +329,10 @@ fn is_public(ip: IpAddr) -> bool {
 fn field_error(err: serde_path_to_error::Error<serde_json::Error>) -> InputError {
     let path = err.path().to_string();
     let message = err.inner().to_string();
-    let prefix = if path == "." || path == "?" {
-        String::new()
-    } else {
-        path.clone()
-    };
-    if let Some(name) = message
-        .strip_prefix("unknown field `")
-        .and_then(|rest| rest.split('`').next())
-    {
+    let prefix = if path == "." || path == "?" { String::new() } else { path.clone() };
+    if let Some(name) = message.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next()) {
         // The path already ends with the unknown key.
-        let field = if prefix.is_empty() {
-            name.to_owned()
-        } else {
-            prefix
-        };
+        let field = if prefix.is_empty() { name.to_owned() } else { prefix };
         return InputError::new(
             InputErrorKind::UnknownField,
             Some(truncate(&field, 80)),
@@ -453,11 +347,7 @@ fn field_error(err: serde_path_to_error::Error<serde_json::Error>) -> InputError
         .replace("u32", "a non-negative integer up to 4294967295")
         .replace("u64", "a non-negative integer")
         .replace("f64", "a number");
-    InputError::new(
-        InputErrorKind::InvalidType,
-        Some(prefix).filter(|p| !p.is_empty()),
-        message,
-    )
+    InputError::new(InputErrorKind::InvalidType, Some(prefix).filter(|p| !p.is_empty()), message)
 }
 
 fn truncate(text: &str, max_chars: usize) -> String {
@@ -477,14 +367,7 @@ pub fn canonical_json(value: &serde_json::Value) -> String {
                 .collect();
             format!("{{{}}}", inner.join(","))
         }
-        Value::Array(items) => format!(
-            "[{}]",
-            items
-                .iter()
-                .map(canonical_json)
-                .collect::<Vec<_>>()
-                .join(",")
-        ),
+        Value::Array(items) => format!("[{}]", items.iter().map(canonical_json).collect::<Vec<_>>().join(",")),
         scalar => scalar.to_string(),
     }
 }
@@ -504,39 +387,22 @@ mod tests {
     fn good_inputs() {
         let cases: &[(&str, &dyn Fn(&JobParams) -> bool)] = &[
             (r#"{"model":"demo","prompt":"a fox"}"#, &|p| {
-                p.width == 512
-                    && p.num_frames == 1
-                    && p.format == OutputFormat::Png
-                    && p.fps.is_none()
+                p.width == 512 && p.num_frames == 1 && p.format == OutputFormat::Png && p.fps.is_none()
             }),
-            (r#"{"model":"demo","prompt":"  a fox  "}"#, &|p| {
-                p.prompt == "a fox"
-            }),
-            (r#"{"model":"demo","prompt":"x","seed":7}"#, &|p| {
-                p.seed == 7 && p.seed_source == SeedSource::Client
-            }),
-            (r#"{"model":"demo","prompt":"x"}"#, &|p| {
-                p.seed == 42 && p.seed_source == SeedSource::Drawn
-            }),
+            (r#"{"model":"demo","prompt":"  a fox  "}"#, &|p| p.prompt == "a fox"),
+            (r#"{"model":"demo","prompt":"x","seed":7}"#, &|p| p.seed == 7 && p.seed_source == SeedSource::Client),
+            (r#"{"model":"demo","prompt":"x"}"#, &|p| p.seed == 42 && p.seed_source == SeedSource::Drawn),
             (r#"{"model":"demo","prompt":"x","num_frames":16}"#, &|p| {
                 p.format == OutputFormat::Gif && p.fps == Some(8)
             }),
-            (
-                r#"{"model":"demo","prompt":"x","num_frames":16,"format":"webm","fps":24}"#,
-                &|p| p.format == OutputFormat::Webm && p.fps == Some(24),
-            ),
-            (
-                r#"{"model":"demo","prompt":"x","width":64,"height":1024,"guidance":7}"#,
-                &|p| p.width == 64 && p.height == 1024 && p.guidance == 7.0,
-            ),
-            (
-                r#"{"model":"demo","prompt":"x","width":null,"fps":3}"#,
-                &|p| p.width == 512 && p.fps.is_none(),
-            ),
-            (
-                &format!(r#"{{"model":"demo","prompt":"{}"}}"#, "é".repeat(2000)),
-                &|p| p.prompt.chars().count() == 2000,
-            ),
+            (r#"{"model":"demo","prompt":"x","num_frames":16,"format":"webm","fps":24}"#, &|p| {
+                p.format == OutputFormat::Webm && p.fps == Some(24)
+            }),
+            (r#"{"model":"demo","prompt":"x","width":64,"height":1024,"guidance":7}"#, &|p| {
+                p.width == 64 && p.height == 1024 && p.guidance == 7.0
+            }),
+            (r#"{"model":"demo","prompt":"x","width":null,"fps":3}"#, &|p| p.width == 512 && p.fps.is_none()),
+            (&format!(r#"{{"model":"demo","prompt":"{}"}}"#, "é".repeat(2000)), &|p| p.prompt.chars().count() == 2000),
         ];
         for (body, check) in cases {
             let resolved = resolve(body).unwrap_or_else(|e| panic!("{body}: {e}"));
@@ -558,7 +424,11 @@ mod tests {
             (r#"{"model":"demo","prompt":null}"#.into(), MissingField, Some("prompt")),
             (r#"{"model":"demo","prompt":"   "}"#.into(), InvalidValue, Some("prompt")),
             (format!(r#"{{"model":"demo","prompt":"{long}"}}"#), InvalidValue, Some("prompt")),
-            (format!(r#"{{"model":"demo","prompt":"x","negative_prompt":"{long}"}}"#), InvalidValue, Some("negative_prompt")),
+            (
+                format!(r#"{{"model":"demo","prompt":"x","negative_prompt":"{long}"}}"#),
+                InvalidValue,
+                Some("negative_prompt"),
+            ),
             (r#"{"model":"demo","prompt":7}"#.into(), InvalidType, Some("prompt")),
             (r#"{"model":"demo","prompt":"x","width":"512"}"#.into(), InvalidType, Some("width")),
             (r#"{"model":"demo","prompt":"x","width":-8}"#.into(), InvalidType, Some("width")),
@@ -569,7 +439,11 @@ mod tests {
             (r#"{"model":"demo","prompt":"x","height":32}"#.into(), InvalidValue, Some("height")),
             (r#"{"model":"demo","prompt":"x","num_frames":0}"#.into(), InvalidValue, Some("num_frames")),
             (r#"{"model":"demo","prompt":"x","num_frames":49}"#.into(), InvalidValue, Some("num_frames")),
-            (r#"{"model":"demo","prompt":"x","num_frames":48,"width":1024,"height":1024}"#.into(), InvalidValue, Some("num_frames")),
+            (
+                r#"{"model":"demo","prompt":"x","num_frames":48,"width":1024,"height":1024}"#.into(),
+                InvalidValue,
+                Some("num_frames"),
+            ),
             (r#"{"model":"demo","prompt":"x","num_frames":8,"fps":0}"#.into(), InvalidValue, Some("fps")),
             (r#"{"model":"demo","prompt":"x","steps":0}"#.into(), InvalidValue, Some("steps")),
             (r#"{"model":"demo","prompt":"x","steps":51}"#.into(), InvalidValue, Some("steps")),
@@ -581,58 +455,70 @@ mod tests {
             (r#"{"model":"demo","prompt":"x","format":"bmp"}"#.into(), InvalidValue, Some("format")),
             (r#"{"model":"demo","prompt":"x","num_frames":4,"format":"png"}"#.into(), InvalidValue, Some("format")),
             (r#"{"model":"demo","prompt":"x","widht":512}"#.into(), UnknownField, Some("widht")),
-            (r#"{"model":"demo","prompt":"x","webhook":{"url":"https://a.example","evts":[]}}"#.into(), UnknownField, Some("webhook.evts")),
+            (
+                r#"{"model":"demo","prompt":"x","webhook":{"url":"https://a.example","evts":[]}}"#.into(),
+                UnknownField,
+                Some("webhook.evts"),
+            ),
             (r#"{"model":"demo","prompt":"x","webhook":{}}"#.into(), MissingField, Some("webhook.url")),
-            (r#"{"model":"demo","prompt":"x","webhook":{"url":"http://a.example"}}"#.into(), InvalidValue, Some("webhook.url")),
-            (r#"{"model":"demo","prompt":"x","webhook":{"url":"not a url"}}"#.into(), InvalidValue, Some("webhook.url")),
-            (r#"{"model":"demo","prompt":"x","webhook":{"url":"https://127.0.0.1/h"}}"#.into(), InvalidValue, Some("webhook.url")),
-            (r#"{"model":"demo","prompt":"x","webhook":{"url":"https://169.254.169.254/"}}"#.into(), InvalidValue, Some("webhook.url")),
-            (r#"{"model":"demo","prompt":"x","webhook":{"url":"https://[::1]/"}}"#.into(), InvalidValue, Some("webhook.url")),
-            (r#"{"model":"demo","prompt":"x","webhook":{"url":"https://u:p@a.example/"}}"#.into(), InvalidValue, Some("webhook.url")),
-            (r#"{"model":"demo","prompt":"x","webhook":{"url":"https://a.example","events":["done"]}}"#.into(), InvalidType, Some("webhook.events[0]")),
-            (r#"{"model":"demo","prompt":"x","webhook":{"url":"https://a.example","events":[]}}"#.into(), InvalidValue, Some("webhook.events")),
+            (
+                r#"{"model":"demo","prompt":"x","webhook":{"url":"http://a.example"}}"#.into(),
+                InvalidValue,
+                Some("webhook.url"),
+            ),
+            (
+                r#"{"model":"demo","prompt":"x","webhook":{"url":"not a url"}}"#.into(),
+                InvalidValue,
+                Some("webhook.url"),
+            ),
+            (
+                r#"{"model":"demo","prompt":"x","webhook":{"url":"https://127.0.0.1/h"}}"#.into(),
+                InvalidValue,
+                Some("webhook.url"),
+            ),
+            (
+                r#"{"model":"demo","prompt":"x","webhook":{"url":"https://169.254.169.254/"}}"#.into(),
+                InvalidValue,
+                Some("webhook.url"),
+            ),
+            (
+                r#"{"model":"demo","prompt":"x","webhook":{"url":"https://[::1]/"}}"#.into(),
+                InvalidValue,
+                Some("webhook.url"),
+            ),
+            (
+                r#"{"model":"demo","prompt":"x","webhook":{"url":"https://u:p@a.example/"}}"#.into(),
+                InvalidValue,
+                Some("webhook.url"),
+            ),
+            (
+                r#"{"model":"demo","prompt":"x","webhook":{"url":"https://a.example","events":["done"]}}"#.into(),
+                InvalidType,
+                Some("webhook.events[0]"),
+            ),
+            (
+                r#"{"model":"demo","prompt":"x","webhook":{"url":"https://a.example","events":[]}}"#.into(),
+                InvalidValue,
+                Some("webhook.events"),
+            ),
             (r#"{"model":"demo","prompt":"x","webhook":"https://a.example"}"#.into(), InvalidType, Some("webhook")),
         ];
         for (body, kind, field) in cases {
             let err = resolve(&body).expect_err(&body);
-            assert_eq!(
-                (err.kind, err.field.as_deref()),
-                (kind, field),
-                "{body}: {err}"
-            );
+            assert_eq!((err.kind, err.field.as_deref()), (kind, field), "{body}: {err}");
             assert!(!err.message.is_empty());
             // Position hints help with syntax errors only; elsewhere the field says where.
-            assert!(
-                kind == InvalidJson || !err.message.contains("at line"),
-                "{}",
-                err.message
-            );
+            assert!(kind == InvalidJson || !err.message.contains("at line"), "{}", err.message);
         }
     }
 
     #[test]
     fn model_reference_may_pin_a_version() {
         let parse = |body: &str| Submission::parse(body.as_bytes()).unwrap();
-        assert_eq!(
-            parse(r#"{"model":"demo"}"#).model().unwrap(),
-            ("demo", None)
-        );
-        assert_eq!(
-            parse(r#"{"model":"demo@1.0.0"}"#).model().unwrap(),
-            ("demo", Some("1.0.0"))
-        );
-        assert_eq!(
-            parse(r#"{"model":"demo@"}"#)
-                .model()
-                .unwrap_err()
-                .field
-                .as_deref(),
-            Some("model")
-        );
-        assert_eq!(
-            parse(r#"{}"#).model().unwrap_err().kind,
-            InputErrorKind::MissingField
-        );
+        assert_eq!(parse(r#"{"model":"demo"}"#).model().unwrap(), ("demo", None));
+        assert_eq!(parse(r#"{"model":"demo@1.0.0"}"#).model().unwrap(), ("demo", Some("1.0.0")));
+        assert_eq!(parse(r#"{"model":"demo@"}"#).model().unwrap_err().field.as_deref(), Some("model"));
+        assert_eq!(parse(r#"{}"#).model().unwrap_err().kind, InputErrorKind::MissingField);
     }
 
     #[test]
@@ -644,16 +530,22 @@ mod tests {
             .unwrap()
             .webhook
             .unwrap();
-        assert_eq!(
-            hook.events,
-            vec![WebhookEvent::Started, WebhookEvent::Progress]
-        );
+        assert_eq!(hook.events, vec![WebhookEvent::Started, WebhookEvent::Progress]);
         assert!(resolve(body).is_err());
+        let metadata = r#"{"model":"demo","prompt":"x","webhook":{"url":"http://169.254.169.254/latest"}}"#;
+        let refused = Submission::parse(metadata.as_bytes())
+            .unwrap()
+            .resolve(&demo(), WebhookPolicy { allow_local: true }, || 1)
+            .unwrap_err();
+        assert_eq!(refused.field.as_deref(), Some("webhook.url"));
     }
 
     #[test]
     fn fingerprint_ignores_key_order_and_spacing() {
-        let a = Submission::parse(br#"{"model":"demo","prompt":"x","webhook":{"url":"https://a.example","events":["completed"]}}"#).unwrap();
+        let a = Submission::parse(
+            br#"{"model":"demo","prompt":"x","webhook":{"url":"https://a.example","events":["completed"]}}"#,
+        )
+        .unwrap();
         let b = Submission::parse(b"{ \"webhook\": {\"events\":[\"completed\"], \"url\":\"https://a.example\"}, \"prompt\":\"x\", \"model\":\"demo\" }").unwrap();
         let c = Submission::parse(br#"{"model":"demo","prompt":"y"}"#).unwrap();
         assert_eq!(a.fingerprint(), b.fingerprint());

@@ -26,21 +26,12 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
-    pub const ALL: [JobStatus; 6] = [
-        Self::Queued,
-        Self::Running,
-        Self::Succeeded,
-        Self::Failed,
-        Self::Canceled,
-        Self::Expired,
-    ];
+    pub const ALL: [JobStatus; 6] =
+        [Self::Queued, Self::Running, Self::Succeeded, Self::Failed, Self::Canceled, Self::Expired];
 
     /// Terminal statuses never change again.
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            Self::Succeeded | Self::Failed | Self::Canceled | Self::Expired
-        )
+        matches!(self, Self::Succeeded | Self::Failed | Self::Canceled | Self::Expired)
     }
 
     /// Whether a job in `self` may move to `next`.
@@ -48,8 +39,7 @@ impl JobStatus {
         use JobStatus::*;
         matches!(
             (self, next),
-            (Queued, Running | Canceled | Expired | Failed)
-                | (Running, Running | Succeeded | Failed | Canceled)
+            (Queued, Running | Canceled | Expired | Failed) | (Running, Running | Succeeded | Failed | Canceled)
         )
     }
 
@@ -105,11 +95,7 @@ mod tests {
         ];
         for from in JobStatus::ALL {
             for to in JobStatus::ALL {
-                assert_eq!(
-                    from.can_become(to),
-                    allowed.contains(&(from, to)),
-                    "{from} -> {to}"
-                );
+                assert_eq!(from.can_become(to), allowed.contains(&(from, to)), "{from} -> {to}");
             }
         }
     }
@@ -117,10 +103,7 @@ mod tests {
     #[test]
     fn terminal_statuses_have_no_way_out() {
         for from in JobStatus::ALL.into_iter().filter(|s| s.is_terminal()) {
-            assert!(
-                JobStatus::ALL.iter().all(|to| !from.can_become(*to)),
-                "{from} can change"
-            );
+            assert!(JobStatus::ALL.iter().all(|to| !from.can_become(*to)), "{from} can change");
         }
     }
 

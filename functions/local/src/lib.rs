@@ -1,1 +1,10 @@
+//! The local stack: the moto server on 127.0.0.1 standing in for AWS (installed into the
+//! project's `.venv` on first use), the data layer terraform creates, the model catalog, a dev
+//! tenant, and the API functions served over HTTP by the same handler code Lambda runs.
 
+pub mod moto;
+pub mod server;
+pub mod stack;
+
+pub use moto::{MotoServer, ensure_moto};
+pub use stack::{LocalStack, StackOptions, workspace_root};

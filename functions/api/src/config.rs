@@ -1,0 +1,47 @@
+//! The API functions' configuration, read from the environment (terraform sets it).
+
+use kiln_app::JobsConfig;
+use kiln_aws::Resources;
+use kiln_domain::WebhookPolicy;
+use std::time::Duration;
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(about = "kiln API function")]
+pub struct ApiConfig {
+    #[command(flatten)]
+    pub resources: Resources,
+    /// Seconds a queued job may wait for a runner before it expires.
+    #[arg(long, env = "KILN_QUEUED_TTL_SECS", default_value_t = 3600)]
+    pub queued_ttl_secs: u32,
+    /// Seconds a presigned download link stays valid.
+    #[arg(long, env = "KILN_LINK_TTL_SECS", default_value_t = 3600)]
+    pub link_ttl_secs: u32,
+    /// Largest accepted request body, in bytes; larger ones get 413.
+    #[arg(long, env = "KILN_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+    /// Accept http:// and private-address webhook URLs. Local development only.
+    #[arg(long, env = "KILN_ALLOW_LOCAL_WEBHOOKS", default_value_t = false)]
+    pub allow_local_webhooks: bool,
+}
+
+impl ApiConfig {
+    pub fn jobs_config(&self) -> JobsConfig {
+        JobsConfig {
+            queued_ttl: chrono::Duration::seconds(i64::from(self.queued_ttl_secs)),
+            link_ttl: Duration::from_secs(u64::from(self.link_ttl_secs)),
+            webhook_policy: WebhookPolicy { allow_local: self.allow_local_webhooks },
+            ..JobsConfig::default()
+        }
+    }
+
+    /// A configuration for the given resources with every other setting at its default.
+    pub fn for_resources(resources: Resources) -> Self {
+        Self {
+            resources,
+            queued_ttl_secs: 3600,
+            link_ttl_secs: 3600,
+            max_body_bytes: 64 * 1024,
+            allow_local_webhooks: false,
+        }
+    }
+}

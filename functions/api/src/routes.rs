@@ -1,0 +1,304 @@
+//! Routing and the route handlers: thin translations between HTTP and the use cases.
+
+use http::{Method, Response, StatusCode, header};
+use kiln_app::{
+    Authenticator, Disposition, Jobs, Tenant,
+    ports::{ArtifactLinks, JobQueue, JobStore, ModelCatalog, TenantDirectory},
+};
+use kiln_aws::{AwsClients, DynamoJobStore, DynamoModelCatalog, DynamoTenants, S3ArtifactLinks, SqsJobQueue};
+use kiln_domain::{InputError, InputErrorKind, JobId, JobStatus};
+use lambda_http::{Body, Request, RequestExt};
+use serde::Serialize;
+use std::sync::Arc;
+use tracing::{Instrument, info_span};
+
+use crate::{config::ApiConfig, error::ApiError, views::JobView};
+
+/// A route of the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `POST /v1/jobs`
+    SubmitJob,
+    /// `GET /v1/jobs`
+    ListJobs,
+    /// `GET /v1/jobs/{id}`
+    GetJob(String),
+    /// `POST /v1/jobs/{id}/cancel`
+    CancelJob(String),
+    /// `GET /v1/models`
+    ListModels,
+}
+
+impl Route {
+    /// Matches a method and path; the error is the answer when nothing matches.
+    pub fn resolve(method: &Method, path: &str) -> Result<Self, ApiError> {
+        let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+        let (route, allowed) = match segments.as_slice() {
+            ["v1", "jobs"] if method == Method::POST => (Some(Self::SubmitJob), ""),
+            ["v1", "jobs"] if method == Method::GET => (Some(Self::ListJobs), ""),
+            ["v1", "jobs"] => (None, "GET, POST"),
+            ["v1", "jobs", id] if method == Method::GET => (Some(Self::GetJob((*id).to_owned())), ""),
+            ["v1", "jobs", _] => (None, "GET"),
+            ["v1", "jobs", id, "cancel"] if method == Method::POST => (Some(Self::CancelJob((*id).to_owned())), ""),
+            ["v1", "jobs", _, "cancel"] => (None, "POST"),
+            ["v1", "models"] if method == Method::GET => (Some(Self::ListModels), ""),
+            ["v1", "models"] => (None, "GET"),
+            _ => (None, ""),
+        };
+        match (route, allowed) {
+            (Some(route), _) => Ok(route),
+            (None, "") => {
+                Err(ApiError::new(StatusCode::NOT_FOUND, "route_not_found", format!("no route {method} {path}")))
+            }
+            (None, allowed) => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed here; allowed: {allowed}"),
+            )
+            .with_header(header::ALLOW, allowed)),
+        }
+    }
+}
+
+/// A Lambda function of the API and the routes it serves (API Gateway sends it only those).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Function {
+    SubmitJob,
+    GetJob,
+    ListJobs,
+    CancelJob,
+    ListModels,
+    /// Every route: the local server.
+    All,
+}
+
+impl Function {
+    fn serves(self, route: &Route) -> bool {
+        matches!(
+            (self, route),
+            (Self::All, _)
+                | (Self::SubmitJob, Route::SubmitJob)
+                | (Self::GetJob, Route::GetJob(_))
+                | (Self::ListJobs, Route::ListJobs)
+                | (Self::CancelJob, Route::CancelJob(_))
+                | (Self::ListModels, Route::ListModels)
+        )
+    }
+}
+
+/// The API's state: the use cases and the settings of the HTTP layer.
+pub struct Api {
+    jobs: Jobs,
+    auth: Authenticator,
+    max_body_bytes: usize,
+}
+
+/// The ports the API runs on.
+pub struct Ports {
+    pub store: Arc<dyn JobStore>,
+    pub queue: Arc<dyn JobQueue>,
+    pub catalog: Arc<dyn ModelCatalog>,
+    pub links: Arc<dyn ArtifactLinks>,
+    pub tenants: Arc<dyn TenantDirectory>,
+}
+
+impl Ports {
+    /// The AWS implementations, on the resources named in `config`.
+    pub fn aws(clients: &AwsClients, config: &ApiConfig) -> Self {
+        let r = &config.resources;
+        Self {
+            store: Arc::new(DynamoJobStore::new(clients.dynamodb.clone(), &r.jobs_table, &r.requests_table)),
+            queue: Arc::new(SqsJobQueue::new(clients.sqs.clone(), &r.job_queue_url)),
+            catalog: Arc::new(DynamoModelCatalog::new(clients.dynamodb.clone(), &r.models_table)),
+            links: Arc::new(S3ArtifactLinks::new(clients.s3.clone(), &r.artifacts_bucket)),
+            tenants: Arc::new(DynamoTenants::new(clients.dynamodb.clone(), &r.tenants_table)),
+        }
+    }
+}
+
+impl Api {
+    pub fn new(ports: Ports, config: &ApiConfig) -> Self {
+        Self {
+            jobs: Jobs::new(ports.store, ports.queue, ports.catalog, ports.links, config.jobs_config()),
+            auth: Authenticator::new(ports.tenants),
+            max_body_bytes: config.max_body_bytes,
+        }
+    }
+
+    /// Builds the AWS clients and the API on them.
+    pub async fn from_config(config: &ApiConfig) -> Self {
+        let clients = AwsClients::connect(config.resources.endpoint_url.as_deref()).await;
+        Self::new(Ports::aws(&clients, config), config)
+    }
+
+    /// The use cases, for callers that are not HTTP (the sweeper, the demo).
+    pub fn jobs(&self) -> &Jobs {
+        &self.jobs
+    }
+
+    /// Answers one request. Never fails: every error becomes an error response.
+    pub async fn handle(&self, function: Function, request: Request) -> Response<Body> {
+        let path = match request.raw_http_path() {
+            raw if !raw.is_empty() => raw.to_owned(),
+            _ => request.uri().path().to_owned(),
+        };
+        let span = info_span!("request", method = %request.method(), path = %path, tenant_id = tracing::field::Empty, status = tracing::field::Empty);
+        async {
+            let response = match self.route(function, &path, &request).await {
+                Ok(response) => response,
+                Err(err) => err.into_response(),
+            };
+            tracing::Span::current().record("status", response.status().as_u16());
+            tracing::info!("answered");
+            response
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn route(&self, function: Function, path: &str, request: &Request) -> Result<Response<Body>, ApiError> {
+        let route = Route::resolve(request.method(), path)?;
+        if !function.serves(&route) {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "route_not_found",
+                format!("this function does not serve {path}"),
+            ));
+        }
+        let authorization = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let tenant = self.auth.authenticate(authorization).await?;
+        tracing::Span::current().record("tenant_id", tenant.id.as_str());
+        match route {
+            Route::SubmitJob => self.submit(&tenant, request).await,
+            Route::ListJobs => self.list(&tenant, request).await,
+            Route::GetJob(id) => {
+                let read = self.jobs.get(&tenant, &id).await?;
+                json(StatusCode::OK, &JobView::with_links(&read))
+            }
+            Route::CancelJob(id) => {
+                let job = self.jobs.cancel(&tenant, &id).await?;
+                let status = if job.status == JobStatus::Canceled { StatusCode::OK } else { StatusCode::ACCEPTED };
+                json(status, &JobView::new(&job, &[]))
+            }
+            Route::ListModels => {
+                let models = self.jobs.models().await?;
+                json(StatusCode::OK, &serde_json::json!({ "models": &*models }))
+            }
+        }
+    }
+
+    async fn submit(&self, tenant: &Tenant, request: &Request) -> Result<Response<Body>, ApiError> {
+        let body: &[u8] = request.body().as_ref();
+        if body.len() > self.max_body_bytes {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body is {} bytes; at most {} are accepted", body.len(), self.max_body_bytes),
+            ));
+        }
+        let content_type = request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let is_json = content_type.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+        if !is_json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!(
+                    "send the body as application/json (got `{}`)",
+                    content_type.chars().take(64).collect::<String>()
+                ),
+            )
+            .with_field("Content-Type"));
+        }
+        let idempotency_key = match request.headers().get("idempotency-key") {
+            None => None,
+            Some(value) => Some(value.to_str().map_err(|_| {
+                ApiError::from(kiln_app::AppError::from(InputError::invalid(
+                    "Idempotency-Key",
+                    "must be printable ASCII",
+                )))
+            })?),
+        };
+        let submitted = self.jobs.submit(tenant, body, idempotency_key).await?;
+        tracing::Span::current().record("job_id", submitted.job.id.as_str());
+        let read = self.jobs.with_links(submitted.job).await?;
+        let mut view = JobView::with_links(&read);
+        view.cached = Some(submitted.disposition == Disposition::Cached);
+        view.deduplicated = Some(submitted.disposition == Disposition::Deduplicated);
+        let status = match submitted.disposition {
+            Disposition::Created | Disposition::Deduplicated => StatusCode::ACCEPTED,
+            Disposition::Cached | Disposition::Replayed => StatusCode::OK,
+        };
+        let mut response = json(status, &view)?;
+        if submitted.disposition == Disposition::Replayed {
+            response.headers_mut().insert("idempotent-replayed", http::HeaderValue::from_static("true"));
+        }
+        Ok(response)
+    }
+
+    async fn list(&self, tenant: &Tenant, request: &Request) -> Result<Response<Body>, ApiError> {
+        let mut status = None;
+        let mut limit = 20;
+        let mut after = None;
+        let query = request.uri().query().unwrap_or("");
+        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            let invalid =
+                |message: String| ApiError::from(kiln_app::AppError::from(InputError::invalid(&name, message)));
+            match name.as_ref() {
+                "status" => status = Some(value.parse::<JobStatus>().map_err(|e| invalid(e.to_string()))?),
+                "limit" => {
+                    limit = value.parse::<u32>().map_err(|_| invalid(format!("`{value}` is not a whole number")))?
+                }
+                "cursor" => {
+                    after = Some(JobId::parse(&value).map_err(|_| invalid("not a cursor from a previous page".into()))?)
+                }
+                other => {
+                    return Err(kiln_app::AppError::from(InputError::new(
+                        InputErrorKind::UnknownField,
+                        Some(other.chars().take(64).collect()),
+                        "unknown query parameter; use status, limit or cursor",
+                    ))
+                    .into());
+                }
+            }
+        }
+        let page = self.jobs.list(tenant, status, limit, after.as_ref()).await?;
+        let jobs: Vec<JobView> = page.jobs.iter().map(|job| JobView::new(job, &[])).collect();
+        json(StatusCode::OK, &serde_json::json!({ "jobs": jobs, "next_cursor": page.next }))
+    }
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Result<Response<Body>, ApiError> {
+    let body = serde_json::to_string(value).map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("encoding the response: {e}"))
+    })?;
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::Text(body))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_resolve_by_method_and_path() {
+        let ok = |m: Method, p: &str| Route::resolve(&m, p).unwrap();
+        assert_eq!(ok(Method::POST, "/v1/jobs"), Route::SubmitJob);
+        assert_eq!(ok(Method::GET, "/v1/jobs/"), Route::ListJobs);
+        assert_eq!(ok(Method::GET, "/v1/jobs/abc"), Route::GetJob("abc".into()));
+        assert_eq!(ok(Method::POST, "/v1/jobs/abc/cancel"), Route::CancelJob("abc".into()));
+        assert_eq!(ok(Method::GET, "/v1/models"), Route::ListModels);
+        assert_eq!(Route::resolve(&Method::DELETE, "/v1/jobs/abc").unwrap_err().status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(Route::resolve(&Method::GET, "/v2/jobs").unwrap_err().status, StatusCode::NOT_FOUND);
+        assert_eq!(Route::resolve(&Method::GET, "/v1/jobs/a/b/c").unwrap_err().status, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn each_function_serves_only_its_routes() {
+        assert!(Function::GetJob.serves(&Route::GetJob("x".into())));
+        assert!(!Function::GetJob.serves(&Route::SubmitJob));
+        assert!(Function::All.serves(&Route::CancelJob("x".into())));
+    }
+}

@@ -1,0 +1,90 @@
+//! What clients see of a job and a model: the API's JSON shapes.
+
+use chrono::{DateTime, Utc};
+use kiln_app::{jobs::JobWithLinks, ports::PresignedUrl};
+use kiln_domain::{Job, JobError, JobParams, JobStatus, Timings, Webhook};
+use serde::Serialize;
+
+/// A job as returned by every job route.
+#[derive(Debug, Serialize)]
+pub struct JobView<'a> {
+    pub id: &'a str,
+    pub status: JobStatus,
+    pub model: &'a str,
+    pub model_version: &'a str,
+    /// The parameters the job renders with, defaults applied and the seed recorded.
+    pub input: &'a JobParams,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<&'a Webhook>,
+    pub progress: f32,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// While queued: when the job expires if no runner has started it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    pub attempts: u32,
+    pub cancel_requested: bool,
+    pub error: Option<&'a JobError>,
+    pub outputs: Vec<OutputView<'a>>,
+    pub timings: &'a Timings,
+    /// On submission: the result of an earlier identical job was returned, nothing rendered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cached: Option<bool>,
+    /// On submission: an identical job was already queued or running and is returned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deduplicated: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OutputView<'a> {
+    pub key: &'a str,
+    pub content_type: &'a str,
+    pub bytes: u64,
+    /// A presigned GET URL, on succeeded jobs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url_expires_at: Option<DateTime<Utc>>,
+}
+
+impl<'a> JobView<'a> {
+    pub fn new(job: &'a Job, links: &'a [PresignedUrl]) -> Self {
+        let outputs = job
+            .outputs
+            .iter()
+            .enumerate()
+            .map(|(i, output)| OutputView {
+                key: &output.key,
+                content_type: &output.content_type,
+                bytes: output.bytes,
+                url: links.get(i).map(|l| l.url.as_str()),
+                url_expires_at: links.get(i).map(|l| l.expires_at),
+            })
+            .collect();
+        Self {
+            id: job.id.as_str(),
+            status: job.status,
+            model: &job.model,
+            model_version: &job.model_version,
+            input: &job.params,
+            webhook: job.webhook.as_ref(),
+            progress: job.progress,
+            created_at: job.created_at,
+            started_at: job.started_at,
+            finished_at: job.finished_at,
+            expires_at: (job.status == JobStatus::Queued).then_some(job.expires_at),
+            attempts: job.attempts,
+            cancel_requested: job.cancel_requested,
+            error: job.error.as_ref(),
+            outputs,
+            timings: &job.timings,
+            cached: None,
+            deduplicated: None,
+        }
+    }
+
+    pub fn with_links(read: &'a JobWithLinks) -> Self {
+        Self::new(&read.job, &read.links)
+    }
+}

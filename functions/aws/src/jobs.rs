@@ -1,0 +1,310 @@
+//! Jobs in DynamoDB.
+//!
+//! The jobs table holds one item per job (the serialized [`Job`] plus index attributes); every
+//! write after the first is conditional on the revision read, so racing writers cannot both
+//! win. The requests table holds the cache pointers (`cache#<tenant>#<key>`) and idempotency
+//! records (`idem#<tenant>#<key>`), written in one transaction with the job they point at.
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::{
+    Client,
+    error::SdkError,
+    operation::transact_write_items::TransactWriteItemsError,
+    types::{AttributeValue, Put, TransactWriteItem},
+};
+use chrono::{DateTime, Utc};
+use kiln_app::ports::{CacheClaim, IdempotencyRecord, InsertOutcome, JobPage, JobStore, PortError};
+use kiln_domain::{CacheKey, Job, JobId, JobStatus, TenantId};
+use std::collections::HashMap;
+
+use crate::unavailable;
+
+type Item = HashMap<String, AttributeValue>;
+
+/// How long an idempotency record is kept.
+const IDEMPOTENCY_RETENTION: chrono::Duration = chrono::Duration::hours(24);
+/// The one partition of the sparse index of queued jobs.
+const QUEUED_SHARD: &str = "queued";
+
+/// [`JobStore`] over the jobs and requests tables.
+#[derive(Clone)]
+pub struct DynamoJobStore {
+    client: Client,
+    jobs_table: String,
+    requests_table: String,
+}
+
+impl DynamoJobStore {
+    pub fn new(client: Client, jobs_table: impl Into<String>, requests_table: impl Into<String>) -> Self {
+        Self { client, jobs_table: jobs_table.into(), requests_table: requests_table.into() }
+    }
+}
+
+fn s(value: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(value.into())
+}
+
+fn n(value: impl ToString) -> AttributeValue {
+    AttributeValue::N(value.to_string())
+}
+
+fn cache_pk(tenant: &TenantId, key: &CacheKey) -> String {
+    format!("cache#{tenant}#{key}")
+}
+
+fn idempotency_pk(tenant: &TenantId, key: &str) -> String {
+    format!("idem#{tenant}#{key}")
+}
+
+/// The job as an item: its fields plus the attributes the indexes are built on.
+fn job_item(job: &Job) -> Result<Item, PortError> {
+    let mut item: Item =
+        serde_dynamo::to_item(job).map_err(|e| PortError::Corrupt { what: "job", detail: e.to_string() })?;
+    item.insert("tenant_status".into(), s(format!("{}#{}", job.tenant_id, job.status)));
+    item.insert("expires_epoch".into(), n(job.expires_at.timestamp()));
+    if job.status == JobStatus::Queued {
+        item.insert("queued_shard".into(), s(QUEUED_SHARD));
+    }
+    Ok(item)
+}
+
+fn job_from_item(item: Item) -> Result<Job, PortError> {
+    serde_dynamo::from_item(item).map_err(|e| PortError::Corrupt { what: "job", detail: e.to_string() })
+}
+
+fn string_attr(item: &Item, name: &str) -> Option<String> {
+    item.get(name).and_then(|v| v.as_s().ok()).cloned()
+}
+
+fn is_conditional_failure<E, R>(err: &SdkError<E, R>) -> bool
+where
+    E: aws_sdk_dynamodb::error::ProvideErrorMetadata,
+{
+    err.as_service_error().and_then(|e| e.code()) == Some("ConditionalCheckFailedException")
+}
+
+#[async_trait]
+impl JobStore for DynamoJobStore {
+    async fn insert(
+        &self,
+        job: &Job,
+        cache: &CacheClaim,
+        idempotency: Option<&IdempotencyRecord>,
+    ) -> Result<InsertOutcome, PortError> {
+        let put_job = Put::builder()
+            .table_name(&self.jobs_table)
+            .set_item(Some(job_item(job)?))
+            .condition_expression("attribute_not_exists(id)");
+        let cache_put = Put::builder()
+            .table_name(&self.requests_table)
+            .item("pk", s(cache_pk(&job.tenant_id, &cache.key)))
+            .item("job_id", s(job.id.as_str()));
+        let cache_put = match &cache.replaces {
+            None => cache_put.condition_expression("attribute_not_exists(pk)"),
+            Some(previous) => cache_put
+                .condition_expression("job_id = :previous")
+                .expression_attribute_values(":previous", s(previous.as_str())),
+        };
+        let mut items = vec![
+            TransactWriteItem::builder().put(put_job.build().map_err(unavailable("dynamodb"))?).build(),
+            TransactWriteItem::builder().put(cache_put.build().map_err(unavailable("dynamodb"))?).build(),
+        ];
+        if let Some(record) = idempotency {
+            let purge_at = (job.created_at + IDEMPOTENCY_RETENTION).timestamp();
+            let put = Put::builder()
+                .table_name(&self.requests_table)
+                .item("pk", s(idempotency_pk(&job.tenant_id, &record.key)))
+                .item("job_id", s(record.job_id.as_str()))
+                .item("fingerprint", s(&record.fingerprint))
+                .item("purge_at", n(purge_at))
+                .condition_expression("attribute_not_exists(pk)")
+                .build()
+                .map_err(unavailable("dynamodb"))?;
+            items.push(TransactWriteItem::builder().put(put).build());
+        }
+        let result = self.client.transact_write_items().set_transact_items(Some(items)).send().await;
+        let err = match result {
+            Ok(_) => return Ok(InsertOutcome::Inserted),
+            Err(err) => err,
+        };
+        if let Some(TransactWriteItemsError::TransactionCanceledException(canceled)) = err.as_service_error() {
+            let failed = |index: usize| {
+                canceled.cancellation_reasons().get(index).and_then(|r| r.code()) == Some("ConditionalCheckFailed")
+            };
+            if failed(2) {
+                return Ok(InsertOutcome::IdempotencyKeyTaken);
+            }
+            if failed(1) {
+                return Ok(InsertOutcome::CacheKeyTaken);
+            }
+        }
+        Err(PortError::unavailable("dynamodb", err))
+    }
+
+    async fn get(&self, id: &JobId) -> Result<Option<Job>, PortError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.jobs_table)
+            .key("id", s(id.as_str()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(unavailable("dynamodb"))?;
+        output.item.map(job_from_item).transpose()
+    }
+
+    async fn update(&self, job: &Job) -> Result<bool, PortError> {
+        let previous = job.revision.checked_sub(1).ok_or(PortError::Corrupt {
+            what: "job",
+            detail: format!("job {} updated without a new revision", job.id),
+        })?;
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.jobs_table)
+            .set_item(Some(job_item(job)?))
+            .condition_expression("revision = :previous")
+            .expression_attribute_values(":previous", n(previous))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(err) if is_conditional_failure(&err) => Ok(false),
+            Err(err) => Err(PortError::unavailable("dynamodb", err)),
+        }
+    }
+
+    async fn list(
+        &self,
+        tenant: &TenantId,
+        status: Option<JobStatus>,
+        limit: u32,
+        after: Option<&JobId>,
+    ) -> Result<JobPage, PortError> {
+        let (index, key_name, key_value) = match status {
+            None => ("by_tenant", "tenant_id", tenant.to_string()),
+            Some(status) => ("by_tenant_status", "tenant_status", format!("{tenant}#{status}")),
+        };
+        let start = after.map(|after| {
+            HashMap::from([("id".to_owned(), s(after.as_str())), (key_name.to_owned(), s(key_value.clone()))])
+        });
+        // One more than asked tells whether there is a next page.
+        let output = self
+            .client
+            .query()
+            .table_name(&self.jobs_table)
+            .index_name(index)
+            .key_condition_expression("#k = :v")
+            .expression_attribute_names("#k", key_name)
+            .expression_attribute_values(":v", s(key_value))
+            .scan_index_forward(false)
+            .limit(i32::try_from(limit + 1).unwrap_or(i32::MAX))
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .map_err(unavailable("dynamodb"))?;
+        let mut jobs =
+            output.items.unwrap_or_default().into_iter().map(job_from_item).collect::<Result<Vec<_>, _>>()?;
+        let next = if jobs.len() > limit as usize {
+            jobs.truncate(limit as usize);
+            jobs.last().map(|job| job.id.clone())
+        } else {
+            None
+        };
+        Ok(JobPage { jobs, next })
+    }
+
+    async fn cache_entry(&self, tenant: &TenantId, key: &CacheKey) -> Result<Option<JobId>, PortError> {
+        let item = self.request_item(cache_pk(tenant, key)).await?;
+        item.and_then(|item| string_attr(&item, "job_id"))
+            .map(|id| {
+                JobId::parse(&id).map_err(|e| PortError::Corrupt { what: "cache pointer", detail: e.to_string() })
+            })
+            .transpose()
+    }
+
+    async fn idempotency_entry(&self, tenant: &TenantId, key: &str) -> Result<Option<IdempotencyRecord>, PortError> {
+        let Some(item) = self.request_item(idempotency_pk(tenant, key)).await? else { return Ok(None) };
+        let corrupt = |detail: String| PortError::Corrupt { what: "idempotency record", detail };
+        let job_id = string_attr(&item, "job_id").ok_or_else(|| corrupt("no job_id".into()))?;
+        Ok(Some(IdempotencyRecord {
+            key: key.to_owned(),
+            fingerprint: string_attr(&item, "fingerprint").ok_or_else(|| corrupt("no fingerprint".into()))?,
+            job_id: JobId::parse(&job_id).map_err(|e| corrupt(e.to_string()))?,
+        }))
+    }
+
+    async fn put_idempotency(&self, tenant: &TenantId, record: &IdempotencyRecord) -> Result<bool, PortError> {
+        let purge_at = (Utc::now() + IDEMPOTENCY_RETENTION).timestamp();
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.requests_table)
+            .item("pk", s(idempotency_pk(tenant, &record.key)))
+            .item("job_id", s(record.job_id.as_str()))
+            .item("fingerprint", s(&record.fingerprint))
+            .item("purge_at", n(purge_at))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(err) if is_conditional_failure(&err) => Ok(false),
+            Err(err) => Err(PortError::unavailable("dynamodb", err)),
+        }
+    }
+
+    async fn release_keys(&self, job: &Job, idempotency_key: Option<&str>) -> Result<(), PortError> {
+        let mut keys = vec![cache_pk(&job.tenant_id, &job.cache_key)];
+        keys.extend(idempotency_key.map(|key| idempotency_pk(&job.tenant_id, key)));
+        for pk in keys {
+            let result = self
+                .client
+                .delete_item()
+                .table_name(&self.requests_table)
+                .key("pk", s(pk))
+                .condition_expression("job_id = :job")
+                .expression_attribute_values(":job", s(job.id.as_str()))
+                .send()
+                .await;
+            match result {
+                Ok(_) => {}
+                Err(err) if is_conditional_failure(&err) => {}
+                Err(err) => return Err(PortError::unavailable("dynamodb", err)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn queued_expired_by(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Job>, PortError> {
+        let output = self
+            .client
+            .query()
+            .table_name(&self.jobs_table)
+            .index_name("queued_by_expiry")
+            .key_condition_expression("queued_shard = :shard AND expires_epoch < :now")
+            .expression_attribute_values(":shard", s(QUEUED_SHARD))
+            .expression_attribute_values(":now", n(now.timestamp()))
+            .limit(i32::try_from(limit).unwrap_or(i32::MAX))
+            .send()
+            .await
+            .map_err(unavailable("dynamodb"))?;
+        output.items.unwrap_or_default().into_iter().map(job_from_item).collect()
+    }
+}
+
+impl DynamoJobStore {
+    async fn request_item(&self, pk: String) -> Result<Option<Item>, PortError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.requests_table)
+            .key("pk", s(pk))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(unavailable("dynamodb"))?;
+        Ok(output.item)
+    }
+}

@@ -1,0 +1,105 @@
+//! Tenants and API key hashes in DynamoDB: `tenant#<id>` items hold the tenant, `key#<sha256>`
+//! items point a key hash at its tenant.
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::{Client, types::AttributeValue};
+use chrono::Utc;
+use kiln_app::{
+    Tenant,
+    ports::{PortError, TenantDirectory},
+};
+use kiln_domain::TenantId;
+
+use crate::unavailable;
+
+#[derive(Clone)]
+pub struct DynamoTenants {
+    client: Client,
+    table: String,
+}
+
+impl DynamoTenants {
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        Self { client, table: table.into() }
+    }
+
+    async fn get(&self, pk: String) -> Result<Option<std::collections::HashMap<String, AttributeValue>>, PortError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(pk))
+            .send()
+            .await
+            .map_err(unavailable("dynamodb"))?;
+        Ok(output.item)
+    }
+}
+
+fn corrupt(detail: impl Into<String>) -> PortError {
+    PortError::Corrupt { what: "tenant", detail: detail.into() }
+}
+
+fn is_conditional_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata, R>(
+    err: &aws_sdk_dynamodb::error::SdkError<E, R>,
+) -> bool {
+    err.as_service_error().and_then(|e| e.code()) == Some("ConditionalCheckFailedException")
+}
+
+#[async_trait]
+impl TenantDirectory for DynamoTenants {
+    async fn tenant_by_key_hash(&self, key_hash: &str) -> Result<Option<Tenant>, PortError> {
+        let Some(key) = self.get(format!("key#{key_hash}")).await? else { return Ok(None) };
+        let tenant_id =
+            key.get("tenant_id").and_then(|v| v.as_s().ok()).ok_or_else(|| corrupt("key without tenant_id"))?;
+        let Some(item) = self.get(format!("tenant#{tenant_id}")).await? else { return Ok(None) };
+        let name = item.get("name").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
+        let disabled = item.get("disabled").and_then(|v| v.as_bool().ok()).copied().unwrap_or(false);
+        Ok(Some(Tenant { id: TenantId::parse(tenant_id).map_err(|e| corrupt(e.to_string()))?, name, disabled }))
+    }
+
+    async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, PortError> {
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", AttributeValue::S(format!("tenant#{}", tenant.id)))
+            .item("name", AttributeValue::S(tenant.name.clone()))
+            .item("disabled", AttributeValue::Bool(tenant.disabled))
+            .item("created_at", AttributeValue::S(Utc::now().to_rfc3339()))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(err) if is_conditional_failure(&err) => Ok(false),
+            Err(err) => Err(PortError::unavailable("dynamodb", err)),
+        }
+    }
+
+    async fn add_key(&self, tenant: &TenantId, key_hash: &str) -> Result<(), PortError> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", AttributeValue::S(format!("key#{key_hash}")))
+            .item("tenant_id", AttributeValue::S(tenant.to_string()))
+            .item("created_at", AttributeValue::S(Utc::now().to_rfc3339()))
+            .send()
+            .await
+            .map_err(unavailable("dynamodb"))?;
+        Ok(())
+    }
+
+    async fn revoke_key(&self, key_hash: &str) -> Result<bool, PortError> {
+        let output = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(format!("key#{key_hash}")))
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
+            .send()
+            .await
+            .map_err(unavailable("dynamodb"))?;
+        Ok(output.attributes.is_some())
+    }
+}

@@ -1,0 +1,146 @@
+//! One local deployment: the data layer on an AWS endpoint (moto), models published, the API
+//! served on 127.0.0.1.
+
+use anyhow::Context;
+use kiln_api::{Api, ApiConfig, routes::Ports};
+use kiln_app::{
+    ApiKey, Tenant,
+    ports::{ModelCatalog, TenantDirectory},
+};
+use kiln_aws::{AwsClients, DynamoModelCatalog, DynamoTenants, Resources, provision::provision};
+use kiln_domain::{ModelSpec, TenantId};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+
+/// The workspace root (where `.venv`, `terraform/` and `gpu-runner/` are).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap_or_else(|_| PathBuf::from("."))
+}
+
+/// How to set up a local deployment.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Resource names are `<prefix>-<name>`, as in terraform.
+    pub prefix: String,
+    /// Where the API listens (port 0 picks a free one).
+    pub api_addr: SocketAddr,
+    /// Seconds a queued job waits for a runner before it expires.
+    pub queued_ttl_secs: u32,
+    /// Accept http:// and loopback webhook URLs.
+    pub allow_local_webhooks: bool,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            prefix: "kiln".into(),
+            api_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            queued_ttl_secs: 3600,
+            allow_local_webhooks: true,
+        }
+    }
+}
+
+/// A running local deployment. The API server stops when this is dropped or stopped.
+pub struct LocalStack {
+    pub resources: Resources,
+    pub clients: AwsClients,
+    pub api: Arc<Api>,
+    pub api_url: String,
+    pub config: ApiConfig,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+impl LocalStack {
+    /// Creates the resources on `endpoint_url` and starts serving the API.
+    pub async fn start(endpoint_url: &str, options: StackOptions) -> anyhow::Result<Self> {
+        let clients = AwsClients::connect(Some(endpoint_url)).await;
+        let resources = provision(&clients, &options.prefix, Some(endpoint_url)).await.context("provisioning")?;
+        let mut config = ApiConfig::for_resources(resources.clone());
+        config.queued_ttl_secs = options.queued_ttl_secs;
+        config.allow_local_webhooks = options.allow_local_webhooks;
+        Self::serve(clients, resources, config, options.api_addr).await
+    }
+
+    /// Serves the API with `config` on resources that already exist.
+    pub async fn serve(
+        clients: AwsClients,
+        resources: Resources,
+        config: ApiConfig,
+        api_addr: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let api = Arc::new(Api::new(Ports::aws(&clients, &config), &config));
+        let listener = TcpListener::bind(api_addr).await.with_context(|| format!("binding {api_addr}"))?;
+        let api_url = format!("http://{}", listener.local_addr()?);
+        let (shutdown, stopped) = oneshot::channel();
+        let server = tokio::spawn(crate::server::serve(listener, api.clone(), async {
+            let _ = stopped.await;
+        }));
+        Ok(Self { resources, clients, api, api_url, config, shutdown: Some(shutdown), server: Some(server) })
+    }
+
+    /// Publishes every `*/manifest.json` under `dir` to the model catalog.
+    pub async fn publish_models(&self, dir: &Path) -> anyhow::Result<Vec<ModelSpec>> {
+        let mut published = Vec::new();
+        let mut entries: Vec<_> =
+            std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.collect();
+        entries.sort_by_key(|e| e.as_ref().map(|e| e.path()).ok());
+        for entry in entries {
+            let manifest = entry?.path().join("manifest.json");
+            if !manifest.exists() {
+                continue;
+            }
+            let text = std::fs::read_to_string(&manifest)?;
+            let model: ModelSpec =
+                serde_json::from_str(&text).with_context(|| format!("parsing {}", manifest.display()))?;
+            model.check()?;
+            self.publish_model(&model).await?;
+            published.push(model);
+        }
+        Ok(published)
+    }
+
+    pub async fn publish_model(&self, model: &ModelSpec) -> anyhow::Result<()> {
+        DynamoModelCatalog::new(self.clients.dynamodb.clone(), &self.resources.models_table).publish(model).await?;
+        Ok(())
+    }
+
+    /// Creates a tenant (if new) with a fresh API key, and returns the key.
+    pub async fn create_tenant(&self, id: &str, name: &str) -> anyhow::Result<ApiKey> {
+        let key = ApiKey::generate();
+        self.add_tenant_key(id, name, &key).await?;
+        Ok(key)
+    }
+
+    /// Creates a tenant (if new) and gives it `key`.
+    pub async fn add_tenant_key(&self, id: &str, name: &str, key: &ApiKey) -> anyhow::Result<()> {
+        let tenants = DynamoTenants::new(self.clients.dynamodb.clone(), &self.resources.tenants_table);
+        let tenant = Tenant { id: TenantId::parse(id)?, name: name.into(), disabled: false };
+        tenants.create_tenant(&tenant).await?;
+        tenants.add_key(&tenant.id, &key.hash()).await?;
+        Ok(())
+    }
+
+    /// Stops the API server.
+    pub async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+    }
+}
+
+impl Drop for LocalStack {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}

@@ -1,0 +1,445 @@
+//! Every route of the HTTP API over real HTTP, against DynamoDB, SQS and S3 on the moto server.
+
+use chrono::Utc;
+use kiln_app::{
+    JobMessage,
+    ports::{JobStore, PortError},
+};
+use kiln_aws::DynamoJobStore;
+use kiln_domain::{JobId, JobStatus, Output};
+use kiln_local::{LocalStack, StackOptions};
+use kiln_tests::{Client, stack, stack_with, unique_prefix};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+fn store(stack: &LocalStack) -> DynamoJobStore {
+    DynamoJobStore::new(stack.clients.dynamodb.clone(), &stack.resources.jobs_table, &stack.resources.requests_table)
+}
+
+fn fox() -> Value {
+    json!({"model": "kiln-demo", "prompt": "a red fox in the snow", "width": 256, "height": 256})
+}
+
+/// Plays the runner: start the job, store an artifact, finish it.
+async fn render(stack: &LocalStack, id: &str, body: &'static [u8]) -> Result<(), PortError> {
+    let store = store(stack);
+    let mut job = store.get(&JobId::parse(id).unwrap()).await?.expect("job");
+    job.transition(JobStatus::Running, Utc::now()).unwrap();
+    assert!(store.update(&job).await?);
+    let key = job.output_key("png");
+    stack
+        .clients
+        .s3
+        .put_object()
+        .bucket(&stack.resources.artifacts_bucket)
+        .key(&key)
+        .content_type("image/png")
+        .body(body.to_vec().into())
+        .send()
+        .await
+        .expect("upload");
+    job.outputs = vec![Output { key, content_type: "image/png".into(), bytes: body.len() as u64 }];
+    job.transition(JobStatus::Succeeded, Utc::now()).unwrap();
+    assert!(store.update(&job).await?);
+    Ok(())
+}
+
+async fn start_running(stack: &LocalStack, id: &str) {
+    let store = store(stack);
+    let mut job = store.get(&JobId::parse(id).unwrap()).await.unwrap().unwrap();
+    job.transition(JobStatus::Running, Utc::now()).unwrap();
+    assert!(store.update(&job).await.unwrap());
+}
+
+#[tokio::test]
+async fn submit_queues_a_job_and_sends_its_message() {
+    let stack = stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let answer = client.post_json("/v1/jobs", &fox()).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{:?}", answer.body);
+    let job = &answer.body;
+    assert_eq!(job["status"], "queued");
+    assert_eq!(job["model"], "kiln-demo");
+    assert_eq!(job["model_version"], "1.0.0");
+    assert_eq!(job["input"]["width"], 256);
+    assert_eq!(job["input"]["steps"], 4, "the model's default is applied");
+    assert!(job["input"]["seed"].is_u64(), "a drawn seed is recorded");
+    assert_eq!(job["input"]["seed_source"], "drawn");
+    assert_eq!(job["cached"], false);
+
+    let received = stack
+        .clients
+        .sqs
+        .receive_message()
+        .queue_url(&stack.resources.job_queue_url)
+        .max_number_of_messages(10)
+        .send()
+        .await
+        .unwrap();
+    let messages = received.messages.unwrap_or_default();
+    assert_eq!(messages.len(), 1);
+    let message: JobMessage = serde_json::from_str(messages[0].body().unwrap()).unwrap();
+    assert_eq!(message.job_id.as_str(), job["id"].as_str().unwrap());
+    assert_eq!(message.tenant_id.as_str(), "acme");
+
+    let read = client.get(&format!("/v1/jobs/{}", job["id"].as_str().unwrap())).await;
+    assert_eq!(read.status, StatusCode::OK);
+    assert_eq!(read.body["id"], job["id"]);
+    assert_eq!(read.body["status"], "queued");
+}
+
+#[tokio::test]
+async fn tenants_never_see_each_others_jobs() {
+    let stack = stack().await;
+    let acme = Client::tenant(&stack, "acme").await;
+    let globex = Client::tenant(&stack, "globex").await;
+    let id = acme.post_json("/v1/jobs", &fox()).await.body["id"].as_str().unwrap().to_owned();
+
+    let read = globex.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!((read.status, read.error_code()), (StatusCode::NOT_FOUND, Some("not_found")));
+    let cancel = globex.post(&format!("/v1/jobs/{id}/cancel")).await;
+    assert_eq!(cancel.status, StatusCode::NOT_FOUND);
+    let list = globex.get("/v1/jobs").await;
+    assert_eq!(list.body["jobs"], json!([]));
+    // The same request from another tenant is a new job, never the first tenant's result.
+    render(&stack, &id, b"acme's picture").await.unwrap();
+    let other = globex.post_json("/v1/jobs", &fox()).await;
+    assert_eq!(other.status, StatusCode::ACCEPTED);
+    assert_ne!(other.body["id"].as_str().unwrap(), id);
+    assert_eq!(acme.get(&format!("/v1/jobs/{id}")).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn identical_requests_are_deduplicated_then_served_from_the_cache() {
+    let stack = stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let first = client.post_json("/v1/jobs", &fox()).await;
+    let id = first.body["id"].as_str().unwrap().to_owned();
+    let again = client
+        .post_json(
+            "/v1/jobs",
+            &json!({"prompt": "a red fox in the snow", "height": 256, "width": 256, "model": "kiln-demo"}),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::ACCEPTED);
+    assert_eq!((again.body["id"].as_str(), &again.body["deduplicated"]), (Some(id.as_str()), &json!(true)));
+
+    render(&stack, &id, b"the picture").await.unwrap();
+    let cached = client.post_json("/v1/jobs", &fox()).await;
+    assert_eq!(cached.status, StatusCode::OK);
+    assert_eq!(cached.body["cached"], true);
+    assert_eq!(cached.body["id"].as_str(), Some(id.as_str()));
+    let url = cached.body["outputs"][0]["url"].as_str().expect("a download link");
+    let downloaded = reqwest::get(url).await.unwrap();
+    assert_eq!(downloaded.status(), StatusCode::OK);
+    assert_eq!(downloaded.bytes().await.unwrap().as_ref(), b"the picture");
+
+    let read = client.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(read.body["status"], "succeeded");
+    assert_eq!(read.body["progress"], 1.0);
+    assert!(read.body["outputs"][0]["url_expires_at"].is_string());
+    let messages = stack
+        .clients
+        .sqs
+        .receive_message()
+        .queue_url(&stack.resources.job_queue_url)
+        .max_number_of_messages(10)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(messages.messages.unwrap_or_default().len(), 1, "one render for three requests");
+}
+
+#[tokio::test]
+async fn idempotency_keys_return_the_first_job_and_refuse_a_different_body() {
+    let stack = stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let body = fox().to_string();
+    let headers = [("content-type", "application/json"), ("idempotency-key", "order-17")];
+    let first = client.submit_raw(body.clone(), &headers).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED);
+    let retry = client.submit_raw(body, &headers).await;
+    assert_eq!(retry.status, StatusCode::OK);
+    assert_eq!(retry.body["id"], first.body["id"]);
+    assert_eq!(retry.headers.get("idempotent-replayed").map(|v| v.to_str().unwrap()), Some("true"));
+    let other = client.submit_raw(json!({"model": "kiln-demo", "prompt": "a cat"}).to_string(), &headers).await;
+    assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!((other.error_code(), other.error_field()), (Some("idempotency_key_reused"), Some("Idempotency-Key")));
+}
+
+#[tokio::test]
+async fn cancel_queued_running_and_finished_jobs() {
+    let stack = stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let submit = |prompt: &'static str| {
+        let client = client.clone();
+        async move { client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": prompt})).await }
+    };
+
+    let queued = submit("one").await.body["id"].as_str().unwrap().to_owned();
+    let canceled = client.post(&format!("/v1/jobs/{queued}/cancel")).await;
+    assert_eq!((canceled.status, &canceled.body["status"]), (StatusCode::OK, &json!("canceled")));
+    assert_eq!(client.post(&format!("/v1/jobs/{queued}/cancel")).await.status, StatusCode::OK, "idempotent");
+
+    let running = submit("two").await.body["id"].as_str().unwrap().to_owned();
+    start_running(&stack, &running).await;
+    let flagged = client.post(&format!("/v1/jobs/{running}/cancel")).await;
+    assert_eq!(flagged.status, StatusCode::ACCEPTED);
+    assert_eq!((&flagged.body["status"], &flagged.body["cancel_requested"]), (&json!("running"), &json!(true)));
+    assert_eq!(client.get(&format!("/v1/jobs/{running}")).await.body["cancel_requested"], true);
+
+    let done = submit("three").await.body["id"].as_str().unwrap().to_owned();
+    render(&stack, &done, b"x").await.unwrap();
+    let conflict = client.post(&format!("/v1/jobs/{done}/cancel")).await;
+    assert_eq!((conflict.status, conflict.error_code()), (StatusCode::CONFLICT, Some("already_finished")));
+
+    let missing = client.post(&format!("/v1/jobs/{}/cancel", JobId::generate(Utc::now()))).await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn list_pages_newest_first_and_filters_by_status() {
+    let stack = stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": format!("p{i}")})).await.body["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    client.post(&format!("/v1/jobs/{}/cancel", ids[0])).await;
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/jobs?limit=2&cursor={c}"),
+            None => "/v1/jobs?limit=2".to_owned(),
+        };
+        let page = client.get(&path).await;
+        assert_eq!(page.status, StatusCode::OK, "{:?}", page.body);
+        let jobs = page.body["jobs"].as_array().unwrap();
+        assert!(jobs.len() <= 2);
+        seen.extend(jobs.iter().map(|j| j["id"].as_str().unwrap().to_owned()));
+        match page.body["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    assert_eq!(seen, newest_first);
+    let canceled = client.get("/v1/jobs?status=canceled").await;
+    let canceled: Vec<&str> =
+        canceled.body["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    assert_eq!(canceled, vec![ids[0].as_str()]);
+    let queued = client.get("/v1/jobs?status=queued&limit=100").await;
+    assert_eq!(queued.body["jobs"].as_array().unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn models_are_listed_with_their_limits() {
+    let stack = stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let answer = client.get("/v1/models").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let demo = answer.body["models"].as_array().unwrap().iter().find(|m| m["name"] == "kiln-demo").expect("demo model");
+    assert_eq!(demo["limits"]["width"]["max"], 1024);
+    assert_eq!(demo["defaults"]["video_format"], "gif");
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors_naming_the_field() {
+    let stack = stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let json = [("content-type", "application/json")];
+    let cases: Vec<(String, &[(&str, &str)], StatusCode, &str, Option<&str>)> = vec![
+        ("{\"model\":".into(), &json, StatusCode::BAD_REQUEST, "invalid_json", None),
+        ("[]".into(), &json, StatusCode::BAD_REQUEST, "invalid_json", None),
+        (json!({"model": "kiln-demo"}).to_string(), &json, StatusCode::BAD_REQUEST, "missing_field", Some("prompt")),
+        (
+            json!({"model": "kiln-demo", "prompt": "x", "width": "wide"}).to_string(),
+            &json,
+            StatusCode::BAD_REQUEST,
+            "invalid_type",
+            Some("width"),
+        ),
+        (
+            json!({"model": "kiln-demo", "prompt": "x", "colour": "red"}).to_string(),
+            &json,
+            StatusCode::BAD_REQUEST,
+            "unknown_field",
+            Some("colour"),
+        ),
+        (
+            json!({"model": "kiln-demo", "prompt": "x", "width": 4096}).to_string(),
+            &json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            Some("width"),
+        ),
+        (
+            json!({"model": "kiln-demo", "prompt": "x", "height": 100}).to_string(),
+            &json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            Some("height"),
+        ),
+        (
+            json!({"model": "kiln-demo", "prompt": "x", "num_frames": 500}).to_string(),
+            &json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            Some("num_frames"),
+        ),
+        (
+            json!({"model": "kiln-demo", "prompt": "x", "format": "tiff"}).to_string(),
+            &json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            Some("format"),
+        ),
+        (
+            json!({"model": "kiln-demo", "prompt": "x".repeat(2001)}).to_string(),
+            &json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            Some("prompt"),
+        ),
+        (
+            json!({"model": "kiln-demo", "prompt": "x", "webhook": {"url": "https://169.254.169.254/"}}).to_string(),
+            &json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            Some("webhook.url"),
+        ),
+        (
+            json!({"model": "dall-e", "prompt": "x"}).to_string(),
+            &json,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unknown_model",
+            Some("model"),
+        ),
+        (
+            json!({"model": "kiln-demo", "prompt": "x"}).to_string(),
+            &[("content-type", "text/plain")],
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            Some("Content-Type"),
+        ),
+        (
+            json!({"model": "kiln-demo", "prompt": "x"}).to_string(),
+            &[],
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            Some("Content-Type"),
+        ),
+        (
+            format!("{{\"model\":\"kiln-demo\",\"prompt\":\"{}\"}}", "x".repeat(70_000)),
+            &json,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            None,
+        ),
+        (
+            json!({"model": "kiln-demo", "prompt": "x"}).to_string(),
+            &[("content-type", "application/json"), ("idempotency-key", "")],
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_value",
+            Some("Idempotency-Key"),
+        ),
+    ];
+    for (body, headers, status, code, field) in cases {
+        let answer = client.submit_raw(body.clone(), headers).await;
+        let shown: String = body.chars().take(80).collect();
+        assert_eq!(answer.status, status, "{shown}: {:?}", answer.body);
+        assert_eq!(answer.error_code(), Some(code), "{shown}: {:?}", answer.body);
+        assert_eq!(answer.error_field(), field, "{shown}: {:?}", answer.body);
+        assert!(answer.body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+
+    let invalid_utf8 = client.submit_raw(vec![0xff, 0xfe, b'{'], &json).await;
+    assert_eq!(invalid_utf8.status, StatusCode::BAD_REQUEST);
+
+    for (path, status, field) in [
+        ("/v1/jobs?limit=0", StatusCode::UNPROCESSABLE_ENTITY, "limit"),
+        ("/v1/jobs?limit=ten", StatusCode::UNPROCESSABLE_ENTITY, "limit"),
+        ("/v1/jobs?status=done", StatusCode::UNPROCESSABLE_ENTITY, "status"),
+        ("/v1/jobs?cursor=zzz", StatusCode::UNPROCESSABLE_ENTITY, "cursor"),
+        ("/v1/jobs?sort=asc", StatusCode::BAD_REQUEST, "sort"),
+    ] {
+        let answer = client.get(path).await;
+        assert_eq!((answer.status, answer.error_field()), (status, Some(field)), "{path}: {:?}", answer.body);
+    }
+    assert_eq!(client.get("/v1/jobs/not-a-job-id").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(client.get("/v1/nothing").await.status, StatusCode::NOT_FOUND);
+    let wrong_method = Client::send(client.request(reqwest::Method::DELETE, "/v1/jobs")).await;
+    assert_eq!(wrong_method.status, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn requests_without_a_valid_key_are_refused() {
+    let stack = stack().await;
+    let _acme = Client::tenant(&stack, "acme").await;
+    for key in [None, Some("kiln_not_a_real_key"), Some("")] {
+        let client = Client::new(&stack.api_url, key);
+        for answer in
+            [client.get("/v1/jobs").await, client.post_json("/v1/jobs", &fox()).await, client.get("/v1/models").await]
+        {
+            assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{key:?}");
+            assert_eq!(answer.error_field(), Some("Authorization"));
+            assert!(answer.headers.contains_key("www-authenticate"));
+        }
+    }
+    let basic =
+        Client::send(reqwest::Client::new().get(format!("{}/v1/jobs", stack.api_url)).basic_auth("u", Some("p"))).await;
+    assert_eq!(basic.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_job_whose_message_cannot_be_sent_is_failed_not_left_queued() {
+    let healthy = stack().await;
+    // The same tables, but a queue URL that does not exist: every send fails.
+    let mut config = healthy.config.clone();
+    config.resources.job_queue_url = format!("{}-missing", healthy.resources.job_queue_url);
+    let broken =
+        LocalStack::serve(healthy.clients.clone(), config.resources.clone(), config, "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+    let key = healthy.create_tenant("acme", "Acme").await.unwrap();
+    let client = Client::new(&broken.api_url, Some(key.expose()));
+    let headers = [("content-type", "application/json"), ("idempotency-key", "k1")];
+    let answer = client.submit_raw(fox().to_string(), &headers).await;
+    assert_eq!((answer.status, answer.error_code()), (StatusCode::SERVICE_UNAVAILABLE, Some("queue_unavailable")));
+    assert!(answer.headers.contains_key("retry-after"));
+    let jobs = client.get("/v1/jobs").await.body["jobs"].as_array().unwrap().clone();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0]["status"], "failed");
+    assert_eq!(jobs[0]["error"]["code"], "enqueue_failed");
+
+    // Retrying the same request through a healthy API makes a new, queued job.
+    let healthy_client = Client::new(&healthy.api_url, Some(key.expose()));
+    let retry = healthy_client.submit_raw(fox().to_string(), &headers).await;
+    assert_eq!(retry.status, StatusCode::ACCEPTED, "{:?}", retry.body);
+    assert_ne!(retry.body["id"], jobs[0]["id"]);
+    assert_eq!(retry.body["status"], "queued");
+}
+
+#[tokio::test]
+async fn queued_jobs_expire_after_their_time_to_live() {
+    let stack =
+        stack_with(StackOptions { prefix: unique_prefix(), queued_ttl_secs: 0, ..StackOptions::default() }).await;
+    let client = Client::tenant(&stack, "acme").await;
+    let id = client.post_json("/v1/jobs", &fox()).await.body["id"].as_str().unwrap().to_owned();
+    let later = Utc::now() + chrono::Duration::seconds(2);
+    assert_eq!(stack.api.jobs().expire_overdue(later, 100).await.unwrap(), 1);
+    let read = client.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(read.body["status"], "expired");
+    assert!(read.body["finished_at"].is_string());
+    // An expired job is not a cache hit: the same request queues a new job.
+    let again = client.post_json("/v1/jobs", &fox()).await;
+    assert_eq!(again.status, StatusCode::ACCEPTED);
+    assert_ne!(again.body["id"].as_str(), Some(id.as_str()));
+}
