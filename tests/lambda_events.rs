@@ -1,1 +1,127 @@
+//! The Lambda entry points fed with the real event payloads in `events/`, decoded the way the
+//! Lambda runtime decodes them.
 
+use aws_lambda_events::{apigw::ApiGatewayV2httpRequest, eventbridge::EventBridgeEvent};
+use chrono::Utc;
+use kiln_api::{Function, sweeper};
+use kiln_app::ApiKey;
+use kiln_local::{LocalStack, StackOptions};
+use kiln_tests::{Client, stack, stack_with, unique_prefix};
+use lambda_http::{Body, request::LambdaRequest};
+use serde_json::{Value, json};
+
+const FIXTURE_KEY: &str = "kiln_fixture00000000000000000000000000000000000";
+const FIXTURE_JOB: &str = "01KAQ3Z8X9K2M3N4P5Q6R7S8T9";
+
+const SUBMIT: &str = include_str!("../events/apigw-v2-submit-job.json");
+const SUBMIT_BASE64: &str = include_str!("../events/apigw-v2-submit-job-base64.json");
+const GET: &str = include_str!("../events/apigw-v2-get-job.json");
+const LIST: &str = include_str!("../events/apigw-v2-list-jobs.json");
+const CANCEL: &str = include_str!("../events/apigw-v2-cancel-job.json");
+const MODELS: &str = include_str!("../events/apigw-v2-list-models.json");
+const SCHEDULE: &str = include_str!("../events/eventbridge-schedule-expire-jobs.json");
+
+/// Replaces the fixture's job id with a real one.
+fn with_job(fixture: &str, id: &str) -> String {
+    fixture.replace(FIXTURE_JOB, id)
+}
+
+/// Decodes an event as the runtime does and calls the function's handler.
+async fn invoke(stack: &LocalStack, function: Function, event: &str) -> (u16, Value) {
+    let request: LambdaRequest = serde_json::from_str(event).expect("an API Gateway event");
+    let response = stack.api.handle(function, request.into()).await;
+    let status = response.status().as_u16();
+    let body = match response.into_body() {
+        Body::Text(text) => serde_json::from_str(&text).unwrap(),
+        Body::Binary(bytes) => serde_json::from_slice(&bytes).unwrap(),
+        _ => Value::Null,
+    };
+    (status, body)
+}
+
+async fn fixture_stack() -> LocalStack {
+    let stack = stack().await;
+    stack.add_tenant_key("fixture-tenant", "Fixture", &ApiKey::from_text(FIXTURE_KEY)).await.unwrap();
+    stack
+}
+
+#[test]
+fn api_events_round_trip_through_the_event_types() {
+    for fixture in [SUBMIT, SUBMIT_BASE64, GET, LIST, CANCEL, MODELS] {
+        let event: ApiGatewayV2httpRequest = serde_json::from_str(fixture).unwrap();
+        let again: ApiGatewayV2httpRequest = serde_json::from_value(serde_json::to_value(&event).unwrap()).unwrap();
+        assert_eq!(again.raw_path, event.raw_path);
+        assert_eq!(again.request_context.http.method, event.request_context.http.method);
+        assert_eq!(again.body, event.body);
+        assert_eq!(again.headers, event.headers);
+    }
+    let schedule: EventBridgeEvent<Value> = serde_json::from_str(SCHEDULE).unwrap();
+    assert_eq!(schedule.detail_type, "Scheduled Event");
+}
+
+#[tokio::test]
+async fn each_route_answers_its_event() {
+    let stack = fixture_stack().await;
+
+    let (status, job) = invoke(&stack, Function::SubmitJob, SUBMIT).await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["input"]["seed"], 1234);
+    let id = job["id"].as_str().unwrap().to_owned();
+    let (status, replay) = invoke(&stack, Function::SubmitJob, SUBMIT).await;
+    assert_eq!((status, replay["id"].as_str()), (200, Some(id.as_str())), "the Idempotency-Key replays");
+
+    let (status, video) = invoke(&stack, Function::SubmitJob, SUBMIT_BASE64).await;
+    assert_eq!(status, 202, "{video}");
+    assert_eq!((video["input"]["num_frames"].as_u64(), video["input"]["format"].as_str()), (Some(8), Some("gif")));
+
+    let (status, read) = invoke(&stack, Function::GetJob, &with_job(GET, &id)).await;
+    assert_eq!((status, read["id"].as_str()), (200, Some(id.as_str())));
+
+    let (status, list) = invoke(&stack, Function::ListJobs, LIST).await;
+    assert_eq!(status, 200);
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 2);
+
+    let (status, models) = invoke(&stack, Function::ListModels, MODELS).await;
+    assert_eq!(status, 200);
+    assert!(models["models"].as_array().unwrap().iter().any(|m| m["name"] == "kiln-demo"));
+
+    let (status, canceled) = invoke(&stack, Function::CancelJob, &with_job(CANCEL, &id)).await;
+    assert_eq!((status, canceled["status"].as_str()), (200, Some("canceled")));
+
+    // The fixture's own id belongs to no job.
+    let (status, missing) = invoke(&stack, Function::GetJob, GET).await;
+    assert_eq!((status, missing["error"]["code"].as_str()), (404, Some("not_found")));
+}
+
+#[tokio::test]
+async fn a_function_refuses_routes_it_does_not_serve() {
+    let stack = fixture_stack().await;
+    let (status, body) = invoke(&stack, Function::GetJob, SUBMIT).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("route_not_found")));
+}
+
+#[tokio::test]
+async fn a_wrong_key_in_the_event_is_refused() {
+    let stack = stack().await; // the fixture key is not registered here
+    let (status, body) = invoke(&stack, Function::ListModels, MODELS).await;
+    assert_eq!((status, body["error"]["field"].as_str()), (401, Some("Authorization")));
+}
+
+#[tokio::test]
+async fn the_schedule_event_expires_overdue_jobs() {
+    let stack =
+        stack_with(StackOptions { prefix: unique_prefix(), queued_ttl_secs: 0, ..StackOptions::default() }).await;
+    let client = Client::tenant(&stack, "acme").await;
+    let id = client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "x"})).await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+
+    let mut event: EventBridgeEvent<Value> = serde_json::from_str(SCHEDULE).unwrap();
+    event.time = Some(Utc::now());
+    let report =
+        sweeper::handle(&stack.api, lambda_runtime::LambdaEvent::new(event, Default::default())).await.unwrap();
+    assert_eq!(report, sweeper::SweepReport { expired: 1 });
+    assert_eq!(client.get(&format!("/v1/jobs/{id}")).await.body["status"], "expired");
+}

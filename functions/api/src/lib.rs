@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod lambda;
 pub mod routes;
+pub mod sweeper;
 pub mod views;
 
 pub use config::ApiConfig;
