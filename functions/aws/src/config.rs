@@ -3,6 +3,8 @@
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_dynamodb::config::Credentials;
 
+use crate::counting::AwsCallCounters;
+
 /// The names of the platform's AWS resources, as terraform passes them to every function.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Resources {
@@ -72,13 +74,29 @@ pub struct AwsClients {
 
 impl AwsClients {
     pub async fn connect(endpoint_url: Option<&str>) -> Self {
+        Self::build(endpoint_url, None).await
+    }
+
+    /// Clients that count every request they send.
+    pub async fn connect_counting(endpoint_url: Option<&str>, counters: &AwsCallCounters) -> Self {
+        Self::build(endpoint_url, Some(counters)).await
+    }
+
+    async fn build(endpoint_url: Option<&str>, counters: Option<&AwsCallCounters>) -> Self {
         let sdk = load_sdk_config(endpoint_url).await;
+        let mut dynamodb = aws_sdk_dynamodb::config::Builder::from(&sdk);
+        let mut sqs = aws_sdk_sqs::config::Builder::from(&sdk);
         // moto serves every bucket under one host, so address buckets by path there.
-        let s3 = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(endpoint_url.is_some()).build();
+        let mut s3 = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(endpoint_url.is_some());
+        if let Some(counters) = counters {
+            dynamodb = dynamodb.interceptor(counters.dynamodb.clone());
+            sqs = sqs.interceptor(counters.sqs.clone());
+            s3 = s3.interceptor(counters.s3.clone());
+        }
         Self {
-            dynamodb: aws_sdk_dynamodb::Client::new(&sdk),
-            sqs: aws_sdk_sqs::Client::new(&sdk),
-            s3: aws_sdk_s3::Client::from_conf(s3),
+            dynamodb: aws_sdk_dynamodb::Client::from_conf(dynamodb.build()),
+            sqs: aws_sdk_sqs::Client::from_conf(sqs.build()),
+            s3: aws_sdk_s3::Client::from_conf(s3.build()),
         }
     }
 }

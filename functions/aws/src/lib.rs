@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod counting;
 pub mod jobs;
 pub mod links;
 pub mod provision;
@@ -12,6 +13,7 @@ pub mod tenants;
 
 pub use catalog::DynamoModelCatalog;
 pub use config::{AwsClients, Resources, load_sdk_config};
+pub use counting::{AwsCallCounters, CallCounter};
 pub use jobs::DynamoJobStore;
 pub use links::S3ArtifactLinks;
 pub use queue::SqsJobQueue;

@@ -15,6 +15,6 @@ pub use cache_key::CacheKey;
 pub use error::{InputError, InputErrorKind};
 pub use ids::{InvalidId, JobId, TenantId};
 pub use job::{IllegalTransition, Job, JobError, JobErrorCode, Output, Timings};
-pub use model::{ModelSpec, OutputFormat};
+pub use model::{ManifestError, ModelSpec, OutputFormat};
 pub use params::{JobParams, SeedSource, Submission, Webhook, WebhookEvent, WebhookPolicy};
 pub use status::JobStatus;

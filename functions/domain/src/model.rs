@@ -169,6 +169,54 @@ impl ModelSpec {
     }
 }
 
+/// A model package directory that could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("reading {path}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {path}")]
+    Parse {
+        path: std::path::PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Invalid(#[from] InvalidModelSpec),
+}
+
+impl ModelSpec {
+    /// The file that describes a model package.
+    pub const MANIFEST: &'static str = "manifest.json";
+
+    /// Reads and checks one package's manifest.
+    pub fn read_manifest(package: &std::path::Path) -> Result<Self, ManifestError> {
+        let path = package.join(Self::MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Io { path: path.clone(), source })?;
+        let spec: Self = serde_json::from_str(&text).map_err(|source| ManifestError::Parse { path, source })?;
+        spec.check()?;
+        Ok(spec)
+    }
+
+    /// Every package (a directory with a manifest) directly under `models_dir`, sorted by name.
+    pub fn read_packages(models_dir: &std::path::Path) -> Result<Vec<(std::path::PathBuf, Self)>, ManifestError> {
+        let io = |source| ManifestError::Io { path: models_dir.to_owned(), source };
+        let mut packages = Vec::new();
+        for entry in std::fs::read_dir(models_dir).map_err(io)? {
+            let dir = entry.map_err(io)?.path();
+            if dir.join(Self::MANIFEST).is_file() {
+                let spec = Self::read_manifest(&dir)?;
+                packages.push((dir, spec));
+            }
+        }
+        packages.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+        Ok(packages)
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -84,21 +84,10 @@ impl LocalStack {
         Ok(Self { resources, clients, api, api_url, config, shutdown: Some(shutdown), server: Some(server) })
     }
 
-    /// Publishes every `*/manifest.json` under `dir` to the model catalog.
+    /// Publishes every model package under `dir` to the model catalog.
     pub async fn publish_models(&self, dir: &Path) -> anyhow::Result<Vec<ModelSpec>> {
         let mut published = Vec::new();
-        let mut entries: Vec<_> =
-            std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?.collect();
-        entries.sort_by_key(|e| e.as_ref().map(|e| e.path()).ok());
-        for entry in entries {
-            let manifest = entry?.path().join("manifest.json");
-            if !manifest.exists() {
-                continue;
-            }
-            let text = std::fs::read_to_string(&manifest)?;
-            let model: ModelSpec =
-                serde_json::from_str(&text).with_context(|| format!("parsing {}", manifest.display()))?;
-            model.check()?;
+        for (_, model) in ModelSpec::read_packages(dir)? {
             self.publish_model(&model).await?;
             published.push(model);
         }
