@@ -3,7 +3,7 @@
 
 use aws_lambda_events::{apigw::ApiGatewayV2httpRequest, eventbridge::EventBridgeEvent};
 use chrono::Utc;
-use kiln_api::{Function, sweeper};
+use kiln_api::{Function, dead_letters, sweeper};
 use kiln_app::ApiKey;
 use kiln_local::{LocalStack, StackOptions};
 use kiln_tests::{Client, stack, stack_with, unique_prefix};
@@ -20,6 +20,7 @@ const LIST: &str = include_str!("../events/apigw-v2-list-jobs.json");
 const CANCEL: &str = include_str!("../events/apigw-v2-cancel-job.json");
 const MODELS: &str = include_str!("../events/apigw-v2-list-models.json");
 const SCHEDULE: &str = include_str!("../events/eventbridge-schedule-expire-jobs.json");
+const DEAD_LETTERS: &str = include_str!("../events/sqs-job-dead-letters.json");
 
 /// Replaces the fixture's job id with a real one.
 fn with_job(fixture: &str, id: &str) -> String {
@@ -124,4 +125,30 @@ async fn the_schedule_event_expires_overdue_jobs() {
         sweeper::handle(&stack.api, lambda_runtime::LambdaEvent::new(event, Default::default())).await.unwrap();
     assert_eq!(report, sweeper::SweepReport { expired: 1 });
     assert_eq!(client.get(&format!("/v1/jobs/{id}")).await.body["status"], "expired");
+}
+
+#[tokio::test]
+async fn the_dead_letter_function_fails_the_job_and_drops_unreadable_messages() {
+    let stack = stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let answer = client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "lost at sea"})).await;
+    let id = answer.body["id"].as_str().unwrap().to_owned();
+    let event: aws_lambda_events::sqs::SqsEvent = serde_json::from_str(&with_job(DEAD_LETTERS, &id)).unwrap();
+    let response =
+        dead_letters::handle(&stack.api, lambda_runtime::LambdaEvent::new(event.clone(), Default::default()))
+            .await
+            .unwrap();
+    assert!(response.batch_item_failures.is_empty(), "both records are done: {response:?}");
+    let job = client.get(&format!("/v1/jobs/{id}")).await.body;
+    assert_eq!(
+        (job["status"].as_str(), job["error"]["code"].as_str()),
+        (Some("failed"), Some("dead_lettered")),
+        "{job}"
+    );
+
+    // Delivered again (SQS is at-least-once): the job has ended, nothing changes.
+    let again =
+        dead_letters::handle(&stack.api, lambda_runtime::LambdaEvent::new(event, Default::default())).await.unwrap();
+    assert!(again.batch_item_failures.is_empty());
+    assert_eq!(client.get(&format!("/v1/jobs/{id}")).await.body["finished_at"], job["finished_at"]);
 }

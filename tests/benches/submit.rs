@@ -75,7 +75,11 @@ async fn main() -> anyhow::Result<()> {
         samples.push(started.elapsed());
         anyhow::ensure!(status.as_u16() == 202, "submit {i} answered {status}");
     }
-    results.push(Stats { name: "submit (POST /v1/jobs)", samples, calls: (total_calls(&counters) - before) as f64 / n as f64 });
+    results.push(Stats {
+        name: "submit (POST /v1/jobs)",
+        samples,
+        calls: (total_calls(&counters) - before) as f64 / n as f64,
+    });
 
     let before = total_calls(&counters);
     let mut samples = Vec::with_capacity(n);
@@ -92,7 +96,11 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         samples.push(started.elapsed());
     }
-    results.push(Stats { name: "bare DynamoDB PutItem", samples, calls: (total_calls(&counters) - before) as f64 / n as f64 });
+    results.push(Stats {
+        name: "bare DynamoDB PutItem",
+        samples,
+        calls: (total_calls(&counters) - before) as f64 / n as f64,
+    });
 
     let before = total_calls(&counters);
     let mut samples = Vec::with_capacity(n);
@@ -101,7 +109,11 @@ async fn main() -> anyhow::Result<()> {
         clients.sqs.send_message().queue_url(&resources.job_queue_url).message_body(&sample_message).send().await?;
         samples.push(started.elapsed());
     }
-    results.push(Stats { name: "bare SQS SendMessage", samples, calls: (total_calls(&counters) - before) as f64 / n as f64 });
+    results.push(Stats {
+        name: "bare SQS SendMessage",
+        samples,
+        calls: (total_calls(&counters) - before) as f64 / n as f64,
+    });
 
     println!("\n{n} sequential operations against moto at {moto}\n");
     println!("| operation | median ms | p99 ms | AWS calls/op |");

@@ -1,7 +1,12 @@
 //! The harness of the end-to-end tests: one moto server per test process (or the one the test
 //! command started), a fresh set of resources per test, the API on a free port, HTTP helpers.
 
-use kiln_local::{LocalStack, MotoServer, StackOptions, ensure_moto, workspace_root};
+pub mod media;
+
+use kiln_local::{
+    LocalStack, MotoServer, RunnerOptions, RunnerProcess, StackOptions, Tools, ensure_moto, ensure_tools,
+    runner_binary, workspace_root,
+};
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::sync::{
@@ -135,4 +140,69 @@ impl Client {
         }
         Self::send(builder).await
     }
+}
+
+/// The tools in the project's venv (moto, ONNX Runtime), installed on first use.
+pub fn tools() -> Tools {
+    static TOOLS: OnceLock<Tools> = OnceLock::new();
+    TOOLS.get_or_init(|| ensure_tools(&workspace_root()).expect("installing the tools")).clone()
+}
+
+/// Runner options for tests: the repository's models, short leases and polls, the runner's log
+/// in `target/test-logs/<name>.log`.
+pub fn runner_options(name: &str) -> RunnerOptions {
+    let logs = workspace_root().join("target/test-logs");
+    std::fs::create_dir_all(&logs).expect("log folder");
+    let mut options = RunnerOptions::new(workspace_root().join("gpu-runner/models"));
+    options.log_file = Some(logs.join(format!("{name}-{}.log", unique_prefix())));
+    options
+}
+
+/// Starts a runner process on the stack's resources.
+pub fn start_runner(stack: &LocalStack, options: &RunnerOptions) -> RunnerProcess {
+    static BINARY: OnceLock<std::path::PathBuf> = OnceLock::new();
+    let binary = BINARY.get_or_init(|| runner_binary(&workspace_root()).expect("building the runner"));
+    RunnerProcess::start(binary, &tools(), &stack.resources, options).expect("starting the runner")
+}
+
+impl Client {
+    /// Polls `GET /v1/jobs/{id}` until `done` holds for the job, or panics after `limit`.
+    pub async fn wait_for(&self, id: &str, limit: std::time::Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let started = std::time::Instant::now();
+        loop {
+            let answer = self.get(&format!("/v1/jobs/{id}")).await;
+            assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+            if done(&answer.body) {
+                return answer.body;
+            }
+            assert!(started.elapsed() < limit, "job {id} did not get there within {limit:?}; last: {}", answer.body);
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the job has ended (not queued or running).
+    pub async fn wait_finished(&self, id: &str, limit: std::time::Duration) -> Value {
+        self.wait_for(id, limit, |job| !matches!(job["status"].as_str(), Some("queued" | "running"))).await
+    }
+}
+
+/// Downloads a URL (a presigned artifact link).
+pub async fn download(url: &str) -> Vec<u8> {
+    let response = reqwest::get(url).await.expect("download");
+    assert!(response.status().is_success(), "GET {url}: {}", response.status());
+    response.bytes().await.expect("body").to_vec()
+}
+
+/// The keys in the artifacts bucket under `prefix`.
+pub async fn stored_keys(stack: &LocalStack, prefix: &str) -> Vec<String> {
+    let listed = stack
+        .clients
+        .s3
+        .list_objects_v2()
+        .bucket(&stack.resources.artifacts_bucket)
+        .prefix(prefix)
+        .send()
+        .await
+        .expect("listing objects");
+    listed.contents.unwrap_or_default().into_iter().filter_map(|object| object.key).collect()
 }

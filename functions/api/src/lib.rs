@@ -3,6 +3,7 @@
 //! Each Lambda function (one binary under `src/bin/`) serves one [`Function`]'s routes.
 
 pub mod config;
+pub mod dead_letters;
 pub mod error;
 pub mod lambda;
 pub mod routes;

@@ -2,7 +2,7 @@
 
 use http::{Method, Response, StatusCode, header};
 use kiln_app::{
-    Authenticator, Disposition, Jobs, Tenant,
+    Authenticator, Disposition, JobRuns, Jobs, Tenant,
     ports::{ArtifactLinks, JobQueue, JobStore, ModelCatalog, TenantDirectory},
 };
 use kiln_aws::{AwsClients, DynamoJobStore, DynamoModelCatalog, DynamoTenants, S3ArtifactLinks, SqsJobQueue};
@@ -89,6 +89,7 @@ impl Function {
 /// The API's state: the use cases and the settings of the HTTP layer.
 pub struct Api {
     jobs: Jobs,
+    runs: JobRuns,
     auth: Authenticator,
     max_body_bytes: usize,
 }
@@ -119,6 +120,7 @@ impl Ports {
 impl Api {
     pub fn new(ports: Ports, config: &ApiConfig) -> Self {
         Self {
+            runs: JobRuns::new(ports.store.clone()),
             jobs: Jobs::new(ports.store, ports.queue, ports.catalog, ports.links, config.jobs_config()),
             auth: Authenticator::new(ports.tenants),
             max_body_bytes: config.max_body_bytes,
@@ -134,6 +136,11 @@ impl Api {
     /// The use cases, for callers that are not HTTP (the sweeper, the demo).
     pub fn jobs(&self) -> &Jobs {
         &self.jobs
+    }
+
+    /// The job-record operations of render runs (for the dead-letter handler).
+    pub fn runs(&self) -> &JobRuns {
+        &self.runs
     }
 
     /// Answers one request. Never fails: every error becomes an error response.

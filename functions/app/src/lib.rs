@@ -9,8 +9,10 @@ pub mod jobs;
 pub mod memory;
 pub mod messages;
 pub mod ports;
+pub mod runs;
 
 pub use auth::{ApiKey, Authenticator, Tenant};
 pub use error::AppError;
 pub use jobs::{Disposition, Jobs, JobsConfig, Submitted};
 pub use messages::JobMessage;
+pub use runs::{JobRuns, SkipReason, Start, Written};

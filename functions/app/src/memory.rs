@@ -5,20 +5,20 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use kiln_domain::{CacheKey, Job, JobId, JobStatus, ModelSpec, TenantId};
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{
         Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::{
     auth::Tenant,
     messages::JobMessage,
     ports::{
-        ArtifactLinks, CacheClaim, IdempotencyRecord, InsertOutcome, JobPage, JobQueue, JobStore, ModelCatalog,
-        PortError, PresignedUrl, TenantDirectory,
+        ArtifactLinks, ArtifactStore, CacheClaim, Delivery, IdempotencyRecord, InsertOutcome, JobPage, JobQueue,
+        JobStore, ModelCatalog, PortError, PresignedUrl, TenantDirectory, WorkQueue,
     },
 };
 
@@ -248,5 +248,114 @@ impl ArtifactLinks for MemoryLinks {
     async fn presign_get(&self, key: &str, valid_for: Duration) -> Result<PresignedUrl, PortError> {
         let expires_at = Utc::now() + chrono::Duration::from_std(valid_for).unwrap_or_default();
         Ok(PresignedUrl { url: format!("memory://{key}?expires={}", expires_at.timestamp()), expires_at })
+    }
+}
+
+struct QueuedMessage {
+    body: String,
+    receive_count: u32,
+    visible_at: Instant,
+}
+
+/// A work queue in memory, with leases, receive counts and delayed release like SQS's (leases
+/// are not enforced: a leased message comes back only when released).
+#[derive(Default)]
+pub struct MemoryWorkQueue {
+    waiting: Mutex<VecDeque<QueuedMessage>>,
+    leased: Mutex<HashMap<String, QueuedMessage>>,
+    deleted: AtomicUsize,
+    next_receipt: AtomicUsize,
+}
+
+impl MemoryWorkQueue {
+    pub fn push(&self, body: impl Into<String>) {
+        let message = QueuedMessage { body: body.into(), receive_count: 0, visible_at: Instant::now() };
+        lock(&self.waiting).push_back(message);
+    }
+
+    /// Messages not yet deleted (waiting or leased).
+    pub fn outstanding(&self) -> usize {
+        lock(&self.waiting).len() + lock(&self.leased).len()
+    }
+
+    pub fn deleted(&self) -> usize {
+        self.deleted.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl WorkQueue for MemoryWorkQueue {
+    async fn receive(&self, max: u32, wait: Duration, _lease: Duration) -> Result<Vec<Delivery>, PortError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let mut taken = Vec::new();
+            {
+                let mut waiting = lock(&self.waiting);
+                let now = Instant::now();
+                while taken.len() < max as usize {
+                    let Some(index) = waiting.iter().position(|m| m.visible_at <= now) else { break };
+                    let mut message = waiting.remove(index).expect("index from position");
+                    message.receive_count += 1;
+                    let receipt = format!("r{}", self.next_receipt.fetch_add(1, Ordering::SeqCst));
+                    taken.push(Delivery {
+                        body: message.body.clone(),
+                        receipt: receipt.clone(),
+                        receive_count: message.receive_count,
+                        sent_at: None,
+                    });
+                    lock(&self.leased).insert(receipt, message);
+                }
+            }
+            if !taken.is_empty() || Instant::now() >= deadline {
+                return Ok(taken);
+            }
+            tokio::time::sleep(Duration::from_millis(5).min(deadline - Instant::now())).await;
+        }
+    }
+
+    async fn extend(&self, _receipt: &str, _lease: Duration) -> Result<(), PortError> {
+        Ok(())
+    }
+
+    async fn release(&self, receipt: &str, delay: Duration) -> Result<(), PortError> {
+        if let Some(mut message) = lock(&self.leased).remove(receipt) {
+            message.visible_at = Instant::now() + delay;
+            lock(&self.waiting).push_back(message);
+        }
+        Ok(())
+    }
+
+    async fn delete(&self, receipt: &str) -> Result<(), PortError> {
+        if lock(&self.leased).remove(receipt).is_some() {
+            self.deleted.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
+/// Artifacts in a map.
+#[derive(Default)]
+pub struct MemoryArtifacts {
+    objects: Mutex<HashMap<String, (String, bytes::Bytes)>>,
+}
+
+impl MemoryArtifacts {
+    /// The content type and body stored at `key`.
+    pub fn get(&self, key: &str) -> Option<(String, bytes::Bytes)> {
+        lock(&self.objects).get(key).cloned()
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = lock(&self.objects).keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+}
+
+#[async_trait]
+impl ArtifactStore for MemoryArtifacts {
+    async fn put(&self, key: &str, content_type: &str, body: bytes::Bytes) -> Result<(), PortError> {
+        lock(&self.objects).insert(key.to_owned(), (content_type.to_owned(), body));
+        Ok(())
     }
 }

@@ -139,3 +139,36 @@ pub struct PresignedUrl {
 pub trait ArtifactLinks: Send + Sync {
     async fn presign_get(&self, key: &str, valid_for: Duration) -> Result<PresignedUrl, PortError>;
 }
+
+/// A message taken from the work queue. It stays hidden from other consumers until its lease
+/// ends; deleting it acknowledges it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub body: String,
+    /// Identifies this receipt for [`WorkQueue::extend`], [`WorkQueue::release`] and [`WorkQueue::delete`].
+    pub receipt: String,
+    /// How many times the message has been received, this time included.
+    pub receive_count: u32,
+    /// When the message was first sent.
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+/// The runner's side of the job queue.
+#[async_trait]
+pub trait WorkQueue: Send + Sync {
+    /// Up to `max` messages, waiting at most `wait` for the first; each leased for `lease`.
+    async fn receive(&self, max: u32, wait: Duration, lease: Duration) -> Result<Vec<Delivery>, PortError>;
+    /// Extends a message's lease to `lease` from now (a heartbeat).
+    async fn extend(&self, receipt: &str, lease: Duration) -> Result<(), PortError>;
+    /// Hands a message back: visible to every consumer again after `delay` (zero: at once).
+    async fn release(&self, receipt: &str, delay: Duration) -> Result<(), PortError>;
+    /// Acknowledges a message: it is never delivered again.
+    async fn delete(&self, receipt: &str) -> Result<(), PortError>;
+}
+
+/// Where artifacts are written.
+#[async_trait]
+pub trait ArtifactStore: Send + Sync {
+    /// Writes (or overwrites) the object at `key`.
+    async fn put(&self, key: &str, content_type: &str, body: bytes::Bytes) -> Result<(), PortError>;
+}

@@ -1,7 +1,9 @@
 //! Counting the HTTP requests the SDK clients send, per service: the benchmark reports AWS
 //! calls per job with it.
 
-use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents, interceptors::BeforeTransmitInterceptorContextRef};
+use aws_sdk_dynamodb::config::{
+    ConfigBag, Intercept, RuntimeComponents, interceptors::BeforeTransmitInterceptorContextRef,
+};
 use std::sync::{
     Arc,
     atomic::{AtomicU64, Ordering},

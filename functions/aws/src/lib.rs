@@ -2,6 +2,7 @@
 //! one place that builds the SDK configuration, and the provisioning of the data layer from
 //! `terraform/stack.json` for the local stack and the tests.
 
+pub mod artifacts;
 pub mod catalog;
 pub mod config;
 pub mod counting;
@@ -11,12 +12,13 @@ pub mod provision;
 pub mod queue;
 pub mod tenants;
 
+pub use artifacts::S3ArtifactStore;
 pub use catalog::DynamoModelCatalog;
 pub use config::{AwsClients, Resources, load_sdk_config};
 pub use counting::{AwsCallCounters, CallCounter};
 pub use jobs::DynamoJobStore;
 pub use links::S3ArtifactLinks;
-pub use queue::SqsJobQueue;
+pub use queue::{SqsJobQueue, SqsWorkQueue};
 pub use tenants::DynamoTenants;
 
 use kiln_app::ports::PortError;

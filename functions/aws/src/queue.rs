@@ -1,11 +1,13 @@
-//! The job queue on SQS.
+//! The job queue on SQS: the API's side (send) and the runner's (receive, heartbeat, hand back,
+//! acknowledge).
 
 use async_trait::async_trait;
-use aws_sdk_sqs::Client;
+use aws_sdk_sqs::{Client, types::MessageSystemAttributeName};
 use kiln_app::{
     JobMessage,
-    ports::{JobQueue, PortError},
+    ports::{Delivery, JobQueue, PortError, WorkQueue},
 };
+use std::time::Duration;
 
 use crate::unavailable;
 
@@ -29,6 +31,92 @@ impl JobQueue for SqsJobQueue {
             .send_message()
             .queue_url(&self.queue_url)
             .message_body(body)
+            .send()
+            .await
+            .map_err(unavailable("sqs"))?;
+        Ok(())
+    }
+}
+
+/// The runner's side of the SQS job queue.
+#[derive(Clone)]
+pub struct SqsWorkQueue {
+    client: Client,
+    queue_url: String,
+}
+
+impl SqsWorkQueue {
+    pub fn new(client: Client, queue_url: impl Into<String>) -> Self {
+        Self { client, queue_url: queue_url.into() }
+    }
+}
+
+/// SQS takes visibility timeouts in whole seconds, at most 12 hours.
+fn seconds(duration: Duration) -> i32 {
+    duration.as_secs().min(12 * 3600) as i32
+}
+
+#[async_trait]
+impl WorkQueue for SqsWorkQueue {
+    async fn receive(&self, max: u32, wait: Duration, lease: Duration) -> Result<Vec<Delivery>, PortError> {
+        let output = self
+            .client
+            .receive_message()
+            .queue_url(&self.queue_url)
+            .max_number_of_messages(max.clamp(1, 10) as i32)
+            .wait_time_seconds(wait.as_secs().min(20) as i32)
+            .visibility_timeout(seconds(lease))
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+            .send()
+            .await
+            .map_err(unavailable("sqs"))?;
+        let deliveries = output
+            .messages
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|message| {
+                let attributes = message.attributes.unwrap_or_default();
+                let attribute = |name| attributes.get(&name).and_then(|v| v.parse::<i64>().ok());
+                Some(Delivery {
+                    body: message.body.unwrap_or_default(),
+                    receipt: message.receipt_handle?,
+                    receive_count: attribute(MessageSystemAttributeName::ApproximateReceiveCount).unwrap_or(1) as u32,
+                    sent_at: attribute(MessageSystemAttributeName::SentTimestamp)
+                        .and_then(chrono::DateTime::from_timestamp_millis),
+                })
+            })
+            .collect();
+        Ok(deliveries)
+    }
+
+    async fn extend(&self, receipt: &str, lease: Duration) -> Result<(), PortError> {
+        self.set_visibility(receipt, lease).await
+    }
+
+    async fn release(&self, receipt: &str, delay: Duration) -> Result<(), PortError> {
+        self.set_visibility(receipt, delay).await
+    }
+
+    async fn delete(&self, receipt: &str) -> Result<(), PortError> {
+        self.client
+            .delete_message()
+            .queue_url(&self.queue_url)
+            .receipt_handle(receipt)
+            .send()
+            .await
+            .map_err(unavailable("sqs"))?;
+        Ok(())
+    }
+}
+
+impl SqsWorkQueue {
+    async fn set_visibility(&self, receipt: &str, timeout: Duration) -> Result<(), PortError> {
+        self.client
+            .change_message_visibility()
+            .queue_url(&self.queue_url)
+            .receipt_handle(receipt)
+            .visibility_timeout(seconds(timeout))
             .send()
             .await
             .map_err(unavailable("sqs"))?;

@@ -183,6 +183,26 @@ impl Job {
         true
     }
 
+    /// Records render progress (clamped to 0..1).
+    pub fn set_progress(&mut self, progress: f32) {
+        self.progress = progress.clamp(0.0, 1.0);
+        self.revision += 1;
+    }
+
+    /// Ends a running job as succeeded with its artifacts and the time each stage took (the
+    /// queue wait already recorded at start is kept).
+    pub fn succeed(
+        &mut self,
+        outputs: Vec<Output>,
+        timings: Timings,
+        now: DateTime<Utc>,
+    ) -> Result<(), IllegalTransition> {
+        self.transition(JobStatus::Succeeded, now)?;
+        self.outputs = outputs;
+        self.timings = Timings { queue_ms: self.timings.queue_ms, ..timings };
+        Ok(())
+    }
+
     /// The key under which the job's artifact with this extension is stored. Fixed by the job id,
     /// so a redelivered job overwrites its artifact instead of adding a second one.
     pub fn output_key(&self, extension: &str) -> String {

@@ -3,8 +3,10 @@
 //! tenant, and the API functions served over HTTP by the same handler code Lambda runs.
 
 pub mod moto;
+pub mod runner;
 pub mod server;
 pub mod stack;
 
-pub use moto::{MotoServer, ensure_moto};
+pub use moto::{MotoServer, Tools, ensure_moto, ensure_system_libraries, ensure_tools};
+pub use runner::{RunnerOptions, RunnerProcess, runner_binary};
 pub use stack::{LocalStack, StackOptions, workspace_root};

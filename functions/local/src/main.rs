@@ -1,13 +1,17 @@
 //! `kiln-local`: run the platform on this machine.
 //!
-//! - `demo`: start the local stack and run the main job (submit through the HTTP API, follow
-//!   the job's progress), then stop; `--keep` leaves the stack running.
+//! - `demo`: start the local stack (moto, the API, a gpu-runner process) and run the main job:
+//!   submit jobs through the HTTP API, follow their progress, download the artifacts through
+//!   their presigned URLs into `.kiln/demo/`; then stop (`--keep` leaves the stack running).
 //! - `up`: start the local stack and leave it running for curl.
 //! - `test`: run every test of the workspace against one shared moto server.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use kiln_local::{LocalStack, MotoServer, StackOptions, ensure_moto, workspace_root};
+use kiln_local::{
+    LocalStack, MotoServer, RunnerOptions, RunnerProcess, StackOptions, ensure_system_libraries, ensure_tools,
+    runner_binary, workspace_root,
+};
 use serde_json::{Value, json};
 use std::{net::SocketAddr, time::Duration};
 
@@ -73,26 +77,39 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// The running local stack and the moto server under it.
+/// The running local stack, the moto server under it and the gpu-runner draining it.
 struct Running {
     stack: LocalStack,
     key: String,
+    _runner: RunnerProcess,
     _moto: MotoServer,
 }
 
 impl Running {
     async fn start(args: &StackArgs) -> anyhow::Result<Self> {
         let root = workspace_root();
-        let moto_bin = ensure_moto(&root)?;
-        let moto = MotoServer::start(&moto_bin, args.moto_port)?;
+        let tools = ensure_tools(&root)?;
+        let runner_bin = runner_binary(&root)?;
+        let moto = MotoServer::start(&tools.moto_server, args.moto_port)?;
         let options = StackOptions { api_addr: args.api_addr, ..StackOptions::default() };
-        let stack = LocalStack::start(&moto.url, options).await.context("starting the local stack")?;
+        let mut stack = LocalStack::start(&moto.url, options).await.context("starting the local stack")?;
+        stack.start_dead_letter_relay();
         let models = stack.publish_models(&root.join("gpu-runner/models")).await?;
         let key = stack.create_tenant("dev", "Local developer").await?;
+        let state = root.join(".kiln");
+        std::fs::create_dir_all(&state)?;
+        let mut runner_options = RunnerOptions::new(root.join("gpu-runner/models"));
+        runner_options.log_file = Some(state.join("runner.log"));
+        let runner = RunnerProcess::start(&runner_bin, &tools, &stack.resources, &runner_options)
+            .context("starting the gpu-runner (its log: .kiln/runner.log)")?;
         println!("kiln local stack");
         println!("  AWS (moto):  {}", moto.url);
         println!("  API:         {}", stack.api_url);
-        println!("  models:      {}", models.iter().map(|m| format!("{}@{}", m.name, m.version)).collect::<Vec<_>>().join(", "));
+        println!(
+            "  models:      {}",
+            models.iter().map(|m| format!("{}@{}", m.name, m.version)).collect::<Vec<_>>().join(", ")
+        );
+        println!("  gpu-runner:  pid {}, metrics {}/metrics, log .kiln/runner.log", runner.id(), runner.metrics_url);
         println!("  tenant:      dev");
         println!("  API key:     {}", key.expose());
         println!();
@@ -101,7 +118,7 @@ impl Running {
             "  curl -s $KILN_API/v1/jobs -H \"authorization: Bearer $KILN_KEY\" -H 'content-type: application/json' \\\n    -d '{{\"model\":\"kiln-demo\",\"prompt\":\"a lighthouse at dusk\"}}'"
         );
         println!();
-        Ok(Self { stack, key: key.expose().to_owned(), _moto: moto })
+        Ok(Self { stack, key: key.expose().to_owned(), _runner: runner, _moto: moto })
     }
 
     async fn wait(self) {
@@ -111,38 +128,97 @@ impl Running {
     }
 }
 
-/// The main job, through the HTTP API as a client would use it.
+/// The main job, through the HTTP API as a client would use it: an image and a video in each
+/// video format, followed to the end and downloaded through their presigned URLs.
 async fn demo(running: &Running) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let api = &running.stack.api_url;
-    let submit = |body: Value| {
-        http.post(format!("{api}/v1/jobs")).bearer_auth(&running.key).json(&body).send()
-    };
-    let request = json!({"model": "kiln-demo", "prompt": "a lighthouse at dusk, oil painting", "seed": 7});
-    let response = submit(request.clone()).await?;
-    let status = response.status();
-    let job: Value = response.json().await?;
-    anyhow::ensure!(status.is_success(), "submission failed: {status} {job}");
-    let id = job["id"].as_str().context("no job id")?.to_owned();
-    println!("submitted job {id}: {status}, status {}", job["status"]);
-
-    let again: Value = submit(request).await?.json().await?;
-    println!("the same request again returns job {} (deduplicated: {})", again["id"], again["deduplicated"]);
-
-    let mut last = String::new();
-    for _ in 0..6 {
-        let job: Value = http.get(format!("{api}/v1/jobs/{id}")).bearer_auth(&running.key).send().await?.json().await?;
-        let line = format!("status {} progress {}", job["status"], job["progress"]);
-        if line != last {
-            println!("job {id}: {line}");
-            last = line;
-        }
-        if job["status"] != "queued" && job["status"] != "running" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    let key = &running.key;
+    let requests = [
+        ("lighthouse", json!({"model": "kiln-demo", "prompt": "a lighthouse at dusk, oil painting", "seed": 7})),
+        (
+            "harbour",
+            json!({"model": "kiln-demo", "prompt": "a quiet harbour at night", "seed": 11,
+            "width": 320, "height": 240, "num_frames": 16, "fps": 8, "format": "gif"}),
+        ),
+        (
+            "sunrise",
+            json!({"model": "kiln-demo", "prompt": "sunrise over a glacier lake", "seed": 3,
+            "width": 384, "height": 256, "num_frames": 24, "fps": 12, "format": "mp4"}),
+        ),
+        (
+            "tide",
+            json!({"model": "kiln-demo", "prompt": "the tide coming in, watercolour", "seed": 5,
+            "width": 384, "height": 256, "num_frames": 24, "fps": 12, "format": "webm"}),
+        ),
+    ];
+    let mut jobs = Vec::new();
+    for (name, request) in &requests {
+        let response = http.post(format!("{api}/v1/jobs")).bearer_auth(key).json(request).send().await?;
+        let status = response.status();
+        let job: Value = response.json().await?;
+        anyhow::ensure!(status.is_success(), "submission failed: {status} {job}");
+        let id = job["id"].as_str().context("no job id")?.to_owned();
+        println!("submitted {name:<10} job {id}: {status}");
+        jobs.push((*name, id));
     }
-    println!("(no gpu-runner is wired into the local stack yet: the job stays queued until one drains the queue)");
+    let again: Value =
+        http.post(format!("{api}/v1/jobs")).bearer_auth(key).json(&requests[0].1).send().await?.json().await?;
+    println!(
+        "the first request again returns job {} (deduplicated: {}, cached: {})",
+        again["id"], again["deduplicated"], again["cached"]
+    );
+
+    let folder = workspace_root().join(".kiln/demo");
+    std::fs::create_dir_all(&folder)?;
+    let mut last: Vec<String> = vec![String::new(); jobs.len()];
+    let mut finished: Vec<Option<Value>> = vec![None; jobs.len()];
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    while finished.iter().any(Option::is_none) {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the jobs did not finish within 5 minutes");
+        for (index, (name, id)) in jobs.iter().enumerate() {
+            if finished[index].is_some() {
+                continue;
+            }
+            let job: Value = http.get(format!("{api}/v1/jobs/{id}")).bearer_auth(key).send().await?.json().await?;
+            let line = format!(
+                "{} {:>3.0}%",
+                job["status"].as_str().unwrap_or("?"),
+                job["progress"].as_f64().unwrap_or(0.0) * 100.0
+            );
+            if line != last[index] {
+                println!("  {name:<10} {line}");
+                last[index] = line;
+            }
+            if !matches!(job["status"].as_str(), Some("queued" | "running")) {
+                finished[index] = Some(job);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!();
+    for ((name, id), job) in jobs.iter().zip(finished.into_iter().flatten()) {
+        let Some(output) = job["outputs"].get(0) else {
+            println!("{name:<10} {id} ended {}: {}", job["status"], job["error"]);
+            continue;
+        };
+        let url = output["url"].as_str().context("no presigned url")?;
+        let bytes = http.get(url).send().await?.error_for_status()?.bytes().await?;
+        let extension = output["key"].as_str().and_then(|k| k.rsplit('.').next()).unwrap_or("bin");
+        let path = folder.join(format!("{name}.{extension}"));
+        std::fs::write(&path, &bytes)?;
+        let t = &job["timings"];
+        println!(
+            "{name:<10} {:>8} bytes  queue {:>5} ms  render {:>5} ms  encode {:>4} ms  upload {:>4} ms  -> {}",
+            bytes.len(),
+            t["queue_ms"],
+            t["render_ms"],
+            t["encode_ms"],
+            t["upload_ms"],
+            path.display()
+        );
+    }
+    println!("\nartifacts downloaded through their presigned URLs into {}", folder.display());
     Ok(())
 }
 
@@ -151,13 +227,18 @@ async fn demo(running: &Running) -> anyhow::Result<()> {
 fn test(cargo_args: Vec<String>) -> anyhow::Result<()> {
     use std::io::{BufRead, BufReader};
     let root = workspace_root();
-    let moto = MotoServer::start(&ensure_moto(&root)?, 0)?;
+    let tools = ensure_tools(&root)?;
+    ensure_system_libraries()?;
+    // The end-to-end tests start runner processes; build the binary once for all of them.
+    let runner_bin = runner_binary(&root)?;
+    let moto = MotoServer::start(&tools.moto_server, 0)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut child = std::process::Command::new(cargo)
         .current_dir(&root)
         .args(["test", "--workspace", "--lib", "--bins", "--tests", "--no-fail-fast"])
         .args(&cargo_args)
         .env("KILN_TEST_MOTO_URL", &moto.url)
+        .env(kiln_local::runner::RUNNER_BIN_ENV, &runner_bin)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("running cargo test")?;
@@ -182,7 +263,9 @@ fn test(cargo_args: Vec<String>) -> anyhow::Result<()> {
 fn count_before(summary: &str, label: &str) -> u64 {
     summary
         .split(';')
-        .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(label.trim()))
+        .find_map(|part| {
+            part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(label.trim())
+        })
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
 }

@@ -1,4 +1,5 @@
-//! The moto server: installed into `<workspace>/.venv` when missing, started on 127.0.0.1.
+//! The tools the local stack needs, installed on first use (Python packages into
+//! `<workspace>/.venv`, Debian packages with apt-get), and the moto server on 127.0.0.1.
 
 use anyhow::{Context, bail};
 use std::{
@@ -9,45 +10,113 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// The moto release the project is tested with.
-pub const MOTO_REQUIREMENT: &str = "moto[server]==5.2.5";
+/// What the project installs into `<workspace>/.venv`: moto's server (the local AWS) and ONNX
+/// Runtime's CPU build (its `libonnxruntime.so` is what the runner loads).
+pub const PYTHON_REQUIREMENTS: &[&str] = &["moto[server]==5.2.5", "onnxruntime==1.31.1"];
 
-/// Makes sure `<root>/.venv` has moto's server and returns the path of `moto_server`.
-/// Several processes may call this at once: a lock file lets one install while the others wait.
-pub fn ensure_moto(root: &Path) -> anyhow::Result<PathBuf> {
+/// Debian packages the runner links against: libvpx for WebM (VP9), found through pkg-config.
+const SYSTEM_PACKAGES: &[&str] = &["libvpx-dev", "pkg-config"];
+
+/// Paths of the installed tools.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub moto_server: PathBuf,
+    /// ONNX Runtime's shared library, for `ORT_DYLIB_PATH`.
+    pub ort_dylib: PathBuf,
+}
+
+/// Makes sure `<root>/.venv` holds [`PYTHON_REQUIREMENTS`] (installing them on first use) and
+/// returns where the tools are. Several processes may call this at once: a lock file lets one
+/// install while the others wait.
+pub fn ensure_tools(root: &Path) -> anyhow::Result<Tools> {
     let venv = root.join(".venv");
-    let server = venv.join("bin/moto_server");
-    if server.exists() {
-        return Ok(server);
+    let stamp = venv.join("kiln-requirements.txt");
+    let wanted = PYTHON_REQUIREMENTS.join("\n");
+    let installed = || std::fs::read_to_string(&stamp).is_ok_and(|text| text == wanted);
+    if !installed() {
+        std::fs::create_dir_all(root.join("target")).ok();
+        let lock = File::create(root.join("target/.venv.lock")).context("creating the venv lock file")?;
+        lock.lock().context("locking the venv lock file")?;
+        if !installed() {
+            install(&venv)?;
+            std::fs::write(&stamp, &wanted).context("writing the requirements stamp")?;
+        }
     }
-    std::fs::create_dir_all(root.join("target")).ok();
-    let lock = File::create(root.join("target/.venv.lock")).context("creating the venv lock file")?;
-    lock.lock().context("locking the venv lock file")?;
-    if server.exists() {
-        return Ok(server);
-    }
-    eprintln!("kiln: installing {MOTO_REQUIREMENT} into {} (first run only)", venv.display());
-    if !run(Command::new("python3").args(["-m", "venv"]).arg(&venv))? {
+    Ok(Tools { moto_server: venv.join("bin/moto_server"), ort_dylib: find_ort_dylib(&venv)? })
+}
+
+/// The moto server's path (see [`ensure_tools`]).
+pub fn ensure_moto(root: &Path) -> anyhow::Result<PathBuf> {
+    Ok(ensure_tools(root)?.moto_server)
+}
+
+fn install(venv: &Path) -> anyhow::Result<()> {
+    eprintln!("kiln: installing {} into {} (first run only)", PYTHON_REQUIREMENTS.join(", "), venv.display());
+    if !venv.join("bin/pip").exists() && !run(Command::new("python3").args(["-m", "venv"]).arg(venv))? {
         // Debian's python3 ships venv separately.
         eprintln!("kiln: python3 -m venv failed; installing python3-venv with apt-get");
-        run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get").args(["install", "-y", "-q", "python3-venv"]))?;
-        if !run(Command::new("python3").args(["-m", "venv"]).arg(&venv))? {
+        apt_get_install(&["python3-venv"])?;
+        if !run(Command::new("python3").args(["-m", "venv"]).arg(venv))? {
             bail!("could not create a Python virtual environment in {}", venv.display());
         }
     }
-    if !run(Command::new(venv.join("bin/pip")).args([
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        MOTO_REQUIREMENT,
-    ]))? {
-        bail!("pip could not install {MOTO_REQUIREMENT}");
+    let pip = Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(PYTHON_REQUIREMENTS)
+        .status()
+        .context("running pip")?;
+    if !pip.success() {
+        bail!("pip could not install {}", PYTHON_REQUIREMENTS.join(", "));
     }
-    if !server.exists() {
-        bail!("{} is missing after installing moto", server.display());
+    Ok(())
+}
+
+/// `libonnxruntime.so.<version>` inside the onnxruntime wheel.
+fn find_ort_dylib(venv: &Path) -> anyhow::Result<PathBuf> {
+    let lib = venv.join("lib");
+    for python in std::fs::read_dir(&lib).with_context(|| format!("reading {}", lib.display()))? {
+        let capi = python?.path().join("site-packages/onnxruntime/capi");
+        if let Ok(entries) = std::fs::read_dir(&capi) {
+            for entry in entries {
+                let path = entry?.path();
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                if name.starts_with("libonnxruntime.so") {
+                    return Ok(path);
+                }
+            }
+        }
     }
-    Ok(server)
+    bail!("no libonnxruntime.so under {}; delete .venv to reinstall", lib.display())
+}
+
+/// Installs the Debian packages the runner builds against, when pkg-config cannot find libvpx.
+pub fn ensure_system_libraries() -> anyhow::Result<()> {
+    let found = Command::new("pkg-config").args(["--exists", "vpx"]).status().is_ok_and(|s| s.success());
+    if !found {
+        eprintln!("kiln: installing {} with apt-get (first run only)", SYSTEM_PACKAGES.join(", "));
+        apt_get_install(SYSTEM_PACKAGES)?;
+    }
+    Ok(())
+}
+
+fn apt_get_install(packages: &[&str]) -> anyhow::Result<()> {
+    let root = Command::new("id").arg("-u").output().is_ok_and(|out| out.stdout.starts_with(b"0"));
+    let sudo: &[&str] = if root { &[] } else { &["sudo"] };
+    let apt = |args: &[&str]| -> anyhow::Result<bool> {
+        let mut command = Command::new(sudo.first().copied().unwrap_or("apt-get"));
+        if !sudo.is_empty() {
+            command.arg("apt-get");
+        }
+        command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut command)
+    };
+    if !apt(&["install", "-y", "-q"].iter().copied().chain(packages.iter().copied()).collect::<Vec<_>>())? {
+        apt(&["update", "-q"])?;
+        if !apt(&["install", "-y", "-q"].iter().copied().chain(packages.iter().copied()).collect::<Vec<_>>())? {
+            bail!("apt-get could not install {}; install them and run again", packages.join(" "));
+        }
+    }
+    Ok(())
 }
 
 fn run(command: &mut Command) -> anyhow::Result<bool> {

@@ -2,7 +2,8 @@
 //! served on 127.0.0.1.
 
 use anyhow::Context;
-use kiln_api::{Api, ApiConfig, routes::Ports};
+use aws_lambda_events::sqs::SqsMessage;
+use kiln_api::{Api, ApiConfig, dead_letters, routes::Ports};
 use kiln_app::{
     ApiKey, Tenant,
     ports::{ModelCatalog, TenantDirectory},
@@ -54,6 +55,7 @@ pub struct LocalStack {
     pub config: ApiConfig,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
+    relay: Option<JoinHandle<()>>,
 }
 
 impl LocalStack {
@@ -81,7 +83,16 @@ impl LocalStack {
         let server = tokio::spawn(crate::server::serve(listener, api.clone(), async {
             let _ = stopped.await;
         }));
-        Ok(Self { resources, clients, api, api_url, config, shutdown: Some(shutdown), server: Some(server) })
+        Ok(Self {
+            resources,
+            clients,
+            api,
+            api_url,
+            config,
+            shutdown: Some(shutdown),
+            server: Some(server),
+            relay: None,
+        })
     }
 
     /// Publishes every model package under `dir` to the model catalog.
@@ -115,8 +126,54 @@ impl LocalStack {
         Ok(())
     }
 
+    /// The job queue's dead-letter queue (named `<job queue>-dlq`, as provisioning creates it).
+    pub fn dead_letter_queue_url(&self) -> String {
+        format!("{}-dlq", self.resources.job_queue_url)
+    }
+
+    /// Feeds the dead-letter queue to the `job-dead-letters` handler, as its SQS trigger does in
+    /// AWS, until the stack stops.
+    pub fn start_dead_letter_relay(&mut self) {
+        let (sqs, api, url) = (self.clients.sqs.clone(), self.api.clone(), self.dead_letter_queue_url());
+        self.relay = Some(tokio::spawn(async move {
+            loop {
+                let received = sqs
+                    .receive_message()
+                    .queue_url(&url)
+                    .max_number_of_messages(10)
+                    .wait_time_seconds(1)
+                    .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
+                    .send()
+                    .await;
+                let Ok(received) = received else {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                };
+                for message in received.messages.unwrap_or_default() {
+                    let mut record = SqsMessage::default();
+                    record.message_id = message.message_id.clone();
+                    record.body = message.body.clone();
+                    record.attributes = message
+                        .attributes
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(name, value)| (name.as_str().to_owned(), value))
+                        .collect();
+                    if dead_letters::handle_record(&api, &record).await.is_ok()
+                        && let Some(receipt) = message.receipt_handle
+                    {
+                        let _ = sqs.delete_message().queue_url(&url).receipt_handle(receipt).send().await;
+                    }
+                }
+            }
+        }));
+    }
+
     /// Stops the API server.
     pub async fn stop(mut self) {
+        if let Some(relay) = self.relay.take() {
+            relay.abort();
+        }
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
@@ -128,6 +185,9 @@ impl LocalStack {
 
 impl Drop for LocalStack {
     fn drop(&mut self) {
+        if let Some(relay) = self.relay.take() {
+            relay.abort();
+        }
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }

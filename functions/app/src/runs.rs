@@ -1,0 +1,169 @@
+//! What a runner does to a job record while it renders it: start it, report progress, notice a
+//! cancel request, and end it. Every write is conditional on the revision the runner last saw;
+//! when it loses a race it re-reads and decides again, so a runner never overwrites a cancel
+//! request, and a runner whose job was taken over by another (after its lease ran out) finds
+//! out at its next write and stops.
+
+use chrono::{DateTime, Utc};
+use kiln_domain::{IllegalTransition, Job, JobErrorCode, JobId, JobStatus, Output, Timings};
+use std::sync::Arc;
+use tracing::info;
+
+use crate::{AppError, ports::JobStore};
+
+const MAX_RACES: usize = 5;
+
+/// Whether to render a delivered job.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Start {
+    /// It is now running under this runner; render it.
+    Render(Job),
+    /// Nothing to do: acknowledge the message.
+    Skip(SkipReason),
+}
+
+/// Why a delivered job is not rendered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// No such job (a stale message).
+    Missing,
+    /// It already ended (canceled, expired, or finished by an earlier delivery).
+    Ended(JobStatus),
+}
+
+/// What a write told the runner about its job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Written; carry on.
+    Done,
+    /// The client asked to cancel: stop and call [`JobRuns::cancel`].
+    CancelRequested,
+    /// The job is no longer this run's (another runner restarted it, or it ended): stop, and
+    /// leave the message alone.
+    Lost,
+}
+
+/// The job record operations of a render run.
+#[derive(Clone)]
+pub struct JobRuns {
+    store: Arc<dyn JobStore>,
+}
+
+impl JobRuns {
+    pub fn new(store: Arc<dyn JobStore>) -> Self {
+        Self { store }
+    }
+
+    /// Moves the job to running (queued → running, or running → running when an earlier
+    /// runner died), counting an attempt. A job whose cancel was requested before its runner
+    /// died is canceled here instead of started.
+    pub async fn start(&self, id: &JobId, now: DateTime<Utc>) -> Result<Start, AppError> {
+        for _ in 0..MAX_RACES {
+            let Some(mut job) = self.store.get(id).await? else {
+                return Ok(Start::Skip(SkipReason::Missing));
+            };
+            if job.status.is_terminal() {
+                return Ok(Start::Skip(SkipReason::Ended(job.status)));
+            }
+            let cancel = job.cancel_requested;
+            job.transition(if cancel { JobStatus::Canceled } else { JobStatus::Running }, now)?;
+            if self.store.update(&job).await? {
+                if cancel {
+                    return Ok(Start::Skip(SkipReason::Ended(JobStatus::Canceled)));
+                }
+                info!(job_id = %job.id, attempt = job.attempts, "job started");
+                return Ok(Start::Render(job));
+            }
+        }
+        Err(AppError::Contention)
+    }
+
+    /// Records progress; also how the runner learns of a cancel request.
+    pub async fn checkpoint(&self, job: &mut Job, progress: f32) -> Result<Written, AppError> {
+        self.write(job, true, |job| {
+            job.set_progress(progress);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Ends the job as succeeded, unless a cancel request came first.
+    pub async fn succeed(
+        &self,
+        job: &mut Job,
+        outputs: Vec<Output>,
+        timings: Timings,
+        now: DateTime<Utc>,
+    ) -> Result<Written, AppError> {
+        self.write(job, true, |job| job.succeed(outputs.clone(), timings.clone(), now)).await
+    }
+
+    /// Ends the job as canceled (the runner stopped at the client's request).
+    pub async fn cancel(&self, job: &mut Job, now: DateTime<Utc>) -> Result<Written, AppError> {
+        self.write(job, false, |job| job.transition(JobStatus::Canceled, now)).await
+    }
+
+    /// Ends the job as failed.
+    pub async fn fail(
+        &self,
+        job: &mut Job,
+        code: JobErrorCode,
+        message: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Written, AppError> {
+        self.write(job, false, |job| job.fail(code, message, now)).await
+    }
+
+    /// A job whose message went to the dead-letter queue: every delivery failed or its runners
+    /// died. Ends it as failed whatever its runner last wrote; a job that already ended stays
+    /// as it is. Returns whether it changed the job.
+    pub async fn dead_lettered(&self, id: &JobId, now: DateTime<Utc>) -> Result<bool, AppError> {
+        for _ in 0..MAX_RACES {
+            let Some(mut job) = self.store.get(id).await? else {
+                return Ok(false);
+            };
+            if job.status.is_terminal() {
+                return Ok(false);
+            }
+            let message = "no runner could finish the job: its message reached the dead-letter queue";
+            job.fail(JobErrorCode::DeadLettered, message, now)?;
+            if self.store.update(&job).await? {
+                info!(job_id = %job.id, "dead-lettered job failed");
+                return Ok(true);
+            }
+        }
+        Err(AppError::Contention)
+    }
+
+    /// Applies `change` to the runner's copy and writes it. When the stored job moved on, re-reads
+    /// it: still this run's (running, same attempt) → re-applies the change to the fresh copy,
+    /// unless `stop_on_cancel` and a cancel was requested; otherwise the run has lost the job.
+    async fn write(
+        &self,
+        job: &mut Job,
+        stop_on_cancel: bool,
+        change: impl Fn(&mut Job) -> Result<(), IllegalTransition>,
+    ) -> Result<Written, AppError> {
+        let mut current = job.clone();
+        for _ in 0..MAX_RACES {
+            let mut next = current.clone();
+            change(&mut next)?;
+            if self.store.update(&next).await? {
+                *job = next;
+                return Ok(Written::Done);
+            }
+            let Some(stored) = self.store.get(&job.id).await? else {
+                return Ok(Written::Lost);
+            };
+            if stored.status != JobStatus::Running || stored.attempts != job.attempts {
+                return Ok(Written::Lost);
+            }
+            if stop_on_cancel && stored.cancel_requested {
+                *job = stored;
+                return Ok(Written::CancelRequested);
+            }
+            current = stored;
+        }
+        Err(AppError::Contention)
+    }
+}

@@ -1,0 +1,171 @@
+//! `render-bench`: the runner's per-stage times and throughput, with no AWS in the way.
+//!
+//! It runs the real service (queue loop, session threads, encoders on the blocking pool) on the
+//! in-memory ports, feeds it `--jobs` jobs per format, and prints one row per format: the median
+//! queue wait, render, encode and upload times, jobs/s, and how busy the render thread was. If
+//! encoding stalled rendering, wall time would approach Σrender + Σencode; with encoders off the
+//! render thread it approaches max(Σrender, Σencode / cores).
+//!
+//!     cargo run --release -p kiln-runner --bin render-bench -- --ort-dylib <libonnxruntime.so>
+//!
+//! (`cargo run -p kiln-local -- bench` passes the project's ONNX Runtime.)
+
+use chrono::Utc;
+use clap::Parser;
+use kiln_app::{
+    JobMessage,
+    memory::{MemoryArtifacts, MemoryJobStore, MemoryWorkQueue},
+    ports::{CacheClaim, JobStore},
+};
+use kiln_domain::{Job, JobId, JobStatus, ModelSpec, Submission, TenantId, WebhookPolicy};
+use kiln_runner::{Metrics, Ports, Runner, RunnerConfig, start_sessions};
+use std::{sync::Arc, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    runner: RunnerConfig,
+    /// Jobs per format.
+    #[arg(long, default_value_t = 8)]
+    jobs: usize,
+    /// Formats to measure, comma-separated.
+    #[arg(long, default_value = "png,gif,mp4,webm", value_delimiter = ',')]
+    formats: Vec<String>,
+    #[arg(long, default_value_t = 512)]
+    width: u32,
+    #[arg(long, default_value_t = 512)]
+    height: u32,
+    /// Frames of each video job (images have one).
+    #[arg(long, default_value_t = 16)]
+    frames: u32,
+    #[arg(long, default_value_t = 4)]
+    steps: u32,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let metrics = Arc::new(Metrics::default());
+    let (models, sessions, _threads) = start_sessions(&cli.runner, &metrics)?;
+    let model = models.first().ok_or_else(|| anyhow::anyhow!("no models"))?.clone();
+    let runner = Arc::new(Runner::new(
+        Ports {
+            store: Arc::new(MemoryJobStore::default()),
+            queue: Arc::new(MemoryWorkQueue::default()),
+            artifacts: Arc::new(MemoryArtifacts::default()),
+        },
+        sessions.clone(),
+        cli.runner.settings(),
+        metrics.clone(),
+    ));
+    // Warm-up: one small job so session start-up is not measured.
+    measure(&cli, &model, &sessions, &metrics, "png", 1).await?;
+
+    println!(
+        "model {}@{} on {}, {}x{}, {} steps, {} frames per video, {} jobs per format, max_in_flight {}",
+        model.name,
+        model.version,
+        cli.runner.device,
+        cli.width,
+        cli.height,
+        cli.steps,
+        cli.frames,
+        cli.jobs,
+        cli.runner.max_in_flight
+    );
+    println!(
+        "| format | frames | queue wait ms (p50) | render ms (p50) | encode ms (p50) | upload ms (p50) | jobs/s | Σrender s | Σencode s | wall s | render busy |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for format in &cli.formats {
+        measure(&cli, &model, &sessions, &metrics, format, cli.jobs).await?;
+    }
+    drop(runner);
+    Ok(())
+}
+
+/// Runs `count` jobs of one format through a fresh service and prints their row.
+async fn measure(
+    cli: &Cli,
+    model: &ModelSpec,
+    sessions: &[kiln_runner::session::SessionHandle],
+    metrics: &Arc<Metrics>,
+    format: &str,
+    count: usize,
+) -> anyhow::Result<()> {
+    let store = Arc::new(MemoryJobStore::default());
+    let queue = Arc::new(MemoryWorkQueue::default());
+    let frames = if format == "png" { 1 } else { cli.frames };
+    let tenant = TenantId::parse("bench")?;
+    let mut ids = Vec::new();
+    for n in 0..count {
+        let body = serde_json::json!({
+            "model": model.name, "prompt": format!("benchmark scene {n}"), "seed": n,
+            "width": cli.width, "height": cli.height, "num_frames": frames, "steps": cli.steps,
+            "format": format, "fps": if frames > 1 { Some(8) } else { None },
+        });
+        let resolved = Submission::parse(body.to_string().as_bytes())?
+            .resolve(model, WebhookPolicy::default(), || 0)
+            .map_err(|err| anyhow::anyhow!("{err}"))?;
+        let now = Utc::now();
+        let job = Job::new(
+            JobId::generate(now),
+            tenant.clone(),
+            model.name.clone(),
+            model.version.clone(),
+            resolved.params,
+            None,
+            now,
+            chrono::Duration::hours(1),
+        );
+        store.insert(&job, &CacheClaim { key: job.cache_key.clone(), replaces: None }, None).await?;
+        queue.push(serde_json::to_string(&JobMessage::for_job(&job))?);
+        ids.push(job.id);
+    }
+    let mut settings = cli.runner.settings();
+    settings.poll_wait = std::time::Duration::from_millis(20);
+    let runner = Arc::new(Runner::new(
+        Ports { store: store.clone(), queue: queue.clone(), artifacts: Arc::new(MemoryArtifacts::default()) },
+        sessions.to_vec(),
+        settings,
+        metrics.clone(),
+    ));
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let service = tokio::spawn(runner.run(shutdown.clone()));
+    while queue.outstanding() > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    shutdown.cancel();
+    service.await?;
+
+    let mut jobs = Vec::new();
+    for id in &ids {
+        jobs.push(store.get(id).await?.ok_or_else(|| anyhow::anyhow!("job vanished"))?);
+    }
+    if let Some(bad) = jobs.iter().find(|job| job.status != JobStatus::Succeeded) {
+        anyhow::bail!("job {} ended {}: {:?}", bad.id, bad.status, bad.error);
+    }
+    if count == 1 && format == "png" && cli.jobs > 1 {
+        return Ok(()); // the warm-up
+    }
+    let stage = |pick: fn(&Job) -> Option<u64>| {
+        let mut values: Vec<u64> = jobs.iter().filter_map(pick).collect();
+        values.sort_unstable();
+        let median = values.get(values.len() / 2).copied().unwrap_or(0);
+        let sum: u64 = values.iter().sum();
+        (median, sum as f64 / 1000.0)
+    };
+    let (queue_p50, _) = stage(|j| j.timings.queue_ms);
+    let (render_p50, render_sum) = stage(|j| j.timings.render_ms);
+    let (encode_p50, encode_sum) = stage(|j| j.timings.encode_ms);
+    let (upload_p50, _) = stage(|j| j.timings.upload_ms);
+    println!(
+        "| {format} | {frames} | {queue_p50} | {render_p50} | {encode_p50} | {upload_p50} | {:.2} | {render_sum:.2} | {encode_sum:.2} | {wall:.2} | {:.0}% |",
+        count as f64 / wall,
+        100.0 * render_sum / wall
+    );
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! The runner's configuration: flags, or the environment variables named beside each.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use crate::render::runtime::{Device, SessionOptions};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunnerConfig {
+    /// Directory of model packages (one sub-directory each, with a manifest.json); the runner
+    /// serves every package in it.
+    #[arg(long, env = "KILN_MODELS_DIR", default_value = "gpu-runner/models")]
+    pub models_dir: PathBuf,
+
+    /// ONNX Runtime's shared library (libonnxruntime.so), loaded at startup.
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_dylib: PathBuf,
+
+    /// Where models run: `cpu`, or `cuda` / `cuda:<device id>`. With CUDA a broken GPU setup
+    /// stops the runner at startup rather than falling back to the CPU.
+    #[arg(long, env = "KILN_DEVICE", default_value = "cpu")]
+    pub device: Device,
+
+    /// Threads ONNX Runtime uses inside one operator (0: its default, one per core).
+    #[arg(long, env = "KILN_INTRA_THREADS", default_value_t = 0)]
+    pub intra_threads: usize,
+
+    /// Most compatible jobs (same model, size and steps) rendered in one call.
+    #[arg(long, env = "KILN_MAX_BATCH", default_value_t = 1)]
+    pub max_batch: usize,
+
+    /// Most jobs held at once (rendering, waiting to render, encoding or uploading). The runner
+    /// takes messages from the queue only while below this, so other runners get the rest.
+    #[arg(long, env = "KILN_MAX_IN_FLIGHT", default_value_t = 4)]
+    pub max_in_flight: usize,
+
+    /// Long-poll wait of one receive, in seconds (SQS allows 0 to 20).
+    #[arg(long, env = "KILN_POLL_WAIT_SECS", default_value_t = 20)]
+    pub poll_wait_secs: u64,
+
+    /// How long a received message stays hidden from other runners; renewed by the heartbeat.
+    /// A runner that dies leaves its job to another runner after this long.
+    #[arg(long, env = "KILN_LEASE_SECS", default_value_t = 60)]
+    pub lease_secs: u64,
+
+    /// How often a working job renews its message's lease, in seconds (well under the lease).
+    #[arg(long, env = "KILN_HEARTBEAT_SECS", default_value_t = 20)]
+    pub heartbeat_secs: u64,
+
+    /// Least time between two progress writes of one job, in milliseconds; also how soon a
+    /// cancel request is noticed.
+    #[arg(long, env = "KILN_PROGRESS_INTERVAL_MS", default_value_t = 1000)]
+    pub progress_interval_ms: u64,
+
+    /// After SIGTERM or Ctrl-C, how long in-flight jobs may run on before they are stopped and
+    /// handed back to the queue, in seconds.
+    #[arg(long, env = "KILN_SHUTDOWN_DEADLINE_SECS", default_value_t = 30)]
+    pub shutdown_deadline_secs: u64,
+
+    /// Delay before a transiently failed job is tried again, in seconds; doubles with each
+    /// delivery up to `retry_max_secs`.
+    #[arg(long, env = "KILN_RETRY_BASE_SECS", default_value_t = 5)]
+    pub retry_base_secs: u64,
+
+    /// Longest retry delay, in seconds.
+    #[arg(long, env = "KILN_RETRY_MAX_SECS", default_value_t = 300)]
+    pub retry_max_secs: u64,
+
+    /// Deliveries after which the queue moves a message to its dead-letter queue (the queue's
+    /// maxReceiveCount). On that last delivery a transient failure fails the job instead.
+    #[arg(long, env = "KILN_MAX_RECEIVES", default_value_t = 5)]
+    pub max_receives: u32,
+
+    /// Address of `/healthz` and `/metrics`.
+    #[arg(long, env = "KILN_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+}
+
+impl RunnerConfig {
+    pub fn session_options(&self) -> SessionOptions {
+        SessionOptions { dylib: self.ort_dylib.clone(), device: self.device, intra_threads: self.intra_threads }
+    }
+
+    pub fn settings(&self) -> Settings {
+        Settings {
+            max_in_flight: self.max_in_flight.max(1),
+            poll_wait: Duration::from_secs(self.poll_wait_secs.min(20)),
+            lease: Duration::from_secs(self.lease_secs.max(1)),
+            heartbeat: Duration::from_secs(self.heartbeat_secs.clamp(1, self.lease_secs.max(2) / 2)),
+            progress_interval: Duration::from_millis(self.progress_interval_ms.max(50)),
+            shutdown_deadline: Duration::from_secs(self.shutdown_deadline_secs),
+            retry_base: Duration::from_secs(self.retry_base_secs),
+            retry_max: Duration::from_secs(self.retry_max_secs.max(self.retry_base_secs)),
+            max_receives: self.max_receives.max(1),
+        }
+    }
+}
+
+/// The service's timing and capacity settings, checked and in their units.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_in_flight: usize,
+    pub poll_wait: Duration,
+    pub lease: Duration,
+    pub heartbeat: Duration,
+    pub progress_interval: Duration,
+    pub shutdown_deadline: Duration,
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    pub max_receives: u32,
+}
+
+impl Settings {
+    /// The delay before delivery `receive_count + 1`: base × 2^(count - 1), capped.
+    pub fn retry_delay(&self, receive_count: u32) -> Duration {
+        let doublings = receive_count.saturating_sub(1).min(16);
+        (self.retry_base * 2u32.pow(doublings)).min(self.retry_max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: RunnerConfig,
+    }
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_the_cap() {
+        let cli =
+            Cli::parse_from(["runner", "--ort-dylib", "x.so", "--retry-base-secs", "5", "--retry-max-secs", "60"]);
+        let settings = cli.config.settings();
+        let delays: Vec<u64> = (1..=6).map(|n| settings.retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 60, 60]);
+    }
+
+    #[test]
+    fn the_heartbeat_stays_well_inside_the_lease() {
+        let cli = Cli::parse_from(["runner", "--ort-dylib", "x.so", "--lease-secs", "6", "--heartbeat-secs", "20"]);
+        assert_eq!(cli.config.settings().heartbeat, Duration::from_secs(3));
+        assert!(Cli::try_parse_from(["runner", "--ort-dylib", "x", "--device", "gpu"]).is_err());
+        let cuda = Cli::parse_from(["runner", "--ort-dylib", "x", "--device", "cuda:1"]);
+        assert_eq!(cuda.config.device, Device::Cuda(1));
+    }
+}

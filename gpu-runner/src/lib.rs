@@ -1,0 +1,50 @@
+//! The gpu-runner: drains the job queue, renders each job with its model's ONNX pipeline,
+//! encodes the frames, stores the artifact and records the result.
+//!
+//! - [`service`]: the queue loop and one job's life (start, heartbeat, progress, cancel, end).
+//! - [`session`]: one OS thread per loaded model; [`batching`] picks what renders together.
+//! - [`render`]: ONNX Runtime and the pipelines; [`packages`] loads model packages.
+//! - [`encode`]: PNG, GIF, MP4 (H.264) and WebM (VP9), on the blocking pool.
+//! - [`metrics`]: Prometheus metrics, `/healthz` and `/metrics`.
+
+pub mod batching;
+pub mod config;
+pub mod encode;
+pub mod metrics;
+pub mod packages;
+pub mod render;
+pub mod service;
+pub mod session;
+
+pub use config::{RunnerConfig, Settings};
+pub use metrics::Metrics;
+pub use service::{Ports, Runner};
+
+use std::sync::Arc;
+
+/// Loads every model package and starts a session thread for each.
+pub fn start_sessions(
+    config: &RunnerConfig,
+    metrics: &Arc<Metrics>,
+) -> Result<
+    (Vec<kiln_domain::ModelSpec>, Vec<session::SessionHandle>, Vec<std::thread::JoinHandle<()>>),
+    packages::PackageError,
+> {
+    let loaded = packages::load_all(&config.models_dir, &config.session_options())?;
+    let mut specs = Vec::new();
+    let mut handles = Vec::new();
+    let mut threads = Vec::new();
+    for model in loaded {
+        let (handle, thread) = session::spawn(
+            model.spec.name.clone(),
+            model.spec.version.clone(),
+            model.pipeline,
+            config.max_batch,
+            metrics.clone(),
+        );
+        specs.push(model.spec);
+        handles.push(handle);
+        threads.push(thread);
+    }
+    Ok((specs, handles, threads))
+}

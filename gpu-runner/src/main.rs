@@ -1,0 +1,74 @@
+//! `kiln-runner`: the gpu-runner service on SQS, DynamoDB and S3.
+
+use anyhow::Context;
+use clap::Parser;
+use kiln_app::ports::ModelCatalog;
+use kiln_aws::{AwsClients, DynamoJobStore, DynamoModelCatalog, Resources, S3ArtifactStore, SqsWorkQueue};
+use kiln_runner::{Metrics, Ports, Runner, RunnerConfig, metrics, start_sessions};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+#[derive(Parser)]
+#[command(about = "Drain the kiln job queue: render, encode, store, record")]
+struct Cli {
+    #[command(flatten)]
+    runner: RunnerConfig,
+    #[command(flatten)]
+    resources: Resources,
+    /// Log as JSON lines (for CloudWatch) instead of text.
+    #[arg(long, env = "KILN_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    if cli.log_json {
+        logs.json().init()
+    } else {
+        logs.init()
+    }
+
+    let metrics = Arc::new(Metrics::default());
+    let (models, sessions, threads) = start_sessions(&cli.runner, &metrics).context("loading model packages")?;
+    info!(device = %cli.runner.device, models = ?models.iter().map(|m| format!("{}@{}", m.name, m.version)).collect::<Vec<_>>(), "models loaded");
+
+    let resources = &cli.resources;
+    let aws = AwsClients::connect(resources.endpoint_url.as_deref()).await;
+    let catalog = DynamoModelCatalog::new(aws.dynamodb.clone(), &resources.models_table);
+    for model in &models {
+        catalog.publish(model).await.with_context(|| format!("publishing model {}", model.name))?;
+    }
+    let ports = Ports {
+        store: Arc::new(DynamoJobStore::new(aws.dynamodb.clone(), &resources.jobs_table, &resources.requests_table)),
+        queue: Arc::new(SqsWorkQueue::new(aws.sqs.clone(), &resources.job_queue_url)),
+        artifacts: Arc::new(S3ArtifactStore::new(aws.s3.clone(), &resources.artifacts_bucket)),
+    };
+
+    let shutdown = CancellationToken::new();
+    let listener = metrics::bind(cli.runner.metrics_addr).await.context("binding the metrics address")?;
+    info!(addr = %listener.local_addr()?, "serving /healthz and /metrics");
+    tokio::spawn(metrics::serve(listener, metrics.clone(), shutdown.child_token()));
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+
+    let runner = Arc::new(Runner::new(ports, sessions, cli.runner.settings(), metrics));
+    runner.run(shutdown).await;
+    for thread in threads {
+        let _ = thread.join();
+    }
+    Ok(())
+}
+
+/// SIGTERM (what ECS and Kubernetes send) or Ctrl-C.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => info!("Ctrl-C: stopping"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,144 @@
+//! Prometheus metrics and the `/healthz` + `/metrics` endpoint.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+/// How a delivered job ended, as far as this runner is concerned.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Outcome {
+    succeeded,
+    failed,
+    canceled,
+    /// Transient failure: the message went back to the queue with a delay.
+    retried,
+    /// Shutdown: the message went back at once.
+    handed_back,
+    /// Another runner took the job over.
+    lost,
+    /// The job had already ended, or the message was stale or unreadable.
+    skipped,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: Outcome,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub jobs: Family<OutcomeLabels, Counter>,
+    pub queue_wait: Histogram,
+    pub render: Histogram,
+    pub encode: Histogram,
+    pub upload: Histogram,
+    pub batch_size: Histogram,
+    pub in_flight: Gauge,
+    ready: AtomicBool,
+}
+
+fn seconds_buckets() -> impl Iterator<Item = f64> {
+    [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0].into_iter()
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("kiln_runner");
+        let jobs = Family::<OutcomeLabels, Counter>::default();
+        let histogram = || Histogram::new(seconds_buckets());
+        let (queue_wait, render, encode, upload) = (histogram(), histogram(), histogram(), histogram());
+        let batch_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0].into_iter());
+        let in_flight = Gauge::default();
+        registry.register("jobs", "Jobs handled, by outcome", jobs.clone());
+        registry.register("queue_wait_seconds", "Time from submission to start", queue_wait.clone());
+        registry.register("render_seconds", "Time in the render call, per job", render.clone());
+        registry.register("encode_seconds", "Time encoding a job's frames", encode.clone());
+        registry.register("upload_seconds", "Time writing a job's artifact", upload.clone());
+        registry.register("batch_size", "Jobs per render call", batch_size.clone());
+        registry.register("in_flight", "Jobs held by this runner", in_flight.clone());
+        Self {
+            registry,
+            jobs,
+            queue_wait,
+            render,
+            encode,
+            upload,
+            batch_size,
+            in_flight,
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn count(&self, outcome: Outcome) {
+        self.jobs.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// Healthy once the models are loaded; unhealthy again while shutting down.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn render_text(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String");
+        text
+    }
+}
+
+/// Serves `/healthz` and `/metrics` on `listener` until `stop`.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => { warn!(error = %err, "metrics accept failed"); continue; }
+            },
+            () = stop.cancelled() => return,
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| answer(metrics.clone(), request));
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+async fn answer(metrics: Arc<Metrics>, request: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (status, content_type, body) = match request.uri().path() {
+        "/metrics" => {
+            (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render_text())
+        }
+        "/healthz" if metrics.ready.load(Ordering::SeqCst) => (StatusCode::OK, "text/plain", "ok\n".into()),
+        "/healthz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into()),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(content_type));
+    Ok(response)
+}
+
+/// Binds the metrics address.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

@@ -1,0 +1,119 @@
+//! Rendering: the pipelines that turn a job's parameters into frames, on ONNX Runtime.
+//!
+//! A [`Pipeline`] is owned by one session thread and renders one batch at a time. It reports
+//! each finished step to the job's [`RenderControl`] and checks it between steps, so progress is
+//! real and a cancel stops the render at the next step.
+
+pub mod procedural;
+pub mod runtime;
+pub mod style;
+
+use kiln_domain::JobParams;
+use std::sync::{
+    Arc,
+    atomic::{AtomicU8, AtomicU32, Ordering},
+};
+
+/// Frames of 8-bit RGB pixels, row-major, all of one size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frames {
+    pub width: u32,
+    pub height: u32,
+    pub frames: Vec<Vec<u8>>,
+}
+
+/// Why a render stopped before its last step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The client canceled the job.
+    Canceled,
+    /// The runner is shutting down and hands the job back to the queue.
+    HandedBack,
+    /// Another runner took the job over (this one's lease ran out).
+    Lost,
+}
+
+/// Shared between a job's task and the session thread rendering it: progress one way, a stop
+/// request the other.
+#[derive(Debug, Default)]
+pub struct RenderControl {
+    steps_done: AtomicU32,
+    steps_total: AtomicU32,
+    stop: AtomicU8,
+}
+
+impl RenderControl {
+    pub fn report(&self, done: u32, total: u32) {
+        self.steps_total.store(total, Ordering::Relaxed);
+        self.steps_done.store(done, Ordering::Relaxed);
+    }
+
+    /// 0 to 1.
+    pub fn progress(&self) -> f32 {
+        match self.steps_total.load(Ordering::Relaxed) {
+            0 => 0.0,
+            total => self.steps_done.load(Ordering::Relaxed) as f32 / total as f32,
+        }
+    }
+
+    /// Asks the render to stop at its next step. The first reason given wins.
+    pub fn stop(&self, reason: StopReason) {
+        let code = match reason {
+            StopReason::Canceled => 1,
+            StopReason::HandedBack => 2,
+            StopReason::Lost => 3,
+        };
+        let _ = self.stop.compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    pub fn stop_requested(&self) -> Option<StopReason> {
+        match self.stop.load(Ordering::SeqCst) {
+            1 => Some(StopReason::Canceled),
+            2 => Some(StopReason::HandedBack),
+            3 => Some(StopReason::Lost),
+            _ => None,
+        }
+    }
+
+    /// `Err(Stopped)` when a stop was requested: call between steps.
+    pub fn check(&self) -> Result<(), RenderError> {
+        self.stop_requested().map_or(Ok(()), |reason| Err(RenderError::Stopped(reason)))
+    }
+}
+
+/// Why a render produced no frames.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    #[error("stopped: {0:?}")]
+    Stopped(StopReason),
+    /// The job cannot be rendered by this model, however often it is tried.
+    #[error("{0}")]
+    Invalid(String),
+    /// The runtime failed (out of memory, a device error); another attempt may succeed.
+    #[error("ONNX Runtime failed: {0}")]
+    Runtime(String),
+}
+
+impl From<ort::Error> for RenderError {
+    fn from(err: ort::Error) -> Self {
+        Self::Runtime(err.to_string())
+    }
+}
+
+/// One job of a batch.
+#[derive(Debug, Clone)]
+pub struct RenderRequest {
+    pub params: JobParams,
+    pub control: Arc<RenderControl>,
+}
+
+/// A model's render path, loaded once per model and device.
+pub trait Pipeline: Send {
+    fn render(&mut self, request: &RenderRequest) -> Result<Frames, RenderError>;
+
+    /// Renders compatible jobs (same model, size and steps) together. Pipelines that can fuse
+    /// them into one run override this; the default renders them one after another.
+    fn render_batch(&mut self, batch: &[RenderRequest]) -> Vec<Result<Frames, RenderError>> {
+        batch.iter().map(|request| self.render(request)).collect()
+    }
+}

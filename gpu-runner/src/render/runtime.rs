@@ -1,0 +1,95 @@
+//! ONNX Runtime: loaded once per process from `ORT_DYLIB_PATH`, sessions on the CPU or on a
+//! CUDA device.
+
+use ort::session::{Session, builder::GraphOptimizationLevel};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::OnceLock,
+};
+
+/// Where sessions run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// The CUDA execution provider on this device id.
+    Cuda(i32),
+}
+
+impl FromStr for Device {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => text
+                .strip_prefix("cuda:")
+                .and_then(|id| id.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("`{text}` is not a device: use cpu, cuda or cuda:<id>")),
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(id) => write!(f, "cuda:{id}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("loading ONNX Runtime from {path}: {message}")]
+    Load { path: PathBuf, message: String },
+    #[error("loading {path} on {device}: {source}")]
+    Session {
+        path: PathBuf,
+        device: Device,
+        #[source]
+        source: ort::Error,
+    },
+}
+
+static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+
+/// Loads ONNX Runtime from `dylib` (once; later calls reuse the first).
+pub fn environment(dylib: &Path) -> Result<&'static ort::environment::Environment, RuntimeError> {
+    let loaded = ENVIRONMENT.get_or_init(|| {
+        let builder = ort::init_from(dylib).map_err(|err| err.to_string())?;
+        builder.with_name("kiln").build().map_err(|err| err.to_string())
+    });
+    loaded.as_ref().map_err(|message| RuntimeError::Load { path: dylib.to_owned(), message: message.clone() })
+}
+
+/// Options for loading one model file.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub dylib: PathBuf,
+    pub device: Device,
+    /// Threads within an operator; 0 leaves ONNX Runtime's default.
+    pub intra_threads: usize,
+}
+
+/// Loads a model file. On CUDA the provider is registered with `error_on_failure`, so a broken
+/// GPU setup fails here, loudly, instead of quietly running on the CPU.
+pub fn load(model: &Path, options: &SessionOptions) -> Result<Session, RuntimeError> {
+    let environment = environment(&options.dylib)?;
+    let fail = |source: ort::Error| RuntimeError::Session { path: model.to_owned(), device: options.device, source };
+    let mut builder = Session::builder(environment)
+        .map_err(fail)?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(|err| fail(err.into()))?;
+    if options.intra_threads > 0 {
+        builder = builder.with_intra_threads(options.intra_threads).map_err(|err| fail(err.into()))?;
+    }
+    if let Device::Cuda(id) = options.device {
+        let cuda = ort::ep::CUDA::default().with_device_id(id).build().error_on_failure();
+        builder = builder.with_execution_providers([cuda]).map_err(|err| fail(err.into()))?;
+    }
+    builder.commit_from_file(model).map_err(fail)
+}

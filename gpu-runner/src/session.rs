@@ -1,0 +1,103 @@
+//! One OS thread per loaded model: it takes render jobs from a bounded channel, groups them with
+//! the batching policy, renders, and hands each job its frames back. ONNX Runtime calls block,
+//! so they never run on the async runtime's threads.
+
+use std::{
+    collections::VecDeque,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info};
+
+use crate::{
+    batching::{BatchKey, next_batch},
+    metrics::Metrics,
+    render::{Frames, Pipeline, RenderError, RenderRequest},
+};
+
+/// A job handed to a session.
+pub struct RenderJob {
+    pub key: BatchKey,
+    pub request: RenderRequest,
+    pub reply: oneshot::Sender<Rendered>,
+}
+
+/// What a session hands back.
+#[derive(Debug)]
+pub struct Rendered {
+    pub result: Result<Arc<Frames>, RenderError>,
+    /// Time in the render call (the whole batch's).
+    pub render_time: Duration,
+    pub batch_size: usize,
+}
+
+/// Where to send jobs for one model.
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub model: String,
+    pub version: String,
+    sender: mpsc::Sender<RenderJob>,
+}
+
+impl SessionHandle {
+    /// Queues a job; waits while the session's channel is full.
+    pub async fn submit(&self, job: RenderJob) -> Result<(), RenderError> {
+        self.sender.send(job).await.map_err(|_| RenderError::Runtime("the render session has stopped".into()))
+    }
+}
+
+/// Starts the session thread for one model. It ends when every handle is dropped.
+pub fn spawn(
+    model: String,
+    version: String,
+    mut pipeline: Box<dyn Pipeline>,
+    max_batch: usize,
+    metrics: Arc<Metrics>,
+) -> (SessionHandle, std::thread::JoinHandle<()>) {
+    let (sender, mut receiver) = mpsc::channel::<RenderJob>(max_batch.max(1) * 2);
+    let name = format!("session-{model}");
+    let thread = std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || {
+            let mut waiting: VecDeque<RenderJob> = VecDeque::new();
+            loop {
+                if waiting.is_empty() {
+                    match receiver.blocking_recv() {
+                        Some(job) => waiting.push_back(job),
+                        None => break,
+                    }
+                }
+                while let Ok(job) = receiver.try_recv() {
+                    waiting.push_back(job);
+                }
+                let keys: Vec<BatchKey> = waiting.iter().map(|job| job.key.clone()).collect();
+                let chosen = next_batch(&keys, max_batch);
+                let batch: Vec<RenderJob> = chosen
+                    .iter()
+                    .rev()
+                    .filter_map(|&index| waiting.remove(index))
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                let requests: Vec<RenderRequest> = batch.iter().map(|job| job.request.clone()).collect();
+                let started = Instant::now();
+                let results =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pipeline.render_batch(&requests)))
+                        .unwrap_or_else(|_| {
+                            error!(thread = %name, "the pipeline panicked");
+                            vec![Err(RenderError::Runtime("the pipeline panicked".into())); requests.len()]
+                        });
+                let render_time = started.elapsed();
+                metrics.batch_size.observe(batch.len() as f64);
+                for (job, result) in batch.into_iter().zip(results) {
+                    let rendered = Rendered { result: result.map(Arc::new), render_time, batch_size: requests.len() };
+                    let _ = job.reply.send(rendered);
+                }
+            }
+            info!(thread = %name, "render session stopped");
+        })
+        .expect("spawning a session thread");
+    (SessionHandle { model, version, sender }, thread)
+}

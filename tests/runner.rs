@@ -1,0 +1,219 @@
+//! The gpu-runner end to end: real runner processes on the demo model (ONNX Runtime on the CPU),
+//! jobs submitted over HTTP, SQS, DynamoDB and S3 on the moto server, artifacts downloaded
+//! through their presigned URLs and decoded.
+
+use kiln_domain::ModelSpec;
+use kiln_local::workspace_root;
+use kiln_tests::{Client, download, media, runner_options, stack, start_runner, stored_keys};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn job_id(answer: &kiln_tests::Answer) -> String {
+    assert!(answer.status.is_success(), "submit: {} {}", answer.status, answer.body);
+    answer.body["id"].as_str().expect("id").to_owned()
+}
+
+/// A job that renders for several seconds on a CPU: many steps on a large canvas.
+fn slow_job(prompt: &str) -> Value {
+    json!({"model": "kiln-demo", "prompt": prompt, "width": 768, "height": 768, "steps": 50, "seed": 1})
+}
+
+/// The key of a succeeded job's artifact, its bytes through the presigned URL, and its probe.
+async fn artifact(job: &Value, format: &str) -> (Vec<u8>, media::Probe) {
+    let output = &job["outputs"][0];
+    let bytes = download(output["url"].as_str().expect("presigned url")).await;
+    assert_eq!(output["bytes"].as_u64(), Some(bytes.len() as u64), "recorded size");
+    let probe = media::probe(format, &bytes).unwrap_or_else(|err| panic!("{format} does not decode: {err}"));
+    (bytes, probe)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_format_renders_to_a_file_of_the_asked_size_and_length() {
+    let stack = stack().await;
+    let runner = start_runner(&stack, &runner_options("formats"));
+    let client = Client::tenant(&stack, "acme").await;
+    let cases = [("png", 1, 256, 192), ("gif", 5, 160, 120), ("mp4", 7, 192, 128), ("webm", 6, 128, 96)];
+    let mut ids = Vec::new();
+    for (format, frames, width, height) in cases {
+        let mut body = json!({"model": "kiln-demo", "prompt": format!("a {format} landscape"), "format": format,
+            "width": width, "height": height, "num_frames": frames, "steps": 3});
+        if frames > 1 {
+            body["fps"] = json!(6);
+        }
+        ids.push(job_id(&client.post_json("/v1/jobs", &body).await));
+    }
+    for ((format, frames, width, height), id) in cases.into_iter().zip(&ids) {
+        let job = client.wait_finished(id, LIMIT).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(job["progress"], 1.0);
+        assert_eq!(job["attempts"], 1);
+        for stage in ["queue_ms", "render_ms", "encode_ms", "upload_ms"] {
+            assert!(job["timings"][stage].is_u64(), "{stage} missing: {}", job["timings"]);
+        }
+        let output = &job["outputs"][0];
+        assert_eq!(output["key"], format!("jobs/acme/{id}/output.{format}"));
+        let content_type = match format {
+            "png" => "image/png",
+            "gif" => "image/gif",
+            "mp4" => "video/mp4",
+            _ => "video/webm",
+        };
+        assert_eq!(output["content_type"], content_type);
+        let (_, probe) = artifact(&job, format).await;
+        assert_eq!(probe, media::Probe { width, height, frames }, "{format}");
+    }
+
+    let metrics = reqwest::get(format!("{}/metrics", runner.metrics_url)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("kiln_runner_jobs_total{outcome=\"succeeded\"} 4"), "{metrics}");
+    assert!(metrics.contains("kiln_runner_render_seconds_count 4"), "{metrics}");
+    let health = reqwest::get(format!("{}/healthz", runner.metrics_url)).await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_seed_renders_the_same_bytes() {
+    let stack = stack().await;
+    let _runner = start_runner(&stack, &runner_options("seed"));
+    // Two tenants, so the second request is rendered again rather than served from the cache.
+    let (first, second) = (Client::tenant(&stack, "one").await, Client::tenant(&stack, "two").await);
+    let body = json!({"model": "kiln-demo", "prompt": "twin peaks", "seed": 42, "width": 128, "height": 128,
+        "num_frames": 3, "fps": 3, "format": "gif"});
+    let mut other_seed = body.clone();
+    other_seed["seed"] = json!(43);
+    let a = job_id(&first.post_json("/v1/jobs", &body).await);
+    let b = job_id(&second.post_json("/v1/jobs", &body).await);
+    let c = job_id(&first.post_json("/v1/jobs", &other_seed).await);
+    let mut files = Vec::new();
+    for (client, id) in [(&first, &a), (&second, &b), (&first, &c)] {
+        let job = client.wait_finished(id, LIMIT).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        files.push(artifact(&job, "gif").await.0);
+    }
+    assert_eq!(files[0], files[1], "same parameters and seed, different bytes");
+    assert_ne!(files[0], files[2], "another seed gave the same picture");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_is_canceled_while_queued_and_while_running() {
+    let stack = stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    // No runner yet: the job waits in the queue and is canceled there.
+    let queued = job_id(&client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "never drawn"})).await);
+    let answer = client.post(&format!("/v1/jobs/{queued}/cancel")).await;
+    assert_eq!((answer.status, answer.body["status"].as_str()), (StatusCode::OK, Some("canceled")));
+
+    let runner = start_runner(&stack, &runner_options("cancel"));
+    let running = job_id(&client.post_json("/v1/jobs", &slow_job("a long render")).await);
+    client.wait_for(&running, LIMIT, |job| job["status"] == "running" && job["progress"].as_f64() > Some(0.0)).await;
+    let answer = client.post(&format!("/v1/jobs/{running}/cancel")).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    let job = client.wait_finished(&running, LIMIT).await;
+    assert_eq!(job["status"], "canceled", "{job}");
+    assert!(job["progress"].as_f64() < Some(1.0), "the render ran to its end: {job}");
+
+    // The runner skipped the queued job's message and acknowledged both.
+    let queued_job = client.get(&format!("/v1/jobs/{queued}")).await.body;
+    assert_eq!(queued_job["status"], "canceled");
+    assert!(stored_keys(&stack, "jobs/acme/").await.is_empty(), "a canceled job left an artifact");
+    let metrics = reqwest::get(format!("{}/metrics", runner.metrics_url)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("kiln_runner_jobs_total{outcome=\"canceled\"} 1"), "{metrics}");
+    assert!(metrics.contains("kiln_runner_jobs_total{outcome=\"skipped\"} 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runner_killed_mid_job_is_replaced_and_the_job_yields_one_artifact() {
+    let stack = stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let mut options = runner_options("killed");
+    options.lease_secs = 3;
+    options.heartbeat_secs = 1;
+    let mut first = start_runner(&stack, &options);
+    let id = job_id(&client.post_json("/v1/jobs", &slow_job("interrupted")).await);
+    client.wait_for(&id, LIMIT, |job| job["status"] == "running" && job["progress"].as_f64() > Some(0.0)).await;
+    first.kill();
+
+    let _second = start_runner(&stack, &options);
+    let job = client.wait_finished(&id, LIMIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 2, "the second runner restarts the job: {job}");
+    assert_eq!(stored_keys(&stack, &format!("jobs/acme/{id}/")).await, vec![format!("jobs/acme/{id}/output.png")]);
+    let (_, probe) = artifact(&job, "png").await;
+    assert_eq!(probe, media::Probe { width: 768, height: 768, frames: 1 });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_hands_running_work_back_and_another_runner_finishes_it() {
+    let stack = stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let mut options = runner_options("sigterm");
+    options.shutdown_deadline_secs = 1;
+    let mut first = start_runner(&stack, &options);
+    let id = job_id(&client.post_json("/v1/jobs", &slow_job("handed back")).await);
+    client.wait_for(&id, LIMIT, |job| job["status"] == "running" && job["progress"].as_f64() > Some(0.0)).await;
+    first.terminate();
+    let status = first.wait_exit(Duration::from_secs(20)).expect("the runner did not stop after SIGTERM");
+    assert!(status.success(), "{status}");
+
+    // Handed back with visibility 0: a new runner (whose lease is long) gets it at once.
+    let _second = start_runner(&stack, &runner_options("sigterm-second"));
+    let job = client.wait_finished(&id, Duration::from_secs(60)).await;
+    assert_eq!((job["status"].as_str(), job["attempts"].as_u64()), (Some("succeeded"), Some(2)), "{job}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_for_a_model_version_the_runner_does_not_serve_fails_permanently() {
+    let stack = stack().await;
+    let _runner = start_runner(&stack, &runner_options("permanent"));
+    // The catalog moves to a version this runner has not loaded (a rolling deploy gone wrong).
+    let mut model = ModelSpec::read_manifest(&workspace_root().join("gpu-runner/models/kiln-demo")).unwrap();
+    model.version = "9.9.9".into();
+    stack.publish_model(&model).await.unwrap();
+    let client = Client::tenant(&stack, "acme").await;
+    let id = job_id(&client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "from the future"})).await);
+    let job = client.wait_finished(&id, LIMIT).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "invalid_for_model");
+    assert!(job["error"]["message"].as_str().unwrap().contains("9.9.9"), "{job}");
+    assert_eq!(job["attempts"], 1, "a permanent failure is not retried");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_whose_message_reaches_the_dead_letter_queue_ends_failed() {
+    let mut stack = stack().await;
+    stack.start_dead_letter_relay();
+    let client = Client::tenant(&stack, "acme").await;
+    let id = job_id(&client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "cursed"})).await);
+    // Five runners take the message and die without a word (the queue's maxReceiveCount is 5);
+    // the first of them had marked the job running.
+    let store = kiln_aws::DynamoJobStore::new(
+        stack.clients.dynamodb.clone(),
+        &stack.resources.jobs_table,
+        &stack.resources.requests_table,
+    );
+    let runs = kiln_app::JobRuns::new(std::sync::Arc::new(store));
+    let job_id_parsed = kiln_domain::JobId::parse(&id).unwrap();
+    assert!(matches!(runs.start(&job_id_parsed, chrono::Utc::now()).await.unwrap(), kiln_app::Start::Render(_)));
+    let sqs = &stack.clients.sqs;
+    let mut receives = 0;
+    for _ in 0..20 {
+        let received = sqs
+            .receive_message()
+            .queue_url(&stack.resources.job_queue_url)
+            .visibility_timeout(0)
+            .wait_time_seconds(1)
+            .send()
+            .await
+            .unwrap();
+        receives += received.messages.unwrap_or_default().len();
+        if receives >= 6 {
+            break;
+        }
+    }
+    assert!(receives >= 5, "received the message {receives} times");
+    let job = client.wait_finished(&id, Duration::from_secs(30)).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "dead_lettered", "{job}");
+}
