@@ -109,7 +109,8 @@ async fn a_job_is_canceled_while_queued_and_while_running() {
     let running = job_id(&client.post_json("/v1/jobs", &slow_job("a long render")).await);
     client.wait_for(&running, LIMIT, |job| job["status"] == "running" && job["progress"].as_f64() > Some(0.0)).await;
     let answer = client.post(&format!("/v1/jobs/{running}/cancel")).await;
-    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
+    assert_eq!(answer.body["cancel_requested"], true);
     let job = client.wait_finished(&running, LIMIT).await;
     assert_eq!(job["status"], "canceled", "{job}");
     assert!(job["progress"].as_f64() < Some(1.0), "the render ran to its end: {job}");

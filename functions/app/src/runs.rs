@@ -146,6 +146,10 @@ impl JobRuns {
     ) -> Result<Written, AppError> {
         let mut current = job.clone();
         for _ in 0..MAX_RACES {
+            if stop_on_cancel && current.cancel_requested {
+                *job = current;
+                return Ok(Written::CancelRequested);
+            }
             let mut next = current.clone();
             change(&mut next)?;
             if self.store.update(&next).await? {
@@ -157,10 +161,6 @@ impl JobRuns {
             };
             if stored.status != JobStatus::Running || stored.attempts != job.attempts {
                 return Ok(Written::Lost);
-            }
-            if stop_on_cancel && stored.cancel_requested {
-                *job = stored;
-                return Ok(Written::CancelRequested);
             }
             current = stored;
         }

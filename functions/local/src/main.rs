@@ -229,10 +229,23 @@ fn test(cargo_args: Vec<String>) -> anyhow::Result<()> {
     let root = workspace_root();
     let tools = ensure_tools(&root)?;
     ensure_system_libraries()?;
-    // The end-to-end tests start runner processes; build the binary once for all of them.
-    let runner_bin = runner_binary(&root)?;
-    let moto = MotoServer::start(&tools.moto_server, 0)?;
+    // Build every test target first; this also builds the runner binary (kiln-runner has
+    // integration tests) with the features the tests unify, which the end-to-end tests start.
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = std::process::Command::new(&cargo)
+        .current_dir(&root)
+        .args(["test", "--workspace", "--lib", "--bins", "--tests", "--no-run"])
+        .args(&cargo_args)
+        .status()
+        .context("running cargo test --no-run")?;
+    if !built.success() {
+        println!("\n0 passed, 1 failed (the build)");
+        std::process::exit(built.code().unwrap_or(1).max(1));
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), std::path::PathBuf::from);
+    let runner_bin = target.join("debug/kiln-runner");
+    anyhow::ensure!(runner_bin.exists(), "{} was not built", runner_bin.display());
+    let moto = MotoServer::start(&tools.moto_server, 0)?;
     let mut child = std::process::Command::new(cargo)
         .current_dir(&root)
         .args(["test", "--workspace", "--lib", "--bins", "--tests", "--no-fail-fast"])

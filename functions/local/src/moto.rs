@@ -119,6 +119,24 @@ fn apt_get_install(packages: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Has the child killed when the thread that spawned it exits (Linux), so a crashed or killed
+/// test or demo never leaves servers behind.
+pub(crate) fn die_with_parent(command: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
+}
+
 fn run(command: &mut Command) -> anyhow::Result<bool> {
     let status = command.status().with_context(|| format!("running {command:?}"))?;
     Ok(status.success())
@@ -140,17 +158,7 @@ impl MotoServer {
         };
         let mut command = Command::new(moto_server);
         command.args(["-H", "127.0.0.1", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null());
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-            unsafe {
-                command.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-        }
+        die_with_parent(&mut command);
         let child = command.spawn().with_context(|| format!("starting {}", moto_server.display()))?;
         let mut server = Self { child, url: format!("http://127.0.0.1:{port}") };
         server.wait_ready(Duration::from_secs(30))?;

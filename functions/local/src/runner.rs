@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::moto::{Tools, ensure_system_libraries};
+use crate::moto::{Tools, die_with_parent, ensure_system_libraries};
 
 /// Overrides the runner binary (the test command builds it once and passes its path).
 pub const RUNNER_BIN_ENV: &str = "KILN_RUNNER_BIN";
@@ -101,17 +101,7 @@ impl RunnerProcess {
             let log = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
             command.stdout(log.try_clone()?).stderr(log);
         }
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-            unsafe {
-                command.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-        }
+        die_with_parent(&mut command);
         let child = command.spawn().with_context(|| format!("starting {}", binary.display()))?;
         let mut runner = Self { child, metrics_url: format!("http://127.0.0.1:{port}") };
         runner.wait_healthy(Duration::from_secs(60))?;

@@ -1,0 +1,71 @@
+//! The demo model's pipeline on ONNX Runtime (CPU), without the service around it.
+
+use kiln_domain::{ModelSpec, Submission, WebhookPolicy};
+use kiln_local::{ensure_tools, workspace_root};
+use kiln_runner::{
+    packages,
+    render::{
+        Frames, RenderControl, RenderError, RenderRequest, StopReason,
+        runtime::{Device, SessionOptions},
+    },
+};
+use std::sync::Arc;
+
+fn options() -> SessionOptions {
+    let tools = ensure_tools(&workspace_root()).expect("tools");
+    SessionOptions { dylib: tools.ort_dylib, device: Device::Cpu, intra_threads: 1 }
+}
+
+fn request(body: &str) -> RenderRequest {
+    let dir = workspace_root().join("gpu-runner/models/kiln-demo");
+    let model = ModelSpec::read_manifest(&dir).unwrap();
+    let params =
+        Submission::parse(body.as_bytes()).unwrap().resolve(&model, WebhookPolicy::default(), || 0).unwrap().params;
+    RenderRequest { params, control: Arc::new(RenderControl::default()) }
+}
+
+fn render(body: &str) -> Result<Frames, RenderError> {
+    let dir = workspace_root().join("gpu-runner/models/kiln-demo");
+    let spec = ModelSpec::read_manifest(&dir).unwrap();
+    let mut model = packages::load(&dir, spec, &options()).expect("loading the demo model");
+    model.pipeline.render(&request(body))
+}
+
+#[test]
+fn the_demo_model_draws_a_picture_not_noise() {
+    let frames =
+        render(r#"{"model":"kiln-demo","prompt":"a calm lake","width":96,"height":64,"seed":3,"steps":3}"#).unwrap();
+    assert_eq!((frames.width, frames.height, frames.frames.len()), (96, 64, 1));
+    let pixels = &frames.frames[0];
+    assert_eq!(pixels.len(), 96 * 64 * 3);
+    // Neighbouring pixels of a picture are alike; of uniform noise they differ by ~85 on average.
+    let row = 96 * 3;
+    let mean_step: f64 =
+        (0..pixels.len() - row).map(|i| (pixels[i] as f64 - pixels[i + row] as f64).abs()).sum::<f64>()
+            / (pixels.len() - row) as f64;
+    assert!(mean_step < 12.0, "mean vertical difference {mean_step}: looks like noise");
+}
+
+#[test]
+fn same_seed_same_frames_and_the_seed_matters() {
+    let body = |seed: u32| {
+        format!(
+            r#"{{"model":"kiln-demo","prompt":"dunes","width":64,"height":64,"num_frames":3,"fps":3,"format":"gif","seed":{seed}}}"#
+        )
+    };
+    let first = render(&body(9)).unwrap();
+    assert_eq!(first, render(&body(9)).unwrap());
+    assert_ne!(first, render(&body(10)).unwrap());
+    assert_ne!(first.frames[0], first.frames[1], "the frames of a video move");
+}
+
+#[test]
+fn a_stop_request_ends_the_render_between_steps() {
+    let dir = workspace_root().join("gpu-runner/models/kiln-demo");
+    let spec = ModelSpec::read_manifest(&dir).unwrap();
+    let mut model = packages::load(&dir, spec, &options()).unwrap();
+    let request = request(r#"{"model":"kiln-demo","prompt":"x","width":64,"height":64,"steps":10}"#);
+    request.control.stop(StopReason::Canceled);
+    assert_eq!(model.pipeline.render(&request), Err(RenderError::Stopped(StopReason::Canceled)));
+    assert_eq!(request.control.progress(), 0.0);
+}
