@@ -119,6 +119,27 @@ fn apt_get_install(packages: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Polls `ready` until it holds, failing when `child` exits first or `limit` passes. `what`
+/// names the child in the error.
+pub(crate) fn wait_for_child(
+    child: &mut Child,
+    limit: Duration,
+    what: &str,
+    ready: impl Fn() -> bool,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited with {status} before it was ready");
+        }
+        if ready() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{what} was not ready within {limit:?}")
+}
+
 /// Has the child killed when the thread that spawned it exits (Linux), so a crashed or killed
 /// test or demo never leaves servers behind.
 pub(crate) fn die_with_parent(command: &mut Command) {
@@ -166,18 +187,9 @@ impl MotoServer {
     }
 
     fn wait_ready(&mut self, limit: Duration) -> anyhow::Result<()> {
-        let started = Instant::now();
         let address = self.url.trim_start_matches("http://").to_owned();
-        while started.elapsed() < limit {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("moto exited with {status} before it was ready (is port {address} taken?)");
-            }
-            if std::net::TcpStream::connect(&address).is_ok() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("moto did not answer on {address} within {limit:?}")
+        let ready = || std::net::TcpStream::connect(&address).is_ok();
+        wait_for_child(&mut self.child, limit, &format!("moto on {address} (is the port taken?)"), ready)
     }
 }
 

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::moto::{Tools, die_with_parent, ensure_system_libraries};
+use crate::moto::{Tools, die_with_parent, ensure_system_libraries, wait_for_child};
 
 /// Overrides the runner binary (the test command builds it once and passes its path).
 pub const RUNNER_BIN_ENV: &str = "KILN_RUNNER_BIN";
@@ -109,24 +109,16 @@ impl RunnerProcess {
     }
 
     fn wait_healthy(&mut self, limit: Duration) -> anyhow::Result<()> {
-        let started = Instant::now();
         let address = self.metrics_url.trim_start_matches("http://").to_owned();
-        while started.elapsed() < limit {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("the runner exited with {status} before it was healthy (see its log)");
-            }
-            if let Ok(mut stream) = std::net::TcpStream::connect(&address) {
-                use std::io::{Read, Write};
-                let _ = stream.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
-                let mut answer = String::new();
-                let _ = stream.read_to_string(&mut answer);
-                if answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200") {
-                    return Ok(());
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!("the runner was not healthy within {limit:?}")
+        let healthy = || {
+            use std::io::{Read, Write};
+            let Ok(mut stream) = std::net::TcpStream::connect(&address) else { return false };
+            let _ = stream.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
+            let mut answer = String::new();
+            let _ = stream.read_to_string(&mut answer);
+            answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200")
+        };
+        wait_for_child(&mut self.child, limit, "the runner (see its log)", healthy)
     }
 
     pub fn id(&self) -> u32 {

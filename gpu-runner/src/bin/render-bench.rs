@@ -49,16 +49,6 @@ async fn main() -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let (models, sessions, _threads) = start_sessions(&cli.runner, &metrics)?;
     let model = models.first().ok_or_else(|| anyhow::anyhow!("no models"))?.clone();
-    let runner = Arc::new(Runner::new(
-        Ports {
-            store: Arc::new(MemoryJobStore::default()),
-            queue: Arc::new(MemoryWorkQueue::default()),
-            artifacts: Arc::new(MemoryArtifacts::default()),
-        },
-        sessions.clone(),
-        cli.runner.settings(),
-        metrics.clone(),
-    ));
     // Warm-up: one small job so session start-up is not measured.
     measure(&cli, &model, &sessions, &metrics, "png", 1).await?;
 
@@ -81,7 +71,6 @@ async fn main() -> anyhow::Result<()> {
     for format in &cli.formats {
         measure(&cli, &model, &sessions, &metrics, format, cli.jobs).await?;
     }
-    drop(runner);
     Ok(())
 }
 

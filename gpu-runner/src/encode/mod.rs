@@ -81,6 +81,7 @@ fn check_even(format: OutputFormat, frames: &Frames) -> Result<(), String> {
 }
 
 /// Converts RGB to I420 (planar Y, then U, then V at half resolution), BT.601.
+#[cfg(feature = "webm")]
 fn rgb_to_i420(rgb: &[u8], width: usize, height: usize) -> Vec<u8> {
     let yuv = openh264::formats::YUVBuffer::from_rgb8_source(openh264::formats::RgbSliceU8::new(rgb, (width, height)));
     use openh264::formats::YUVSource;
