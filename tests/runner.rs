@@ -218,3 +218,31 @@ async fn a_job_whose_message_reaches_the_dead_letter_queue_ends_failed() {
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "dead_lettered", "{job}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stable_diffusion_package_renders_through_the_whole_stack() {
+    let stack = stack().await;
+    let _runner = start_runner(&stack, &runner_options("latent-diffusion"));
+    let client = Client::tenant(&stack, "acme").await;
+    let long_prompt = "a lighthouse on a rocky coast at dusk ".repeat(12);
+    let image = json!({"model": "kiln-tiny-sd", "prompt": long_prompt, "width": 96, "height": 64, "steps": 3,
+        "guidance": 7.5, "seed": 3});
+    let video = json!({"model": "kiln-tiny-sd", "prompt": "waves", "width": 64, "height": 64, "steps": 2,
+        "num_frames": 4, "fps": 4, "format": "gif", "seed": 3});
+    let image_id = job_id(&client.post_json("/v1/jobs", &image).await);
+    let video_id = job_id(&client.post_json("/v1/jobs", &video).await);
+
+    let job = client.wait_finished(&image_id, LIMIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["model_version"], "1.0.0");
+    let (_, probe) = artifact(&job, "png").await;
+    assert_eq!(probe, media::Probe { width: 96, height: 64, frames: 1 });
+    let warnings = job["warnings"].as_array().expect("a warnings list");
+    assert!(warnings[0].as_str().unwrap().contains("prompt truncated"), "{job}");
+
+    let job = client.wait_finished(&video_id, LIMIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert!(job.get("warnings").is_none(), "a short prompt is not truncated: {job}");
+    let (_, probe) = artifact(&job, "gif").await;
+    assert_eq!(probe, media::Probe { width: 64, height: 64, frames: 4 });
+}

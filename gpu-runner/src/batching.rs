@@ -4,7 +4,7 @@
 use kiln_domain::{Job, JobParams};
 
 /// Jobs render together only when all of this matches: one graph run takes one tensor shape,
-/// and every job in it takes the same number of steps.
+/// every job in it takes the same number of steps, and all or none use guidance.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BatchKey {
     pub model: String,
@@ -12,6 +12,9 @@ pub struct BatchKey {
     pub width: u32,
     pub height: u32,
     pub steps: u32,
+    /// Guidance above 1 takes a second (unconditional) UNet pass; jobs without it would pay for
+    /// one they do not use.
+    pub guided: bool,
 }
 
 impl BatchKey {
@@ -26,6 +29,7 @@ impl BatchKey {
             width: params.width,
             height: params.height,
             steps: params.steps,
+            guided: params.guidance > 1.0,
         }
     }
 }
@@ -43,7 +47,7 @@ mod tests {
     use super::*;
 
     fn key(width: u32, steps: u32) -> BatchKey {
-        BatchKey { model: "m".into(), version: "1".into(), width, height: 64, steps }
+        BatchKey { model: "m".into(), version: "1".into(), width, height: 64, steps, guided: true }
     }
 
     #[test]

@@ -2,7 +2,18 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use crate::render::runtime::{Device, SessionOptions};
+use crate::render::{
+    diffusion::DiffusionOptions,
+    runtime::{Device, SessionOptions},
+};
+
+/// A setting that is on, off, or decided by the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Toggle {
+    Auto,
+    On,
+    Off,
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunnerConfig {
@@ -27,6 +38,17 @@ pub struct RunnerConfig {
     /// Most compatible jobs (same model, size and steps) rendered in one call.
     #[arg(long, env = "KILN_MAX_BATCH", default_value_t = 1)]
     pub max_batch: usize,
+
+    /// Latent diffusion: most UNet rows in one run, counted at 512x512 (smaller images fit
+    /// proportionally more; with guidance each image is two rows). Bounds GPU memory whatever
+    /// the batch or video length.
+    #[arg(long, env = "KILN_MAX_UNET_ROWS", default_value_t = 4)]
+    pub max_unet_rows: usize,
+
+    /// Latent diffusion: bind the prompt embeddings to the device once per batch (ONNX Runtime
+    /// IO binding) and send only the latents each step. `auto`: on with CUDA.
+    #[arg(long, env = "KILN_IO_BINDING", default_value = "auto")]
+    pub io_binding: Toggle,
 
     /// Most jobs held at once (rendering, waiting to render, encoding or uploading). The runner
     /// takes messages from the queue only while below this, so other runners get the rest.
@@ -77,7 +99,17 @@ pub struct RunnerConfig {
 
 impl RunnerConfig {
     pub fn session_options(&self) -> SessionOptions {
-        SessionOptions { dylib: self.ort_dylib.clone(), device: self.device, intra_threads: self.intra_threads }
+        let io_binding = match self.io_binding {
+            Toggle::Auto => matches!(self.device, Device::Cuda(_)),
+            Toggle::On => true,
+            Toggle::Off => false,
+        };
+        SessionOptions {
+            dylib: self.ort_dylib.clone(),
+            device: self.device,
+            intra_threads: self.intra_threads,
+            diffusion: DiffusionOptions { max_unet_rows: self.max_unet_rows.max(1), io_binding },
+        }
     }
 
     pub fn settings(&self) -> Settings {

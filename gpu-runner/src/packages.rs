@@ -6,6 +6,7 @@ use std::path::Path;
 
 use crate::render::{
     Pipeline,
+    diffusion::{DiffusionLoadError, LatentDiffusion},
     procedural::Procedural,
     runtime::{RuntimeError, SessionOptions},
 };
@@ -16,7 +17,9 @@ pub enum PackageError {
     Manifest(#[from] ManifestError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
-    #[error("model `{model}`: no pipeline `{pipeline}` (this runner has: procedural)")]
+    #[error(transparent)]
+    Diffusion(#[from] DiffusionLoadError),
+    #[error("model `{model}`: no pipeline `{pipeline}` (this runner has: procedural, latent-diffusion)")]
     UnknownPipeline { model: String, pipeline: String },
     #[error("no model packages in {0}")]
     Empty(std::path::PathBuf),
@@ -40,6 +43,7 @@ pub fn load_all(models_dir: &Path, options: &SessionOptions) -> Result<Vec<Loade
 pub fn load(dir: &Path, spec: ModelSpec, options: &SessionOptions) -> Result<LoadedModel, PackageError> {
     let pipeline: Box<dyn Pipeline> = match spec.pipeline.as_str() {
         "procedural" => Box::new(Procedural::load(dir, options)?),
+        "latent-diffusion" => Box::new(LatentDiffusion::load(dir, options)?),
         other => return Err(PackageError::UnknownPipeline { model: spec.name, pipeline: other.to_owned() }),
     };
     Ok(LoadedModel { spec, pipeline })

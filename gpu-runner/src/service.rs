@@ -193,6 +193,7 @@ impl Runner {
         self.metrics.render.observe(rendered.render_time.as_secs_f64());
 
         let params = &job.params;
+        let warnings = frames.notes.clone();
         let started = Instant::now();
         let encoded = encode::encode(params.format, frames, params.fps.unwrap_or(1)).await;
         let encode_time = started.elapsed();
@@ -224,7 +225,7 @@ impl Runner {
             encode_ms: millis(encode_time),
             upload_ms: millis(upload_time),
         };
-        match self.runs.succeed(job, vec![output], timings, Utc::now()).await {
+        match self.runs.succeed(job, vec![output], timings, warnings, Utc::now()).await {
             Ok(Written::Done) => {
                 info!(job_id = %job.id, batch = rendered.batch_size, render_ms = ?job.timings.render_ms, encode_ms = ?job.timings.encode_ms, "job succeeded");
                 self.acknowledge(delivery).await;

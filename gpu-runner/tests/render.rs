@@ -6,14 +6,14 @@ use kiln_runner::{
     packages,
     render::{
         Frames, RenderControl, RenderError, RenderRequest, StopReason,
-        runtime::{Device, SessionOptions},
+        runtime::SessionOptions,
     },
 };
 use std::sync::Arc;
 
 fn options() -> SessionOptions {
     let tools = ensure_tools(&workspace_root()).expect("tools");
-    SessionOptions { dylib: tools.ort_dylib, device: Device::Cpu, intra_threads: 1 }
+    SessionOptions { intra_threads: 1, ..SessionOptions::cpu(tools.ort_dylib) }
 }
 
 fn request(body: &str) -> RenderRequest {

@@ -28,6 +28,9 @@ pub struct JobView<'a> {
     pub error: Option<&'a JobError>,
     pub outputs: Vec<OutputView<'a>>,
     pub timings: &'a Timings,
+    /// What the client should know about how the job was rendered (a prompt cut to fit).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    pub warnings: &'a [String],
     /// On submission: the result of an earlier identical job was returned, nothing rendered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cached: Option<bool>,
@@ -79,6 +82,7 @@ impl<'a> JobView<'a> {
             error: job.error.as_ref(),
             outputs,
             timings: &job.timings,
+            warnings: &job.warnings,
             cached: None,
             deduplicated: None,
         }

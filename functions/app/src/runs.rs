@@ -93,9 +93,15 @@ impl JobRuns {
         job: &mut Job,
         outputs: Vec<Output>,
         timings: Timings,
+        warnings: Vec<String>,
         now: DateTime<Utc>,
     ) -> Result<Written, AppError> {
-        self.write(job, true, |job| job.succeed(outputs.clone(), timings.clone(), now)).await
+        self.write(job, true, |job| {
+            job.succeed(outputs.clone(), timings.clone(), now)?;
+            job.warnings = warnings.clone();
+            Ok(())
+        })
+        .await
     }
 
     /// Ends the job as canceled (the runner stopped at the client's request).

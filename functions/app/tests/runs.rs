@@ -56,11 +56,12 @@ async fn a_run_starts_reports_progress_and_succeeds() {
     assert_eq!(world.store.get(&id).await.unwrap().unwrap().progress, 0.5);
     let timings = Timings { render_ms: Some(7), encode_ms: Some(2), upload_ms: Some(1), queue_ms: None };
     let outputs = output(&job);
-    assert_eq!(world.runs.succeed(&mut job, outputs, timings, Utc::now()).await.unwrap(), Written::Done);
+    assert_eq!(world.runs.succeed(&mut job, outputs, timings, vec!["prompt truncated".into()], Utc::now()).await.unwrap(), Written::Done);
     let stored = world.store.get(&id).await.unwrap().unwrap();
     assert_eq!((stored.status, stored.progress, stored.outputs.len()), (JobStatus::Succeeded, 1.0, 1));
     assert!(stored.timings.queue_ms.is_some(), "the queue wait recorded at start is kept");
     assert_eq!(stored.timings.render_ms, Some(7));
+    assert_eq!(stored.warnings, ["prompt truncated"]);
 
     // A redelivered message for the finished job is skipped.
     assert_eq!(world.runs.start(&id, Utc::now()).await.unwrap(), Start::Skip(SkipReason::Ended(JobStatus::Succeeded)));
@@ -76,7 +77,7 @@ async fn a_cancel_request_reaches_the_run_at_its_next_write() {
     assert_eq!(world.runs.checkpoint(&mut job, 0.3).await.unwrap(), Written::CancelRequested);
     let outputs = output(&job);
     assert_eq!(
-        world.runs.succeed(&mut job, outputs, Timings::default(), Utc::now()).await.unwrap(),
+        world.runs.succeed(&mut job, outputs, Timings::default(), Vec::new(), Utc::now()).await.unwrap(),
         Written::CancelRequested,
         "a cancel acknowledged to the client wins over a late success"
     );

@@ -87,6 +87,10 @@ pub struct Job {
     pub outputs: Vec<Output>,
     #[serde(default)]
     pub timings: Timings,
+    /// What the client should know about how the job was rendered (a prompt cut to fit the text
+    /// encoder, say).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// Bumped by every change; stores write only when the stored revision is the one read, so
     /// two writers racing on one job can never both win.
     pub revision: u64,
@@ -134,6 +138,7 @@ impl Job {
             error: None,
             outputs: Vec::new(),
             timings: Timings::default(),
+            warnings: Vec::new(),
             revision: 0,
         }
     }

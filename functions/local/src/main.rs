@@ -129,7 +129,7 @@ impl Running {
 }
 
 /// The main job, through the HTTP API as a client would use it: an image and a video in each
-/// video format, followed to the end and downloaded through their presigned URLs.
+/// video format from the demo model, a latent-diffusion video from the tiny SD model, followed to the end and downloaded through their presigned URLs.
 async fn demo(running: &Running) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let api = &running.stack.api_url;
@@ -150,6 +150,14 @@ async fn demo(running: &Running) -> anyhow::Result<()> {
             "tide",
             json!({"model": "kiln-demo", "prompt": "the tide coming in, watercolour", "seed": 5,
             "width": 384, "height": 256, "num_frames": 24, "fps": 12, "format": "webm"}),
+        ),
+        (
+            // The Stable Diffusion pipeline (tokenizer, text encoder, guided UNet, Euler, VAE) on
+            // the tiny random-weight model: patterns, not pictures, but every stage is real.
+            "tiny-sd-walk",
+            json!({"model": "kiln-tiny-sd", "prompt": "a lighthouse at dusk", "negative_prompt": "blurry",
+            "seed": 7, "width": 256, "height": 256, "num_frames": 16, "fps": 8, "steps": 8, "guidance": 7.5,
+            "format": "gif"}),
         ),
     ];
     let mut jobs = Vec::new();

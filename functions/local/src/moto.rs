@@ -23,6 +23,8 @@ pub struct Tools {
     pub moto_server: PathBuf,
     /// ONNX Runtime's shared library, for `ORT_DYLIB_PATH`.
     pub ort_dylib: PathBuf,
+    /// The venv's Python, with numpy and onnxruntime (what `gpu-runner/sd/reference.py` needs).
+    pub python: PathBuf,
 }
 
 /// Makes sure `<root>/.venv` holds [`PYTHON_REQUIREMENTS`] (installing them on first use) and
@@ -42,7 +44,7 @@ pub fn ensure_tools(root: &Path) -> anyhow::Result<Tools> {
             std::fs::write(&stamp, &wanted).context("writing the requirements stamp")?;
         }
     }
-    Ok(Tools { moto_server: venv.join("bin/moto_server"), ort_dylib: find_ort_dylib(&venv)? })
+    Ok(Tools { moto_server: venv.join("bin/moto_server"), ort_dylib: find_ort_dylib(&venv)?, python: venv.join("bin/python") })
 }
 
 /// The moto server's path (see [`ensure_tools`]).

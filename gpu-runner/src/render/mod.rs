@@ -4,6 +4,8 @@
 //! each finished step to the job's [`RenderControl`] and checks it between steps, so progress is
 //! real and a cancel stops the render at the next step.
 
+pub mod diffusion;
+pub mod noise;
 pub mod procedural;
 pub mod runtime;
 pub mod style;
@@ -20,6 +22,8 @@ pub struct Frames {
     pub width: u32,
     pub height: u32,
     pub frames: Vec<Vec<u8>>,
+    /// What the client should know about how the job was rendered (a prompt cut to fit, say).
+    pub notes: Vec<String>,
 }
 
 /// Why a render stopped before its last step.

@@ -8,7 +8,8 @@ use std::path::Path;
 use super::{
     Frames, Pipeline, RenderError, RenderRequest,
     runtime::{self, RuntimeError, SessionOptions},
-    style::{STYLE_LEN, noise, style},
+    noise::uniform,
+    style::{STYLE_LEN, style},
 };
 
 /// The graph file in a procedural package.
@@ -51,7 +52,7 @@ impl Pipeline for Procedural {
             // not depend on how frames are split into runs.
             let mut canvas = Vec::with_capacity(count * pixels * 3);
             for frame in first..first + count {
-                canvas.extend(noise(u64::from(params.seed), frame as u64, pixels * 3));
+                canvas.extend(uniform(u64::from(params.seed), frame as u64, pixels * 3));
             }
             let styles: Vec<f32> = (0..count).flat_map(|_| style).collect();
             let times: Vec<f32> = (first..first + count).map(|f| f as f32 / frame_count as f32).collect();
@@ -70,7 +71,7 @@ impl Pipeline for Procedural {
             }
             frames.extend(canvas.chunks_exact(pixels * 3).map(to_rgb8));
         }
-        Ok(Frames { width: params.width, height: params.height, frames })
+        Ok(Frames { width: params.width, height: params.height, frames, notes: Vec::new() })
     }
 }
 

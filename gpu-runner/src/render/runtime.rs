@@ -1,6 +1,7 @@
 //! ONNX Runtime: loaded once per process from `ORT_DYLIB_PATH`, sessions on the CPU or on a
 //! CUDA device.
 
+use super::diffusion::DiffusionOptions;
 use ort::session::{Session, builder::GraphOptimizationLevel};
 use std::{
     fmt,
@@ -73,6 +74,15 @@ pub struct SessionOptions {
     pub device: Device,
     /// Threads within an operator; 0 leaves ONNX Runtime's default.
     pub intra_threads: usize,
+    /// How latent-diffusion packages batch and bind their UNet runs.
+    pub diffusion: DiffusionOptions,
+}
+
+impl SessionOptions {
+    /// The CPU, ONNX Runtime's default threads.
+    pub fn cpu(dylib: PathBuf) -> Self {
+        Self { dylib, device: Device::Cpu, intra_threads: 0, diffusion: DiffusionOptions::for_device(Device::Cpu) }
+    }
 }
 
 /// Loads a model file. On CUDA the provider is registered with `error_on_failure`, so a broken

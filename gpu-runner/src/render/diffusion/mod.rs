@@ -1,0 +1,529 @@
+//! The `latent-diffusion` pipeline: Stable Diffusion family models (SD 1.5, SD 2.x, SD-Turbo,
+//! LCM) exported to ONNX in the layout Hugging Face optimum writes:
+//!
+//! ```text
+//! <package>/manifest.json               kiln's description (limits, defaults)
+//!           model_index.json            optimum's
+//!           tokenizer/                  vocab.json + merges.txt, or tokenizer.json
+//!           text_encoder/model.onnx     input_ids -> last_hidden_state
+//!           unet/model.onnx             sample, timestep, encoder_hidden_states [, timestep_cond] -> out_sample
+//!           vae_decoder/model.onnx      latent_sample -> sample   (+ config.json: scaling_factor)
+//!           scheduler/scheduler_config.json
+//! ```
+//!
+//! One render: tokenize (77 tokens, truncation reported), encode the prompt (and the negative
+//! prompt when guidance > 1), start from seeded Gaussian latents, run the scheduler's steps with
+//! the conditional and unconditional UNet passes in one batch, decode with the VAE. Graphs may be
+//! fp32 or fp16: inputs are converted to what each graph declares. A video is `num_frames` images
+//! along a seeded latent walk (spherical interpolation between keyframe noises, one every
+//! [`FRAMES_PER_KEY`] frames), rendered as a batch. Jobs of one batch share UNet runs too.
+//!
+//! `gpu-runner/sd/reference.py` is the same algorithm in numpy; a test holds the two together.
+
+pub mod scheduler;
+pub mod tokenizer;
+
+use half::f16;
+use ort::{
+    memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType},
+    session::{Session, SessionInputValue},
+    value::{DynValue, Tensor, TensorElementType, ValueType},
+};
+use std::{borrow::Cow, collections::HashMap, path::Path};
+
+use super::{
+    Frames, Pipeline, RenderError, RenderRequest,
+    noise::{gaussian, slerp},
+    runtime::{self, Device, RuntimeError, SessionOptions},
+};
+use scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
+use tokenizer::{PromptTokenizer, TokenizerError};
+
+/// Latent channels and the VAE's downsampling, as in every Stable Diffusion 1.x/2.x model.
+const LATENT_CHANNELS: usize = 4;
+const VAE_FACTOR: u32 = 8;
+/// Keyframe noises of a video's latent walk are this many frames apart.
+pub const FRAMES_PER_KEY: usize = 8;
+/// Noise streams (per job seed): keyframe `k` uses stream `k`; step `i`'s fresh noise (Euler-a,
+/// LCM) uses `STEP_STREAM + i`, the same for every frame so a video stays coherent.
+const STEP_STREAM: u64 = 1 << 32;
+/// [`DiffusionOptions::max_unet_rows`] counts rows of this many latent pixels (512×512 images).
+const ROW_LATENT_PIXELS: usize = 64 * 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiffusionLoadError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("{path}: {message}")]
+    Invalid { path: std::path::PathBuf, message: String },
+}
+
+/// How the pipeline runs its UNet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiffusionOptions {
+    /// Most UNet rows per run, counted at 512×512 (smaller images fit proportionally more).
+    /// With guidance each image is two rows. Bounds GPU memory whatever the batch or video.
+    pub max_unet_rows: usize,
+    /// Bind the prompt embeddings to the device once per batch and rebind only the latents each
+    /// step (ONNX Runtime IO binding), instead of copying every input every step.
+    pub io_binding: bool,
+}
+
+impl DiffusionOptions {
+    pub fn for_device(device: Device) -> Self {
+        Self { max_unet_rows: 4, io_binding: matches!(device, Device::Cuda(_)) }
+    }
+}
+
+/// A graph and what its inputs want.
+struct Graph {
+    session: Session,
+    inputs: HashMap<String, (TensorElementType, Vec<i64>)>,
+    output: String,
+}
+
+impl Graph {
+    fn load(path: &Path, options: &SessionOptions, output: &str) -> Result<Self, DiffusionLoadError> {
+        let session = runtime::load(path, options)?;
+        let inputs = session
+            .inputs()
+            .iter()
+            .filter_map(|input| match input.dtype() {
+                ValueType::Tensor { ty, shape, .. } => Some((input.name().to_owned(), (*ty, shape.to_vec()))),
+                _ => None,
+            })
+            .collect();
+        let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+        let output = if names.contains(&output) { output } else { names.first().copied().unwrap_or(output) }.to_owned();
+        Ok(Self { session, inputs, output })
+    }
+
+    fn input(&self, name: &str, path: &Path) -> Result<(TensorElementType, Vec<i64>), DiffusionLoadError> {
+        self.inputs.get(name).cloned().ok_or_else(|| DiffusionLoadError::Invalid {
+            path: path.to_owned(),
+            message: format!("the graph has no input `{name}`"),
+        })
+    }
+}
+
+pub struct LatentDiffusion {
+    tokenizer: PromptTokenizer,
+    text_encoder: Graph,
+    unet: Graph,
+    vae_decoder: Graph,
+    scheduler: SchedulerConfig,
+    kind: SchedulerKind,
+    scaling_factor: f64,
+    options: DiffusionOptions,
+}
+
+impl LatentDiffusion {
+    pub fn load(package: &Path, options: &SessionOptions) -> Result<Self, DiffusionLoadError> {
+        let invalid = |path: &Path, message: String| DiffusionLoadError::Invalid { path: path.to_owned(), message };
+        let read_json = |path: &Path| -> Result<serde_json::Value, DiffusionLoadError> {
+            let text = std::fs::read_to_string(path).map_err(|err| invalid(path, err.to_string()))?;
+            serde_json::from_str(&text).map_err(|err| invalid(path, err.to_string()))
+        };
+        let scheduler_path = package.join("scheduler/scheduler_config.json");
+        let scheduler: SchedulerConfig =
+            serde_json::from_value(read_json(&scheduler_path)?).map_err(|err| invalid(&scheduler_path, err.to_string()))?;
+        let kind = SchedulerKind::of(&scheduler.class_name).unwrap_or_else(|| {
+            tracing::warn!(class = %scheduler.class_name, "scheduler not implemented; using Euler on its noise schedule");
+            SchedulerKind::Euler
+        });
+        Scheduler::new(kind, &scheduler, 1).map_err(|err| invalid(&scheduler_path, err.to_string()))?;
+        let vae_config = package.join("vae_decoder/config.json");
+        let scaling_factor = match vae_config.exists() {
+            true => read_json(&vae_config)?["scaling_factor"].as_f64().unwrap_or(0.18215),
+            false => 0.18215,
+        };
+        let graph = |name: &str, output: &str| Graph::load(&package.join(name).join("model.onnx"), options, output);
+        let pipeline = Self {
+            tokenizer: PromptTokenizer::load(&package.join("tokenizer"))?,
+            text_encoder: graph("text_encoder", "last_hidden_state")?,
+            unet: graph("unet", "out_sample")?,
+            vae_decoder: graph("vae_decoder", "sample")?,
+            scheduler,
+            kind,
+            scaling_factor,
+            options: options.diffusion,
+        };
+        for (graph, name, input) in [
+            (&pipeline.text_encoder, "text_encoder", "input_ids"),
+            (&pipeline.unet, "unet", "sample"),
+            (&pipeline.unet, "unet", "timestep"),
+            (&pipeline.unet, "unet", "encoder_hidden_states"),
+            (&pipeline.vae_decoder, "vae_decoder", "latent_sample"),
+        ] {
+            graph.input(input, &package.join(name).join("model.onnx"))?;
+        }
+        Ok(pipeline)
+    }
+
+    /// Hidden states for each prompt, `[CONTEXT × width]` each, and how many tokens each lost.
+    fn encode_prompts(&mut self, prompts: &[&str]) -> Result<(Vec<Vec<f32>>, Vec<usize>), RenderError> {
+        let mut ids = Vec::with_capacity(prompts.len() * tokenizer::CONTEXT);
+        let mut truncated = Vec::with_capacity(prompts.len());
+        for prompt in prompts {
+            let tokens = self.tokenizer.encode(prompt).map_err(|err| RenderError::Invalid(err.to_string()))?;
+            ids.extend(tokens.ids);
+            truncated.push(tokens.truncated);
+        }
+        let shape = vec![prompts.len() as i64, tokenizer::CONTEXT as i64];
+        let (ty, _) = self.text_encoder.inputs["input_ids"].clone();
+        let input: DynValue = match ty {
+            TensorElementType::Int64 => {
+                Tensor::from_array((shape, ids.iter().map(|id| i64::from(*id)).collect::<Vec<_>>()))?.into_dyn()
+            }
+            _ => Tensor::from_array((shape, ids.iter().map(|id| *id as i32).collect::<Vec<_>>()))?.into_dyn(),
+        };
+        let outputs = self.text_encoder.session.run(ort::inputs!["input_ids" => input])?;
+        let (_, hidden) = extract_floats(&outputs[self.text_encoder.output.as_str()])?;
+        let per_prompt = hidden.len() / prompts.len();
+        Ok((hidden.chunks_exact(per_prompt).map(<[f32]>::to_vec).collect(), truncated))
+    }
+
+    fn decode(&mut self, latents: &[&[f32]], latent_height: usize, latent_width: usize) -> Result<Vec<Vec<u8>>, RenderError> {
+        let (ty, _) = self.vae_decoder.inputs["latent_sample"].clone();
+        let scale = 1.0 / self.scaling_factor;
+        let data: Vec<f32> = latents.iter().flat_map(|l| l.iter().map(|v| (f64::from(*v) * scale) as f32)).collect();
+        let shape = vec![latents.len() as i64, LATENT_CHANNELS as i64, latent_height as i64, latent_width as i64];
+        let input = float_tensor(ty, shape, &data)?;
+        let outputs = self.vae_decoder.session.run(ort::inputs!["latent_sample" => input])?;
+        let (shape, pixels) = extract_floats(&outputs[self.vae_decoder.output.as_str()])?;
+        let (height, width) = (shape[2] as usize, shape[3] as usize);
+        Ok(pixels.chunks_exact(3 * height * width).map(|image| to_rgb8(image, height, width)).collect())
+    }
+}
+
+/// One image of a batch: a job's frame.
+#[derive(Debug, Clone, Copy)]
+struct Lane {
+    job: usize,
+    frame: usize,
+}
+
+impl Pipeline for LatentDiffusion {
+    fn render(&mut self, request: &RenderRequest) -> Result<Frames, RenderError> {
+        self.render_batch(std::slice::from_ref(request)).pop().unwrap_or(Err(RenderError::Invalid("empty batch".into())))
+    }
+
+    fn render_batch(&mut self, batch: &[RenderRequest]) -> Vec<Result<Frames, RenderError>> {
+        match self.render_together(batch) {
+            Ok(results) => results,
+            Err(err) => batch.iter().map(|_| Err(err.clone())).collect(),
+        }
+    }
+}
+
+impl LatentDiffusion {
+    /// Renders jobs of one size and step count together; a job stopped midway leaves the batch
+    /// and the rest go on.
+    fn render_together(&mut self, batch: &[RenderRequest]) -> Result<Vec<Result<Frames, RenderError>>, RenderError> {
+        let Some(first) = batch.first().map(|r| &r.params) else { return Ok(Vec::new()) };
+        let (width, height, steps) = (first.width, first.height, first.steps);
+        if width % VAE_FACTOR != 0 || height % VAE_FACTOR != 0 || width == 0 || height == 0 {
+            return Err(RenderError::Invalid(format!("width and height must be positive multiples of {VAE_FACTOR}")));
+        }
+        if batch.iter().any(|r| (r.params.width, r.params.height, r.params.steps) != (width, height, steps)) {
+            return Err(RenderError::Invalid("a batch must share width, height and steps".into()));
+        }
+        let scheduler =
+            Scheduler::new(self.kind, &self.scheduler, steps).map_err(|err| RenderError::Invalid(err.to_string()))?;
+        let timestep_cond = self.unet.inputs.get("timestep_cond").map(|(_, shape)| shape.get(1).copied().unwrap_or(256));
+        // LCM-distilled UNets take the guidance scale as an embedding instead of a second pass.
+        let guided = timestep_cond.is_none() && batch.iter().any(|r| r.params.guidance > 1.0);
+
+        let cond: Vec<&str> = batch.iter().map(|r| r.params.prompt.as_str()).collect();
+        let (cond, truncated) = self.encode_prompts(&cond)?;
+        let uncond = match guided {
+            true => self.encode_prompts(&batch.iter().map(|r| r.params.negative_prompt.as_str()).collect::<Vec<_>>())?.0,
+            false => Vec::new(),
+        };
+
+        let (latent_height, latent_width) = ((height / VAE_FACTOR) as usize, (width / VAE_FACTOR) as usize);
+        let latent_len = LATENT_CHANNELS * latent_height * latent_width;
+        let rows_per_lane = if guided { 2 } else { 1 };
+        let lanes_per_run =
+            (self.options.max_unet_rows * ROW_LATENT_PIXELS / (latent_height * latent_width) / rows_per_lane).max(1);
+        let lanes: Vec<Lane> = batch
+            .iter()
+            .enumerate()
+            .flat_map(|(job, r)| (0..r.params.num_frames.max(1) as usize).map(move |frame| Lane { job, frame }))
+            .collect();
+        let chunks: Vec<&[Lane]> = lanes.chunks(lanes_per_run).collect();
+        let mut totals = vec![0u32; batch.len()];
+        for chunk in &chunks {
+            let mut jobs: Vec<usize> = chunk.iter().map(|lane| lane.job).collect();
+            jobs.dedup();
+            for job in jobs {
+                totals[job] += steps;
+            }
+        }
+        let mut done = vec![0u32; batch.len()];
+        for (request, total) in batch.iter().zip(&totals) {
+            request.control.report(0, *total);
+        }
+        let mut stopped: Vec<Option<RenderError>> = vec![None; batch.len()];
+        let mut frames: Vec<Vec<Vec<u8>>> =
+            batch.iter().map(|r| vec![Vec::new(); r.params.num_frames.max(1) as usize]).collect();
+
+        for chunk in chunks {
+            let mut live: Vec<Lane> = chunk.iter().copied().filter(|lane| stopped[lane.job].is_none()).collect();
+            let mut latents: Vec<Vec<f32>> = live
+                .iter()
+                .map(|lane| {
+                    let params = &batch[lane.job].params;
+                    let noise = walk_noise(u64::from(params.seed), lane.frame, params.num_frames as usize, latent_len);
+                    let sigma = scheduler.init_noise_sigma();
+                    noise.iter().map(|v| (f64::from(*v) * sigma) as f32).collect()
+                })
+                .collect();
+            let mut call: Option<UnetCall> = None;
+            for step in 0..steps as usize {
+                let before = live.len();
+                for (job, request) in batch.iter().enumerate() {
+                    if let (None, Err(err)) = (&stopped[job], request.control.check()) {
+                        stopped[job] = Some(err);
+                    }
+                }
+                let keep: Vec<bool> = live.iter().map(|lane| stopped[lane.job].is_none()).collect();
+                let mut index = 0;
+                live.retain(|_| (keep[index], index += 1).0);
+                let mut index = 0;
+                latents.retain(|_| (keep[index], index += 1).0);
+                if live.is_empty() {
+                    break;
+                }
+                if call.is_none() || live.len() != before {
+                    let rows: Vec<&[f32]> = match guided {
+                        true => live.iter().map(|l| &uncond[l.job][..]).chain(live.iter().map(|l| &cond[l.job][..])).collect(),
+                        false => live.iter().map(|l| &cond[l.job][..]).collect(),
+                    };
+                    let guidance: Vec<f64> = live.iter().map(|l| batch[l.job].params.guidance).collect();
+                    call = Some(UnetCall::new(&self.unet, &rows, timestep_cond.map(|dim| (dim, guidance)), self.options)?);
+                }
+                let Some(call) = call.as_mut() else { break };
+                let scale = scheduler.input_scale(step);
+                let mut sample = Vec::with_capacity(live.len() * rows_per_lane * latent_len);
+                for _ in 0..rows_per_lane {
+                    for latent in &latents {
+                        sample.extend(latent.iter().map(|v| (f64::from(*v) * scale) as f32));
+                    }
+                }
+                let shape = [(live.len() * rows_per_lane) as i64, LATENT_CHANNELS as i64, latent_height as i64, latent_width as i64];
+                let output = call.run(&mut self.unet, &sample, shape, scheduler.timesteps()[step])?;
+                let mut step_noise: HashMap<usize, Vec<f32>> = HashMap::new();
+                for (k, lane) in live.iter().enumerate() {
+                    let params = &batch[lane.job].params;
+                    let cond_row = &output[(k + if guided { live.len() } else { 0 }) * latent_len..][..latent_len];
+                    let eps: Cow<[f32]> = match guided && params.guidance > 1.0 {
+                        true => {
+                            let uncond_row = &output[k * latent_len..][..latent_len];
+                            let g = params.guidance;
+                            Cow::Owned(
+                                uncond_row
+                                    .iter()
+                                    .zip(cond_row)
+                                    .map(|(u, c)| (f64::from(*u) + g * (f64::from(*c) - f64::from(*u))) as f32)
+                                    .collect(),
+                            )
+                        }
+                        false => Cow::Borrowed(cond_row),
+                    };
+                    let noise = scheduler.needs_noise(step).then(|| {
+                        &step_noise
+                            .entry(lane.job)
+                            .or_insert_with(|| gaussian(u64::from(params.seed), STEP_STREAM + step as u64, latent_len))[..]
+                    });
+                    scheduler.step(step, &eps, &mut latents[k], noise);
+                }
+                let mut reported: Vec<usize> = live.iter().map(|lane| lane.job).collect();
+                reported.dedup();
+                for job in reported {
+                    done[job] += 1;
+                    batch[job].control.report(done[job], totals[job]);
+                }
+            }
+            if live.is_empty() {
+                continue;
+            }
+            let views: Vec<&[f32]> = latents.iter().map(Vec::as_slice).collect();
+            for (lane, image) in live.iter().zip(self.decode(&views, latent_height, latent_width)?) {
+                frames[lane.job][lane.frame] = image;
+            }
+        }
+
+        Ok(batch
+            .iter()
+            .enumerate()
+            .map(|(job, request)| {
+                if let Some(err) = stopped[job].take() {
+                    return Err(err);
+                }
+                let mut notes = Vec::new();
+                if truncated[job] > 0 {
+                    notes.push(format!(
+                        "prompt truncated: the text encoder reads {} tokens; {} were dropped",
+                        tokenizer::CONTEXT - 2,
+                        truncated[job]
+                    ));
+                }
+                Ok(Frames {
+                    width: request.params.width,
+                    height: request.params.height,
+                    frames: std::mem::take(&mut frames[job]),
+                    notes,
+                })
+            })
+            .collect())
+    }
+}
+
+/// Frame `frame` of `frames` on the seed's latent walk: keyframe noises every
+/// [`FRAMES_PER_KEY`] frames, spherical interpolation between them. An image is keyframe 0.
+pub fn walk_noise(seed: u64, frame: usize, frames: usize, len: usize) -> Vec<f32> {
+    let key = frame / FRAMES_PER_KEY;
+    let offset = frame % FRAMES_PER_KEY;
+    let from = gaussian(seed, key as u64, len);
+    if offset == 0 || frames <= 1 {
+        return from;
+    }
+    let to = gaussian(seed, key as u64 + 1, len);
+    slerp(&from, &to, offset as f64 / FRAMES_PER_KEY as f64)
+}
+
+/// The UNet inputs that stay the same through a chunk's steps, bound once.
+enum UnetCall {
+    Plain { hidden: DynValue, cond: Option<DynValue> },
+    Bound(ort::session::IoBinding),
+}
+
+impl UnetCall {
+    fn new(
+        unet: &Graph,
+        rows: &[&[f32]],
+        guidance_embedding: Option<(i64, Vec<f64>)>,
+        options: DiffusionOptions,
+    ) -> Result<Self, RenderError> {
+        let (ty, _) = unet.inputs["encoder_hidden_states"].clone();
+        let width = rows.first().map_or(0, |row| row.len() / tokenizer::CONTEXT);
+        let data: Vec<f32> = rows.iter().flat_map(|row| row.iter().copied()).collect();
+        let hidden = float_tensor(ty, vec![rows.len() as i64, tokenizer::CONTEXT as i64, width as i64], &data)?;
+        let cond = match guidance_embedding {
+            Some((dim, guidance)) => {
+                let (ty, _) = unet.inputs["timestep_cond"].clone();
+                let data: Vec<f32> = guidance.iter().flat_map(|g| guidance_scale_embedding(*g - 1.0, dim as usize)).collect();
+                Some(float_tensor(ty, vec![guidance.len() as i64, dim], &data)?)
+            }
+            None => None,
+        };
+        if !options.io_binding {
+            return Ok(Self::Plain { hidden, cond });
+        }
+        let mut binding = unet.session.create_binding()?;
+        binding.bind_input("encoder_hidden_states", &hidden)?;
+        if let Some(cond) = &cond {
+            binding.bind_input("timestep_cond", cond)?;
+        }
+        let host = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::CPUOutput)?;
+        binding.bind_output_to_device(unet.output.as_str(), &host)?;
+        Ok(Self::Bound(binding))
+    }
+
+    /// One UNet run: the noise prediction for every row, as f32.
+    fn run(&mut self, unet: &mut Graph, sample: &[f32], shape: [i64; 4], timestep: f64) -> Result<Vec<f32>, RenderError> {
+        let (sample_ty, _) = unet.inputs["sample"].clone();
+        let sample = float_tensor(sample_ty, shape.to_vec(), sample)?;
+        let (timestep_ty, timestep_shape) = unet.inputs["timestep"].clone();
+        let count = match timestep_shape.first() {
+            Some(1) => 1,
+            Some(_) => shape[0] as usize,
+            None => 0, // a scalar
+        };
+        let timestep = timestep_tensor(timestep_ty, count, timestep)?;
+        let output = unet.output.clone();
+        match self {
+            Self::Plain { hidden, cond } => {
+                let mut inputs: Vec<(Cow<str>, SessionInputValue)> = vec![
+                    ("sample".into(), sample.into()),
+                    ("timestep".into(), timestep.into()),
+                    ("encoder_hidden_states".into(), hidden.view().into()),
+                ];
+                if let Some(cond) = cond {
+                    inputs.push(("timestep_cond".into(), cond.view().into()));
+                }
+                let outputs = unet.session.run(inputs)?;
+                Ok(extract_floats(&outputs[output.as_str()])?.1)
+            }
+            Self::Bound(binding) => {
+                binding.bind_input("sample", &sample)?;
+                binding.bind_input("timestep", &timestep)?;
+                let outputs = unet.session.run_binding(binding)?;
+                Ok(extract_floats(&outputs[output.as_str()])?.1)
+            }
+        }
+    }
+}
+
+/// The guidance embedding LCM-distilled UNets take (`get_guidance_scale_embedding` in diffusers).
+fn guidance_scale_embedding(w: f64, dim: usize) -> Vec<f32> {
+    let half = dim / 2;
+    let step = (10000f64).ln() / (half.saturating_sub(1).max(1)) as f64;
+    let w = w * 1000.0;
+    let angles: Vec<f64> = (0..half).map(|i| w * (-(i as f64) * step).exp()).collect();
+    let mut out: Vec<f32> = angles.iter().map(|a| a.sin() as f32).chain(angles.iter().map(|a| a.cos() as f32)).collect();
+    out.resize(dim, 0.0);
+    out
+}
+
+fn timestep_tensor(ty: TensorElementType, count: usize, timestep: f64) -> Result<DynValue, RenderError> {
+    let shape: Vec<i64> = if count == 0 { Vec::new() } else { vec![count as i64] };
+    let count = count.max(1);
+    Ok(match ty {
+        TensorElementType::Int64 => Tensor::from_array((shape, vec![timestep as i64; count]))?.into_dyn(),
+        TensorElementType::Int32 => Tensor::from_array((shape, vec![timestep as i32; count]))?.into_dyn(),
+        TensorElementType::Float64 => Tensor::from_array((shape, vec![timestep; count]))?.into_dyn(),
+        other => float_tensor(other, shape, &vec![timestep as f32; count])?,
+    })
+}
+
+/// A float tensor of the element type a graph declares (f32 or f16).
+fn float_tensor(ty: TensorElementType, shape: Vec<i64>, data: &[f32]) -> Result<DynValue, RenderError> {
+    Ok(match ty {
+        TensorElementType::Float16 => {
+            Tensor::from_array((shape, data.iter().map(|v| f16::from_f32(*v)).collect::<Vec<_>>()))?.into_dyn()
+        }
+        TensorElementType::Float32 => Tensor::from_array((shape, data.to_vec()))?.into_dyn(),
+        other => return Err(RenderError::Invalid(format!("a float input of type {other:?} is not supported"))),
+    })
+}
+
+/// A float output (f32 or f16) as f32, with its shape.
+fn extract_floats(value: &DynValue) -> Result<(Vec<i64>, Vec<f32>), RenderError> {
+    match value.dtype().tensor_type() {
+        Some(TensorElementType::Float16) => {
+            let (shape, data) = value.try_extract_tensor::<f16>()?;
+            Ok((shape.to_vec(), data.iter().map(|v| v.to_f32()).collect()))
+        }
+        _ => {
+            let (shape, data) = value.try_extract_tensor::<f32>()?;
+            Ok((shape.to_vec(), data.to_vec()))
+        }
+    }
+}
+
+/// `[3, H, W]` in -1..1 to row-major RGB bytes.
+fn to_rgb8(image: &[f32], height: usize, width: usize) -> Vec<u8> {
+    let plane = height * width;
+    let mut out = Vec::with_capacity(plane * 3);
+    for pixel in 0..plane {
+        for channel in 0..3 {
+            let value = (image[channel * plane + pixel] / 2.0 + 0.5).clamp(0.0, 1.0);
+            out.push((value * 255.0 + 0.5) as u8);
+        }
+    }
+    out
+}
