@@ -13,3 +13,133 @@ variable "prefix" {
     error_message = "prefix must be 2 to 31 of a-z, 0-9 and '-'."
   }
 }
+
+variable "deletion_protection" {
+  description = "Protect the DynamoDB tables from deletion (set false for a throwaway deployment that `terraform destroy` should remove)."
+  type        = bool
+  default     = true
+}
+
+variable "lambda_architecture" {
+  description = "CPU architecture of the Lambda functions: arm64 (cheaper per GB-second) or x86_64. Package the zips for the same one (terraform/package.sh --arch ...)."
+  type        = string
+  default     = "arm64"
+  validation {
+    condition     = contains(["arm64", "x86_64"], var.lambda_architecture)
+    error_message = "lambda_architecture must be arm64 or x86_64."
+  }
+}
+
+variable "lambda_package_dir" {
+  description = "Folder holding <architecture>/<function>.zip, as terraform/package.sh writes them. Empty: the repository's target/lambda."
+  type        = string
+  default     = ""
+}
+
+variable "function_env" {
+  description = "Extra environment per function (function name => { VARIABLE = value }), e.g. { submit-job = { KILN_QUEUED_TTL_SECS = \"7200\" } }; merged over terraform/functions.json."
+  type        = map(map(string))
+  default     = {}
+}
+
+variable "log_retention_days" {
+  description = "Days CloudWatch keeps the functions', the API's and the runners' logs."
+  type        = number
+  default     = 30
+}
+
+variable "api_throttle_rate_limit" {
+  description = "Default steady-state requests per second the HTTP API accepts (every route)."
+  type        = number
+  default     = 50
+}
+
+variable "api_throttle_burst_limit" {
+  description = "Default request burst the HTTP API accepts (every route)."
+  type        = number
+  default     = 100
+}
+
+variable "output_retention_days" {
+  description = "Days a rendered artifact (jobs/ in the bucket) is kept before S3 deletes it."
+  type        = number
+  default     = 30
+}
+
+variable "inbox_retention_days" {
+  description = "Days an object dropped under inbox/ is kept before S3 deletes it."
+  type        = number
+  default     = 7
+}
+
+variable "queue_age_alarm_seconds" {
+  description = "Alarm when the oldest message of a queue has waited this long."
+  type        = number
+  default     = 900
+}
+
+variable "alarm_email" {
+  description = "Address subscribed to the alarm topic (confirm the e-mail AWS sends). Empty: no subscription."
+  type        = string
+  default     = ""
+}
+
+variable "runner_instance_types" {
+  description = "GPU instance types the runner group may launch, in order of preference (x86_64 with NVIDIA GPUs; CUDA 13 needs driver 580 or newer)."
+  type        = list(string)
+  default     = ["g6.xlarge", "g5.xlarge", "g6e.xlarge"]
+}
+
+variable "runner_ami_ssm_parameter" {
+  description = "SSM parameter holding the runner AMI id: an x86_64 AMI with the NVIDIA driver, Docker, the NVIDIA container toolkit and the AWS CLI."
+  type        = string
+  default     = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-amazon-linux-2023/latest/ami-id"
+}
+
+variable "runner_image_tag" {
+  description = "Tag of the gpu-runner image in the ECR repository (tags are immutable: push a new tag and apply to roll the runners). Empty: no image pushed yet, the runner group stays at zero instances."
+  type        = string
+  default     = ""
+}
+
+variable "runner_min_instances" {
+  description = "Fewest runner instances; 0 lets the group scale to zero when the queue is empty."
+  type        = number
+  default     = 0
+}
+
+variable "runner_max_instances" {
+  description = "Most runner instances."
+  type        = number
+  default     = 4
+}
+
+variable "runner_backlog_per_instance" {
+  description = "Target of the scaling policy: visible job messages per running instance. About KILN_MAX_IN_FLIGHT keeps every runner full without a long wait."
+  type        = number
+  default     = 4
+}
+
+variable "runner_volume_gb" {
+  description = "Root volume of a runner instance, in GiB (the AMI, the image and its models)."
+  type        = number
+  default     = 100
+}
+
+variable "runner_subnet_ids" {
+  description = "Subnets of the runner instances. Empty: every subnet of the default VPC."
+  type        = list(string)
+  default     = []
+}
+
+variable "runner_assign_public_ip" {
+  description = "Give runner instances a public address: needed in subnets without a NAT gateway or VPC endpoints (the default VPC). They accept no inbound traffic either way."
+  type        = bool
+  default     = true
+}
+
+variable "runner_env" {
+  description = "Extra runner environment (VARIABLE => value), merged over terraform/functions.json's runner env."
+  type        = map(string)
+  default     = {}
+}
