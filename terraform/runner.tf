@@ -234,7 +234,6 @@ resource "aws_launch_template" "runner" {
 
 resource "aws_autoscaling_group" "runner" {
   #checkov:skip=CKV_AWS_153:Tags reach instances through the launch template's tag_specifications and the provider's default_tags.
-  #checkov:skip=CKV2_AWS_15:Runners serve no traffic behind a load balancer; the agent reports an instance whose runner stays unhealthy (/healthz) with SetInstanceHealth.
   name                      = local.runner_group
   min_size                  = min(var.runner_min_instances, local.runner_max_instances)
   max_size                  = local.runner_max_instances
