@@ -76,10 +76,16 @@
 //! # assert!(!accept(&headers, body, &Secret::generate()));
 //! ```
 
+mod guard;
+mod schedule;
 mod secret;
+mod sender;
 mod signature;
 
+pub use guard::{AddressGuard, GuardError, Refused, Resolver, SystemResolver};
+pub use schedule::{Jitter, MAX_DELAY, NextStep, RetrySchedule, ScheduleError, jitter_seed};
 pub use secret::{GENERATED_KEY_BYTES, MAX_KEY_BYTES, MIN_KEY_BYTES, SECRET_PREFIX, Secret, SecretError};
+pub use sender::{Attempt, DeliveryRequest, Failure, MAX_ERROR_CHARS, Outcome, SenderConfig, WebhookSender};
 pub use signature::{
     DEFAULT_TOLERANCE, MAX_MESSAGE_ID_BYTES, SignError, VerifyError, WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP,
     sign, verify, verify_parts,
