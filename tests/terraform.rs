@@ -1,0 +1,293 @@
+//! terraform held to the code, with no AWS account and no terraform binary.
+//!
+//! - Every Lambda binary of the workspace (a bin of a package that depends on lambda_runtime
+//!   or lambda_http) is a function in `terraform/functions.json`, or named there as not one.
+//! - Everything functions.json names (env references, access, triggers, fixtures) exists in
+//!   `terraform/stack.json`, the file the local stack provisions from; every env variable it
+//!   sets is one the code reads.
+//! - The HCL parses, its resource names are stack.json's, and checkov passes with every skip
+//!   carrying its reason.
+//! - Recorded, not listed: each function binary runs as Lambda runs it (a process under a
+//!   Lambda runtime API, with exactly the environment terraform gives it, its events/ fixtures
+//!   as events), and the runner as its instance runs it, each with its AWS endpoint pointed at
+//!   a proxy in front of moto that records every call (operation, table, index, queue, object;
+//!   presigned links the function hands out are fetched through it too). Every recorded call
+//!   must be granted by that function's `access` in functions.json (from which terraform
+//!   builds its role), and every grant must have been used.
+
+#[path = "terraform/harness.rs"]
+mod harness;
+
+use harness::{Access, Call, Deploy, FIXTURE_JOB, FIXTURE_KEY, LambdaProcess, Recorder, resolve_env, root};
+use kiln_app::ApiKey;
+use kiln_local::{LocalStack, StackOptions};
+use kiln_tests::{Client, moto_url, stack_with, tools, unique_prefix};
+use serde_json::{Value, json};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+#[test]
+fn every_lambda_binary_is_a_function_and_every_function_a_binary() {
+    let deploy = Deploy::load();
+    let binaries = harness::lambda_binaries();
+    let declared: BTreeSet<String> =
+        deploy.functions().keys().chain(deploy.json["not_functions"].as_object().unwrap().keys()).cloned().collect();
+    let missing: Vec<_> = binaries.difference(&declared).collect();
+    let stale: Vec<_> = declared.difference(&binaries).collect();
+    assert!(
+        missing.is_empty(),
+        "Lambda binaries terraform does not deploy: {missing:?}; add each to terraform/functions.json \
+         (trigger, env, access, events) or to its not_functions with the reason"
+    );
+    assert!(stale.is_empty(), "terraform/functions.json names binaries the workspace lacks: {stale:?}");
+}
+
+#[test]
+fn functions_json_names_only_what_stack_json_creates() {
+    let deploy = Deploy::load();
+    let mut problems = Vec::new();
+    let mut routes = BTreeMap::new();
+    let mut claimed = BTreeMap::new();
+    for (name, spec) in deploy.units() {
+        for (key, value) in deploy.env_of(&name) {
+            if key.starts_with("AWS_") || key.starts_with("LAMBDA_") || key.starts_with('_') {
+                problems.push(format!("{name}: {key} is reserved by Lambda"));
+            }
+            if key == "KILN_AWS_ENDPOINT_URL" {
+                problems.push(format!("{name}: {key} would send every AWS call away from AWS"));
+            }
+            if let Err(err) = deploy.check_ref(&value) {
+                problems.push(format!("{name}: env {key}: {err}"));
+            }
+        }
+        match Access::parse(&spec["access"]) {
+            Ok(access) => problems.extend(access.check_names(&deploy).into_iter().map(|p| format!("{name}: {p}"))),
+            Err(err) => problems.push(format!("{name}: access: {err}")),
+        }
+        if name == "runner" {
+            continue;
+        }
+        problems.extend(deploy.check_trigger(&name, &spec["trigger"]).into_iter().map(|p| format!("{name}: {p}")));
+        for route in spec["trigger"]["routes"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+            if let Some(other) = routes.insert(route.to_owned(), name.clone()) {
+                problems.push(format!("route {route} goes to both {other} and {name}"));
+            }
+        }
+        let events = spec["events"].as_array().map(Vec::as_slice).unwrap_or_default();
+        if events.is_empty() {
+            problems.push(format!("{name}: no events/ fixture to run it with (\"events\")"));
+        }
+        for event in events.iter().filter_map(Value::as_str) {
+            if !root().join("events").join(event).exists() {
+                problems.push(format!("{name}: events/{event} does not exist"));
+            }
+            claimed.insert(event.to_owned(), name.clone());
+        }
+    }
+    for entry in std::fs::read_dir(root().join("events")).unwrap() {
+        let file = entry.unwrap().file_name().into_string().unwrap();
+        if file.ends_with(".json") && !claimed.contains_key(&file) {
+            problems.push(format!("events/{file} is no function's fixture in functions.json (\"events\")"));
+        }
+    }
+    assert!(problems.is_empty(), "terraform/functions.json:\n  {}", problems.join("\n  "));
+}
+
+#[test]
+fn every_env_variable_terraform_sets_is_one_the_code_reads() {
+    let deploy = Deploy::load();
+    let read_by_code = harness::env_names_in_sources();
+    let read_by_runner = harness::runner_env_names();
+    let mut problems = Vec::new();
+    for (name, _) in deploy.units() {
+        let known = if name == "runner" { &read_by_runner } else { &read_by_code };
+        for key in deploy.env_of(&name).keys() {
+            if key != "RUST_LOG" && !known.contains(key) {
+                problems.push(format!("{name}: {key} is read by no config struct"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn the_runner_settings_fit_its_queue_and_its_drain() {
+    let deploy = Deploy::load();
+    let env = deploy.env_of("runner");
+    let number = |key: &str, default: u64| env.get(key).map_or(default, |v| v.parse::<u64>().expect(key));
+    let queue = &deploy.stack["queues"]["jobs"];
+    assert_eq!(
+        number("KILN_MAX_RECEIVES", 5),
+        queue["dead_letter"]["max_receive_count"].as_u64().unwrap(),
+        "KILN_MAX_RECEIVES must be the job queue's maxReceiveCount: the runner fails a job on its last delivery"
+    );
+    let (lease, heartbeat) = (number("KILN_LEASE_SECS", 60), number("KILN_HEARTBEAT_SECS", 20));
+    assert!(heartbeat * 2 <= lease, "the heartbeat ({heartbeat} s) must renew the lease ({lease} s) well before it ends");
+    assert!(
+        lease <= queue["visibility_timeout_seconds"].as_u64().unwrap(),
+        "the runner's lease outlasts the queue's own visibility timeout"
+    );
+    assert!(env.contains_key("KILN_SHUTDOWN_DEADLINE_SECS"), "runner.tf sizes the drain from KILN_SHUTDOWN_DEADLINE_SECS");
+    assert!(env.get("KILN_DEVICE").is_some_and(|d| d.starts_with("cuda")), "the runner instances have GPUs");
+    assert!(env.get("KILN_METRICS_ADDR").is_some_and(|a| a.contains(':')), "the agent reads the metrics port from it");
+}
+
+#[test]
+fn the_hcl_parses_and_checkov_passes_with_every_skip_explained() {
+    let python = harness::checkov_python();
+    let parsed = harness::parse_hcl(&python);
+    let stack_names = |resource: &str, name_field: &str| {
+        let block = &parsed["resource"][resource];
+        assert!(block.is_object(), "terraform declares no {resource}");
+        block.as_object().unwrap().values().map(|r| r[name_field].as_str().unwrap_or_default().to_owned()).collect()
+    };
+    let tables: Vec<String> = stack_names("aws_dynamodb_table", "name");
+    assert_eq!(tables, ["${var.prefix}-${each.key}"], "tables must be <prefix>-<stack.json key>, as kiln-aws names them");
+    let queues: Vec<String> = stack_names("aws_sqs_queue", "name");
+    assert_eq!(queues, ["${var.prefix}-${each.key}-dlq", "${var.prefix}-${each.key}"], "queues and their DLQs");
+    let buckets: Vec<String> = stack_names("aws_s3_bucket", "bucket");
+    assert_eq!(buckets, ["${var.prefix}-${each.key}"]);
+    for (resource, source) in [
+        ("aws_dynamodb_table", "${local.stack.tables}"),
+        ("aws_sqs_queue", "${local.stack.queues}"),
+        ("aws_s3_bucket", "${local.stack.buckets}"),
+        ("aws_lambda_function", "${local.functions}"),
+        ("aws_iam_role", "${local.functions}"),
+        ("aws_iam_role_policy", "${local.functions}"),
+    ] {
+        for (name, block) in parsed["resource"][resource].as_object().unwrap() {
+            if resource != "aws_iam_role" && resource != "aws_iam_role_policy" || name == "function" {
+                assert_eq!(block["for_each"].as_str(), Some(source), "{resource}.{name} must be one per {source}");
+            }
+        }
+    }
+    assert_eq!(parsed["locals"]["stack"].as_str(), Some("${jsondecode(file(\"${path.module}/stack.json\"))}"));
+
+    let skips = harness::checkov_skips();
+    let unexplained: Vec<_> = skips.iter().filter(|(_, reason)| reason.trim().len() < 20).collect();
+    assert!(unexplained.is_empty(), "checkov skips without a reason: {unexplained:?}");
+    let report = harness::run_checkov(&python);
+    let summary = &report["summary"];
+    let failed: Vec<String> = report["results"]["failed_checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| format!("{} {} ({})", c["check_id"], c["resource"], c["file_path"]))
+        .collect();
+    assert!(failed.is_empty(), "checkov failed:\n  {}", failed.join("\n  "));
+    assert_eq!(summary["parsing_errors"].as_u64(), Some(0), "checkov could not parse: {summary}");
+    assert!(summary["passed"].as_u64().unwrap_or(0) > 50, "checkov ran too few checks: {summary}");
+}
+
+/// The scenario: the fixtures' submits through submit-job; the runner renders them (and a
+/// long job, so its heartbeat runs), then SIGTERM; every function's fixtures against a
+/// finished job and a queued one; submit-job once more with the queue failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_function_and_the_runner_call_only_what_their_roles_grant() {
+    let deploy = Deploy::load();
+    let prefix = unique_prefix();
+    let stack = stack_with(StackOptions { prefix: prefix.clone(), ..StackOptions::default() }).await;
+    stack.add_tenant_key("fixture-tenant", "Fixture", &ApiKey::from_text(FIXTURE_KEY)).await.unwrap();
+    let client = Client::new(&stack.api_url, Some(FIXTURE_KEY));
+    let binaries = harness::build_lambda_binaries(deploy.functions().keys());
+    let moto = moto_url();
+    let mut calls: BTreeMap<String, Vec<Call>> = BTreeMap::new();
+
+    // Every env value terraform sets that the local stack also passes must be the same name.
+    let local_env: BTreeMap<&str, String> = stack.resources.to_env().into_iter().collect();
+    let mut processes = BTreeMap::new();
+    for name in deploy.functions().keys() {
+        let env = resolve_env(&deploy, name, &prefix, &stack).await;
+        for (key, value) in &env {
+            if let Some(local) = local_env.get(key.as_str()) {
+                assert_eq!(value, local, "{name}: terraform's {key} is not the name the local stack creates");
+            }
+        }
+        let recorder = Recorder::start(&moto, &prefix).await;
+        let process = LambdaProcess::start(name, &binaries[name], &env, &recorder).await;
+        processes.insert(name.clone(), (process, recorder));
+    }
+
+    // 1. The fixtures' jobs, submitted by the submit-job binary.
+    let submit = &processes["submit-job"];
+    let mut submitted = Vec::new();
+    for event in deploy.events("submit-job") {
+        let answer = submit.0.invoke(&event).await.unwrap_or_else(|e| panic!("submit-job: {e}"));
+        assert!(answer["statusCode"].as_u64().is_some_and(|s| s < 300), "submit-job: {answer}");
+        submitted.push(harness::body_of(&answer)["id"].as_str().unwrap().to_owned());
+    }
+    let slow = client
+        .post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "a slow one", "width": 768, "height": 768, "steps": 40, "seed": 1}))
+        .await;
+    submitted.push(slow.body["id"].as_str().unwrap().to_owned());
+
+    // 2. The runner renders them; a short lease makes its heartbeat run; then SIGTERM.
+    let runner_recorder = Recorder::start(&moto, &prefix).await;
+    let runner_env = resolve_env(&deploy, "runner", &prefix, &stack).await;
+    let mut runner = harness::start_runner(&runner_env, &runner_recorder, &tools());
+    for id in &submitted {
+        let job = client.wait_finished(id, Duration::from_secs(240)).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+    }
+    harness::stop_runner(&mut runner);
+    calls.insert("runner".into(), runner_recorder.calls());
+
+    // 3. Every function's fixtures, once with a finished job and once with a queued one; an
+    //    overdue job for the sweeper; presigned links fetched through the function's proxy.
+    let overdue = LocalStack::start(&moto, StackOptions { prefix: prefix.clone(), queued_ttl_secs: 0, ..StackOptions::default() })
+        .await
+        .unwrap();
+    for (name, (process, recorder)) in &processes {
+        for event in deploy.events(name) {
+            let queued = client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": format!("queued for {name}")})).await;
+            let queued = queued.body["id"].as_str().unwrap().to_owned();
+            let late = Client::new(&overdue.api_url, Some(FIXTURE_KEY))
+                .post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": format!("overdue for {name}")}))
+                .await;
+            assert!(late.status.is_success(), "{:?}", late.body);
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            for job in [&submitted[0], &queued] {
+                let event = event.replace(FIXTURE_JOB, job);
+                let answer = process.invoke(&event).await.unwrap_or_else(|e| panic!("{name}: {e}"));
+                if let Some(status) = answer["statusCode"].as_u64() {
+                    assert!(status < 500, "{name} answered {answer}");
+                }
+                assert!(
+                    answer["batchItemFailures"].as_array().is_none_or(Vec::is_empty),
+                    "{name} reported failures: {answer}"
+                );
+                recorder.fetch_presigned_links(&answer).await;
+            }
+        }
+    }
+
+    // 4. submit-job while the queue refuses messages: the job is failed and its keys released.
+    let (process, recorder) = &processes["submit-job"];
+    recorder.fail_next("sqs:SendMessage");
+    let event = harness::with_new_request(&deploy.events("submit-job")[0], "the queue is down");
+    let answer = process.invoke(&event).await.unwrap();
+    assert_eq!(answer["statusCode"], 503, "{answer}");
+    overdue.stop().await;
+
+    for (name, (process, recorder)) in processes {
+        process.stop();
+        calls.insert(name, recorder.calls());
+    }
+    let mut problems = Vec::new();
+    for (name, calls) in &calls {
+        let access = Access::parse(&deploy.unit(name)["access"]).unwrap();
+        problems.extend(access.judge(name, calls));
+    }
+    let summary: Vec<String> = calls
+        .iter()
+        .map(|(name, calls)| {
+            let distinct: BTreeSet<String> = calls.iter().map(|c| c.to_string()).collect();
+            format!("{name}: {}", distinct.into_iter().collect::<Vec<_>>().join(", "))
+        })
+        .collect();
+    println!("recorded AWS calls:\n  {}", summary.join("\n  "));
+    assert!(problems.is_empty(), "terraform/functions.json access vs the calls the code made:\n  {}", problems.join("\n  "));
+    stack.stop().await;
+}
