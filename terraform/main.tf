@@ -45,6 +45,7 @@ locals {
           [for index in try(statement.indexes, []) : "${local.arn.table}${split("/", index)[0]}/index/${split("/", index)[1]}"],
           [for queue in try(statement.queues, []) : "${local.arn.queue}${queue}"],
           [for object in try(statement.objects, []) : "${local.arn.s3}${object}"],
+          [for bucket in try(statement.buckets, []) : "${local.arn.s3}${bucket}"],
         )
       }
     ]
