@@ -405,7 +405,7 @@ async fn a_job_whose_message_cannot_be_sent_is_failed_not_left_queued() {
     let mut config = healthy.config.clone();
     config.resources.job_queue_url = format!("{}-missing", healthy.resources.job_queue_url);
     let broken =
-        LocalStack::serve(healthy.clients.clone(), config.resources.clone(), config, "127.0.0.1:0".parse().unwrap())
+        LocalStack::serve(healthy.clients.clone(), config.resources.clone(), config, StackOptions::default())
             .await
             .unwrap();
     let key = healthy.create_tenant("acme", "Acme").await.unwrap();

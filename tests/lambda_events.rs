@@ -152,3 +152,127 @@ async fn the_dead_letter_function_fails_the_job_and_drops_unreadable_messages() 
     assert!(again.batch_item_failures.is_empty());
     assert_eq!(client.get(&format!("/v1/jobs/{id}")).await.body["finished_at"], job["finished_at"]);
 }
+
+const WEBHOOK_SECRET: &str = include_str!("../events/apigw-v2-webhook-secret.json");
+const ROTATE_SECRET: &str = include_str!("../events/apigw-v2-rotate-webhook-secret.json");
+const CREATE_UPLOAD: &str = include_str!("../events/apigw-v2-create-upload.json");
+const JOB_STREAM: &str = include_str!("../events/dynamodb-stream-job-events.json");
+const WEBHOOK_MESSAGES: &str = include_str!("../events/sqs-deliver-webhooks.json");
+const INBOX_PUT: &str = include_str!("../events/s3-put-inbox.json");
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_webhook_secret_and_upload_routes_answer_their_events() {
+    let stack = fixture_stack().await;
+    let (status, first) = invoke(&stack, Function::WebhookSecret, WEBHOOK_SECRET).await;
+    assert_eq!(status, 200, "{first}");
+    assert!(first["secret"].as_str().unwrap().starts_with("whsec_"));
+    let (status, rotated) = invoke(&stack, Function::WebhookSecret, ROTATE_SECRET).await;
+    assert_eq!(status, 200, "{rotated}");
+    assert_ne!(rotated["secret"], first["secret"]);
+    let (status, upload) = invoke(&stack, Function::CreateUpload, CREATE_UPLOAD).await;
+    assert_eq!(status, 201, "{upload}");
+    assert_eq!(upload["key"], "inbox/fixture-tenant/lighthouse-1.json");
+    assert_eq!(upload["method"], "PUT");
+    let (status, _) = invoke(&stack, Function::CreateUpload, WEBHOOK_SECRET).await;
+    assert_eq!(status, 404, "each function serves only its own routes");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_job_stream_event_queues_the_subscribed_webhook_events() {
+    let stack = fixture_stack().await;
+    let event: aws_lambda_events::dynamodb::Event = serde_json::from_str(JOB_STREAM).expect("a DynamoDB stream event");
+    let events = kiln_api::job_events::JobEvents::on(&stack.clients, &stack.config);
+    let response =
+        kiln_api::job_events::handle(&events, lambda_runtime::LambdaEvent::new(event, Default::default())).await.unwrap();
+    assert!(response.batch_item_failures.is_empty());
+    let received = stack
+        .clients
+        .sqs
+        .receive_message()
+        .queue_url(&stack.resources.webhook_queue_url)
+        .max_number_of_messages(10)
+        .wait_time_seconds(1)
+        .send()
+        .await
+        .unwrap();
+    let messages = received.messages.unwrap_or_default();
+    assert_eq!(messages.len(), 1, "the insert raises nothing; running → succeeded raises completed");
+    let queued: Value = serde_json::from_str(messages[0].body.as_deref().unwrap()).unwrap();
+    assert_eq!(queued["type"], "completed");
+    assert_eq!(queued["id"], format!("evt_{FIXTURE_JOB}_completed_3"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_webhook_queue_event_is_delivered_signed() {
+    let stack = fixture_stack().await;
+    // A receiver on 127.0.0.1 in place of the fixture's public URL (the local stack allows
+    // loopback receivers).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/kiln", listener.local_addr().unwrap());
+    let request = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut buffer = vec![0; 64 * 1024];
+        let mut read = 0;
+        loop {
+            let n = socket.read(&mut buffer[read..]).await.unwrap();
+            read += n;
+            let text = String::from_utf8_lossy(&buffer[..read]).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                    .unwrap_or(0);
+                if body.len() >= length || n == 0 {
+                    socket.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+                    return text;
+                }
+            }
+        }
+    });
+    let event: aws_lambda_events::sqs::SqsEvent =
+        serde_json::from_str(&WEBHOOK_MESSAGES.replace("https://hooks.example.com/kiln", &url)).unwrap();
+    let config = kiln_api::deliver::DeliveryConfig {
+        api: stack.config.clone(),
+        retry_base_secs: 1,
+        retry_cap_secs: 4,
+        max_attempts: 14,
+        connect_timeout_secs: 2,
+        timeout_secs: 5,
+        allow_loopback: true,
+    };
+    let deliverer = kiln_api::deliver::Deliverer::on(&stack.clients, &config).unwrap();
+    let response =
+        kiln_api::deliver::handle(&deliverer, lambda_runtime::LambdaEvent::new(event, Default::default())).await.unwrap();
+    assert!(response.batch_item_failures.is_empty(), "delivered, so nothing to retry");
+    let seen = request.await.unwrap();
+    assert!(seen.starts_with("POST /kiln HTTP/1.1"), "{seen}");
+    let lower = seen.to_ascii_lowercase();
+    for header in ["webhook-id: evt_01kaq3z8x9k2m3n4p5q6r7s8t9_completed_3", "webhook-timestamp: ", "webhook-signature: v1,"] {
+        assert!(lower.contains(header), "{header} missing in {seen}");
+    }
+    assert!(seen.contains(r#""type":"completed""#), "{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_s3_inbox_event_starts_a_job() {
+    let stack = fixture_stack().await;
+    stack
+        .clients
+        .s3
+        .put_object()
+        .bucket(&stack.resources.artifacts_bucket)
+        .key("inbox/fixture-tenant/lighthouse-1.json")
+        .body(br#"{"model":"kiln-demo","prompt":"a lighthouse from the inbox"}"#.to_vec().into())
+        .send()
+        .await
+        .unwrap();
+    let event: aws_lambda_events::s3::S3Event = serde_json::from_str(INBOX_PUT).expect("an S3 event");
+    let inbox = kiln_api::inbox::Inbox::on(&stack.clients, &stack.config);
+    let outcomes = inbox.on_event(&event).await.unwrap();
+    let [kiln_api::inbox::InboxOutcome::Started(id)] = outcomes.as_slice() else { panic!("{outcomes:?}") };
+    let client = Client::new(&stack.api_url, Some(FIXTURE_KEY));
+    let job = client.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job.body["input"]["prompt"], "a lighthouse from the inbox");
+    assert_eq!(inbox.on_event(&event).await.unwrap(), outcomes, "a repeated event is the same job");
+}

@@ -184,7 +184,7 @@ async fn a_job_for_a_model_version_the_runner_does_not_serve_fails_permanently()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_whose_message_reaches_the_dead_letter_queue_ends_failed() {
     let mut stack = stack().await;
-    stack.start_dead_letter_relay();
+    stack.start_relays().await.expect("relays");
     let client = Client::tenant(&stack, "acme").await;
     let id = job_id(&client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "cursed"})).await);
     // Five runners take the message and die without a word (the queue's maxReceiveCount is 5);

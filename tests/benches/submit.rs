@@ -15,7 +15,7 @@ use chrono::Utc;
 use kiln_api::ApiConfig;
 use kiln_aws::{AwsCallCounters, AwsClients, provision::provision};
 use kiln_domain::JobId;
-use kiln_local::{LocalStack, workspace_root};
+use kiln_local::{LocalStack, StackOptions, workspace_root};
 use kiln_tests::{moto_url, unique_prefix};
 use std::time::{Duration, Instant};
 
@@ -46,7 +46,7 @@ async fn main() -> anyhow::Result<()> {
     let clients = AwsClients::connect_counting(Some(&moto), &counters).await;
     let resources = provision(&clients, &unique_prefix(), Some(&moto)).await?;
     let config = ApiConfig::for_resources(resources.clone());
-    let stack = LocalStack::serve(clients.clone(), resources.clone(), config, "127.0.0.1:0".parse()?).await?;
+    let stack = LocalStack::serve(clients.clone(), resources.clone(), config, StackOptions::default()).await?;
     stack.publish_models(&workspace_root().join("gpu-runner/models")).await?;
     let key = stack.create_tenant("bench", "Bench").await?;
     let http = reqwest::Client::new();

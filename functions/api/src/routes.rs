@@ -2,10 +2,12 @@
 
 use http::{Method, Response, StatusCode, header};
 use kiln_app::{
-    Authenticator, Disposition, JobRuns, Jobs, Tenant,
-    ports::{ArtifactLinks, JobQueue, JobStore, ModelCatalog, TenantDirectory},
+    Authenticator, Disposition, JobRuns, Jobs, Tenant, Webhooks,
+    ports::{ArtifactLinks, JobQueue, JobStore, ModelCatalog, SecretStore, TenantDirectory, WebhookQueue},
 };
-use kiln_aws::{AwsClients, DynamoJobStore, DynamoModelCatalog, DynamoTenants, S3ArtifactLinks, SqsJobQueue};
+use kiln_aws::{
+    AwsClients, DynamoJobStore, DynamoModelCatalog, DynamoTenants, S3ArtifactLinks, SqsJobQueue, SqsWebhookQueue,
+};
 use kiln_domain::{InputError, InputErrorKind, JobId, JobStatus};
 use lambda_http::{Body, Request, RequestExt};
 use serde::Serialize;
@@ -27,6 +29,12 @@ pub enum Route {
     CancelJob(String),
     /// `GET /v1/models`
     ListModels,
+    /// `GET /v1/webhooks/secret`: the tenant's signing secret (made on first use).
+    WebhookSecret,
+    /// `POST /v1/webhooks/secret/rotate`
+    RotateWebhookSecret,
+    /// `POST /v1/uploads`: a presigned PUT into the tenant's S3 inbox.
+    CreateUpload,
 }
 
 impl Route {
@@ -43,6 +51,12 @@ impl Route {
             ["v1", "jobs", _, "cancel"] => (None, "POST"),
             ["v1", "models"] if method == Method::GET => (Some(Self::ListModels), ""),
             ["v1", "models"] => (None, "GET"),
+            ["v1", "webhooks", "secret"] if method == Method::GET => (Some(Self::WebhookSecret), ""),
+            ["v1", "webhooks", "secret"] => (None, "GET"),
+            ["v1", "webhooks", "secret", "rotate"] if method == Method::POST => (Some(Self::RotateWebhookSecret), ""),
+            ["v1", "webhooks", "secret", "rotate"] => (None, "POST"),
+            ["v1", "uploads"] if method == Method::POST => (Some(Self::CreateUpload), ""),
+            ["v1", "uploads"] => (None, "POST"),
             _ => (None, ""),
         };
         match (route, allowed) {
@@ -68,6 +82,9 @@ pub enum Function {
     ListJobs,
     CancelJob,
     ListModels,
+    /// Showing and rotating the webhook signing secret.
+    WebhookSecret,
+    CreateUpload,
     /// Every route: the local server.
     All,
 }
@@ -82,6 +99,8 @@ impl Function {
                 | (Self::ListJobs, Route::ListJobs)
                 | (Self::CancelJob, Route::CancelJob(_))
                 | (Self::ListModels, Route::ListModels)
+                | (Self::WebhookSecret, Route::WebhookSecret | Route::RotateWebhookSecret)
+                | (Self::CreateUpload, Route::CreateUpload)
         )
     }
 }
@@ -91,8 +110,13 @@ pub struct Api {
     jobs: Jobs,
     runs: JobRuns,
     auth: Authenticator,
+    webhooks: Webhooks,
+    links: Arc<dyn ArtifactLinks>,
     max_body_bytes: usize,
 }
+
+/// How long an upload link from `POST /v1/uploads` stays valid.
+const UPLOAD_LINK_TTL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
 /// The ports the API runs on.
 pub struct Ports {
@@ -101,6 +125,8 @@ pub struct Ports {
     pub catalog: Arc<dyn ModelCatalog>,
     pub links: Arc<dyn ArtifactLinks>,
     pub tenants: Arc<dyn TenantDirectory>,
+    pub webhook_queue: Arc<dyn WebhookQueue>,
+    pub secrets: Arc<dyn SecretStore>,
 }
 
 impl Ports {
@@ -113,6 +139,8 @@ impl Ports {
             catalog: Arc::new(DynamoModelCatalog::new(clients.dynamodb.clone(), &r.models_table)),
             links: Arc::new(S3ArtifactLinks::new(clients.s3.clone(), &r.artifacts_bucket)),
             tenants: Arc::new(DynamoTenants::new(clients.dynamodb.clone(), &r.tenants_table)),
+            webhook_queue: Arc::new(SqsWebhookQueue::new(clients.sqs.clone(), &r.webhook_queue_url)),
+            secrets: Arc::new(DynamoTenants::new(clients.dynamodb.clone(), &r.tenants_table)),
         }
     }
 }
@@ -121,6 +149,8 @@ impl Api {
     pub fn new(ports: Ports, config: &ApiConfig) -> Self {
         Self {
             runs: JobRuns::new(ports.store.clone()),
+            webhooks: Webhooks::new(ports.store.clone(), ports.webhook_queue, ports.secrets),
+            links: ports.links.clone(),
             jobs: Jobs::new(ports.store, ports.queue, ports.catalog, ports.links, config.jobs_config()),
             auth: Authenticator::new(ports.tenants),
             max_body_bytes: config.max_body_bytes,
@@ -191,6 +221,19 @@ impl Api {
                 let models = self.jobs.models().await?;
                 json(StatusCode::OK, &serde_json::json!({ "models": &*models }))
             }
+            Route::WebhookSecret => {
+                let secret = self.webhooks.current_secret(&tenant.id, chrono::Utc::now()).await?;
+                json(StatusCode::OK, &serde_json::json!({"secret": secret.value, "created_at": secret.created_at}))
+            }
+            Route::RotateWebhookSecret => {
+                let secret = self.webhooks.rotate_secret(&tenant.id, chrono::Utc::now()).await?;
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"secret": secret.value, "created_at": secret.created_at,
+                        "note": "the previous secret keeps signing (as a second signature) for 24 hours"}),
+                )
+            }
+            Route::CreateUpload => self.create_upload(&tenant, request).await,
         }
     }
 
@@ -240,6 +283,36 @@ impl Api {
             response.headers_mut().insert("idempotent-replayed", http::HeaderValue::from_static("true"));
         }
         Ok(response)
+    }
+
+    /// A presigned PUT for `inbox/<tenant>/<name>.json`: the only way a tenant writes to the
+    /// bucket, so it can start jobs only under its own prefix.
+    async fn create_upload(&self, tenant: &Tenant, request: &Request) -> Result<Response<Body>, ApiError> {
+        let invalid = |message: &str| {
+            ApiError::from(kiln_app::AppError::from(InputError::invalid("name", message.to_owned())))
+        };
+        let body: serde_json::Value = serde_json::from_slice(request.body().as_ref()).map_err(|err| {
+            ApiError::from(kiln_app::AppError::from(InputError::invalid("body", format!("not JSON: {err}"))))
+        })?;
+        let name = body.get("name").and_then(|n| n.as_str()).ok_or_else(|| {
+            ApiError::from(kiln_app::AppError::from(InputError::missing("name")))
+        })?;
+        if !crate::inbox::valid_name(name) {
+            return Err(invalid(&format!(
+                "must be 1 to {} of A-Z a-z 0-9 . _ - and not start with a dot",
+                crate::inbox::MAX_NAME_LEN
+            )));
+        }
+        let key = format!("inbox/{}/{name}.json", tenant.id);
+        let link = self.links.presign_put(&key, "application/json", UPLOAD_LINK_TTL).await.map_err(kiln_app::AppError::from)?;
+        json(
+            StatusCode::CREATED,
+            &serde_json::json!({
+                "name": name, "method": "PUT", "url": link.url, "expires_at": link.expires_at,
+                "headers": {"content-type": "application/json"}, "key": key,
+                "outbox": crate::inbox::outbox_prefix(&tenant.id, name),
+            }),
+        )
     }
 
     async fn list(&self, tenant: &Tenant, request: &Request) -> Result<Response<Body>, ApiError> {

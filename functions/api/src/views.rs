@@ -31,6 +31,9 @@ pub struct JobView<'a> {
     /// What the client should know about how the job was rendered (a prompt cut to fit).
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     pub warnings: &'a [String],
+    /// How delivering this job's webhook events went (attempts, last status and error).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_delivery: Option<&'a kiln_domain::WebhookDelivery>,
     /// On submission: the result of an earlier identical job was returned, nothing rendered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cached: Option<bool>,
@@ -83,6 +86,7 @@ impl<'a> JobView<'a> {
             outputs,
             timings: &job.timings,
             warnings: &job.warnings,
+            webhook_delivery: job.webhook_delivery.as_ref(),
             cached: None,
             deduplicated: None,
         }

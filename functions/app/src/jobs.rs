@@ -6,6 +6,7 @@ use kiln_domain::{
     WebhookPolicy,
 };
 use rand::Rng;
+use sha2::{Digest, Sha256};
 use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -108,6 +109,46 @@ impl Jobs {
         body: &[u8],
         idempotency_key: Option<&str>,
     ) -> Result<Submitted, AppError> {
+        self.submit_to(tenant, body, idempotency_key, None).await
+    }
+
+    /// A job started by an upload to the S3 inbox: idempotent on the object version (a repeated
+    /// S3 event starts no second job), with `outbox` (`outbox/<tenant>/<name>/`) recorded on the
+    /// job so its result is copied there when it ends. When the upload was answered by another
+    /// job (cached or in flight), the outbox is added to that job; the caller writes the outbox
+    /// itself when the returned job has already ended.
+    pub async fn submit_upload(
+        &self,
+        tenant: &Tenant,
+        body: &[u8],
+        object_id: &str,
+        outbox: &str,
+    ) -> Result<Submitted, AppError> {
+        let digest = hex::encode(Sha256::digest(object_id.as_bytes()));
+        let key = format!("s3-{}", &digest[..32]);
+        let mut submitted = self.submit_to(tenant, body, Some(&key), Some(outbox)).await?;
+        for _ in 0..MAX_RACES {
+            let job = &mut submitted.job;
+            if job.outboxes.iter().any(|o| o == outbox) || job.status.is_terminal() {
+                return Ok(submitted);
+            }
+            job.outboxes.push(outbox.to_owned());
+            job.revision += 1;
+            if self.store.update(job).await? {
+                return Ok(submitted);
+            }
+            submitted.job = self.store.get(&job.id).await?.ok_or(AppError::Contention)?;
+        }
+        Err(AppError::Contention)
+    }
+
+    async fn submit_to(
+        &self,
+        tenant: &Tenant,
+        body: &[u8],
+        idempotency_key: Option<&str>,
+        outbox: Option<&str>,
+    ) -> Result<Submitted, AppError> {
         let submission = Submission::parse(body)?;
         let (name, version) = submission.model()?;
         let model = self.model(name, version).await?;
@@ -142,7 +183,7 @@ impl Jobs {
                     _ => Some(job_id),
                 },
             };
-            let job = Job::new(
+            let mut job = Job::new(
                 idempotency.as_ref().map_or_else(|| JobId::generate(now), |r| r.job_id.clone()),
                 tenant.id.clone(),
                 model.name.clone(),
@@ -152,6 +193,7 @@ impl Jobs {
                 now,
                 self.config.queued_ttl,
             );
+            job.outboxes.extend(outbox.map(str::to_owned));
             let claim = CacheClaim { key: cache_key.clone(), replaces };
             match self.store.insert(&job, &claim, idempotency.as_ref()).await? {
                 InsertOutcome::Inserted => return self.enqueue(job, idempotency.as_ref()).await,

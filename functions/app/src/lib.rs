@@ -10,9 +10,11 @@ pub mod memory;
 pub mod messages;
 pub mod ports;
 pub mod runs;
+pub mod webhooks;
 
 pub use auth::{ApiKey, Authenticator, Tenant};
 pub use error::AppError;
 pub use jobs::{Disposition, Jobs, JobsConfig, Submitted};
 pub use messages::JobMessage;
 pub use runs::{JobRuns, SkipReason, Start, Written};
+pub use webhooks::{AttemptOutcome, AttemptRecord, Webhooks};

@@ -220,6 +220,10 @@ impl TenantDirectory for MemoryTenants {
         Ok(id.and_then(|id| lock(&self.tenants).get(&id).cloned()))
     }
 
+    async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>, PortError> {
+        Ok(lock(&self.tenants).get(id).cloned())
+    }
+
     async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, PortError> {
         let mut tenants = lock(&self.tenants);
         if tenants.contains_key(&tenant.id) {
@@ -248,6 +252,10 @@ impl ArtifactLinks for MemoryLinks {
     async fn presign_get(&self, key: &str, valid_for: Duration) -> Result<PresignedUrl, PortError> {
         let expires_at = Utc::now() + chrono::Duration::from_std(valid_for).unwrap_or_default();
         Ok(PresignedUrl { url: format!("memory://{key}?expires={}", expires_at.timestamp()), expires_at })
+    }
+
+    async fn presign_put(&self, key: &str, _content_type: &str, valid_for: Duration) -> Result<PresignedUrl, PortError> {
+        self.presign_get(key, valid_for).await
     }
 }
 

@@ -122,6 +122,7 @@ pub trait ModelCatalog: Send + Sync {
 #[async_trait]
 pub trait TenantDirectory: Send + Sync {
     async fn tenant_by_key_hash(&self, key_hash: &str) -> Result<Option<Tenant>, PortError>;
+    async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>, PortError>;
     async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, PortError>;
     async fn add_key(&self, tenant: &TenantId, key_hash: &str) -> Result<(), PortError>;
     async fn revoke_key(&self, key_hash: &str) -> Result<bool, PortError>;
@@ -138,6 +139,8 @@ pub struct PresignedUrl {
 #[async_trait]
 pub trait ArtifactLinks: Send + Sync {
     async fn presign_get(&self, key: &str, valid_for: Duration) -> Result<PresignedUrl, PortError>;
+    /// An upload link: PUT with this content type writes `key`.
+    async fn presign_put(&self, key: &str, content_type: &str, valid_for: Duration) -> Result<PresignedUrl, PortError>;
 }
 
 /// A message taken from the work queue. It stays hidden from other consumers until its lease
@@ -171,4 +174,52 @@ pub trait WorkQueue: Send + Sync {
 pub trait ArtifactStore: Send + Sync {
     /// Writes (or overwrites) the object at `key`.
     async fn put(&self, key: &str, content_type: &str, body: bytes::Bytes) -> Result<(), PortError>;
+}
+
+/// Where webhook events wait for delivery (durably: each is delivered or dead-lettered).
+#[async_trait]
+pub trait WebhookQueue: Send + Sync {
+    async fn send(&self, event: &kiln_domain::JobEvent) -> Result<(), PortError>;
+}
+
+/// A tenant's webhook signing secrets, newest first. Older ones stay valid (and are signed with
+/// too) until `expires_at`, so receivers can switch over after a rotation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SecretSet {
+    /// Bumped by every write; a write succeeds only over the version it read.
+    pub version: u64,
+    pub secrets: Vec<StoredSecret>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredSecret {
+    /// `whsec_<base64>`.
+    pub value: String,
+    pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[async_trait]
+pub trait SecretStore: Send + Sync {
+    async fn secrets(&self, tenant: &TenantId) -> Result<Option<SecretSet>, PortError>;
+    /// Writes `set` if the stored version is still `set.version - 1` (or none is stored and
+    /// `set.version` is 1). False when another writer came first.
+    async fn put_secrets(&self, tenant: &TenantId, set: &SecretSet) -> Result<bool, PortError>;
+}
+
+/// Reading objects and copying them inside the artifacts bucket (the S3 inbox and outbox).
+#[async_trait]
+pub trait ObjectStore: Send + Sync {
+    /// The object's bytes, at most `limit` of them (`Err` beyond), or None when it is missing.
+    async fn get(&self, key: &str, version: Option<&str>, limit: usize) -> Result<Option<bytes::Bytes>, ObjectError>;
+    async fn copy(&self, from: &str, to: &str) -> Result<(), PortError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error("the object is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error(transparent)]
+    Port(#[from] PortError),
 }

@@ -23,6 +23,9 @@ pub struct Resources {
     /// URL of the SQS job queue.
     #[arg(long, env = "KILN_JOB_QUEUE_URL")]
     pub job_queue_url: String,
+    /// URL of the SQS webhook queue (job events waiting for delivery).
+    #[arg(long, env = "KILN_WEBHOOK_QUEUE_URL")]
+    pub webhook_queue_url: String,
     /// S3 bucket of artifacts.
     #[arg(long, env = "KILN_ARTIFACTS_BUCKET")]
     pub artifacts_bucket: String,
@@ -40,6 +43,7 @@ impl Resources {
             ("KILN_TENANTS_TABLE", self.tenants_table.clone()),
             ("KILN_MODELS_TABLE", self.models_table.clone()),
             ("KILN_JOB_QUEUE_URL", self.job_queue_url.clone()),
+            ("KILN_WEBHOOK_QUEUE_URL", self.webhook_queue_url.clone()),
             ("KILN_ARTIFACTS_BUCKET", self.artifacts_bucket.clone()),
         ];
         if let Some(url) = &self.endpoint_url {

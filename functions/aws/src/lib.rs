@@ -18,7 +18,7 @@ pub use config::{AwsClients, Resources, load_sdk_config};
 pub use counting::{AwsCallCounters, CallCounter};
 pub use jobs::DynamoJobStore;
 pub use links::S3ArtifactLinks;
-pub use queue::{SqsJobQueue, SqsWorkQueue};
+pub use queue::{SqsJobQueue, SqsWebhookQueue, SqsWorkQueue};
 pub use tenants::DynamoTenants;
 
 use kiln_app::ports::PortError;

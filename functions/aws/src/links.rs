@@ -35,4 +35,21 @@ impl ArtifactLinks for S3ArtifactLinks {
         let expires_at = Utc::now() + chrono::Duration::from_std(valid_for).unwrap_or_default();
         Ok(PresignedUrl { url: request.uri().to_owned(), expires_at })
     }
+
+    /// A presigned PUT for `key` (the S3 inbox: a tenant uploads a job spec to its own prefix
+    /// without holding any AWS credentials).
+    async fn presign_put(&self, key: &str, content_type: &str, valid_for: Duration) -> Result<PresignedUrl, PortError> {
+        let config = PresigningConfig::expires_in(valid_for).map_err(unavailable("s3"))?;
+        let request = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .presigned(config)
+            .await
+            .map_err(unavailable("s3"))?;
+        let expires_at = Utc::now() + chrono::Duration::from_std(valid_for).unwrap_or_default();
+        Ok(PresignedUrl { url: request.uri().to_owned(), expires_at })
+    }
 }

@@ -28,6 +28,9 @@ pub struct TableSpec {
     pub attributes: BTreeMap<String, String>,
     pub indexes: Vec<IndexSpec>,
     pub ttl_attribute: Option<String>,
+    /// A DynamoDB stream of changes (`NEW_AND_OLD_IMAGES`): the jobs table's feeds webhooks.
+    #[serde(default)]
+    pub stream: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,6 +113,7 @@ pub async fn provision(
         tenants_table: format!("{prefix}-tenants"),
         models_table: format!("{prefix}-models"),
         job_queue_url: queue_urls.remove("jobs").unwrap_or_default(),
+        webhook_queue_url: queue_urls.remove("webhooks").unwrap_or_default(),
         artifacts_bucket: format!("{prefix}-artifacts"),
         endpoint_url: endpoint_url.map(str::to_owned),
     })
@@ -142,6 +146,15 @@ async fn create_table(clients: &AwsClients, name: &str, spec: &TableSpec) -> Res
                 .projection(Projection::builder().projection_type(ProjectionType::All).build())
                 .build()
                 .expect("name, schema and projection are set"),
+        );
+    }
+    if let Some(view) = &spec.stream {
+        request = request.stream_specification(
+            aws_sdk_dynamodb::types::StreamSpecification::builder()
+                .stream_enabled(true)
+                .stream_view_type(view.as_str().into())
+                .build()
+                .map_err(aws_error(format!("stream of {name}")))?,
         );
     }
     match request.send().await {

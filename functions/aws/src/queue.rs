@@ -123,3 +123,45 @@ impl SqsWorkQueue {
         Ok(())
     }
 }
+
+/// The SQS webhook queue: one message per job event, drained by `deliver-webhooks`.
+#[derive(Clone)]
+pub struct SqsWebhookQueue {
+    client: Client,
+    queue_url: String,
+}
+
+impl SqsWebhookQueue {
+    pub fn new(client: Client, queue_url: impl Into<String>) -> Self {
+        Self { client, queue_url: queue_url.into() }
+    }
+
+    /// Hides a received message for `delay` (the retry backoff); a batch item failure then
+    /// leaves it to come back after that.
+    pub async fn delay(&self, receipt: &str, delay: std::time::Duration) -> Result<(), PortError> {
+        self.client
+            .change_message_visibility()
+            .queue_url(&self.queue_url)
+            .receipt_handle(receipt)
+            .visibility_timeout(delay.as_secs().min(43_200) as i32)
+            .send()
+            .await
+            .map_err(unavailable("sqs"))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl kiln_app::ports::WebhookQueue for SqsWebhookQueue {
+    async fn send(&self, event: &kiln_domain::JobEvent) -> Result<(), PortError> {
+        let body = serde_json::to_string(event).map_err(unavailable("sqs"))?;
+        self.client
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_body(body)
+            .send()
+            .await
+            .map_err(unavailable("sqs"))?;
+        Ok(())
+    }
+}

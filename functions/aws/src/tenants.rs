@@ -52,10 +52,14 @@ impl TenantDirectory for DynamoTenants {
         let Some(key) = self.get(format!("key#{key_hash}")).await? else { return Ok(None) };
         let tenant_id =
             key.get("tenant_id").and_then(|v| v.as_s().ok()).ok_or_else(|| corrupt("key without tenant_id"))?;
-        let Some(item) = self.get(format!("tenant#{tenant_id}")).await? else { return Ok(None) };
+        self.tenant(&TenantId::parse(tenant_id).map_err(|e| corrupt(e.to_string()))?).await
+    }
+
+    async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>, PortError> {
+        let Some(item) = self.get(format!("tenant#{id}")).await? else { return Ok(None) };
         let name = item.get("name").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
         let disabled = item.get("disabled").and_then(|v| v.as_bool().ok()).copied().unwrap_or(false);
-        Ok(Some(Tenant { id: TenantId::parse(tenant_id).map_err(|e| corrupt(e.to_string()))?, name, disabled }))
+        Ok(Some(Tenant { id: id.clone(), name, disabled }))
     }
 
     async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, PortError> {
@@ -101,5 +105,38 @@ impl TenantDirectory for DynamoTenants {
             .await
             .map_err(unavailable("dynamodb"))?;
         Ok(output.attributes.is_some())
+    }
+}
+
+/// Webhook signing secrets, one `webhook#<tenant>` item per tenant in the tenants table, written
+/// conditionally on its version.
+#[async_trait]
+impl kiln_app::ports::SecretStore for DynamoTenants {
+    async fn secrets(&self, tenant: &TenantId) -> Result<Option<kiln_app::ports::SecretSet>, PortError> {
+        let Some(item) = self.get(format!("webhook#{tenant}")).await? else { return Ok(None) };
+        let text = item.get("secrets").and_then(|v| v.as_s().ok()).ok_or_else(|| corrupt("webhook secrets"))?;
+        serde_json::from_str(text).map(Some).map_err(|e| corrupt(e.to_string()))
+    }
+
+    async fn put_secrets(&self, tenant: &TenantId, set: &kiln_app::ports::SecretSet) -> Result<bool, PortError> {
+        let text = serde_json::to_string(set).map_err(|e| corrupt(e.to_string()))?;
+        let request = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", AttributeValue::S(format!("webhook#{tenant}")))
+            .item("secrets", AttributeValue::S(text))
+            .item("version", AttributeValue::N(set.version.to_string()));
+        let request = match set.version {
+            0 | 1 => request.condition_expression("attribute_not_exists(pk)"),
+            previous => request
+                .condition_expression("version = :previous")
+                .expression_attribute_values(":previous", AttributeValue::N((previous - 1).to_string())),
+        };
+        match request.send().await {
+            Ok(_) => Ok(true),
+            Err(err) if is_conditional_failure(&err) => Ok(false),
+            Err(err) => Err(PortError::unavailable("dynamodb", err)),
+        }
     }
 }

@@ -41,6 +41,25 @@ pub struct Output {
     pub bytes: u64,
 }
 
+/// The webhook deliveries of one job, summed up: visible on the job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookDelivery {
+    /// HTTP attempts, all events together.
+    pub attempts: u32,
+    /// Events the receiver accepted (2xx).
+    pub delivered: u32,
+    /// Events given up on (a 4xx that is not 408/429, or the retry schedule ran out).
+    pub abandoned: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempt_at: Option<DateTime<Utc>>,
+}
+
 /// Milliseconds spent in each stage.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timings {
@@ -91,6 +110,14 @@ pub struct Job {
     /// encoder, say).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// For jobs started by uploads to the S3 inbox: the `outbox/<tenant>/<name>/` prefixes its
+    /// artifacts and result JSON are copied to when it ends (several when identical uploads were
+    /// deduplicated onto one job).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outboxes: Vec<String>,
+    /// How delivering the job's webhook events went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_delivery: Option<WebhookDelivery>,
     /// Bumped by every change; stores write only when the stored revision is the one read, so
     /// two writers racing on one job can never both win.
     pub revision: u64,
@@ -139,6 +166,8 @@ impl Job {
             outputs: Vec::new(),
             timings: Timings::default(),
             warnings: Vec::new(),
+            outboxes: Vec::new(),
+            webhook_delivery: None,
             revision: 0,
         }
     }

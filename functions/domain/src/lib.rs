@@ -5,6 +5,7 @@
 
 pub mod cache_key;
 pub mod error;
+pub mod events;
 pub mod ids;
 pub mod job;
 pub mod model;
@@ -14,7 +15,8 @@ pub mod status;
 pub use cache_key::CacheKey;
 pub use error::{InputError, InputErrorKind};
 pub use ids::{InvalidId, JobId, TenantId};
-pub use job::{IllegalTransition, Job, JobError, JobErrorCode, Output, Timings};
+pub use events::{JobEvent, webhook_events};
+pub use job::{IllegalTransition, Job, JobError, JobErrorCode, Output, Timings, WebhookDelivery};
 pub use model::{ManifestError, ModelSpec, OutputFormat};
 pub use params::{JobParams, SeedSource, Submission, Webhook, WebhookEvent, WebhookPolicy};
 pub use status::JobStatus;

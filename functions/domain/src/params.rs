@@ -54,6 +54,14 @@ pub enum WebhookEvent {
 
 impl WebhookEvent {
     const ALL: [WebhookEvent; 3] = [Self::Started, Self::Progress, Self::Completed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Started => "started",
+            Self::Progress => "progress",
+            Self::Completed => "completed",
+        }
+    }
 }
 
 /// Where to tell the client about its job, and which events it wants.
@@ -302,7 +310,7 @@ fn resolve_webhook(raw: &RawWebhook, policy: WebhookPolicy) -> Result<Webhook, I
 }
 
 /// A cheap first check on IP literals; delivery checks every resolved address again.
-fn is_public(ip: IpAddr) -> bool {
+pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
             !(v4.is_loopback()

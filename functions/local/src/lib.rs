@@ -4,6 +4,7 @@
 
 pub mod moto;
 pub mod runner;
+pub mod relays;
 pub mod server;
 pub mod stack;
 

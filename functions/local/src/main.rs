@@ -93,7 +93,7 @@ impl Running {
         let moto = MotoServer::start(&tools.moto_server, args.moto_port)?;
         let options = StackOptions { api_addr: args.api_addr, ..StackOptions::default() };
         let mut stack = LocalStack::start(&moto.url, options).await.context("starting the local stack")?;
-        stack.start_dead_letter_relay();
+        stack.start_relays().await?;
         let models = stack.publish_models(&root.join("gpu-runner/models")).await?;
         let key = stack.create_tenant("dev", "Local developer").await?;
         let state = root.join(".kiln");

@@ -2,8 +2,13 @@
 //! served on 127.0.0.1.
 
 use anyhow::Context;
-use aws_lambda_events::sqs::SqsMessage;
-use kiln_api::{Api, ApiConfig, dead_letters, routes::Ports};
+use kiln_api::{
+    Api, ApiConfig, dead_letters,
+    deliver::{Deliverer, DeliveryConfig},
+    inbox::Inbox,
+    job_events::JobEvents,
+    routes::Ports,
+};
 use kiln_app::{
     ApiKey, Tenant,
     ports::{ModelCatalog, TenantDirectory},
@@ -31,8 +36,11 @@ pub struct StackOptions {
     pub api_addr: SocketAddr,
     /// Seconds a queued job waits for a runner before it expires.
     pub queued_ttl_secs: u32,
-    /// Accept http:// and loopback webhook URLs.
+    /// Accept http:// and loopback webhook URLs (and deliver to them).
     pub allow_local_webhooks: bool,
+    /// First webhook retry delay in seconds (the cap is 4× this); short locally so tests see
+    /// retries and the DLQ in seconds.
+    pub webhook_retry_base_secs: u64,
 }
 
 impl Default for StackOptions {
@@ -42,6 +50,7 @@ impl Default for StackOptions {
             api_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             queued_ttl_secs: 3600,
             allow_local_webhooks: true,
+            webhook_retry_base_secs: 1,
         }
     }
 }
@@ -55,7 +64,8 @@ pub struct LocalStack {
     pub config: ApiConfig,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
-    relay: Option<JoinHandle<()>>,
+    relays: Vec<JoinHandle<()>>,
+    options: StackOptions,
 }
 
 impl LocalStack {
@@ -66,7 +76,7 @@ impl LocalStack {
         let mut config = ApiConfig::for_resources(resources.clone());
         config.queued_ttl_secs = options.queued_ttl_secs;
         config.allow_local_webhooks = options.allow_local_webhooks;
-        Self::serve(clients, resources, config, options.api_addr).await
+        Self::serve(clients, resources, config, options).await
     }
 
     /// Serves the API with `config` on resources that already exist.
@@ -74,8 +84,9 @@ impl LocalStack {
         clients: AwsClients,
         resources: Resources,
         config: ApiConfig,
-        api_addr: SocketAddr,
+        options: StackOptions,
     ) -> anyhow::Result<Self> {
+        let api_addr = options.api_addr;
         let api = Arc::new(Api::new(Ports::aws(&clients, &config), &config));
         let listener = TcpListener::bind(api_addr).await.with_context(|| format!("binding {api_addr}"))?;
         let api_url = format!("http://{}", listener.local_addr()?);
@@ -91,7 +102,8 @@ impl LocalStack {
             config,
             shutdown: Some(shutdown),
             server: Some(server),
-            relay: None,
+            relays: Vec::new(),
+            options,
         })
     }
 
@@ -131,47 +143,83 @@ impl LocalStack {
         format!("{}-dlq", self.resources.job_queue_url)
     }
 
-    /// Feeds the dead-letter queue to the `job-dead-letters` handler, as its SQS trigger does in
-    /// AWS, until the stack stops.
-    pub fn start_dead_letter_relay(&mut self) {
-        let (sqs, api, url) = (self.clients.sqs.clone(), self.api.clone(), self.dead_letter_queue_url());
-        self.relay = Some(tokio::spawn(async move {
-            loop {
-                let received = sqs
-                    .receive_message()
-                    .queue_url(&url)
-                    .max_number_of_messages(10)
-                    .wait_time_seconds(1)
-                    .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
-                    .send()
-                    .await;
-                let Ok(received) = received else {
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    continue;
-                };
-                for message in received.messages.unwrap_or_default() {
-                    let mut record = SqsMessage::default();
-                    record.message_id = message.message_id.clone();
-                    record.body = message.body.clone();
-                    record.attributes = message
-                        .attributes
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(name, value)| (name.as_str().to_owned(), value))
-                        .collect();
-                    if dead_letters::handle_record(&api, &record).await.is_ok()
-                        && let Some(receipt) = message.receipt_handle
-                    {
-                        let _ = sqs.delete_message().queue_url(&url).receipt_handle(receipt).send().await;
-                    }
-                }
-            }
+    /// Starts what AWS would run between the functions (see [`crate::relays`]): the dead-letter
+    /// function on the job DLQ, `job-events` on the jobs table's stream, `deliver-webhooks` on
+    /// the webhook queue, and `inbox-trigger` on the bucket's `inbox/` notifications (sent to an
+    /// SQS queue here). Runs until the stack stops.
+    pub async fn start_relays(&mut self) -> anyhow::Result<()> {
+        let api = self.api.clone();
+        self.relays.push(crate::relays::relay_queue(self.clients.sqs.clone(), self.dead_letter_queue_url(), move |record| {
+            let api = api.clone();
+            async move { dead_letters::handle_record(&api, &record).await.is_ok() }
         }));
+        let endpoint = self.resources.endpoint_url.clone().unwrap_or_default();
+        let events = Arc::new(JobEvents::on(&self.clients, &self.config));
+        self.relays.push(crate::relays::relay_job_stream(&endpoint, self.resources.jobs_table.clone(), events));
+        let delivery = DeliveryConfig {
+            api: self.config.clone(),
+            retry_base_secs: self.options.webhook_retry_base_secs,
+            retry_cap_secs: self.options.webhook_retry_base_secs.max(1) * 4,
+            max_attempts: webhook_max_attempts(),
+            connect_timeout_secs: 2,
+            timeout_secs: 5,
+            allow_loopback: self.options.allow_local_webhooks,
+        };
+        let deliverer = Arc::new(Deliverer::on(&self.clients, &delivery)?);
+        self.relays.push(crate::relays::relay_webhooks(&self.clients, self.resources.webhook_queue_url.clone(), deliverer));
+        let inbox_queue = self.inbox_notifications().await?;
+        let inbox = Arc::new(Inbox::on(&self.clients, &self.config));
+        self.relays.push(crate::relays::relay_inbox(&self.clients, inbox_queue, inbox));
+        Ok(())
+    }
+
+    /// The webhook DLQ (named `<webhook queue>-dlq`).
+    pub fn webhook_dead_letter_queue_url(&self) -> String {
+        format!("{}-dlq", self.resources.webhook_queue_url)
+    }
+
+    /// A queue that receives the bucket's object-created notifications under `inbox/` (in AWS the
+    /// notification invokes the function directly; moto delivers to SQS reliably).
+    async fn inbox_notifications(&self) -> anyhow::Result<String> {
+        use aws_sdk_s3::types::{
+            Event, FilterRule, FilterRuleName, NotificationConfiguration, NotificationConfigurationFilter,
+            QueueConfiguration, S3KeyFilter,
+        };
+        let name = format!("{}-inbox-events", self.options.prefix);
+        let url = self.clients.sqs.create_queue().queue_name(&name).send().await?.queue_url.unwrap_or_default();
+        let attributes = self
+            .clients
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+            .send()
+            .await?;
+        let arn = attributes
+            .attributes
+            .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::QueueArn).cloned())
+            .unwrap_or_default();
+        let filter = NotificationConfigurationFilter::builder()
+            .key(S3KeyFilter::builder().filter_rules(FilterRule::builder().name(FilterRuleName::Prefix).value("inbox/").build()).build())
+            .build();
+        let queue = QueueConfiguration::builder()
+            .queue_arn(arn)
+            .events(Event::from("s3:ObjectCreated:*"))
+            .filter(filter)
+            .build()?;
+        self.clients
+            .s3
+            .put_bucket_notification_configuration()
+            .bucket(&self.resources.artifacts_bucket)
+            .notification_configuration(NotificationConfiguration::builder().queue_configurations(queue).build())
+            .send()
+            .await?;
+        Ok(url)
     }
 
     /// Stops the API server.
     pub async fn stop(mut self) {
-        if let Some(relay) = self.relay.take() {
+        for relay in self.relays.drain(..) {
             relay.abort();
         }
         if let Some(shutdown) = self.shutdown.take() {
@@ -185,11 +233,17 @@ impl LocalStack {
 
 impl Drop for LocalStack {
     fn drop(&mut self) {
-        if let Some(relay) = self.relay.take() {
+        for relay in self.relays.drain(..) {
             relay.abort();
         }
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
     }
+}
+
+/// The webhook queue's `maxReceiveCount` from `terraform/stack.json`: the delivery schedule's
+/// attempts must match it, so the last attempt is the last receive before the DLQ.
+pub fn webhook_max_attempts() -> u32 {
+    kiln_aws::provision::Stack::load().ok().and_then(|s| s.queues.get("webhooks").map(|q| q.dead_letter.max_receive_count)).unwrap_or(12)
 }

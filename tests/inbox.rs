@@ -1,0 +1,116 @@
+//! The S3 inbox end to end over moto: a tenant asks for an upload link, PUTs a job spec to
+//! `inbox/<tenant>/<name>.json`, the bucket's notification starts the job (`inbox-trigger`),
+//! a runner renders it, and `job-events` writes the artifact and `result.json` under
+//! `outbox/<tenant>/<name>/`. Bad specs get `error.json` with the API's own messages.
+
+use kiln_local::LocalStack;
+use kiln_tests::{Client, media, runner_options, stack, start_runner};
+use serde_json::{Value, json};
+use std::time::Duration;
+
+async fn started_stack() -> LocalStack {
+    let mut stack = stack().await;
+    stack.start_relays().await.expect("relays");
+    stack
+}
+
+/// Asks for an upload link and PUTs `body` there, as a tenant's script would.
+async fn upload(client: &Client, name: &str, body: &str) -> Value {
+    let link = client.post_json("/v1/uploads", &json!({"name": name})).await;
+    assert_eq!(link.status, 201, "{}", link.body);
+    let url = link.body["url"].as_str().unwrap();
+    let put = reqwest::Client::new()
+        .put(url)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "upload: {}", put.status());
+    link.body
+}
+
+/// Waits for an object to appear in the bucket; its bytes.
+async fn object(stack: &LocalStack, key: &str, limit: Duration) -> Vec<u8> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let got = stack.clients.s3.get_object().bucket(&stack.resources.artifacts_bucket).key(key).send().await;
+        if let Ok(output) = got {
+            return output.body.collect().await.unwrap().into_bytes().to_vec();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{key} never appeared");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_uploaded_spec_renders_into_the_outbox() {
+    let stack = started_stack().await;
+    let _runner = start_runner(&stack, &runner_options("inbox"));
+    let client = Client::tenant(&stack, "acme").await;
+    let link = upload(&client, "harbour-01", r#"{"model":"kiln-demo","prompt":"a harbour","width":128,"height":96,"steps":2,"seed":4}"#).await;
+    assert_eq!(link["key"], "inbox/acme/harbour-01.json");
+    assert_eq!(link["outbox"], "outbox/acme/harbour-01/");
+
+    let result: Value =
+        serde_json::from_slice(&object(&stack, "outbox/acme/harbour-01/result.json", Duration::from_secs(90)).await).unwrap();
+    assert_eq!(result["status"], "succeeded", "{result}");
+    assert_eq!(result["input"]["prompt"], "a harbour");
+    let id = result["id"].as_str().unwrap();
+    let png = object(&stack, "outbox/acme/harbour-01/output.png", Duration::from_secs(5)).await;
+    assert_eq!(media::probe("png", &png).unwrap(), media::Probe { width: 128, height: 96, frames: 1 });
+    // The job is the tenant's, visible through the API like any other.
+    let job = client.get(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(job.status, 200);
+    assert_eq!(job.body["status"], "succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_spec_gets_the_apis_error_and_a_repeated_event_starts_no_second_job() {
+    let stack = started_stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let bad = r#"{"model":"kiln-demo","prompt":"x","width":100000}"#;
+    upload(&client, "too-wide", bad).await;
+    let error: Value =
+        serde_json::from_slice(&object(&stack, "outbox/acme/too-wide/error.json", Duration::from_secs(30)).await).unwrap();
+    let api = client.post_json("/v1/jobs", &serde_json::from_str(bad).unwrap()).await;
+    assert_eq!(api.status, 422);
+    assert_eq!(error["error"], api.body["error"], "the same code, message and field as the API");
+    assert_eq!(error["error"]["field"], "width");
+
+    upload(&client, "not-json", "this is not json").await;
+    let error: Value =
+        serde_json::from_slice(&object(&stack, "outbox/acme/not-json/error.json", Duration::from_secs(30)).await).unwrap();
+    assert_eq!(error["error"]["code"], "invalid_json", "{error}");
+
+    // The same object announced twice (S3 delivers at least once) is one job.
+    upload(&client, "twice", r#"{"model":"kiln-demo","prompt":"once only"}"#).await;
+    let mut relayed = None;
+    for _ in 0..100 {
+        let listed = client.get("/v1/jobs").await;
+        relayed = listed.body["jobs"].as_array().unwrap().iter().find(|j| j["input"]["prompt"] == "once only").cloned();
+        if relayed.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let relayed = relayed.expect("the notification started the job");
+    let inbox = kiln_api::inbox::Inbox::on(&stack.clients, &stack.config);
+    let head = stack.clients.s3.head_object().bucket(&stack.resources.artifacts_bucket).key("inbox/acme/twice.json").send().await.unwrap();
+    let first = inbox.on_object("inbox/acme/twice.json", head.version_id(), head.e_tag()).await.map_err(|e| format!("{e:?}")).unwrap();
+    let second = inbox.on_object("inbox/acme/twice.json", head.version_id(), head.e_tag()).await.unwrap();
+    assert_eq!(first, second);
+    let kiln_api::inbox::InboxOutcome::Started(id) = first else { panic!("{first:?}") };
+    assert_eq!(relayed["id"], id.as_str(), "the event announced again is the job the first one started");
+    let listed = client.get("/v1/jobs").await;
+    let count = listed.body["jobs"].as_array().unwrap().iter().filter(|j| j["input"]["prompt"] == "once only").count();
+    assert_eq!(count, 1, "one job for the object, however often it is announced: {}", listed.body);
+    assert!(listed.body["jobs"].as_array().unwrap().iter().any(|j| j["id"] == id.as_str()));
+
+    // A tenant's upload link only ever points into its own prefix.
+    let other = Client::tenant(&stack, "globex").await;
+    let link = other.post_json("/v1/uploads", &json!({"name": "../acme/x"})).await;
+    assert_eq!((link.status.as_u16(), link.error_field()), (422, Some("name")));
+    let link = other.post_json("/v1/uploads", &json!({"name": "x"})).await;
+    assert_eq!(link.body["key"], "inbox/globex/x.json");
+}

@@ -1,0 +1,228 @@
+//! Webhooks and the S3 inbox end to end over moto: the jobs table's stream feeds `job-events`,
+//! which queues events; `deliver-webhooks` drains the webhook queue and POSTs signed events to
+//! a receiver on 127.0.0.1; uploads to `inbox/` start jobs whose results land in `outbox/`.
+//! The relays (`LocalStack::start_relays`) stand in for the Lambda triggers.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use kiln_local::LocalStack;
+use kiln_tests::{Client, stack};
+use kiln_webhooks::{Secret, verify};
+use serde_json::{Value, json};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+use tokio::net::TcpListener;
+
+/// What the receiver saw: one entry per request.
+#[derive(Debug, Clone)]
+struct Received {
+    id: String,
+    signature: String,
+    body: Value,
+    verified_with: Vec<usize>,
+}
+
+/// A webhook receiver on 127.0.0.1 that answers `statuses` in turn (then the last one for ever)
+/// and checks each request's signature against `secrets` (by index).
+struct Receiver {
+    url: String,
+    seen: Arc<Mutex<Vec<Received>>>,
+    secrets: Arc<Mutex<Vec<Secret>>>,
+}
+
+impl Receiver {
+    async fn start(statuses: Vec<u16>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let seen: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let secrets: Arc<Mutex<Vec<Secret>>> = Arc::default();
+        let (seen2, secrets2) = (seen.clone(), secrets.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let (seen, secrets, statuses) = (seen2.clone(), secrets2.clone(), statuses.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |request: Request<Incoming>| {
+                        let (seen, secrets, statuses) = (seen.clone(), secrets.clone(), statuses.clone());
+                        async move {
+                            let headers = request.headers().clone();
+                            let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let verified_with = secrets
+                                .lock()
+                                .unwrap()
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, secret)| verify(&headers, &body, secret, Duration::from_secs(300), SystemTime::now()).is_ok())
+                                .map(|(index, _)| index)
+                                .collect();
+                            let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                            let mut seen = seen.lock().unwrap();
+                            seen.push(Received {
+                                id: header("webhook-id"),
+                                signature: header("webhook-signature"),
+                                body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+                                verified_with,
+                            });
+                            let status = statuses.get(seen.len() - 1).or(statuses.last()).copied().unwrap_or(200);
+                            Ok::<_, hyper::Error>(Response::builder().status(status).body(Full::new(Bytes::from("ok"))).unwrap())
+                        }
+                    });
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        });
+        Self { url, seen, secrets }
+    }
+
+    fn seen(&self) -> Vec<Received> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    async fn wait_for(&self, count: usize, limit: Duration) -> Vec<Received> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let seen = self.seen();
+            if seen.len() >= count || tokio::time::Instant::now() > deadline {
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn started_stack() -> LocalStack {
+    let mut stack = stack().await;
+    stack.start_relays().await.expect("relays");
+    stack
+}
+
+async fn secret(client: &Client) -> Secret {
+    let answer = client.get("/v1/webhooks/secret").await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    Secret::parse(answer.body["secret"].as_str().unwrap()).unwrap()
+}
+
+/// A queued job with a webhook, canceled at once: its `completed` event goes out with no runner.
+async fn canceled_job(client: &Client, url: &str, prompt: &str) -> String {
+    let body = json!({"model": "kiln-demo", "prompt": prompt, "webhook": {"url": url, "events": ["completed"]}});
+    let answer = client.post_json("/v1/jobs", &body).await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let id = answer.body["id"].as_str().unwrap().to_owned();
+    let canceled = client.post(&format!("/v1/jobs/{id}/cancel")).await;
+    assert_eq!(canceled.body["status"], "canceled", "{}", canceled.body);
+    id
+}
+
+async fn job(client: &Client, id: &str) -> Value {
+    client.get(&format!("/v1/jobs/{id}")).await.body
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signed_event_failing_twice_is_delivered_on_the_third_attempt() {
+    let stack = started_stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let receiver = Receiver::start(vec![500, 503, 200]).await;
+    receiver.secrets.lock().unwrap().push(secret(&client).await);
+    let id = canceled_job(&client, &receiver.url, "retry me").await;
+
+    let seen = receiver.wait_for(3, Duration::from_secs(60)).await;
+    assert_eq!(seen.len(), 3, "three attempts: {seen:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(receiver.seen().len(), 3, "nothing after the delivery");
+    for attempt in &seen {
+        assert_eq!(attempt.verified_with, [0], "every attempt is signed with the tenant's secret");
+        assert_eq!(attempt.id, seen[0].id, "the same webhook-id on every attempt");
+        assert_eq!(attempt.body["type"], "completed");
+        assert_eq!(attempt.body["job"]["id"], id.as_str());
+        assert_eq!(attempt.body["job"]["status"], "canceled");
+        assert!(attempt.body["timestamp"].is_string());
+    }
+    let record = job(&client, &id).await["webhook_delivery"].clone();
+    assert_eq!((record["attempts"].as_u64(), record["delivered"].as_u64()), (Some(3), Some(1)), "{record}");
+    assert_eq!(record["last_status"], 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_that_always_fails_ends_in_the_dead_letter_queue() {
+    let stack = started_stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let receiver = Receiver::start(vec![500]).await;
+    let id = canceled_job(&client, &receiver.url, "never delivered").await;
+    let attempts = kiln_local::stack::webhook_max_attempts() as usize;
+    let seen = receiver.wait_for(attempts, Duration::from_secs(120)).await;
+    assert_eq!(seen.len(), attempts, "every scheduled attempt was made");
+
+    let dlq = stack.webhook_dead_letter_queue_url();
+    let mut dead = None;
+    for _ in 0..60 {
+        let received = stack.clients.sqs.receive_message().queue_url(&dlq).wait_time_seconds(1).send().await.unwrap();
+        if let Some(message) = received.messages.unwrap_or_default().pop() {
+            dead = message.body;
+            break;
+        }
+    }
+    let dead: Value = serde_json::from_str(&dead.expect("the event reached the webhook DLQ")).unwrap();
+    assert_eq!(dead["job"]["id"], id.as_str());
+    assert_eq!(receiver.seen().len(), attempts, "no attempt after the last");
+    let record = job(&client, &id).await["webhook_delivery"].clone();
+    assert_eq!(record["attempts"].as_u64(), Some(attempts as u64), "{record}");
+    assert_eq!((record["delivered"].as_u64(), record["abandoned"].as_u64()), (Some(0), Some(1)), "{record}");
+    assert_eq!(record["last_status"], 500);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_receiver_that_refuses_gets_no_retries_and_a_rotated_secret_signs_twice() {
+    let stack = started_stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let old = secret(&client).await;
+    assert_eq!(secret(&client).await.reveal(), old.reveal(), "the secret is stable until rotated");
+    let rotated = client.post("/v1/webhooks/secret/rotate").await;
+    assert_eq!(rotated.status, 200, "{}", rotated.body);
+    let new = Secret::parse(rotated.body["secret"].as_str().unwrap()).unwrap();
+    assert_ne!(new.reveal(), old.reveal());
+    assert_eq!(secret(&client).await.reveal(), new.reveal());
+
+    let receiver = Receiver::start(vec![410]).await;
+    receiver.secrets.lock().unwrap().extend([new, old]);
+    let id = canceled_job(&client, &receiver.url, "gone").await;
+    let seen = receiver.wait_for(1, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(receiver.seen().len(), 1, "a 410 is not retried");
+    assert_eq!(seen[0].verified_with, [0, 1], "signed with the new and the still-valid old secret");
+    assert_eq!(seen[0].signature.matches("v1,").count(), 2);
+    let record = job(&client, &id).await["webhook_delivery"].clone();
+    assert_eq!((record["attempts"].as_u64(), record["abandoned"].as_u64()), (Some(1), Some(1)), "{record}");
+
+    // Other tenants have their own secret.
+    let other = Client::tenant(&stack, "globex").await;
+    assert_ne!(secret(&other).await.reveal(), secret(&client).await.reveal());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhook_urls_to_private_and_metadata_addresses_are_refused() {
+    let stack = stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    for url in ["https://169.254.169.254/latest/meta-data", "https://10.0.0.1/hook", "https://[fd00::1]/hook", "https://192.168.1.1/"] {
+        let body = json!({"model": "kiln-demo", "prompt": "x", "webhook": {"url": url}});
+        let answer = client.post_json("/v1/jobs", &body).await;
+        assert_eq!(answer.status, 422, "{url}: {}", answer.body);
+        assert_eq!(answer.error_field(), Some("webhook.url"), "{url}");
+    }
+    // Names are checked after resolution, by the sender (kiln-webhooks' guard tests cover
+    // rebinding); here: a name that resolves to loopback is refused where loopback is not allowed.
+    let sender = kiln_webhooks::WebhookSender::new(kiln_webhooks::SenderConfig::default());
+    let attempt = sender
+        .deliver(&kiln_webhooks::DeliveryRequest {
+            url: "https://localhost/hook".into(),
+            message_id: "msg_1".into(),
+            body: Bytes::from_static(b"{}"),
+            secrets: vec![Secret::generate()],
+        })
+        .await;
+    assert_eq!(attempt.outcome, kiln_webhooks::Outcome::GiveUp, "{attempt:?}");
+    assert_eq!(attempt.status, None, "no connection was made");
+}
