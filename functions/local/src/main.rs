@@ -13,7 +13,7 @@ use kiln_local::{
     runner_binary, workspace_root,
 };
 use serde_json::{Value, json};
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 #[derive(Parser)]
 #[command(about = "Run the kiln platform locally against the moto server")]
@@ -227,7 +227,34 @@ async fn demo(running: &Running) -> anyhow::Result<()> {
         );
     }
     println!("\nartifacts downloaded through their presigned URLs into {}", folder.display());
-    Ok(())
+    inbox_demo(running, &http, &folder).await
+}
+
+/// A job started by uploading its spec to the S3 inbox, its result read back from the outbox.
+async fn inbox_demo(running: &Running, http: &reqwest::Client, folder: &Path) -> anyhow::Result<()> {
+    let (api, key) = (&running.stack.api_url, &running.key);
+    let link: Value =
+        http.post(format!("{api}/v1/uploads")).bearer_auth(key).json(&json!({"name": "inbox-demo"})).send().await?.json().await?;
+    let url = link["url"].as_str().context("no upload url")?;
+    let spec = json!({"model": "kiln-demo", "prompt": "a red lighthouse from the inbox", "seed": 21, "width": 256, "height": 256});
+    http.put(url).header("content-type", "application/json").body(spec.to_string()).send().await?.error_for_status()?;
+    println!("\nuploaded a job spec to {}; waiting for {}", link["key"], link["outbox"]);
+    let s3 = &running.stack.clients.s3;
+    let bucket = &running.stack.resources.artifacts_bucket;
+    let outbox = link["outbox"].as_str().unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the inbox job did not finish within 2 minutes");
+        if let Ok(result) = s3.get_object().bucket(bucket).key(format!("{outbox}result.json")).send().await {
+            let result: Value = serde_json::from_slice(&result.body.collect().await?.into_bytes())?;
+            let image = s3.get_object().bucket(bucket).key(format!("{outbox}output.png")).send().await?;
+            let path = folder.join("inbox-demo.png");
+            std::fs::write(&path, image.body.collect().await?.into_bytes())?;
+            println!("inbox job {} {} -> {} (and {outbox}result.json)", result["id"], result["status"], path.display());
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// `cargo test --workspace` with one moto server for every test process. Ends with one
