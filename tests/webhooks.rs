@@ -206,7 +206,15 @@ async fn a_receiver_that_refuses_gets_no_retries_and_a_rotated_secret_signs_twic
 async fn webhook_urls_to_private_and_metadata_addresses_are_refused() {
     let stack = stack().await;
     let client = Client::tenant(&stack, "acme").await;
-    for url in ["https://169.254.169.254/latest/meta-data", "https://10.0.0.1/hook", "https://[fd00::1]/hook", "https://192.168.1.1/"] {
+    for url in [
+        "https://169.254.169.254/latest/meta-data",
+        "https://10.0.0.1/hook",
+        "https://[fd00::1]/hook",
+        "https://192.168.1.1/",
+        "https://192.0.2.10/hook",
+        "https://[64:ff9b::a9fe:a9fe]/",
+        "https://[::ffff:169.254.169.254]/",
+    ] {
         let body = json!({"model": "kiln-demo", "prompt": "x", "webhook": {"url": url}});
         let answer = client.post_json("/v1/jobs", &body).await;
         assert_eq!(answer.status, 422, "{url}: {}", answer.body);

@@ -3,6 +3,7 @@
 //!
 //! Nothing here knows about AWS, HTTP or ONNX: the functions and the gpu-runner share it.
 
+pub mod address;
 pub mod cache_key;
 pub mod error;
 pub mod events;

@@ -295,7 +295,7 @@ fn resolve_webhook(raw: &RawWebhook, policy: WebhookPolicy) -> Result<Webhook, I
         Some(url::Host::Domain(_)) => None,
     };
     if let Some(ip) = literal_ip
-        && !is_public(ip)
+        && !crate::address::is_public(ip)
         && !(policy.allow_local && ip.is_loopback())
     {
         return Err(InputError::invalid("webhook.url", format!("{ip} is not a public address")));
@@ -307,30 +307,6 @@ fn resolve_webhook(raw: &RawWebhook, policy: WebhookPolicy) -> Result<Webhook, I
     events.sort_by_key(|e| WebhookEvent::ALL.iter().position(|x| x == e));
     events.dedup();
     Ok(Webhook { url: url.to_string(), events })
-}
-
-/// A cheap first check on IP literals; delivery checks every resolved address again.
-pub fn is_public(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            !(v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_multicast()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64)
-        }
-        IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
-                || v6.to_ipv4_mapped().is_some_and(|v4| !is_public(IpAddr::V4(v4))))
-        }
-    }
 }
 
 /// Turns a serde error into one that names the field and says what was expected.
