@@ -404,10 +404,9 @@ async fn a_job_whose_message_cannot_be_sent_is_failed_not_left_queued() {
     // The same tables, but a queue URL that does not exist: every send fails.
     let mut config = healthy.config.clone();
     config.resources.job_queue_url = format!("{}-missing", healthy.resources.job_queue_url);
-    let broken =
-        LocalStack::serve(healthy.clients.clone(), config.resources.clone(), config, StackOptions::default())
-            .await
-            .unwrap();
+    let broken = LocalStack::serve(healthy.clients.clone(), config.resources.clone(), config, StackOptions::default())
+        .await
+        .unwrap();
     let key = healthy.create_tenant("acme", "Acme").await.unwrap();
     let client = Client::new(&broken.api_url, Some(key.expose()));
     let headers = [("content-type", "application/json"), ("idempotency-key", "k1")];

@@ -48,12 +48,18 @@ async fn an_uploaded_spec_renders_into_the_outbox() {
     let stack = started_stack().await;
     let _runner = start_runner(&stack, &runner_options("inbox"));
     let client = Client::tenant(&stack, "acme").await;
-    let link = upload(&client, "harbour-01", r#"{"model":"kiln-demo","prompt":"a harbour","width":128,"height":96,"steps":2,"seed":4}"#).await;
+    let link = upload(
+        &client,
+        "harbour-01",
+        r#"{"model":"kiln-demo","prompt":"a harbour","width":128,"height":96,"steps":2,"seed":4}"#,
+    )
+    .await;
     assert_eq!(link["key"], "inbox/acme/harbour-01.json");
     assert_eq!(link["outbox"], "outbox/acme/harbour-01/");
 
     let result: Value =
-        serde_json::from_slice(&object(&stack, "outbox/acme/harbour-01/result.json", Duration::from_secs(90)).await).unwrap();
+        serde_json::from_slice(&object(&stack, "outbox/acme/harbour-01/result.json", Duration::from_secs(90)).await)
+            .unwrap();
     assert_eq!(result["status"], "succeeded", "{result}");
     assert_eq!(result["input"]["prompt"], "a harbour");
     let id = result["id"].as_str().unwrap();
@@ -72,7 +78,8 @@ async fn a_bad_spec_gets_the_apis_error_and_a_repeated_event_starts_no_second_jo
     let bad = r#"{"model":"kiln-demo","prompt":"x","width":100000}"#;
     upload(&client, "too-wide", bad).await;
     let error: Value =
-        serde_json::from_slice(&object(&stack, "outbox/acme/too-wide/error.json", Duration::from_secs(30)).await).unwrap();
+        serde_json::from_slice(&object(&stack, "outbox/acme/too-wide/error.json", Duration::from_secs(30)).await)
+            .unwrap();
     let api = client.post_json("/v1/jobs", &serde_json::from_str(bad).unwrap()).await;
     assert_eq!(api.status, 422);
     assert_eq!(error["error"], api.body["error"], "the same code, message and field as the API");
@@ -80,7 +87,8 @@ async fn a_bad_spec_gets_the_apis_error_and_a_repeated_event_starts_no_second_jo
 
     upload(&client, "not-json", "this is not json").await;
     let error: Value =
-        serde_json::from_slice(&object(&stack, "outbox/acme/not-json/error.json", Duration::from_secs(30)).await).unwrap();
+        serde_json::from_slice(&object(&stack, "outbox/acme/not-json/error.json", Duration::from_secs(30)).await)
+            .unwrap();
     assert_eq!(error["error"]["code"], "invalid_json", "{error}");
 
     // The same object announced twice (S3 delivers at least once) is one job.
@@ -96,8 +104,20 @@ async fn a_bad_spec_gets_the_apis_error_and_a_repeated_event_starts_no_second_jo
     }
     let relayed = relayed.expect("the notification started the job");
     let inbox = kiln_api::inbox::Inbox::on(&stack.clients, &stack.config);
-    let head = stack.clients.s3.head_object().bucket(&stack.resources.artifacts_bucket).key("inbox/acme/twice.json").send().await.unwrap();
-    let first = inbox.on_object("inbox/acme/twice.json", head.version_id(), head.e_tag()).await.map_err(|e| format!("{e:?}")).unwrap();
+    let head = stack
+        .clients
+        .s3
+        .head_object()
+        .bucket(&stack.resources.artifacts_bucket)
+        .key("inbox/acme/twice.json")
+        .send()
+        .await
+        .unwrap();
+    let first = inbox
+        .on_object("inbox/acme/twice.json", head.version_id(), head.e_tag())
+        .await
+        .map_err(|e| format!("{e:?}"))
+        .unwrap();
     let second = inbox.on_object("inbox/acme/twice.json", head.version_id(), head.e_tag()).await.unwrap();
     assert_eq!(first, second);
     let kiln_api::inbox::InboxOutcome::Started(id) = first else { panic!("{first:?}") };

@@ -182,8 +182,9 @@ async fn the_job_stream_event_queues_the_subscribed_webhook_events() {
     let stack = fixture_stack().await;
     let event: aws_lambda_events::dynamodb::Event = serde_json::from_str(JOB_STREAM).expect("a DynamoDB stream event");
     let events = kiln_api::job_events::JobEvents::on(&stack.clients, &stack.config);
-    let response =
-        kiln_api::job_events::handle(&events, lambda_runtime::LambdaEvent::new(event, Default::default())).await.unwrap();
+    let response = kiln_api::job_events::handle(&events, lambda_runtime::LambdaEvent::new(event, Default::default()))
+        .await
+        .unwrap();
     assert!(response.batch_item_failures.is_empty());
     let received = stack
         .clients
@@ -221,7 +222,9 @@ async fn the_webhook_queue_event_is_delivered_signed() {
             if let Some((head, body)) = text.split_once("\r\n\r\n") {
                 let length: usize = head
                     .lines()
-                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                    .find_map(|l| {
+                        l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())
+                    })
                     .unwrap_or(0);
                 if body.len() >= length || n == 0 {
                     socket.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").await.unwrap();
@@ -242,13 +245,16 @@ async fn the_webhook_queue_event_is_delivered_signed() {
         allow_loopback: true,
     };
     let deliverer = kiln_api::deliver::Deliverer::on(&stack.clients, &config).unwrap();
-    let response =
-        kiln_api::deliver::handle(&deliverer, lambda_runtime::LambdaEvent::new(event, Default::default())).await.unwrap();
+    let response = kiln_api::deliver::handle(&deliverer, lambda_runtime::LambdaEvent::new(event, Default::default()))
+        .await
+        .unwrap();
     assert!(response.batch_item_failures.is_empty(), "delivered, so nothing to retry");
     let seen = request.await.unwrap();
     assert!(seen.starts_with("POST /kiln HTTP/1.1"), "{seen}");
     let lower = seen.to_ascii_lowercase();
-    for header in ["webhook-id: evt_01kaq3z8x9k2m3n4p5q6r7s8t9_completed_3", "webhook-timestamp: ", "webhook-signature: v1,"] {
+    for header in
+        ["webhook-id: evt_01kaq3z8x9k2m3n4p5q6r7s8t9_completed_3", "webhook-timestamp: ", "webhook-signature: v1,"]
+    {
         assert!(lower.contains(header), "{header} missing in {seen}");
     }
     assert!(seen.contains(r#""type":"completed""#), "{seen}");

@@ -124,12 +124,18 @@ fn the_runner_settings_fit_its_queue_and_its_drain() {
         "KILN_MAX_RECEIVES must be the job queue's maxReceiveCount: the runner fails a job on its last delivery"
     );
     let (lease, heartbeat) = (number("KILN_LEASE_SECS", 60), number("KILN_HEARTBEAT_SECS", 20));
-    assert!(heartbeat * 2 <= lease, "the heartbeat ({heartbeat} s) must renew the lease ({lease} s) well before it ends");
+    assert!(
+        heartbeat * 2 <= lease,
+        "the heartbeat ({heartbeat} s) must renew the lease ({lease} s) well before it ends"
+    );
     assert!(
         lease <= queue["visibility_timeout_seconds"].as_u64().unwrap(),
         "the runner's lease outlasts the queue's own visibility timeout"
     );
-    assert!(env.contains_key("KILN_SHUTDOWN_DEADLINE_SECS"), "runner.tf sizes the drain from KILN_SHUTDOWN_DEADLINE_SECS");
+    assert!(
+        env.contains_key("KILN_SHUTDOWN_DEADLINE_SECS"),
+        "runner.tf sizes the drain from KILN_SHUTDOWN_DEADLINE_SECS"
+    );
     assert!(env.get("KILN_DEVICE").is_some_and(|d| d.starts_with("cuda")), "the runner instances have GPUs");
     assert!(env.get("KILN_METRICS_ADDR").is_some_and(|a| a.contains(':')), "the agent reads the metrics port from it");
 }
@@ -144,7 +150,11 @@ fn the_hcl_parses_and_checkov_passes_with_every_skip_explained() {
         block.as_object().unwrap().values().map(|r| r[name_field].as_str().unwrap_or_default().to_owned()).collect()
     };
     let tables: Vec<String> = stack_names("aws_dynamodb_table", "name");
-    assert_eq!(tables, ["${var.prefix}-${each.key}"], "tables must be <prefix>-<stack.json key>, as kiln-aws names them");
+    assert_eq!(
+        tables,
+        ["${var.prefix}-${each.key}"],
+        "tables must be <prefix>-<stack.json key>, as kiln-aws names them"
+    );
     let queues: Vec<String> = stack_names("aws_sqs_queue", "name");
     assert_eq!(queues, ["${var.prefix}-${each.key}-dlq", "${var.prefix}-${each.key}"], "queues and their DLQs");
     let buckets: Vec<String> = stack_names("aws_s3_bucket", "bucket");
@@ -220,7 +230,10 @@ async fn every_function_and_the_runner_call_only_what_their_roles_grant() {
         submitted.push(harness::body_of(&answer)["id"].as_str().unwrap().to_owned());
     }
     let slow = client
-        .post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "a slow one", "width": 768, "height": 768, "steps": 40, "seed": 1}))
+        .post_json(
+            "/v1/jobs",
+            &json!({"model": "kiln-demo", "prompt": "a slow one", "width": 768, "height": 768, "steps": 40, "seed": 1}),
+        )
         .await;
     submitted.push(slow.body["id"].as_str().unwrap().to_owned());
 
@@ -237,12 +250,17 @@ async fn every_function_and_the_runner_call_only_what_their_roles_grant() {
 
     // 3. Every function's fixtures, once with a finished job and once with a queued one; an
     //    overdue job for the sweeper; presigned links fetched through the function's proxy.
-    let overdue = LocalStack::start(&moto, StackOptions { prefix: prefix.clone(), queued_ttl_secs: 0, ..StackOptions::default() })
-        .await
-        .unwrap();
+    let overdue = LocalStack::start(
+        &moto,
+        StackOptions { prefix: prefix.clone(), queued_ttl_secs: 0, ..StackOptions::default() },
+    )
+    .await
+    .unwrap();
     for (name, (process, recorder)) in &processes {
         for event in deploy.events(name) {
-            let queued = client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": format!("queued for {name}")})).await;
+            let queued = client
+                .post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": format!("queued for {name}")}))
+                .await;
             let queued = queued.body["id"].as_str().unwrap().to_owned();
             let late = Client::new(&overdue.api_url, Some(FIXTURE_KEY))
                 .post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": format!("overdue for {name}")}))
@@ -289,6 +307,10 @@ async fn every_function_and_the_runner_call_only_what_their_roles_grant() {
         })
         .collect();
     println!("recorded AWS calls:\n  {}", summary.join("\n  "));
-    assert!(problems.is_empty(), "terraform/functions.json access vs the calls the code made:\n  {}", problems.join("\n  "));
+    assert!(
+        problems.is_empty(),
+        "terraform/functions.json access vs the calls the code made:\n  {}",
+        problems.join("\n  ")
+    );
     stack.stop().await;
 }

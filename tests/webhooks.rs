@@ -56,10 +56,13 @@ impl Receiver {
                                 .unwrap()
                                 .iter()
                                 .enumerate()
-                                .filter(|(_, secret)| verify(&headers, &body, secret, Duration::from_secs(300), SystemTime::now()).is_ok())
+                                .filter(|(_, secret)| {
+                                    verify(&headers, &body, secret, Duration::from_secs(300), SystemTime::now()).is_ok()
+                                })
                                 .map(|(index, _)| index)
                                 .collect();
-                            let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                            let header =
+                                |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
                             let mut seen = seen.lock().unwrap();
                             seen.push(Received {
                                 id: header("webhook-id"),
@@ -68,7 +71,9 @@ impl Receiver {
                                 verified_with,
                             });
                             let status = statuses.get(seen.len() - 1).or(statuses.last()).copied().unwrap_or(200);
-                            Ok::<_, hyper::Error>(Response::builder().status(status).body(Full::new(Bytes::from("ok"))).unwrap())
+                            Ok::<_, hyper::Error>(
+                                Response::builder().status(status).body(Full::new(Bytes::from("ok"))).unwrap(),
+                            )
                         }
                     });
                     let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;

@@ -13,8 +13,7 @@ use kiln_local::{Tools, ensure_tools, workspace_root};
 use kiln_runner::{
     packages,
     render::{
-        Frames, Pipeline, RenderControl, RenderError, RenderRequest, StopReason,
-        diffusion::tokenizer::PromptTokenizer,
+        Frames, Pipeline, RenderControl, RenderError, RenderRequest, StopReason, diffusion::tokenizer::PromptTokenizer,
         runtime::SessionOptions,
     },
 };
@@ -159,8 +158,9 @@ fn fp16_graphs_match_the_reference() {
 #[test]
 fn euler_ancestral_and_lcm_match_the_reference() {
     let base = r#""num_train_timesteps":1000,"beta_start":0.00085,"beta_end":0.012,"beta_schedule":"scaled_linear""#;
-    let euler_a =
-        with_scheduler(&format!(r#"{{"_class_name":"EulerAncestralDiscreteScheduler",{base},"timestep_spacing":"trailing"}}"#));
+    let euler_a = with_scheduler(&format!(
+        r#"{{"_class_name":"EulerAncestralDiscreteScheduler",{base},"timestep_spacing":"trailing"}}"#
+    ));
     assert_matches_reference(
         &euler_a,
         r#"{"model":"kiln-tiny-sd","prompt":"a castle","width":64,"height":64,"steps":3,"guidance":0.0,"seed":5}"#,
@@ -185,8 +185,11 @@ fn a_video_is_a_smooth_seeded_latent_walk() {
     let video = pipeline.render(&request).unwrap();
     assert_eq!(video.frames.len(), 10);
     // Frame 0 is the image the same seed gives.
-    let image = pipeline.render(&self::request(&dir, &body(3).replace(r#""num_frames":10,"fps":8,"format":"gif","#, ""))).unwrap();
-    let distance = |a: &[u8], b: &[u8]| a.iter().zip(b).map(|(x, y)| f64::from(x.abs_diff(*y))).sum::<f64>() / a.len() as f64;
+    let image = pipeline
+        .render(&self::request(&dir, &body(3).replace(r#""num_frames":10,"fps":8,"format":"gif","#, "")))
+        .unwrap();
+    let distance =
+        |a: &[u8], b: &[u8]| a.iter().zip(b).map(|(x, y)| f64::from(x.abs_diff(*y))).sum::<f64>() / a.len() as f64;
     assert!(distance(&video.frames[0], &image.frames[0]) < 0.5, "frame 0 is the seed's image");
     let other = pipeline.render(&self::request(&dir, &body(4))).unwrap();
     let apart = distance(&video.frames[0], &other.frames[0]);
@@ -234,6 +237,7 @@ fn a_long_prompt_is_rendered_and_its_truncation_reported() {
     let frames = load(&dir).render(&request(&dir, &body)).unwrap();
     assert_eq!(frames.notes.len(), 1, "{:?}", frames.notes);
     assert!(frames.notes[0].contains("prompt truncated"), "{:?}", frames.notes);
-    let short = load(&dir).render(&request(&dir, r#"{"model":"kiln-tiny-sd","prompt":"a lighthouse","width":64,"height":64,"steps":1}"#));
+    let short = load(&dir)
+        .render(&request(&dir, r#"{"model":"kiln-tiny-sd","prompt":"a lighthouse","width":64,"height":64,"steps":1}"#));
     assert!(short.unwrap().notes.is_empty());
 }

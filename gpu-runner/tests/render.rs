@@ -4,10 +4,7 @@ use kiln_domain::{ModelSpec, Submission, WebhookPolicy};
 use kiln_local::{ensure_tools, workspace_root};
 use kiln_runner::{
     packages,
-    render::{
-        Frames, RenderControl, RenderError, RenderRequest, StopReason,
-        runtime::SessionOptions,
-    },
+    render::{Frames, RenderControl, RenderError, RenderRequest, StopReason, runtime::SessionOptions},
 };
 use std::sync::Arc;
 

@@ -79,7 +79,10 @@ impl Deploy {
         let mut env = BTreeMap::new();
         for source in [&self.json["common_env"], &self.unit(name)["env"]] {
             for (key, value) in source.as_object().into_iter().flatten() {
-                env.insert(key.clone(), value.as_str().unwrap_or_else(|| panic!("{name}: {key} is not a string")).into());
+                env.insert(
+                    key.clone(),
+                    value.as_str().unwrap_or_else(|| panic!("{name}: {key} is not a string")).into(),
+                );
             }
         }
         env
@@ -163,9 +166,11 @@ pub fn lambda_binaries() -> BTreeSet<String> {
     let metadata: Value = serde_json::from_slice(&output.stdout).unwrap();
     let mut binaries = BTreeSet::new();
     for package in metadata["packages"].as_array().unwrap() {
-        let lambda = package["dependencies"].as_array().unwrap().iter().any(|d| {
-            matches!(d["name"].as_str(), Some("lambda_runtime" | "lambda_http")) && d["kind"].is_null()
-        });
+        let lambda = package["dependencies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| matches!(d["name"].as_str(), Some("lambda_runtime" | "lambda_http")) && d["kind"].is_null());
         if !lambda {
             continue;
         }
@@ -236,7 +241,10 @@ pub async fn resolve_env(deploy: &Deploy, name: &str, prefix: &str, stack: &Loca
             Some(("queue_url", queue)) => {
                 let queue = format!("{prefix}-{queue}");
                 let answer = stack.clients.sqs.get_queue_url().queue_name(&queue).send().await;
-                answer.unwrap_or_else(|e| panic!("{name}: the local stack has no queue {queue}: {e:?}")).queue_url.unwrap()
+                answer
+                    .unwrap_or_else(|e| panic!("{name}: the local stack has no queue {queue}: {e:?}"))
+                    .queue_url
+                    .unwrap()
             }
             Some((_, resource)) => format!("{prefix}-{resource}"),
             None => value,
@@ -333,9 +341,8 @@ pub fn run_checkov(python: &Path) -> Value {
         .env("BC_SKIP_MAPPING", "TRUE")
         .output()
         .expect("running checkov");
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!("checkov printed no report ({e}): {}", String::from_utf8_lossy(&output.stderr))
-    });
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("checkov printed no report ({e}): {}", String::from_utf8_lossy(&output.stderr)));
     match report {
         Value::Array(mut reports) => reports.remove(0),
         report => report,
@@ -588,7 +595,9 @@ fn classify(method: &str, path: &str, header: &dyn Fn(&str) -> String, body: &[u
     let key = percent_decode(segments.next().unwrap_or_default());
     let object = Resource::Object(format!("{bucket}/{key}"));
     let action = match (method, key.is_empty()) {
-        ("GET" | "HEAD", true) if has("list-type") || method == "HEAD" => return vec![call("s3:ListBucket".into(), Resource::Bucket(bucket))],
+        ("GET" | "HEAD", true) if has("list-type") || method == "HEAD" => {
+            return vec![call("s3:ListBucket".into(), Resource::Bucket(bucket))];
+        }
         ("GET", false) if has("uploadId") => "s3:ListMultipartUploadParts",
         ("GET" | "HEAD", false) => "s3:GetObject",
         ("PUT", false) if has("tagging") => "s3:PutObjectTagging",
@@ -697,7 +706,8 @@ impl LambdaProcess {
 
     fn failure(&self, what: &str) -> String {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: String = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        let tail: String =
+            log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
         format!("{what}; its log ({}):\n{tail}", self.log.display())
     }
 
@@ -739,7 +749,9 @@ async fn runtime_api(request: Request<Incoming>, runtime: &Runtime, arn: &str) -
     match finished {
         Some((id, kind)) => {
             let outcome = match kind {
-                "response" => serde_json::from_str(&text).map_err(|e| format!("an answer that is not JSON ({e}): {text}")),
+                "response" => {
+                    serde_json::from_str(&text).map_err(|e| format!("an answer that is not JSON ({e}): {text}"))
+                }
                 _ => Err(format!("the function failed: {text}")),
             };
             if let Some(waiting) = runtime.waiting.lock().unwrap().remove(id) {
@@ -923,7 +935,8 @@ impl Access {
         let mut problems = BTreeSet::new();
         for call in calls {
             let granted = self.statements.iter().any(|s| {
-                s.actions.iter().any(|a| glob(a, &call.action)) && s.resources.iter().any(|r| Self::covers(r, &call.resource))
+                s.actions.iter().any(|a| glob(a, &call.action))
+                    && s.resources.iter().any(|r| Self::covers(r, &call.resource))
             });
             if !granted {
                 problems.insert(format!("{name} calls {call} without a grant in its access"));
@@ -935,7 +948,10 @@ impl Access {
                     statement.actions.iter().any(|a| glob(a, &call.action)) && Self::covers(resource, &call.resource)
                 });
                 if !used {
-                    problems.insert(format!("{name} is granted {:?} on {resource:?} but never used them", statement.actions));
+                    problems.insert(format!(
+                        "{name} is granted {:?} on {resource:?} but never used them",
+                        statement.actions
+                    ));
                 }
             }
             for action in &statement.actions {

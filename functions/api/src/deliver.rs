@@ -50,8 +50,7 @@ impl Deliverer {
             }
         };
         let Some(webhook) = event.job.webhook.clone() else { return Ok(Handled::Finished) };
-        let attempt: u32 =
-            message.attributes.get("ApproximateReceiveCount").and_then(|n| n.parse().ok()).unwrap_or(1);
+        let attempt: u32 = message.attributes.get("ApproximateReceiveCount").and_then(|n| n.parse().ok()).unwrap_or(1);
         let now = Utc::now();
         let secrets: Vec<Secret> = self
             .webhooks

@@ -71,7 +71,12 @@ pub fn outbox_prefix(tenant: &TenantId, name: &str) -> String {
 
 impl Inbox {
     /// Handles one created object. `Err` only for what a retry can fix (AWS unavailable).
-    pub async fn on_object(&self, key: &str, version: Option<&str>, etag: Option<&str>) -> Result<InboxOutcome, AppError> {
+    pub async fn on_object(
+        &self,
+        key: &str,
+        version: Option<&str>,
+        etag: Option<&str>,
+    ) -> Result<InboxOutcome, AppError> {
         let Some((tenant_id, name)) = parse_key(key) else {
             return Ok(InboxOutcome::Ignored(format!("{key} is not inbox/<tenant>/<name>.json")));
         };
@@ -149,7 +154,12 @@ impl Inbox {
         Ok(outcomes)
     }
 
-    async fn on_notified(&self, raw_key: &str, version: Option<&str>, etag: Option<&str>) -> Result<InboxOutcome, AppError> {
+    async fn on_notified(
+        &self,
+        raw_key: &str,
+        version: Option<&str>,
+        etag: Option<&str>,
+    ) -> Result<InboxOutcome, AppError> {
         // Keys in S3 events are URL-encoded, with `+` for spaces.
         let key = url::form_urlencoded::parse(format!("k={raw_key}").as_bytes())
             .next()
@@ -200,7 +210,14 @@ mod tests {
     fn only_inbox_json_objects_of_valid_names_are_job_specs() {
         let (tenant, name) = parse_key("inbox/acme/render-01.json").unwrap();
         assert_eq!((tenant.as_str(), name.as_str()), ("acme", "render-01"));
-        for key in ["inbox/acme/x.txt", "inbox/acme/.json", "inbox/acme/a/b.json", "outbox/acme/x.json", "inbox/x.json", "inbox/acme/sp ace.json"] {
+        for key in [
+            "inbox/acme/x.txt",
+            "inbox/acme/.json",
+            "inbox/acme/a/b.json",
+            "outbox/acme/x.json",
+            "inbox/x.json",
+            "inbox/acme/sp ace.json",
+        ] {
             assert!(parse_key(key).is_none(), "{key}");
         }
         assert_eq!(outbox_prefix(&tenant, &name), "outbox/acme/render-01/");

@@ -117,10 +117,6 @@ impl JobEvents {
     pub fn on(clients: &kiln_aws::AwsClients, config: &ApiConfig) -> Self {
         let r = &config.resources;
         let artifacts = Arc::new(kiln_aws::S3ArtifactStore::new(clients.s3.clone(), &r.artifacts_bucket));
-        Self {
-            webhooks: crate::webhooks_on(clients, config),
-            objects: artifacts.clone(),
-            artifacts,
-        }
+        Self { webhooks: crate::webhooks_on(clients, config), objects: artifacts.clone(), artifacts }
     }
 }

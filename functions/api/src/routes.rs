@@ -288,15 +288,15 @@ impl Api {
     /// A presigned PUT for `inbox/<tenant>/<name>.json`: the only way a tenant writes to the
     /// bucket, so it can start jobs only under its own prefix.
     async fn create_upload(&self, tenant: &Tenant, request: &Request) -> Result<Response<Body>, ApiError> {
-        let invalid = |message: &str| {
-            ApiError::from(kiln_app::AppError::from(InputError::invalid("name", message.to_owned())))
-        };
+        let invalid =
+            |message: &str| ApiError::from(kiln_app::AppError::from(InputError::invalid("name", message.to_owned())));
         let body: serde_json::Value = serde_json::from_slice(request.body().as_ref()).map_err(|err| {
             ApiError::from(kiln_app::AppError::from(InputError::invalid("body", format!("not JSON: {err}"))))
         })?;
-        let name = body.get("name").and_then(|n| n.as_str()).ok_or_else(|| {
-            ApiError::from(kiln_app::AppError::from(InputError::missing("name")))
-        })?;
+        let name = body
+            .get("name")
+            .and_then(|n| n.as_str())
+            .ok_or_else(|| ApiError::from(kiln_app::AppError::from(InputError::missing("name"))))?;
         if !crate::inbox::valid_name(name) {
             return Err(invalid(&format!(
                 "must be 1 to {} of A-Z a-z 0-9 . _ - and not start with a dot",
@@ -304,7 +304,11 @@ impl Api {
             )));
         }
         let key = format!("inbox/{}/{name}.json", tenant.id);
-        let link = self.links.presign_put(&key, "application/json", UPLOAD_LINK_TTL).await.map_err(kiln_app::AppError::from)?;
+        let link = self
+            .links
+            .presign_put(&key, "application/json", UPLOAD_LINK_TTL)
+            .await
+            .map_err(kiln_app::AppError::from)?;
         json(
             StatusCode::CREATED,
             &serde_json::json!({

@@ -254,7 +254,12 @@ impl ArtifactLinks for MemoryLinks {
         Ok(PresignedUrl { url: format!("memory://{key}?expires={}", expires_at.timestamp()), expires_at })
     }
 
-    async fn presign_put(&self, key: &str, _content_type: &str, valid_for: Duration) -> Result<PresignedUrl, PortError> {
+    async fn presign_put(
+        &self,
+        key: &str,
+        _content_type: &str,
+        valid_for: Duration,
+    ) -> Result<PresignedUrl, PortError> {
         self.presign_get(key, valid_for).await
     }
 }

@@ -78,7 +78,9 @@ impl Webhooks {
             let mut set = self.secrets.secrets(tenant).await?.unwrap_or_default();
             set.secrets.retain(|s| s.expires_at.is_none_or(|end| end > now));
             for old in &mut set.secrets {
-                old.expires_at = Some(old.expires_at.map_or(now + self.rotation_overlap, |end| end.min(now + self.rotation_overlap)));
+                old.expires_at = Some(
+                    old.expires_at.map_or(now + self.rotation_overlap, |end| end.min(now + self.rotation_overlap)),
+                );
             }
             let fresh = StoredSecret { value: new_secret(), created_at: now, expires_at: None };
             set.secrets.insert(0, fresh.clone());

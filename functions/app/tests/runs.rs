@@ -56,7 +56,10 @@ async fn a_run_starts_reports_progress_and_succeeds() {
     assert_eq!(world.store.get(&id).await.unwrap().unwrap().progress, 0.5);
     let timings = Timings { render_ms: Some(7), encode_ms: Some(2), upload_ms: Some(1), queue_ms: None };
     let outputs = output(&job);
-    assert_eq!(world.runs.succeed(&mut job, outputs, timings, vec!["prompt truncated".into()], Utc::now()).await.unwrap(), Written::Done);
+    assert_eq!(
+        world.runs.succeed(&mut job, outputs, timings, vec!["prompt truncated".into()], Utc::now()).await.unwrap(),
+        Written::Done
+    );
     let stored = world.store.get(&id).await.unwrap().unwrap();
     assert_eq!((stored.status, stored.progress, stored.outputs.len()), (JobStatus::Succeeded, 1.0, 1));
     assert!(stored.timings.queue_ms.is_some(), "the queue wait recorded at start is kept");

@@ -44,7 +44,14 @@ impl kiln_app::ports::ObjectStore for S3ArtifactStore {
         limit: usize,
     ) -> Result<Option<bytes::Bytes>, kiln_app::ports::ObjectError> {
         use kiln_app::ports::ObjectError;
-        let result = self.client.get_object().bucket(&self.bucket).key(key).set_version_id(version.map(str::to_owned)).send().await;
+        let result = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_version_id(version.map(str::to_owned))
+            .send()
+            .await;
         let output = match result {
             Ok(output) => output,
             Err(err) if err.as_service_error().is_some_and(|e| e.is_no_such_key()) => return Ok(None),

@@ -117,4 +117,3 @@ fn in_block(address: u128, network: u128, prefix: u32, width: u32) -> bool {
     let mask = u128::MAX.checked_shl(width - prefix).unwrap_or(0);
     address & mask == network & mask
 }
-

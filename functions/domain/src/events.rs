@@ -59,8 +59,11 @@ mod tests {
 
     fn job(events: &str) -> Job {
         let model = demo();
-        let body = format!(r#"{{"model":"demo","prompt":"x","webhook":{{"url":"https://hooks.example/k","events":{events}}}}}"#);
-        let params = Submission::parse(body.as_bytes()).unwrap().resolve(&model, WebhookPolicy::default(), || 1).unwrap();
+        let body = format!(
+            r#"{{"model":"demo","prompt":"x","webhook":{{"url":"https://hooks.example/k","events":{events}}}}}"#
+        );
+        let params =
+            Submission::parse(body.as_bytes()).unwrap().resolve(&model, WebhookPolicy::default(), || 1).unwrap();
         let now = Utc::now();
         Job::new(
             JobId::generate(now),

@@ -3,8 +3,8 @@
 //! tenant, and the API functions served over HTTP by the same handler code Lambda runs.
 
 pub mod moto;
-pub mod runner;
 pub mod relays;
+pub mod runner;
 pub mod server;
 pub mod stack;
 

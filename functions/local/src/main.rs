@@ -233,8 +233,14 @@ async fn demo(running: &Running) -> anyhow::Result<()> {
 /// A job started by uploading its spec to the S3 inbox, its result read back from the outbox.
 async fn inbox_demo(running: &Running, http: &reqwest::Client, folder: &Path) -> anyhow::Result<()> {
     let (api, key) = (&running.stack.api_url, &running.key);
-    let link: Value =
-        http.post(format!("{api}/v1/uploads")).bearer_auth(key).json(&json!({"name": "inbox-demo"})).send().await?.json().await?;
+    let link: Value = http
+        .post(format!("{api}/v1/uploads"))
+        .bearer_auth(key)
+        .json(&json!({"name": "inbox-demo"}))
+        .send()
+        .await?
+        .json()
+        .await?;
     let url = link["url"].as_str().context("no upload url")?;
     let spec = json!({"model": "kiln-demo", "prompt": "a red lighthouse from the inbox", "seed": 21, "width": 256, "height": 256});
     http.put(url).header("content-type", "application/json").body(spec.to_string()).send().await?.error_for_status()?;

@@ -44,7 +44,11 @@ pub fn ensure_tools(root: &Path) -> anyhow::Result<Tools> {
             std::fs::write(&stamp, &wanted).context("writing the requirements stamp")?;
         }
     }
-    Ok(Tools { moto_server: venv.join("bin/moto_server"), ort_dylib: find_ort_dylib(&venv)?, python: venv.join("bin/python") })
+    Ok(Tools {
+        moto_server: venv.join("bin/moto_server"),
+        ort_dylib: find_ort_dylib(&venv)?,
+        python: venv.join("bin/python"),
+    })
 }
 
 /// The moto server's path (see [`ensure_tools`]).

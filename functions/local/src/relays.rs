@@ -136,8 +136,13 @@ async fn poll_streams(
             let records = streams.get_records().shard_iterator(&iterator).send().await?;
             for record in records.records.unwrap_or_default() {
                 let Some(change) = record.dynamodb else { continue };
-                let decode = |image: Option<std::collections::HashMap<String, aws_sdk_dynamodbstreams::types::AttributeValue>>| {
-                    image.filter(|i| !i.is_empty()).map(|i| serde_dynamo::from_item::<_, Job>(serde_dynamo::Item::from(i))).transpose()
+                let decode = |image: Option<
+                    std::collections::HashMap<String, aws_sdk_dynamodbstreams::types::AttributeValue>,
+                >| {
+                    image
+                        .filter(|i| !i.is_empty())
+                        .map(|i| serde_dynamo::from_item::<_, Job>(serde_dynamo::Item::from(i)))
+                        .transpose()
                 };
                 let (before, after) = match (decode(change.old_image), decode(change.new_image)) {
                     (Ok(before), Ok(after)) => (before, after),

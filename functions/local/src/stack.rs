@@ -149,10 +149,14 @@ impl LocalStack {
     /// SQS queue here). Runs until the stack stops.
     pub async fn start_relays(&mut self) -> anyhow::Result<()> {
         let api = self.api.clone();
-        self.relays.push(crate::relays::relay_queue(self.clients.sqs.clone(), self.dead_letter_queue_url(), move |record| {
-            let api = api.clone();
-            async move { dead_letters::handle_record(&api, &record).await.is_ok() }
-        }));
+        self.relays.push(crate::relays::relay_queue(
+            self.clients.sqs.clone(),
+            self.dead_letter_queue_url(),
+            move |record| {
+                let api = api.clone();
+                async move { dead_letters::handle_record(&api, &record).await.is_ok() }
+            },
+        ));
         let endpoint = self.resources.endpoint_url.clone().unwrap_or_default();
         let events = Arc::new(JobEvents::on(&self.clients, &self.config));
         self.relays.push(crate::relays::relay_job_stream(&endpoint, self.resources.jobs_table.clone(), events));
@@ -166,7 +170,11 @@ impl LocalStack {
             allow_loopback: self.options.allow_local_webhooks,
         };
         let deliverer = Arc::new(Deliverer::on(&self.clients, &delivery)?);
-        self.relays.push(crate::relays::relay_webhooks(&self.clients, self.resources.webhook_queue_url.clone(), deliverer));
+        self.relays.push(crate::relays::relay_webhooks(
+            &self.clients,
+            self.resources.webhook_queue_url.clone(),
+            deliverer,
+        ));
         let inbox_queue = self.inbox_notifications().await?;
         let inbox = Arc::new(Inbox::on(&self.clients, &self.config));
         self.relays.push(crate::relays::relay_inbox(&self.clients, inbox_queue, inbox));
@@ -200,7 +208,11 @@ impl LocalStack {
             .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::QueueArn).cloned())
             .unwrap_or_default();
         let filter = NotificationConfigurationFilter::builder()
-            .key(S3KeyFilter::builder().filter_rules(FilterRule::builder().name(FilterRuleName::Prefix).value("inbox/").build()).build())
+            .key(
+                S3KeyFilter::builder()
+                    .filter_rules(FilterRule::builder().name(FilterRuleName::Prefix).value("inbox/").build())
+                    .build(),
+            )
             .build();
         let queue = QueueConfiguration::builder()
             .queue_arn(arn)
@@ -245,5 +257,8 @@ impl Drop for LocalStack {
 /// The webhook queue's `maxReceiveCount` from `terraform/stack.json`: the delivery schedule's
 /// attempts must match it, so the last attempt is the last receive before the DLQ.
 pub fn webhook_max_attempts() -> u32 {
-    kiln_aws::provision::Stack::load().ok().and_then(|s| s.queues.get("webhooks").map(|q| q.dead_letter.max_receive_count)).unwrap_or(12)
+    kiln_aws::provision::Stack::load()
+        .ok()
+        .and_then(|s| s.queues.get("webhooks").map(|q| q.dead_letter.max_receive_count))
+        .unwrap_or(12)
 }

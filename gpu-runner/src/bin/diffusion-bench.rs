@@ -82,7 +82,13 @@ fn main() -> anyhow::Result<()> {
             let mut pipeline = LatentDiffusion::load(package, &options(matches!(cli.device, Device::Cuda(_))))?;
             let frames = pipeline.render(&request(package, job)?)?;
             std::fs::write(out, frames.frames.concat())?;
-            eprintln!("wrote {} frames of {}x{} to {}", frames.frames.len(), frames.width, frames.height, out.display());
+            eprintln!(
+                "wrote {} frames of {}x{} to {}",
+                frames.frames.len(),
+                frames.width,
+                frames.height,
+                out.display()
+            );
         }
         Command::Speed { package, size, runs, repeats, steps } => {
             let spec = ModelSpec::read_manifest(package)?;
@@ -112,7 +118,9 @@ fn main() -> anyhow::Result<()> {
                                 .to_string()
                             })
                             .collect();
-                        let batch = || -> anyhow::Result<Vec<RenderRequest>> { jobs.iter().map(|j| request(package, j)).collect() };
+                        let batch = || -> anyhow::Result<Vec<RenderRequest>> {
+                            jobs.iter().map(|j| request(package, j)).collect()
+                        };
                         pipeline.render_batch(&batch()?).into_iter().collect::<Result<Vec<_>, _>>()?; // warm-up
                         let mut times = Vec::new();
                         for _ in 0..*repeats {
@@ -173,7 +181,8 @@ fn raw_unet(package: &Path, options: &SessionOptions, size: u32, runs: usize) ->
             let values: Vec<f32> = (0..count).map(|i| ((i % 97) as f32 / 97.0) - 0.5).collect();
             Ok(match ty {
                 TensorElementType::Float16 => {
-                    Tensor::from_array((shape, values.iter().map(|v| half::f16::from_f32(*v)).collect::<Vec<_>>()))?.into_dyn()
+                    Tensor::from_array((shape, values.iter().map(|v| half::f16::from_f32(*v)).collect::<Vec<_>>()))?
+                        .into_dyn()
                 }
                 TensorElementType::Float32 => Tensor::from_array((shape, values))?.into_dyn(),
                 TensorElementType::Int64 => Tensor::from_array((shape, vec![500i64; count]))?.into_dyn(),
@@ -182,8 +191,10 @@ fn raw_unet(package: &Path, options: &SessionOptions, size: u32, runs: usize) ->
         };
         let mut times = Vec::new();
         for run in 0..runs + 3 {
-            let values: Vec<(String, DynValue)> =
-                inputs.iter().map(|(name, ty, shape)| Ok((name.clone(), make(name, *ty, shape)?))).collect::<anyhow::Result<_>>()?;
+            let values: Vec<(String, DynValue)> = inputs
+                .iter()
+                .map(|(name, ty, shape)| Ok((name.clone(), make(name, *ty, shape)?)))
+                .collect::<anyhow::Result<_>>()?;
             let started = Instant::now();
             let outputs = session.run(values)?;
             let first = outputs.values().next().ok_or_else(|| anyhow::anyhow!("no output"))?;

@@ -7,8 +7,8 @@ use std::path::Path;
 
 use super::{
     Frames, Pipeline, RenderError, RenderRequest,
-    runtime::{self, RuntimeError, SessionOptions},
     noise::uniform,
+    runtime::{self, RuntimeError, SessionOptions},
     style::{STYLE_LEN, style},
 };
 

@@ -127,8 +127,8 @@ impl LatentDiffusion {
             serde_json::from_str(&text).map_err(|err| invalid(path, err.to_string()))
         };
         let scheduler_path = package.join("scheduler/scheduler_config.json");
-        let scheduler: SchedulerConfig =
-            serde_json::from_value(read_json(&scheduler_path)?).map_err(|err| invalid(&scheduler_path, err.to_string()))?;
+        let scheduler: SchedulerConfig = serde_json::from_value(read_json(&scheduler_path)?)
+            .map_err(|err| invalid(&scheduler_path, err.to_string()))?;
         let kind = SchedulerKind::of(&scheduler.class_name).unwrap_or_else(|| {
             tracing::warn!(class = %scheduler.class_name, "scheduler not implemented; using Euler on its noise schedule");
             SchedulerKind::Euler
@@ -185,7 +185,12 @@ impl LatentDiffusion {
         Ok((hidden.chunks_exact(per_prompt).map(<[f32]>::to_vec).collect(), truncated))
     }
 
-    fn decode(&mut self, latents: &[&[f32]], latent_height: usize, latent_width: usize) -> Result<Vec<Vec<u8>>, RenderError> {
+    fn decode(
+        &mut self,
+        latents: &[&[f32]],
+        latent_height: usize,
+        latent_width: usize,
+    ) -> Result<Vec<Vec<u8>>, RenderError> {
         let (ty, _) = self.vae_decoder.inputs["latent_sample"].clone();
         let scale = 1.0 / self.scaling_factor;
         let data: Vec<f32> = latents.iter().flat_map(|l| l.iter().map(|v| (f64::from(*v) * scale) as f32)).collect();
@@ -207,7 +212,9 @@ struct Lane {
 
 impl Pipeline for LatentDiffusion {
     fn render(&mut self, request: &RenderRequest) -> Result<Frames, RenderError> {
-        self.render_batch(std::slice::from_ref(request)).pop().unwrap_or(Err(RenderError::Invalid("empty batch".into())))
+        self.render_batch(std::slice::from_ref(request))
+            .pop()
+            .unwrap_or(Err(RenderError::Invalid("empty batch".into())))
     }
 
     fn render_batch(&mut self, batch: &[RenderRequest]) -> Vec<Result<Frames, RenderError>> {
@@ -232,14 +239,17 @@ impl LatentDiffusion {
         }
         let scheduler =
             Scheduler::new(self.kind, &self.scheduler, steps).map_err(|err| RenderError::Invalid(err.to_string()))?;
-        let timestep_cond = self.unet.inputs.get("timestep_cond").map(|(_, shape)| shape.get(1).copied().unwrap_or(256));
+        let timestep_cond =
+            self.unet.inputs.get("timestep_cond").map(|(_, shape)| shape.get(1).copied().unwrap_or(256));
         // LCM-distilled UNets take the guidance scale as an embedding instead of a second pass.
         let guided = timestep_cond.is_none() && batch.iter().any(|r| r.params.guidance > 1.0);
 
         let cond: Vec<&str> = batch.iter().map(|r| r.params.prompt.as_str()).collect();
         let (cond, truncated) = self.encode_prompts(&cond)?;
         let uncond = match guided {
-            true => self.encode_prompts(&batch.iter().map(|r| r.params.negative_prompt.as_str()).collect::<Vec<_>>())?.0,
+            true => {
+                self.encode_prompts(&batch.iter().map(|r| r.params.negative_prompt.as_str()).collect::<Vec<_>>())?.0
+            }
             false => Vec::new(),
         };
 
@@ -299,11 +309,16 @@ impl LatentDiffusion {
                 }
                 if call.is_none() || live.len() != before {
                     let rows: Vec<&[f32]> = match guided {
-                        true => live.iter().map(|l| &uncond[l.job][..]).chain(live.iter().map(|l| &cond[l.job][..])).collect(),
+                        true => live
+                            .iter()
+                            .map(|l| &uncond[l.job][..])
+                            .chain(live.iter().map(|l| &cond[l.job][..]))
+                            .collect(),
                         false => live.iter().map(|l| &cond[l.job][..]).collect(),
                     };
                     let guidance: Vec<f64> = live.iter().map(|l| batch[l.job].params.guidance).collect();
-                    call = Some(UnetCall::new(&self.unet, &rows, timestep_cond.map(|dim| (dim, guidance)), self.options)?);
+                    call =
+                        Some(UnetCall::new(&self.unet, &rows, timestep_cond.map(|dim| (dim, guidance)), self.options)?);
                 }
                 let Some(call) = call.as_mut() else { break };
                 let scale = scheduler.input_scale(step);
@@ -313,7 +328,12 @@ impl LatentDiffusion {
                         sample.extend(latent.iter().map(|v| (f64::from(*v) * scale) as f32));
                     }
                 }
-                let shape = [(live.len() * rows_per_lane) as i64, LATENT_CHANNELS as i64, latent_height as i64, latent_width as i64];
+                let shape = [
+                    (live.len() * rows_per_lane) as i64,
+                    LATENT_CHANNELS as i64,
+                    latent_height as i64,
+                    latent_width as i64,
+                ];
                 let output = call.run(&mut self.unet, &sample, shape, scheduler.timesteps()[step])?;
                 let mut step_noise: HashMap<usize, Vec<f32>> = HashMap::new();
                 for (k, lane) in live.iter().enumerate() {
@@ -336,7 +356,8 @@ impl LatentDiffusion {
                     let noise = scheduler.needs_noise(step).then(|| {
                         &step_noise
                             .entry(lane.job)
-                            .or_insert_with(|| gaussian(u64::from(params.seed), STEP_STREAM + step as u64, latent_len))[..]
+                            .or_insert_with(|| gaussian(u64::from(params.seed), STEP_STREAM + step as u64, latent_len))
+                            [..]
                     });
                     scheduler.step(step, &eps, &mut latents[k], noise);
                 }
@@ -415,7 +436,8 @@ impl UnetCall {
         let cond = match guidance_embedding {
             Some((dim, guidance)) => {
                 let (ty, _) = unet.inputs["timestep_cond"].clone();
-                let data: Vec<f32> = guidance.iter().flat_map(|g| guidance_scale_embedding(*g - 1.0, dim as usize)).collect();
+                let data: Vec<f32> =
+                    guidance.iter().flat_map(|g| guidance_scale_embedding(*g - 1.0, dim as usize)).collect();
                 Some(float_tensor(ty, vec![guidance.len() as i64, dim], &data)?)
             }
             None => None,
@@ -434,7 +456,13 @@ impl UnetCall {
     }
 
     /// One UNet run: the noise prediction for every row, as f32.
-    fn run(&mut self, unet: &mut Graph, sample: &[f32], shape: [i64; 4], timestep: f64) -> Result<Vec<f32>, RenderError> {
+    fn run(
+        &mut self,
+        unet: &mut Graph,
+        sample: &[f32],
+        shape: [i64; 4],
+        timestep: f64,
+    ) -> Result<Vec<f32>, RenderError> {
         let (sample_ty, _) = unet.inputs["sample"].clone();
         let sample = float_tensor(sample_ty, shape.to_vec(), sample)?;
         let (timestep_ty, timestep_shape) = unet.inputs["timestep"].clone();
@@ -474,7 +502,8 @@ fn guidance_scale_embedding(w: f64, dim: usize) -> Vec<f32> {
     let step = (10000f64).ln() / (half.saturating_sub(1).max(1)) as f64;
     let w = w * 1000.0;
     let angles: Vec<f64> = (0..half).map(|i| w * (-(i as f64) * step).exp()).collect();
-    let mut out: Vec<f32> = angles.iter().map(|a| a.sin() as f32).chain(angles.iter().map(|a| a.cos() as f32)).collect();
+    let mut out: Vec<f32> =
+        angles.iter().map(|a| a.sin() as f32).chain(angles.iter().map(|a| a.cos() as f32)).collect();
     out.resize(dim, 0.0);
     out
 }

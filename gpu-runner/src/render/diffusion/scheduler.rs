@@ -175,8 +175,9 @@ impl Scheduler {
                         reason: format!("LCM takes at most original_inference_steps ({original})"),
                     });
                 }
-                scheduler.timesteps =
-                    (0..n).map(|i| origin[(i as f64 * origin.len() as f64 / n as f64).floor() as usize] as f64).collect();
+                scheduler.timesteps = (0..n)
+                    .map(|i| origin[(i as f64 * origin.len() as f64 / n as f64).floor() as usize] as f64)
+                    .collect();
             }
         }
         Ok(scheduler)
@@ -290,7 +291,9 @@ fn alphas_cumprod(config: &SchedulerConfig) -> Result<Vec<f64>, SchedulerError> 
     let line = |start: f64, end: f64| (0..n).map(move |i| start + (end - start) * i as f64 / (n - 1) as f64);
     let betas: Vec<f64> = match (&config.trained_betas, config.beta_schedule.as_str()) {
         (Some(betas), _) if betas.len() == n => betas.clone(),
-        (Some(_), _) => return Err(SchedulerError::Unsupported("trained_betas must have num_train_timesteps values".into())),
+        (Some(_), _) => {
+            return Err(SchedulerError::Unsupported("trained_betas must have num_train_timesteps values".into()));
+        }
         (None, "linear") => line(config.beta_start, config.beta_end).collect(),
         (None, "scaled_linear") => line(config.beta_start.sqrt(), config.beta_end.sqrt()).map(|b| b * b).collect(),
         (None, other) => return Err(SchedulerError::Unsupported(format!("beta_schedule `{other}`"))),
@@ -381,9 +384,18 @@ mod tests {
             }
             let Some(index) = case.step_index else { continue };
             if let Some(scaled) = &case.scaled_input {
-                let ours: Vec<f64> =
-                    case.step_sample.as_ref().unwrap().iter().map(|x| f64::from(*x) * scheduler.input_scale(index)).collect();
-                close(&ours, &scaled.iter().map(|x| f64::from(*x)).collect::<Vec<_>>(), &format!("{what}: scaled input"));
+                let ours: Vec<f64> = case
+                    .step_sample
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .map(|x| f64::from(*x) * scheduler.input_scale(index))
+                    .collect();
+                close(
+                    &ours,
+                    &scaled.iter().map(|x| f64::from(*x)).collect::<Vec<_>>(),
+                    &format!("{what}: scaled input"),
+                );
             }
             let mut sample = case.step_sample.clone().unwrap();
             scheduler.step(index, case.step_output.as_ref().unwrap(), &mut sample, None);

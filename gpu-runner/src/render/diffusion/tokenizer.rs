@@ -77,8 +77,10 @@ impl PromptTokenizer {
 
 fn clip_from_vocab(dir: &Path) -> tokenizers::Result<Tokenizer> {
     let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    let bpe =
-        BPE::from_file(&path("vocab.json"), &path("merges.txt")).end_of_word_suffix("</w>".into()).unk_token(EOS.into()).build()?;
+    let bpe = BPE::from_file(&path("vocab.json"), &path("merges.txt"))
+        .end_of_word_suffix("</w>".into())
+        .unk_token(EOS.into())
+        .build()?;
     let mut tokenizer = Tokenizer::new(bpe);
     tokenizer.with_normalizer(Some(Normalizers::new(vec![
         NFC.into(),
@@ -86,8 +88,12 @@ fn clip_from_vocab(dir: &Path) -> tokenizers::Result<Tokenizer> {
         Lowercase.into(),
     ])));
     tokenizer.with_pre_tokenizer(Some(PreTokenizers::new(vec![
-        Split::new(tokenizers::pre_tokenizers::split::SplitPattern::Regex(WORDS.into()), SplitDelimiterBehavior::Removed, true)?
-            .into(),
+        Split::new(
+            tokenizers::pre_tokenizers::split::SplitPattern::Regex(WORDS.into()),
+            SplitDelimiterBehavior::Removed,
+            true,
+        )?
+        .into(),
         ByteLevel::new(false, false, false).into(),
     ])));
     tokenizer.add_special_tokens(&[AddedToken::from(BOS, true), AddedToken::from(EOS, true)]);
