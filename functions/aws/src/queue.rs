@@ -26,16 +26,15 @@ impl SqsJobQueue {
 #[async_trait]
 impl JobQueue for SqsJobQueue {
     async fn enqueue(&self, message: &JobMessage) -> Result<(), PortError> {
-        let body = serde_json::to_string(message).map_err(unavailable("sqs"))?;
-        self.client
-            .send_message()
-            .queue_url(&self.queue_url)
-            .message_body(body)
-            .send()
-            .await
-            .map_err(unavailable("sqs"))?;
-        Ok(())
+        send_json(&self.client, &self.queue_url, message).await
     }
+}
+
+/// Sends `message` as one JSON message.
+async fn send_json(client: &Client, queue_url: &str, message: &impl serde::Serialize) -> Result<(), PortError> {
+    let body = serde_json::to_string(message).map_err(unavailable("sqs"))?;
+    client.send_message().queue_url(queue_url).message_body(body).send().await.map_err(unavailable("sqs"))?;
+    Ok(())
 }
 
 /// The runner's side of the SQS job queue.
@@ -154,14 +153,6 @@ impl SqsWebhookQueue {
 #[async_trait]
 impl kiln_app::ports::WebhookQueue for SqsWebhookQueue {
     async fn send(&self, event: &kiln_domain::JobEvent) -> Result<(), PortError> {
-        let body = serde_json::to_string(event).map_err(unavailable("sqs"))?;
-        self.client
-            .send_message()
-            .queue_url(&self.queue_url)
-            .message_body(body)
-            .send()
-            .await
-            .map_err(unavailable("sqs"))?;
-        Ok(())
+        send_json(&self.client, &self.queue_url, event).await
     }
 }

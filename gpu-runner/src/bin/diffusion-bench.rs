@@ -20,7 +20,7 @@ use clap::{Parser, Subcommand};
 use kiln_domain::{ModelSpec, Submission, WebhookPolicy};
 use kiln_runner::render::{
     Pipeline, RenderControl, RenderRequest,
-    diffusion::{DiffusionOptions, LatentDiffusion},
+    diffusion::{DiffusionOptions, LatentDiffusion, float_tensor},
     runtime::{self, Device, SessionOptions},
 };
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
@@ -180,13 +180,8 @@ fn raw_unet(package: &Path, options: &SessionOptions, size: u32, runs: usize) ->
             let count = shape.iter().product::<i64>() as usize;
             let values: Vec<f32> = (0..count).map(|i| ((i % 97) as f32 / 97.0) - 0.5).collect();
             Ok(match ty {
-                TensorElementType::Float16 => {
-                    Tensor::from_array((shape, values.iter().map(|v| half::f16::from_f32(*v)).collect::<Vec<_>>()))?
-                        .into_dyn()
-                }
-                TensorElementType::Float32 => Tensor::from_array((shape, values))?.into_dyn(),
                 TensorElementType::Int64 => Tensor::from_array((shape, vec![500i64; count]))?.into_dyn(),
-                other => anyhow::bail!("input {name}: {other:?} not handled"),
+                other => float_tensor(other, shape, &values).map_err(|err| anyhow::anyhow!("input {name}: {err}"))?,
             })
         };
         let mut times = Vec::new();

@@ -520,7 +520,7 @@ fn timestep_tensor(ty: TensorElementType, count: usize, timestep: f64) -> Result
 }
 
 /// A float tensor of the element type a graph declares (f32 or f16).
-fn float_tensor(ty: TensorElementType, shape: Vec<i64>, data: &[f32]) -> Result<DynValue, RenderError> {
+pub fn float_tensor(ty: TensorElementType, shape: Vec<i64>, data: &[f32]) -> Result<DynValue, RenderError> {
     Ok(match ty {
         TensorElementType::Float16 => {
             Tensor::from_array((shape, data.iter().map(|v| f16::from_f32(*v)).collect::<Vec<_>>()))?.into_dyn()
