@@ -16,6 +16,12 @@ fn store(stack: &LocalStack) -> DynamoJobStore {
     DynamoJobStore::new(stack.clients.dynamodb.clone(), &stack.resources.jobs_table, &stack.resources.requests_table)
 }
 
+/// Up to 10 messages waiting on the job queue (received, so hidden for its visibility timeout).
+async fn queued_messages(stack: &LocalStack) -> Vec<aws_sdk_sqs::types::Message> {
+    let received = stack.clients.sqs.receive_message().queue_url(&stack.resources.job_queue_url);
+    received.max_number_of_messages(10).send().await.unwrap().messages.unwrap_or_default()
+}
+
 fn fox() -> Value {
     json!({"model": "kiln-demo", "prompt": "a red fox in the snow", "width": 256, "height": 256})
 }
@@ -67,16 +73,7 @@ async fn submit_queues_a_job_and_sends_its_message() {
     assert_eq!(job["input"]["seed_source"], "drawn");
     assert_eq!(job["cached"], false);
 
-    let received = stack
-        .clients
-        .sqs
-        .receive_message()
-        .queue_url(&stack.resources.job_queue_url)
-        .max_number_of_messages(10)
-        .send()
-        .await
-        .unwrap();
-    let messages = received.messages.unwrap_or_default();
+    let messages = queued_messages(&stack).await;
     assert_eq!(messages.len(), 1);
     let message: JobMessage = serde_json::from_str(messages[0].body().unwrap()).unwrap();
     assert_eq!(message.job_id.as_str(), job["id"].as_str().unwrap());
@@ -138,16 +135,7 @@ async fn identical_requests_are_deduplicated_then_served_from_the_cache() {
     assert_eq!(read.body["status"], "succeeded");
     assert_eq!(read.body["progress"], 1.0);
     assert!(read.body["outputs"][0]["url_expires_at"].is_string());
-    let messages = stack
-        .clients
-        .sqs
-        .receive_message()
-        .queue_url(&stack.resources.job_queue_url)
-        .max_number_of_messages(10)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(messages.messages.unwrap_or_default().len(), 1, "one render for three requests");
+    assert_eq!(queued_messages(&stack).await.len(), 1, "one render for three requests");
 }
 
 #[tokio::test]
@@ -165,6 +153,30 @@ async fn idempotency_keys_return_the_first_job_and_refuse_a_different_body() {
     let other = client.submit_raw(json!({"model": "kiln-demo", "prompt": "a cat"}).to_string(), &headers).await;
     assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!((other.error_code(), other.error_field()), (Some("idempotency_key_reused"), Some("Idempotency-Key")));
+}
+
+/// Clients retry on timeouts, so the first request and its retries can arrive together: every
+/// one of them must get the one job (never a 5xx), and only one render is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_with_one_idempotency_key_get_one_job() {
+    let stack = stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let body = json!({"model": "kiln-demo", "prompt": "raced", "seed": 5}).to_string();
+    let headers = [("content-type", "application/json"), ("idempotency-key", "raced-1")];
+    let requests = (0..8).map(|_| {
+        let (client, body) = (client.clone(), body.clone());
+        tokio::spawn(async move { client.submit_raw(body, &headers).await })
+    });
+    let mut answers = Vec::new();
+    for request in requests {
+        answers.push(request.await.unwrap());
+    }
+    let ids: std::collections::BTreeSet<&str> = answers.iter().filter_map(|a| a.body["id"].as_str()).collect();
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status.as_u16()).collect();
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 202), "statuses {statuses:?}: {answers:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 202).count(), 1, "one request created it: {statuses:?}");
+    assert_eq!(ids.len(), 1, "one job for all: {ids:?}");
+    assert_eq!(queued_messages(&stack).await.len(), 1, "one render queued");
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use chrono::Utc;
 use kiln_api::{Function, dead_letters, sweeper};
 use kiln_app::ApiKey;
 use kiln_local::{LocalStack, StackOptions};
-use kiln_tests::{Client, stack, stack_with, unique_prefix};
+use kiln_tests::{Client, receiver::Receiver, stack, stack_with, unique_prefix};
 use lambda_http::{Body, request::LambdaRequest};
 use serde_json::{Value, json};
 
@@ -17,6 +17,7 @@ const SUBMIT: &str = include_str!("../events/apigw-v2-submit-job.json");
 const SUBMIT_BASE64: &str = include_str!("../events/apigw-v2-submit-job-base64.json");
 const GET: &str = include_str!("../events/apigw-v2-get-job.json");
 const LIST: &str = include_str!("../events/apigw-v2-list-jobs.json");
+const LIST_PAGE: &str = include_str!("../events/apigw-v2-list-jobs-page.json");
 const CANCEL: &str = include_str!("../events/apigw-v2-cancel-job.json");
 const MODELS: &str = include_str!("../events/apigw-v2-list-models.json");
 const SCHEDULE: &str = include_str!("../events/eventbridge-schedule-expire-jobs.json");
@@ -48,7 +49,7 @@ async fn fixture_stack() -> LocalStack {
 
 #[test]
 fn api_events_round_trip_through_the_event_types() {
-    for fixture in [SUBMIT, SUBMIT_BASE64, GET, LIST, CANCEL, MODELS] {
+    for fixture in [SUBMIT, SUBMIT_BASE64, GET, LIST, LIST_PAGE, CANCEL, MODELS] {
         let event: ApiGatewayV2httpRequest = serde_json::from_str(fixture).unwrap();
         let again: ApiGatewayV2httpRequest = serde_json::from_value(serde_json::to_value(&event).unwrap()).unwrap();
         assert_eq!(again.raw_path, event.raw_path);
@@ -88,6 +89,16 @@ async fn each_route_answers_its_event() {
 
     let (status, canceled) = invoke(&stack, Function::CancelJob, &with_job(CANCEL, &id)).await;
     assert_eq!((status, canceled["status"].as_str()), (200, Some("canceled")));
+    let (_, queued) = invoke(&stack, Function::ListJobs, LIST).await;
+    let (status, every) = invoke(&stack, Function::ListJobs, LIST_PAGE).await;
+    let statuses =
+        |list: &Value| list["jobs"].as_array().unwrap().iter().map(|j| j["status"].clone()).collect::<Vec<_>>();
+    assert_eq!(statuses(&queued), ["queued"], "the canceled job left the queued list");
+    assert_eq!(
+        (status, statuses(&every)),
+        (200, vec![json!("queued"), json!("canceled")]),
+        "newest first, every status"
+    );
 
     // The fixture's own id belongs to no job.
     let (status, missing) = invoke(&stack, Function::GetJob, GET).await;
@@ -208,31 +219,8 @@ async fn the_webhook_queue_event_is_delivered_signed() {
     let stack = fixture_stack().await;
     // A receiver on 127.0.0.1 in place of the fixture's public URL (the local stack allows
     // loopback receivers).
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/kiln", listener.local_addr().unwrap());
-    let request = tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut socket, _) = listener.accept().await.unwrap();
-        let mut buffer = vec![0; 64 * 1024];
-        let mut read = 0;
-        loop {
-            let n = socket.read(&mut buffer[read..]).await.unwrap();
-            read += n;
-            let text = String::from_utf8_lossy(&buffer[..read]).to_string();
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap())
-                    })
-                    .unwrap_or(0);
-                if body.len() >= length || n == 0 {
-                    socket.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").await.unwrap();
-                    return text;
-                }
-            }
-        }
-    });
+    let receiver = Receiver::start(vec![204]).await;
+    let url = receiver.url.clone();
     let event: aws_lambda_events::sqs::SqsEvent =
         serde_json::from_str(&WEBHOOK_MESSAGES.replace("https://hooks.example.com/kiln", &url)).unwrap();
     let config = kiln_api::deliver::DeliveryConfig {
@@ -249,15 +237,13 @@ async fn the_webhook_queue_event_is_delivered_signed() {
         .await
         .unwrap();
     assert!(response.batch_item_failures.is_empty(), "delivered, so nothing to retry");
-    let seen = request.await.unwrap();
-    assert!(seen.starts_with("POST /kiln HTTP/1.1"), "{seen}");
-    let lower = seen.to_ascii_lowercase();
-    for header in
-        ["webhook-id: evt_01kaq3z8x9k2m3n4p5q6r7s8t9_completed_3", "webhook-timestamp: ", "webhook-signature: v1,"]
-    {
-        assert!(lower.contains(header), "{header} missing in {seen}");
-    }
-    assert!(seen.contains(r#""type":"completed""#), "{seen}");
+    let seen = receiver.seen();
+    assert_eq!(seen.len(), 1, "one POST: {seen:?}");
+    assert_eq!(seen[0].request_line, "POST /hook");
+    assert_eq!(seen[0].id, format!("evt_{FIXTURE_JOB}_completed_3"));
+    assert!(!seen[0].timestamp.is_empty(), "webhook-timestamp is set");
+    assert!(seen[0].signature.starts_with("v1,"), "{:?}", seen[0].signature);
+    assert_eq!(seen[0].body["type"], "completed", "{:?}", seen[0].body);
 }
 
 #[tokio::test(flavor = "multi_thread")]

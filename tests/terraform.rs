@@ -18,10 +18,12 @@
 #[path = "terraform/harness.rs"]
 mod harness;
 
-use harness::{Access, Call, Deploy, FIXTURE_JOB, FIXTURE_KEY, LambdaProcess, Recorder, resolve_env, root};
+use harness::{
+    Access, Call, Deploy, FIXTURE_JOB, FIXTURE_KEY, FIXTURE_WEBHOOK, LambdaProcess, Recorder, resolve_env, root,
+};
 use kiln_app::ApiKey;
 use kiln_local::{LocalStack, StackOptions};
-use kiln_tests::{Client, moto_url, stack_with, tools, unique_prefix};
+use kiln_tests::{Client, moto_url, receiver::Receiver, stack_with, tools, unique_prefix};
 use serde_json::{Value, json};
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -191,11 +193,13 @@ fn the_hcl_parses_and_checkov_passes_with_every_skip_explained() {
     assert!(summary["passed"].as_u64().unwrap_or(0) > 50, "checkov ran too few checks: {summary}");
 }
 
+/// The functions step 3 leaves to `webhook_and_inbox_paths`.
+const OWN_SCENARIO: [&str; 3] = ["job-events", "deliver-webhooks", "inbox-trigger"];
+
 /// The scenario: the fixtures' submits through submit-job; the runner renders them (and a
 /// long job, so its heartbeat runs), then SIGTERM; every function's fixtures against a
 /// finished job and a queued one; submit-job once more with the queue failing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "not yet passing: the deliver-webhooks fixture posts to a public host the sandbox cannot reach (the scenario needs a local receiver and a loopback override), and the access lists of the five webhook/inbox functions are unconfirmed; run with `cargo test -p kiln-tests --test terraform -- --ignored`"]
 async fn every_function_and_the_runner_call_only_what_their_roles_grant() {
     let deploy = Deploy::load();
     let prefix = unique_prefix();
@@ -210,11 +214,15 @@ async fn every_function_and_the_runner_call_only_what_their_roles_grant() {
     let local_env: BTreeMap<&str, String> = stack.resources.to_env().into_iter().collect();
     let mut processes = BTreeMap::new();
     for name in deploy.functions().keys() {
-        let env = resolve_env(&deploy, name, &prefix, &stack).await;
+        let mut env = resolve_env(&deploy, name, &prefix, &stack).await;
         for (key, value) in &env {
             if let Some(local) = local_env.get(key.as_str()) {
                 assert_eq!(value, local, "{name}: terraform's {key} is not the name the local stack creates");
             }
+        }
+        if name == "deliver-webhooks" {
+            // Here only: the test's webhook receiver listens on 127.0.0.1.
+            env.insert("KILN_WEBHOOK_ALLOW_LOOPBACK".into(), "true".into());
         }
         let recorder = Recorder::start(&moto, &prefix).await;
         let process = LambdaProcess::start(name, &binaries[name], &env, &recorder).await;
@@ -250,13 +258,14 @@ async fn every_function_and_the_runner_call_only_what_their_roles_grant() {
 
     // 3. Every function's fixtures, once with a finished job and once with a queued one; an
     //    overdue job for the sweeper; presigned links fetched through the function's proxy.
+    //    The event-driven functions of step 5 follow their own scenario.
     let overdue = LocalStack::start(
         &moto,
         StackOptions { prefix: prefix.clone(), queued_ttl_secs: 0, ..StackOptions::default() },
     )
     .await
     .unwrap();
-    for (name, (process, recorder)) in &processes {
+    for (name, (process, recorder)) in processes.iter().filter(|(name, _)| !OWN_SCENARIO.contains(&name.as_str())) {
         for event in deploy.events(name) {
             let queued = client
                 .post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": format!("queued for {name}")}))
@@ -290,6 +299,9 @@ async fn every_function_and_the_runner_call_only_what_their_roles_grant() {
     assert_eq!(answer["statusCode"], 503, "{answer}");
     overdue.stop().await;
 
+    // 5. Webhooks and the inbox, along the paths a deployment takes.
+    webhook_and_inbox_paths(&deploy, &stack, &processes, &submitted[0]).await;
+
     for (name, (process, recorder)) in processes {
         process.stop();
         calls.insert(name, recorder.calls());
@@ -313,4 +325,118 @@ async fn every_function_and_the_runner_call_only_what_their_roles_grant() {
         problems.join("\n  ")
     );
     stack.stop().await;
+}
+
+/// - `job-events` gets the fixture's stream record of a finished job (with an outbox and the
+///   webhook pointed at a receiver on 127.0.0.1): it queues `completed` and writes the outbox.
+/// - `deliver-webhooks` gets that very message, received from the webhook queue: delivered
+///   (the receiver fetches the event's download links through the function's proxy), then,
+///   received again, answered 503: hidden for its next attempt and reported as a failure.
+/// - `inbox-trigger` gets the fixture's S3 event for a new spec (a job starts), a spec the
+///   API refuses (`error.json`), the spec of the finished job (a cached result: the outbox is
+///   written at once), and a spec while the job queue refuses messages (an error, so S3 retries).
+async fn webhook_and_inbox_paths(
+    deploy: &Deploy,
+    stack: &LocalStack,
+    processes: &BTreeMap<String, (LambdaProcess, Recorder)>,
+    finished: &str,
+) {
+    let receiver = Receiver::start(vec![200, 503]).await;
+    let (events, _) = &processes["job-events"];
+    let mut record: Value = serde_json::from_str(
+        &deploy.events("job-events")[0].replace(FIXTURE_JOB, finished).replace(FIXTURE_WEBHOOK, &receiver.url),
+    )
+    .unwrap();
+    // The job was started by an upload: every image of it carries the outbox.
+    for change in record["Records"].as_array_mut().unwrap() {
+        for image in ["OldImage", "NewImage"] {
+            if let Some(image) = change["dynamodb"][image].as_object_mut() {
+                image.insert("outboxes".into(), json!({"L": [{"S": "outbox/fixture-tenant/streamed/"}]}));
+            }
+        }
+    }
+    let answer = events.invoke(&record.to_string()).await.unwrap_or_else(|e| panic!("job-events: {e}"));
+    assert!(answer["batchItemFailures"].as_array().is_none_or(Vec::is_empty), "job-events: {answer}");
+    let outbox = kiln_tests::stored_keys(stack, "outbox/fixture-tenant/streamed/").await;
+    assert_eq!(outbox.len(), 2, "the artifact and result.json: {outbox:?}");
+
+    let (deliver, deliver_recorder) = &processes["deliver-webhooks"];
+    let sqs = &stack.clients.sqs;
+    let queue = &stack.resources.webhook_queue_url;
+    let fixture: Value = serde_json::from_str(&deploy.events("deliver-webhooks")[0]).unwrap();
+    for (attempt, expect_retry) in [(1, false), (2, true)] {
+        let received = sqs
+            .receive_message()
+            .queue_url(queue)
+            .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
+            .wait_time_seconds(5)
+            .send()
+            .await
+            .unwrap();
+        let messages = received.messages.unwrap_or_default();
+        assert_eq!(messages.len(), 1, "attempt {attempt}: job-events queued one event");
+        let message = &messages[0];
+        let mut event = fixture.clone();
+        let sqs_record = &mut event["Records"][0];
+        sqs_record["messageId"] = json!(message.message_id());
+        sqs_record["receiptHandle"] = json!(message.receipt_handle());
+        sqs_record["body"] = json!(message.body());
+        sqs_record["attributes"]["ApproximateReceiveCount"] = json!(attempt.to_string());
+        let answer = deliver.invoke(&event.to_string()).await.unwrap_or_else(|e| panic!("deliver-webhooks: {e}"));
+        let failures = answer["batchItemFailures"].as_array().map_or(0, Vec::len);
+        assert_eq!(failures, usize::from(expect_retry), "attempt {attempt}: {answer}");
+        let seen = receiver.wait_for(attempt, Duration::from_secs(5)).await;
+        assert_eq!(seen.len(), attempt, "attempt {attempt} reached the receiver");
+        if expect_retry {
+            sqs.delete_message()
+                .queue_url(queue)
+                .receipt_handle(message.receipt_handle().unwrap())
+                .send()
+                .await
+                .unwrap();
+        } else {
+            deliver_recorder.fetch_presigned_links(&seen[0].body).await;
+            sqs.change_message_visibility()
+                .queue_url(queue)
+                .receipt_handle(message.receipt_handle().unwrap())
+                .visibility_timeout(0)
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+
+    let (inbox, inbox_recorder) = &processes["inbox-trigger"];
+    let fixture = &deploy.events("inbox-trigger")[0];
+    let submit: Value = serde_json::from_str(&deploy.events("submit-job")[0]).unwrap();
+    let same_as_finished = submit["body"].as_str().unwrap().to_owned();
+    let specs = [
+        ("lighthouse-1", r#"{"model": "kiln-demo", "prompt": "a lighthouse from the inbox"}"#.to_owned(), "started"),
+        ("too-wide", r#"{"model": "kiln-demo", "prompt": "wide", "width": 100000}"#.to_owned(), "refused"),
+        ("cached", same_as_finished, "cached"),
+        ("queue-down", r#"{"model": "kiln-demo", "prompt": "while the queue is down"}"#.to_owned(), "failed"),
+    ];
+    for (name, spec, expect) in specs {
+        let key = format!("inbox/fixture-tenant/{name}.json");
+        let put = stack.clients.s3.put_object().bucket(&stack.resources.artifacts_bucket).key(&key);
+        put.body(spec.into_bytes().into()).send().await.unwrap();
+        if expect == "failed" {
+            inbox_recorder.fail_next("sqs:SendMessage");
+        }
+        let event = fixture.replace("inbox/fixture-tenant/lighthouse-1.json", &key);
+        let answer = inbox.invoke(&event).await;
+        let outbox = kiln_tests::stored_keys(stack, &format!("outbox/fixture-tenant/{name}/")).await;
+        let files: Vec<&str> = outbox.iter().filter_map(|k| k.rsplit('/').next()).collect();
+        match expect {
+            "started" => assert!(answer.is_ok() && files.is_empty(), "{name}: {answer:?} {files:?}"),
+            "refused" => assert!(answer.is_ok() && files == ["error.json"], "{name}: {answer:?} {files:?}"),
+            "cached" => {
+                assert!(
+                    answer.is_ok() && files.contains(&"result.json") && files.len() == 2,
+                    "{name}: {answer:?} {files:?}"
+                )
+            }
+            _ => assert!(answer.is_err() && files.is_empty(), "{name}: S3 must retry: {answer:?} {files:?}"),
+        }
+    }
 }

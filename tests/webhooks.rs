@@ -4,100 +4,11 @@
 //! The relays (`LocalStack::start_relays`) stand in for the Lambda triggers.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
 use kiln_local::LocalStack;
-use kiln_tests::{Client, stack};
-use kiln_webhooks::{Secret, verify};
+use kiln_tests::{Client, receiver::Receiver, stack};
+use kiln_webhooks::Secret;
 use serde_json::{Value, json};
-use std::{
-    sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
-};
-use tokio::net::TcpListener;
-
-/// What the receiver saw: one entry per request.
-#[derive(Debug, Clone)]
-struct Received {
-    id: String,
-    signature: String,
-    body: Value,
-    verified_with: Vec<usize>,
-}
-
-/// A webhook receiver on 127.0.0.1 that answers `statuses` in turn (then the last one for ever)
-/// and checks each request's signature against `secrets` (by index).
-struct Receiver {
-    url: String,
-    seen: Arc<Mutex<Vec<Received>>>,
-    secrets: Arc<Mutex<Vec<Secret>>>,
-}
-
-impl Receiver {
-    async fn start(statuses: Vec<u16>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
-        let seen: Arc<Mutex<Vec<Received>>> = Arc::default();
-        let secrets: Arc<Mutex<Vec<Secret>>> = Arc::default();
-        let (seen2, secrets2) = (seen.clone(), secrets.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
-                let (seen, secrets, statuses) = (seen2.clone(), secrets2.clone(), statuses.clone());
-                tokio::spawn(async move {
-                    let service = service_fn(move |request: Request<Incoming>| {
-                        let (seen, secrets, statuses) = (seen.clone(), secrets.clone(), statuses.clone());
-                        async move {
-                            let headers = request.headers().clone();
-                            let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                            let verified_with = secrets
-                                .lock()
-                                .unwrap()
-                                .iter()
-                                .enumerate()
-                                .filter(|(_, secret)| {
-                                    verify(&headers, &body, secret, Duration::from_secs(300), SystemTime::now()).is_ok()
-                                })
-                                .map(|(index, _)| index)
-                                .collect();
-                            let header =
-                                |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-                            let mut seen = seen.lock().unwrap();
-                            seen.push(Received {
-                                id: header("webhook-id"),
-                                signature: header("webhook-signature"),
-                                body: serde_json::from_slice(&body).unwrap_or(Value::Null),
-                                verified_with,
-                            });
-                            let status = statuses.get(seen.len() - 1).or(statuses.last()).copied().unwrap_or(200);
-                            Ok::<_, hyper::Error>(
-                                Response::builder().status(status).body(Full::new(Bytes::from("ok"))).unwrap(),
-                            )
-                        }
-                    });
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-                });
-            }
-        });
-        Self { url, seen, secrets }
-    }
-
-    fn seen(&self) -> Vec<Received> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    async fn wait_for(&self, count: usize, limit: Duration) -> Vec<Received> {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            let seen = self.seen();
-            if seen.len() >= count || tokio::time::Instant::now() > deadline {
-                return seen;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
+use std::time::Duration;
 
 async fn started_stack() -> LocalStack {
     let mut stack = stack().await;

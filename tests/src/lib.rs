@@ -2,6 +2,7 @@
 //! command started), a fresh set of resources per test, the API on a free port, HTTP helpers.
 
 pub mod media;
+pub mod receiver;
 
 use kiln_local::{
     LocalStack, MotoServer, RunnerOptions, RunnerProcess, StackOptions, Tools, ensure_moto, ensure_tools,

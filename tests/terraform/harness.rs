@@ -27,6 +27,8 @@ use tokio::{net::TcpListener, sync::oneshot};
 /// The API key and job id the events/ fixtures carry.
 pub const FIXTURE_KEY: &str = "kiln_fixture00000000000000000000000000000000000";
 pub const FIXTURE_JOB: &str = "01KAQ3Z8X9K2M3N4P5Q6R7S8T9";
+/// The webhook URL of the fixtures' jobs.
+pub const FIXTURE_WEBHOOK: &str = "https://hooks.example.com/kiln";
 /// What the venv holds: checkov, which brings its HCL parser (bc-python-hcl2, module `hcl2`).
 const CHECKOV_REQUIREMENT: &str = "checkov==3.3.30";
 
@@ -37,10 +39,6 @@ pub fn root() -> PathBuf {
 fn read_json(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
-}
-
-fn cargo() -> String {
-    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }
 
 // --- the two descriptions -----------------------------------------------------------------
@@ -157,7 +155,7 @@ impl Deploy {
 
 /// The Lambda binaries: bins of workspace packages that depend on lambda_runtime or lambda_http.
 pub fn lambda_binaries() -> BTreeSet<String> {
-    let output = Command::new(cargo())
+    let output = kiln_local::cargo_command()
         .current_dir(root())
         .args(["metadata", "--no-deps", "--format-version", "1"])
         .output()
@@ -221,7 +219,7 @@ pub fn runner_env_names() -> BTreeSet<String> {
 /// the dependencies it built are reused.
 pub fn build_lambda_binaries<'a>(names: impl Iterator<Item = &'a String>) -> BTreeMap<String, PathBuf> {
     let names: Vec<&String> = names.collect();
-    let mut command = Command::new(cargo());
+    let mut command = kiln_local::cargo_command();
     command.current_dir(root()).args(["build", "--workspace", "--lib", "--tests"]);
     for name in &names {
         command.args(["--bin", name]);
@@ -780,7 +778,7 @@ pub fn body_of(answer: &Value) -> Value {
 /// A submit event with a new idempotency key and prompt, so it makes a new job.
 pub fn with_new_request(event: &str, prompt: &str) -> String {
     let mut event: Value = serde_json::from_str(event).unwrap();
-    event["headers"]["idempotency-key"] = json!(format!("terraform-test {prompt}"));
+    event["headers"]["idempotency-key"] = json!(format!("terraform-test-{}", prompt.replace(' ', "-")));
     event["headers"].as_object_mut().unwrap().remove("content-length");
     let mut body: Value = serde_json::from_str(event["body"].as_str().unwrap()).expect("a JSON body");
     body["prompt"] = json!(prompt);

@@ -79,6 +79,8 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 pub const MAX_PAGE: u32 = 100;
 /// How many times a use case re-reads and retries when a concurrent writer won.
 const MAX_RACES: usize = 5;
+/// The first pause after a transaction conflict; the n-th waits n times as long.
+const CONFLICT_PAUSE: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// The job use cases over their ports.
 pub struct Jobs {
@@ -170,7 +172,7 @@ impl Jobs {
 
         let now = Utc::now();
         let cache_key = CacheKey::compute(&model.name, &model.version, &resolved.params);
-        for _ in 0..MAX_RACES {
+        for race in 0..MAX_RACES {
             let replaces = match self.store.cache_entry(&tenant.id, &cache_key).await? {
                 None => None,
                 Some(job_id) => match self.store.get(&job_id).await? {
@@ -198,6 +200,10 @@ impl Jobs {
             match self.store.insert(&job, &claim, idempotency.as_ref()).await? {
                 InsertOutcome::Inserted => return self.enqueue(job, idempotency.as_ref()).await,
                 InsertOutcome::CacheKeyTaken => continue,
+                // The other write (most likely this request's twin) is committing: look again
+                // once it has; the next round finds its job by the cache key, and its
+                // idempotency record when recording ours fails.
+                InsertOutcome::Conflicted => tokio::time::sleep(CONFLICT_PAUSE * (race as u32 + 1)).await,
                 InsertOutcome::IdempotencyKeyTaken => {
                     let record = idempotency.as_ref().ok_or(AppError::Contention)?;
                     let first =

@@ -37,6 +37,15 @@ struct JobTables {
 #[derive(Default)]
 pub struct MemoryJobStore {
     tables: Mutex<JobTables>,
+    conflicts: AtomicUsize,
+}
+
+impl MemoryJobStore {
+    /// The next `count` inserts answer `Conflicted` and write nothing, as DynamoDB does while
+    /// another transaction holds one of the items.
+    pub fn conflict_next(&self, count: usize) {
+        self.conflicts.store(count, Ordering::SeqCst);
+    }
 }
 
 #[async_trait]
@@ -47,6 +56,9 @@ impl JobStore for MemoryJobStore {
         cache: &CacheClaim,
         idempotency: Option<&IdempotencyRecord>,
     ) -> Result<InsertOutcome, PortError> {
+        if self.conflicts.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Ok(InsertOutcome::Conflicted);
+        }
         let mut tables = lock(&self.tables);
         let cache_slot = (job.tenant_id.clone(), cache.key.clone());
         if tables.cache.get(&cache_slot) != cache.replaces.as_ref() {

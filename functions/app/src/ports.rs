@@ -53,6 +53,9 @@ pub enum InsertOutcome {
     CacheKeyTaken,
     /// Another request claimed the idempotency key first; nothing was written.
     IdempotencyKeyTaken,
+    /// Another write was in progress on one of the items (DynamoDB's `TransactionConflict`,
+    /// the usual answer when a request and its retry arrive together); nothing was written.
+    Conflicted,
 }
 
 /// One page of a tenant's jobs, newest first.

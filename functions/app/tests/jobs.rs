@@ -141,6 +141,24 @@ async fn idempotency_keys_replay_the_first_job_and_refuse_other_bodies() {
     assert!(matches!(bad, AppError::Input(e) if e.field.as_deref() == Some("Idempotency-Key")));
 }
 
+/// DynamoDB answers `TransactionConflict` while another transaction holds an item: the submit
+/// waits and tries again, and gives up with Contention (a 503) only after several.
+#[tokio::test]
+async fn a_transaction_conflict_is_tried_again() {
+    let world = world();
+    let a = tenant("a");
+    world.store.conflict_next(2);
+    let submitted = world.jobs.submit(&a, FOX, Some("twin")).await.unwrap();
+    assert_eq!(submitted.disposition, Disposition::Created);
+    assert_eq!(world.queue.sent().len(), 1, "queued once");
+    world.store.conflict_next(100);
+    let busy = world.jobs.submit(&a, br#"{"model":"demo","prompt":"a busy fox"}"#, None).await;
+    assert!(matches!(busy, Err(AppError::Contention)), "{busy:?}");
+    world.store.conflict_next(0);
+    let replay = world.jobs.submit(&a, FOX, Some("twin")).await.unwrap();
+    assert_eq!((replay.disposition, replay.job.id), (Disposition::Replayed, submitted.job.id));
+}
+
 #[tokio::test]
 async fn a_job_that_cannot_be_queued_is_failed_and_can_be_submitted_again() {
     let world = world();

@@ -137,6 +137,9 @@ impl JobStore for DynamoJobStore {
             if failed(1) {
                 return Ok(InsertOutcome::CacheKeyTaken);
             }
+            if canceled.cancellation_reasons().iter().any(|r| r.code() == Some("TransactionConflict")) {
+                return Ok(InsertOutcome::Conflicted);
+            }
         }
         Err(PortError::unavailable("dynamodb", err))
     }

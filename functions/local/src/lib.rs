@@ -10,4 +10,4 @@ pub mod stack;
 
 pub use moto::{MotoServer, Tools, ensure_moto, ensure_system_libraries, ensure_tools};
 pub use runner::{RunnerOptions, RunnerProcess, runner_binary};
-pub use stack::{LocalStack, StackOptions, workspace_root};
+pub use stack::{LocalStack, StackOptions, cargo_command, workspace_root};

@@ -272,8 +272,7 @@ fn test(cargo_args: Vec<String>) -> anyhow::Result<()> {
     ensure_system_libraries()?;
     // Build every test target first; this also builds the runner binary (kiln-runner has
     // integration tests) with the features the tests unify, which the end-to-end tests start.
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = std::process::Command::new(&cargo)
+    let built = kiln_local::cargo_command()
         .current_dir(&root)
         .args(["test", "--workspace", "--lib", "--bins", "--tests", "--no-run"])
         .args(&cargo_args)
@@ -287,7 +286,7 @@ fn test(cargo_args: Vec<String>) -> anyhow::Result<()> {
     let runner_bin = target.join("debug/kiln-runner");
     anyhow::ensure!(runner_bin.exists(), "{} was not built", runner_bin.display());
     let moto = MotoServer::start(&tools.moto_server, 0)?;
-    let mut child = std::process::Command::new(cargo)
+    let mut child = kiln_local::cargo_command()
         .current_dir(&root)
         .args(["test", "--workspace", "--lib", "--bins", "--tests", "--no-fail-fast"])
         .args(&cargo_args)

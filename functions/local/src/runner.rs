@@ -23,8 +23,7 @@ pub fn runner_binary(root: &Path) -> anyhow::Result<PathBuf> {
     }
     ensure_system_libraries()?;
     let release = !cfg!(debug_assertions);
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(cargo);
+    let mut build = crate::cargo_command();
     build.current_dir(root).args(["build", "--quiet", "-p", "kiln-runner", "--bin", "kiln-runner"]);
     if release {
         build.arg("--release");

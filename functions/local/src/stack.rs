@@ -262,3 +262,26 @@ pub fn webhook_max_attempts() -> u32 {
         .and_then(|s| s.queues.get("webhooks").map(|q| q.dead_letter.max_receive_count))
         .unwrap_or(12)
 }
+
+/// A `cargo` command at the workspace root that builds what a build from the shell builds.
+///
+/// Cargo hands what it runs (`cargo run`, test binaries) variables describing the running
+/// package (`CARGO_PKG_*`, `CARGO_MANIFEST_DIR`, …). A cargo started with them sees a different
+/// environment than one started from the shell and rebuilds dependencies whose build scripts
+/// watch their environment, so the tests' builds and the test command's would undo each other.
+pub fn cargo_command() -> std::process::Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = std::process::Command::new(cargo);
+    command.current_dir(workspace_root());
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let describes_the_caller = ["CARGO_PKG_", "CARGO_MANIFEST_", "CARGO_CRATE_", "CARGO_BIN_"]
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
+            || matches!(key, "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR" | "CARGO_RUSTC_CURRENT_DIR");
+        if describes_the_caller {
+            command.env_remove(key);
+        }
+    }
+    command
+}
