@@ -21,6 +21,7 @@ use crate::{
         ArtifactLinks, CacheClaim, IdempotencyRecord, InsertOutcome, JobPage, JobQueue, JobStore, ModelCatalog,
         PresignedUrl,
     },
+    revise::{Change, revise},
 };
 
 /// Settings of the job use cases.
@@ -129,19 +130,17 @@ impl Jobs {
         let digest = hex::encode(Sha256::digest(object_id.as_bytes()));
         let key = format!("s3-{}", &digest[..32]);
         let mut submitted = self.submit_to(tenant, body, Some(&key), Some(outbox)).await?;
-        for _ in 0..MAX_RACES {
-            let job = &mut submitted.job;
+        let revised = revise(&*self.store, submitted.job.clone(), |job| {
             if job.outboxes.iter().any(|o| o == outbox) || job.status.is_terminal() {
-                return Ok(submitted);
+                return Ok(Change::Keep(()));
             }
             job.outboxes.push(outbox.to_owned());
             job.revision += 1;
-            if self.store.update(job).await? {
-                return Ok(submitted);
-            }
-            submitted.job = self.store.get(&job.id).await?.ok_or(AppError::Contention)?;
-        }
-        Err(AppError::Contention)
+            Ok(Change::Write(()))
+        })
+        .await?;
+        submitted.job = revised.ok_or(AppError::Contention)?.0;
+        Ok(submitted)
     }
 
     async fn submit_to(
@@ -307,23 +306,20 @@ impl Jobs {
     /// Cancels a queued job at once; flags a running one so its runner stops it. A job that has
     /// already ended is a conflict, except one already canceled (canceling is idempotent).
     pub async fn cancel(&self, tenant: &Tenant, id: &str) -> Result<Job, AppError> {
-        for _ in 0..MAX_RACES {
-            let mut job = self.owned(tenant, id).await?;
-            let changed = match job.status {
-                JobStatus::Queued => {
-                    job.transition(JobStatus::Canceled, Utc::now())?;
-                    true
-                }
-                JobStatus::Running => job.request_cancel(),
-                JobStatus::Canceled => false,
-                status => return Err(AppError::AlreadyFinished { id: job.id, status }),
-            };
-            if !changed || self.store.update(&job).await? {
-                info!(job_id = %job.id, status = %job.status, "cancel handled");
-                return Ok(job);
+        let job = self.owned(tenant, id).await?;
+        let canceled = revise(&*self.store, job, |job| match job.status {
+            JobStatus::Queued => {
+                job.transition(JobStatus::Canceled, Utc::now())?;
+                Ok(Change::Write(()))
             }
-        }
-        Err(AppError::Contention)
+            JobStatus::Running => Ok(if job.request_cancel() { Change::Write(()) } else { Change::Keep(()) }),
+            JobStatus::Canceled => Ok(Change::Keep(())),
+            status => Err(AppError::AlreadyFinished { id: job.id.clone(), status }),
+        })
+        .await?;
+        let (job, ()) = canceled.ok_or_else(|| AppError::NotFound(id.to_owned()))?;
+        info!(job_id = %job.id, status = %job.status, "cancel handled");
+        Ok(job)
     }
 
     /// The served models, read through a short-lived cache.

@@ -9,6 +9,7 @@ pub mod jobs;
 pub mod memory;
 pub mod messages;
 pub mod ports;
+mod revise;
 pub mod runs;
 pub mod webhooks;
 

@@ -9,9 +9,11 @@ use kiln_domain::{IllegalTransition, Job, JobErrorCode, JobId, JobStatus, Output
 use std::sync::Arc;
 use tracing::info;
 
-use crate::{AppError, ports::JobStore};
-
-const MAX_RACES: usize = 5;
+use crate::{
+    AppError,
+    ports::JobStore,
+    revise::{Change, revise, revise_stored},
+};
 
 /// Whether to render a delivered job.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,24 +60,26 @@ impl JobRuns {
     /// runner died), counting an attempt. A job whose cancel was requested before its runner
     /// died is canceled here instead of started.
     pub async fn start(&self, id: &JobId, now: DateTime<Utc>) -> Result<Start, AppError> {
-        for _ in 0..MAX_RACES {
-            let Some(mut job) = self.store.get(id).await? else {
-                return Ok(Start::Skip(SkipReason::Missing));
-            };
+        let started = revise_stored(&*self.store, id, |job| {
             if job.status.is_terminal() {
-                return Ok(Start::Skip(SkipReason::Ended(job.status)));
+                return Ok(Change::Keep(Some(SkipReason::Ended(job.status))));
             }
-            let cancel = job.cancel_requested;
-            job.transition(if cancel { JobStatus::Canceled } else { JobStatus::Running }, now)?;
-            if self.store.update(&job).await? {
-                if cancel {
-                    return Ok(Start::Skip(SkipReason::Ended(JobStatus::Canceled)));
-                }
+            if job.cancel_requested {
+                job.transition(JobStatus::Canceled, now)?;
+                return Ok(Change::Write(Some(SkipReason::Ended(JobStatus::Canceled))));
+            }
+            job.transition(JobStatus::Running, now)?;
+            Ok(Change::Write(None))
+        })
+        .await?;
+        Ok(match started {
+            None => Start::Skip(SkipReason::Missing),
+            Some((_, Some(skip))) => Start::Skip(skip),
+            Some((job, None)) => {
                 info!(job_id = %job.id, attempt = job.attempts, "job started");
-                return Ok(Start::Render(job));
+                Start::Render(job)
             }
-        }
-        Err(AppError::Contention)
+        })
     }
 
     /// Records progress; also how the runner learns of a cancel request.
@@ -124,21 +128,20 @@ impl JobRuns {
     /// died. Ends it as failed whatever its runner last wrote; a job that already ended stays
     /// as it is. Returns whether it changed the job.
     pub async fn dead_lettered(&self, id: &JobId, now: DateTime<Utc>) -> Result<bool, AppError> {
-        for _ in 0..MAX_RACES {
-            let Some(mut job) = self.store.get(id).await? else {
-                return Ok(false);
-            };
+        let message = "no runner could finish the job: its message reached the dead-letter queue";
+        let failed = revise_stored(&*self.store, id, |job| {
             if job.status.is_terminal() {
-                return Ok(false);
+                return Ok(Change::Keep(false));
             }
-            let message = "no runner could finish the job: its message reached the dead-letter queue";
             job.fail(JobErrorCode::DeadLettered, message, now)?;
-            if self.store.update(&job).await? {
-                info!(job_id = %job.id, "dead-lettered job failed");
-                return Ok(true);
-            }
+            Ok(Change::Write(true))
+        })
+        .await?;
+        let failed = failed.is_some_and(|(_, failed)| failed);
+        if failed {
+            info!(job_id = %id, "dead-lettered job failed");
         }
-        Err(AppError::Contention)
+        Ok(failed)
     }
 
     /// Applies `change` to the runner's copy and writes it. When the stored job moved on, re-reads
@@ -150,26 +153,24 @@ impl JobRuns {
         stop_on_cancel: bool,
         change: impl Fn(&mut Job) -> Result<(), IllegalTransition>,
     ) -> Result<Written, AppError> {
-        let mut current = job.clone();
-        for _ in 0..MAX_RACES {
+        let attempt = job.attempts;
+        let written = revise(&*self.store, job.clone(), |current| {
+            if current.status != JobStatus::Running || current.attempts != attempt {
+                return Ok(Change::Keep(Written::Lost));
+            }
             if stop_on_cancel && current.cancel_requested {
-                *job = current;
-                return Ok(Written::CancelRequested);
+                return Ok(Change::Keep(Written::CancelRequested));
             }
-            let mut next = current.clone();
-            change(&mut next)?;
-            if self.store.update(&next).await? {
-                *job = next;
-                return Ok(Written::Done);
+            change(current)?;
+            Ok(Change::Write(Written::Done))
+        })
+        .await?;
+        match written {
+            Some((_, Written::Lost)) | None => Ok(Written::Lost),
+            Some((stored, written)) => {
+                *job = stored;
+                Ok(written)
             }
-            let Some(stored) = self.store.get(&job.id).await? else {
-                return Ok(Written::Lost);
-            };
-            if stored.status != JobStatus::Running || stored.attempts != job.attempts {
-                return Ok(Written::Lost);
-            }
-            current = stored;
         }
-        Err(AppError::Contention)
     }
 }

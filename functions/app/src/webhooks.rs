@@ -13,6 +13,7 @@ use tracing::info;
 use crate::{
     AppError,
     ports::{JobStore, SecretSet, SecretStore, StoredSecret, WebhookQueue},
+    revise::{Change, revise_stored},
 };
 
 const MAX_RACES: usize = 8;
@@ -114,17 +115,15 @@ impl Webhooks {
     /// Adds an attempt to the job's delivery record (conditional on the revision; re-reads and
     /// retries when a runner wrote in between). False when the job is gone.
     pub async fn record_attempt(&self, job_id: &JobId, attempt: &AttemptRecord) -> Result<bool, AppError> {
-        for _ in 0..MAX_RACES {
-            let Some(mut job) = self.store.get(job_id).await? else { return Ok(false) };
+        let recorded = revise_stored(&*self.store, job_id, |job| {
             let mut record = job.webhook_delivery.take().unwrap_or_default();
             apply(&mut record, attempt);
             job.webhook_delivery = Some(record);
             job.revision += 1;
-            if self.store.update(&job).await? {
-                return Ok(true);
-            }
-        }
-        Err(AppError::Contention)
+            Ok(Change::Write(()))
+        })
+        .await?;
+        Ok(recorded.is_some())
     }
 }
 
