@@ -139,6 +139,18 @@ resource "aws_s3_bucket_lifecycle_configuration" "bucket" {
     }
   }
 
+  # What job-events copies out for an inbox upload (the artifact, result.json, error.json).
+  rule {
+    id     = "expire-outbox"
+    status = "Enabled"
+    filter {
+      prefix = "outbox/"
+    }
+    expiration {
+      days = var.output_retention_days
+    }
+  }
+
   rule {
     id     = "expire-inbox"
     status = "Enabled"

@@ -12,10 +12,14 @@
 #   kiln, per group) for the dashboard.
 # - A runner that has not answered /healthz for 10 minutes after a 20-minute start-up grace
 #   marks the instance unhealthy, and the group replaces it.
+#
+# KILN_IMDS_URL and KILN_AGENT_INTERVAL exist for tests/runner_agent.rs, which runs this script
+# against a real runner with a stand-in metadata service and stand-ins of aws and systemctl.
 set -uo pipefail
 
 : "${AWS_REGION:?}" "${KILN_INSTANCE:?}" "${KILN_GROUP:?}" "${KILN_HOOK:?}" "${KILN_METRICS_URL:?}" "${KILN_UNIT:?}"
-INTERVAL=5
+IMDS=${KILN_IMDS_URL:-http://169.254.169.254}
+INTERVAL=${KILN_AGENT_INTERVAL:-5}
 START_GRACE=1200
 UNHEALTHY_AFTER=600
 
@@ -23,8 +27,8 @@ log() { echo "kiln-agent: $*"; }
 
 imds() {
   local token
-  token=$(curl -sf --max-time 2 -X PUT http://169.254.169.254/latest/api/token -H 'X-aws-ec2-metadata-token-ttl-seconds: 60') || return 1
-  curl -sf --max-time 2 -H "X-aws-ec2-metadata-token: $token" "http://169.254.169.254/latest/meta-data/$1"
+  token=$(curl -sf --max-time 2 -X PUT "$IMDS/latest/api/token" -H 'X-aws-ec2-metadata-token-ttl-seconds: 60') || return 1
+  curl -sf --max-time 2 -H "X-aws-ec2-metadata-token: $token" "$IMDS/latest/meta-data/$1"
 }
 
 autoscaling() { aws autoscaling --region "$AWS_REGION" "$@"; }

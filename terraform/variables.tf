@@ -61,7 +61,7 @@ variable "api_throttle_burst_limit" {
 }
 
 variable "output_retention_days" {
-  description = "Days a rendered artifact (jobs/ in the bucket) is kept before S3 deletes it."
+  description = "Days a rendered artifact (jobs/ in the bucket, and its copy with result.json under outbox/) is kept before S3 deletes it."
   type        = number
   default     = 30
 }

@@ -4,7 +4,7 @@
 
 use kiln_domain::ModelSpec;
 use kiln_local::workspace_root;
-use kiln_tests::{Client, download, media, runner_options, stack, start_runner, stored_keys};
+use kiln_tests::{Client, download, media, runner_options, slow_job, stack, start_runner, stored_keys};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -14,11 +14,6 @@ const LIMIT: Duration = Duration::from_secs(120);
 fn job_id(answer: &kiln_tests::Answer) -> String {
     assert!(answer.status.is_success(), "submit: {} {}", answer.status, answer.body);
     answer.body["id"].as_str().expect("id").to_owned()
-}
-
-/// A job that renders for several seconds on a CPU: many steps on a large canvas.
-fn slow_job(prompt: &str) -> Value {
-    json!({"model": "kiln-demo", "prompt": prompt, "width": 768, "height": 768, "steps": 50, "seed": 1})
 }
 
 /// The key of a succeeded job's artifact, its bytes through the presigned URL, and its probe.

@@ -1,6 +1,7 @@
 //! The harness of the end-to-end tests: one moto server per test process (or the one the test
 //! command started), a fresh set of resources per test, the API on a free port, HTTP helpers.
 
+pub mod http;
 pub mod media;
 pub mod receiver;
 
@@ -185,6 +186,11 @@ impl Client {
     pub async fn wait_finished(&self, id: &str, limit: std::time::Duration) -> Value {
         self.wait_for(id, limit, |job| !matches!(job["status"].as_str(), Some("queued" | "running"))).await
     }
+}
+
+/// A job that renders for several seconds on a CPU: many steps on a large canvas.
+pub fn slow_job(prompt: &str) -> Value {
+    serde_json::json!({"model": "kiln-demo", "prompt": prompt, "width": 768, "height": 768, "steps": 50, "seed": 1})
 }
 
 /// Downloads a URL (a presigned artifact link).

@@ -1,16 +1,14 @@
 //! A webhook receiver on 127.0.0.1 for the tests that deliver webhooks.
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use crate::http::{respond, serve};
+use http_body_util::BodyExt;
+use hyper::{Request, body::Incoming};
 use kiln_webhooks::{Secret, verify};
 use serde_json::Value;
 use std::{
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
-use tokio::net::TcpListener;
 
 /// What the receiver saw: one entry per request.
 #[derive(Debug, Clone)]
@@ -36,54 +34,41 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start(statuses: Vec<u16>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
         let seen: Arc<Mutex<Vec<Received>>> = Arc::default();
         let secrets: Arc<Mutex<Vec<Secret>>> = Arc::default();
         let (seen2, secrets2) = (seen.clone(), secrets.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
-                let (seen, secrets, statuses) = (seen2.clone(), secrets2.clone(), statuses.clone());
-                tokio::spawn(async move {
-                    let service = service_fn(move |request: Request<Incoming>| {
-                        let (seen, secrets, statuses) = (seen.clone(), secrets.clone(), statuses.clone());
-                        async move {
-                            let request_line = format!("{} {}", request.method(), request.uri().path());
-                            let headers = request.headers().clone();
-                            let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                            let verified_with = secrets
-                                .lock()
-                                .unwrap()
-                                .iter()
-                                .enumerate()
-                                .filter(|(_, secret)| {
-                                    verify(&headers, &body, secret, Duration::from_secs(300), SystemTime::now()).is_ok()
-                                })
-                                .map(|(index, _)| index)
-                                .collect();
-                            let header =
-                                |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-                            let mut seen = seen.lock().unwrap();
-                            seen.push(Received {
-                                request_line,
-                                id: header("webhook-id"),
-                                timestamp: header("webhook-timestamp"),
-                                signature: header("webhook-signature"),
-                                body: serde_json::from_slice(&body).unwrap_or(Value::Null),
-                                verified_with,
-                            });
-                            let status = statuses.get(seen.len() - 1).or(statuses.last()).copied().unwrap_or(200);
-                            Ok::<_, hyper::Error>(
-                                Response::builder().status(status).body(Full::new(Bytes::from("ok"))).unwrap(),
-                            )
-                        }
-                    });
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        let address = serve(move |request: Request<Incoming>| {
+            let (seen, secrets, statuses) = (seen2.clone(), secrets2.clone(), statuses.clone());
+            async move {
+                let request_line = format!("{} {}", request.method(), request.uri().path());
+                let headers = request.headers().clone();
+                let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let verified_with = secrets
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, secret)| {
+                        verify(&headers, &body, secret, Duration::from_secs(300), SystemTime::now()).is_ok()
+                    })
+                    .map(|(index, _)| index)
+                    .collect();
+                let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                let mut seen = seen.lock().unwrap();
+                seen.push(Received {
+                    request_line,
+                    id: header("webhook-id"),
+                    timestamp: header("webhook-timestamp"),
+                    signature: header("webhook-signature"),
+                    body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+                    verified_with,
                 });
+                let status = statuses.get(seen.len() - 1).or(statuses.last()).copied().unwrap_or(200);
+                respond(status, &[], "ok")
             }
-        });
-        Self { url, seen, secrets }
+        })
+        .await;
+        Self { url: format!("http://{address}/hook"), seen, secrets }
     }
 
     pub fn seen(&self) -> Vec<Received> {

@@ -4,16 +4,14 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response, body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::{Request, Response, body::Incoming};
 use kiln_local::{LocalStack, Tools, runner_binary, workspace_root};
+use kiln_tests::http::{respond, serve};
 use serde_json::{Map, Value, json};
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    convert::Infallible,
     fmt,
     fs::File,
-    future::Future,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
@@ -22,7 +20,7 @@ use std::{
     },
     time::{Duration, Instant},
 };
-use tokio::{net::TcpListener, sync::oneshot};
+use tokio::sync::oneshot;
 
 /// The API key and job id the events/ fixtures carry.
 pub const FIXTURE_KEY: &str = "kiln_fixture00000000000000000000000000000000000";
@@ -345,39 +343,6 @@ pub fn run_checkov(python: &Path) -> Value {
         Value::Array(mut reports) => reports.remove(0),
         report => report,
     }
-}
-
-// --- serving HTTP on loopback -----------------------------------------------------------------
-
-/// Serves `handle` on 127.0.0.1 (a free port) until the runtime ends; returns the address.
-async fn serve<F, Fut>(handle: F) -> String
-where
-    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let handle = handle.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request| {
-                    let handle = handle.clone();
-                    async move { Ok::<_, Infallible>(handle(request).await) }
-                });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-            });
-        }
-    });
-    address
-}
-
-fn respond(status: u16, headers: &[(&str, String)], body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut response = Response::builder().status(status);
-    for (name, value) in headers {
-        response = response.header(*name, value);
-    }
-    response.body(Full::new(body.into())).unwrap()
 }
 
 // --- the recording proxy ----------------------------------------------------------------------

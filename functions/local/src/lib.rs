@@ -9,5 +9,5 @@ pub mod server;
 pub mod stack;
 
 pub use moto::{MotoServer, Tools, ensure_moto, ensure_system_libraries, ensure_tools};
-pub use runner::{RunnerOptions, RunnerProcess, runner_binary};
+pub use runner::{RunnerOptions, RunnerProcess, runner_binary, wait_exit};
 pub use stack::{LocalStack, StackOptions, cargo_command, workspace_root};
