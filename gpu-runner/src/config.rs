@@ -35,6 +35,12 @@ pub struct RunnerConfig {
     #[arg(long, env = "KILN_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
 
+    /// Before taking jobs, render one image of each model at its defaults (`false` to skip): a
+    /// broken device setup fails at startup, and the first job does not pay for the GPU's
+    /// kernel loading and algorithm search.
+    #[arg(long, env = "KILN_WARM_UP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub warm_up: bool,
+
     /// Most compatible jobs (same model, size and steps) rendered in one call.
     #[arg(long, env = "KILN_MAX_BATCH", default_value_t = 1)]
     pub max_batch: usize,

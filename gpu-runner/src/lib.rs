@@ -6,6 +6,7 @@
 //! - [`render`]: ONNX Runtime and the pipelines; [`packages`] loads model packages.
 //! - [`encode`]: PNG, GIF, MP4 (H.264) and WebM (VP9), on the blocking pool.
 //! - [`metrics`]: Prometheus metrics, `/healthz` and `/metrics`.
+//! - [`warm_up`]: one render per model before the first job.
 
 pub mod batching;
 pub mod config;
@@ -15,10 +16,12 @@ pub mod packages;
 pub mod render;
 pub mod service;
 pub mod session;
+pub mod warm_up;
 
 pub use config::{RunnerConfig, Settings};
 pub use metrics::Metrics;
 pub use service::{Ports, Runner};
+pub use warm_up::{WarmedUp, warm_up};
 
 use std::sync::Arc;
 

@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use kiln_app::ports::ModelCatalog;
 use kiln_aws::{AwsClients, DynamoJobStore, DynamoModelCatalog, Resources, S3ArtifactStore, SqsWorkQueue};
-use kiln_runner::{Metrics, Ports, Runner, RunnerConfig, metrics, start_sessions};
+use kiln_runner::{Metrics, Ports, Runner, RunnerConfig, metrics, start_sessions, warm_up};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -35,6 +35,11 @@ async fn main() -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let (models, sessions, threads) = start_sessions(&cli.runner, &metrics).context("loading model packages")?;
     info!(device = %cli.runner.device, models = ?models.iter().map(|m| format!("{}@{}", m.name, m.version)).collect::<Vec<_>>(), "models loaded");
+    if cli.runner.warm_up {
+        for warmed in warm_up(&models, &sessions).await.context("warming up")? {
+            info!(model = %warmed.model, version = %warmed.version, render_ms = warmed.render_time.as_millis() as u64, "warm-up render done");
+        }
+    }
 
     let resources = &cli.resources;
     let aws = AwsClients::connect(resources.endpoint_url.as_deref()).await;

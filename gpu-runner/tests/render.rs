@@ -66,3 +66,39 @@ fn a_stop_request_ends_the_render_between_steps() {
     assert_eq!(model.pipeline.render(&request), Err(RenderError::Stopped(StopReason::Canceled)));
     assert_eq!(request.control.progress(), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_warm_up_renders_every_served_model_through_its_session() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        runner: kiln_runner::RunnerConfig,
+    }
+    let tools = ensure_tools(&workspace_root()).expect("tools");
+    let models_dir = workspace_root().join("gpu-runner/models");
+    let cli = Cli::parse_from([
+        "runner".as_ref(),
+        "--ort-dylib".as_ref(),
+        tools.ort_dylib.as_os_str(),
+        "--models-dir".as_ref(),
+        models_dir.as_os_str(),
+    ]);
+    assert!(cli.runner.warm_up, "on unless asked otherwise");
+    let metrics = Arc::new(kiln_runner::Metrics::default());
+    let (models, sessions, _threads) = kiln_runner::start_sessions(&cli.runner, &metrics).expect("loading models");
+    let warmed = kiln_runner::warm_up(&models, &sessions).await.expect("warm-up");
+    let names: Vec<_> = warmed.iter().map(|w| (w.model.as_str(), w.version.as_str())).collect();
+    let served: Vec<_> = models.iter().map(|m| (m.name.as_str(), m.version.as_str())).collect();
+    assert_eq!(names, served, "one warm-up per served model");
+    assert!(served.len() >= 2, "the repository serves the demo and the tiny SD model: {served:?}");
+    for w in &warmed {
+        assert!(w.render_time > std::time::Duration::ZERO && w.elapsed >= w.render_time, "{w:?}");
+    }
+
+    // A model without a session (here: one the sessions were not started for) is an error, not a skip.
+    let mut unknown = models[0].clone();
+    unknown.version = "0.0.0-not-loaded".into();
+    let err = kiln_runner::warm_up(&[unknown], &sessions).await.unwrap_err();
+    assert!(err.to_string().contains("no render session"), "{err}");
+}
