@@ -64,6 +64,15 @@ async fn every_format_renders_to_a_file_of_the_asked_size_and_length() {
     let metrics = reqwest::get(format!("{}/metrics", runner.metrics_url)).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("kiln_runner_jobs_total{outcome=\"succeeded\"} 4"), "{metrics}");
     assert!(metrics.contains("kiln_runner_render_seconds_count 4"), "{metrics}");
+    // One render call per job (KILN_MAX_BATCH 1) plus the startup warm-up of each served model.
+    let served = std::fs::read_dir(workspace_root().join("gpu-runner/models")).unwrap().count();
+    assert!(metrics.contains(&format!("kiln_runner_batches_total {}", 4 + served)), "{served} models: {metrics}");
+    let busy = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("kiln_runner_render_busy_seconds_total "))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .expect("render_busy_seconds_total");
+    assert!(busy > 0.0, "{metrics}");
     let health = reqwest::get(format!("{}/healthz", runner.metrics_url)).await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
 }

@@ -14,7 +14,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 use tokio::net::TcpListener;
@@ -51,6 +51,11 @@ pub struct Metrics {
     pub encode: Histogram,
     pub upload: Histogram,
     pub batch_size: Histogram,
+    /// Time the session threads spent inside render calls, once per batch: its rate is how
+    /// busy the runner keeps its device (1.0 = a render always running).
+    pub render_busy: Counter<f64, AtomicU64>,
+    /// Render calls (batches); with `batch_size`'s sum, the mean batch.
+    pub batches: Counter,
     pub in_flight: Gauge,
     ready: AtomicBool,
 }
@@ -67,12 +72,20 @@ impl Default for Metrics {
         let (queue_wait, render, encode, upload) = (histogram(), histogram(), histogram(), histogram());
         let batch_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0].into_iter());
         let in_flight = Gauge::default();
+        let render_busy = Counter::<f64, AtomicU64>::default();
+        let batches = Counter::default();
         registry.register("jobs", "Jobs handled, by outcome", jobs.clone());
         registry.register("queue_wait_seconds", "Time from submission to start", queue_wait.clone());
         registry.register("render_seconds", "Time in the render call, per job", render.clone());
         registry.register("encode_seconds", "Time encoding a job's frames", encode.clone());
         registry.register("upload_seconds", "Time writing a job's artifact", upload.clone());
         registry.register("batch_size", "Jobs per render call", batch_size.clone());
+        registry.register(
+            "render_busy_seconds",
+            "Time in render calls, per batch (the device's busy time)",
+            render_busy.clone(),
+        );
+        registry.register("batches", "Render calls", batches.clone());
         registry.register("in_flight", "Jobs held by this runner", in_flight.clone());
         Self {
             registry,
@@ -82,6 +95,8 @@ impl Default for Metrics {
             encode,
             upload,
             batch_size,
+            render_busy,
+            batches,
             in_flight,
             ready: AtomicBool::new(false),
         }

@@ -91,6 +91,8 @@ pub fn spawn(
                         });
                 let render_time = started.elapsed();
                 metrics.batch_size.observe(batch.len() as f64);
+                metrics.render_busy.inc_by(render_time.as_secs_f64());
+                metrics.batches.inc();
                 for (job, result) in batch.into_iter().zip(results) {
                     let rendered = Rendered { result: result.map(Arc::new), render_time, batch_size: requests.len() };
                     let _ = job.reply.send(rendered);

@@ -2,9 +2,10 @@
 //!
 //! It runs the real service (queue loop, session threads, encoders on the blocking pool) on the
 //! in-memory ports, feeds it `--jobs` jobs per format, and prints one row per format: the median
-//! queue wait, render, encode and upload times, jobs/s, and how busy the render thread was. If
-//! encoding stalled rendering, wall time would approach Σrender + Σencode; with encoders off the
-//! render thread it approaches max(Σrender, Σencode / cores).
+//! queue wait, render, encode and upload times, jobs/s, the mean batch, and how busy the render
+//! thread was (Σrender: time inside render calls, counted once per batch, from the runner's
+//! `render_busy_seconds`). If encoding stalled rendering, wall time would approach Σrender +
+//! Σencode; with encoders off the render thread it approaches max(Σrender, Σencode / cores).
 //!
 //!     cargo run --release -p kiln-runner --bin render-bench -- --ort-dylib <libonnxruntime.so>
 //!
@@ -18,7 +19,7 @@ use kiln_app::{
     ports::{CacheClaim, JobStore},
 };
 use kiln_domain::{Job, JobId, JobStatus, ModelSpec, Submission, TenantId, WebhookPolicy};
-use kiln_runner::{Metrics, Ports, Runner, RunnerConfig, start_sessions};
+use kiln_runner::{Metrics, Ports, Runner, RunnerConfig, start_sessions, warm_up};
 use std::{sync::Arc, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -49,7 +50,19 @@ async fn main() -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let (models, sessions, _threads) = start_sessions(&cli.runner, &metrics)?;
     let model = models.first().ok_or_else(|| anyhow::anyhow!("no models"))?.clone();
-    // Warm-up: one small job so session start-up is not measured.
+    // The runner's own warm-up (one image at the model's defaults), twice: the first render on a
+    // fresh session against one that finds the device warm is what the warm-up saves a job.
+    let cold = warm_up(&models[..1], &sessions).await?.remove(0);
+    let warm = warm_up(&models[..1], &sessions).await?.remove(0);
+    println!(
+        "warm-up render at the model's defaults ({}x{}, {} steps): first {} ms, second {} ms",
+        model.defaults.width,
+        model.defaults.height,
+        model.defaults.steps,
+        cold.render_time.as_millis(),
+        warm.render_time.as_millis()
+    );
+    // And one small job of the service, so the encoders' start-up is not measured either.
     measure(&cli, &model, &sessions, &metrics, "png", 1).await?;
 
     println!(
@@ -65,9 +78,9 @@ async fn main() -> anyhow::Result<()> {
         cli.runner.max_in_flight
     );
     println!(
-        "| format | frames | queue wait ms (p50) | render ms (p50) | encode ms (p50) | upload ms (p50) | jobs/s | Σrender s | Σencode s | wall s | render busy |"
+        "| format | frames | queue wait ms (p50) | render ms (p50) | encode ms (p50) | upload ms (p50) | jobs/s | jobs per batch | Σrender s | Σencode s | wall s | render busy |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for format in &cli.formats {
         measure(&cli, &model, &sessions, &metrics, format, cli.jobs).await?;
     }
@@ -121,6 +134,7 @@ async fn measure(
         metrics.clone(),
     ));
     let shutdown = CancellationToken::new();
+    let (busy_before, batches_before) = (metrics.render_busy.get(), metrics.batches.get());
     let started = Instant::now();
     let service = tokio::spawn(runner.run(shutdown.clone()));
     while queue.outstanding() > 0 {
@@ -129,6 +143,8 @@ async fn measure(
     let wall = started.elapsed().as_secs_f64();
     shutdown.cancel();
     service.await?;
+    let busy = metrics.render_busy.get() - busy_before;
+    let batches = metrics.batches.get() - batches_before;
 
     let mut jobs = Vec::new();
     for id in &ids {
@@ -148,13 +164,14 @@ async fn measure(
         (median, sum as f64 / 1000.0)
     };
     let (queue_p50, _) = stage(|j| j.timings.queue_ms);
-    let (render_p50, render_sum) = stage(|j| j.timings.render_ms);
+    let (render_p50, _) = stage(|j| j.timings.render_ms);
     let (encode_p50, encode_sum) = stage(|j| j.timings.encode_ms);
     let (upload_p50, _) = stage(|j| j.timings.upload_ms);
     println!(
-        "| {format} | {frames} | {queue_p50} | {render_p50} | {encode_p50} | {upload_p50} | {:.2} | {render_sum:.2} | {encode_sum:.2} | {wall:.2} | {:.0}% |",
+        "| {format} | {frames} | {queue_p50} | {render_p50} | {encode_p50} | {upload_p50} | {:.2} | {:.2} | {busy:.2} | {encode_sum:.2} | {wall:.2} | {:.0}% |",
         count as f64 / wall,
-        100.0 * render_sum / wall
+        count as f64 / batches.max(1) as f64,
+        100.0 * busy / wall
     );
     Ok(())
 }
