@@ -13,15 +13,15 @@
 # - A runner that has not answered /healthz for 10 minutes after a 20-minute start-up grace
 #   marks the instance unhealthy, and the group replaces it.
 #
-# KILN_IMDS_URL and KILN_AGENT_INTERVAL exist for tests/runner_agent.rs, which runs this script
-# against a real runner with a stand-in metadata service and stand-ins of aws and systemctl.
+# KILN_IMDS_URL and the KILN_AGENT_* timings exist for tests/runner_agent.rs, which runs this
+# script against a real runner with a stand-in metadata service and stand-ins of aws and systemctl.
 set -uo pipefail
 
 : "${AWS_REGION:?}" "${KILN_INSTANCE:?}" "${KILN_GROUP:?}" "${KILN_HOOK:?}" "${KILN_METRICS_URL:?}" "${KILN_UNIT:?}"
 IMDS=${KILN_IMDS_URL:-http://169.254.169.254}
 INTERVAL=${KILN_AGENT_INTERVAL:-5}
-START_GRACE=1200
-UNHEALTHY_AFTER=600
+START_GRACE=${KILN_AGENT_START_GRACE:-1200}
+UNHEALTHY_AFTER=${KILN_AGENT_UNHEALTHY_AFTER:-600}
 
 log() { echo "kiln-agent: $*"; }
 

@@ -140,9 +140,10 @@ resource "aws_iam_role_policy" "runner" {
           Resource = ["${aws_cloudwatch_log_group.runner.arn}:*"]
         },
         {
+          # What runner-agent.sh calls (tests/runner_agent.rs holds the two to each other).
           Sid      = "AgentScaling"
           Effect   = "Allow"
-          Action   = ["autoscaling:SetInstanceProtection", "autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat", "autoscaling:SetInstanceHealth"]
+          Action   = ["autoscaling:SetInstanceProtection", "autoscaling:CompleteLifecycleAction", "autoscaling:SetInstanceHealth"]
           Resource = ["arn:${local.partition}:autoscaling:${local.region}:${local.account}:autoScalingGroup:*:autoScalingGroupName/${local.runner_group}"]
         },
         {

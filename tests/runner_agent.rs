@@ -17,6 +17,7 @@ use kiln_tests::{
     runner_options, slow_job, stack, start_runner, unique_prefix,
 };
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
@@ -72,7 +73,12 @@ struct Agent {
 }
 
 impl Agent {
+    /// The agent of `runner`'s instance.
     fn start(runner: &RunnerProcess, imds: &Imds) -> Self {
+        Self::start_with(&runner.metrics_url, runner.id(), imds, &[])
+    }
+
+    fn start_with(metrics_url: &str, runner_pid: u32, imds: &Imds, env: &[(&str, &str)]) -> Self {
         let dir = workspace_root().join("target/test-logs").join(format!("agent-{}", unique_prefix()));
         let bin = dir.join("bin");
         std::fs::create_dir_all(&bin).unwrap();
@@ -108,12 +114,13 @@ esac"#,
             .env("KILN_INSTANCE", INSTANCE)
             .env("KILN_GROUP", GROUP)
             .env("KILN_HOOK", HOOK)
-            .env("KILN_METRICS_URL", &runner.metrics_url)
+            .env("KILN_METRICS_URL", metrics_url)
             .env("KILN_UNIT", "kiln-runner.service")
             .env("KILN_IMDS_URL", &imds.url)
             .env("KILN_AGENT_INTERVAL", "1")
             .env("KILN_TEST_CALLS", &calls)
-            .env("KILN_TEST_RUNNER_PID", runner.id().to_string())
+            .env("KILN_TEST_RUNNER_PID", runner_pid.to_string())
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -227,4 +234,52 @@ async fn the_agent_protects_a_busy_runner_and_drains_it_before_the_instance_goes
     let _next = start_runner(&stack, &runner_options("agent-next"));
     let job = client.wait_finished(&id, LIMIT).await;
     assert_eq!((job["status"].as_str(), job["attempts"].as_u64()), (Some("succeeded"), Some(2)), "{job}");
+
+    // A runner that stops answering /healthz past the grace: the instance is marked unhealthy.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let imds = Imds::start("InService").await;
+    let silent = Agent::start_with(
+        &format!("http://{closed}"),
+        0,
+        &imds,
+        &[("KILN_AGENT_START_GRACE", "0"), ("KILN_AGENT_UNHEALTHY_AFTER", "1")],
+    );
+    let unhealthy = silent
+        .wait_for(
+            &format!("set-instance-health --instance-id {INSTANCE} --health-status Unhealthy --no-should-respect-grace-period"),
+            1,
+        )
+        .await;
+
+    // Every AWS action the agent called is granted to the runner instances' role in
+    // terraform/runner.tf, and every autoscaling or cloudwatch action granted there was called.
+    let called: BTreeSet<String> = calls.iter().chain(&unhealthy).filter_map(|call| iam_action(call)).collect();
+    let runner_tf = std::fs::read_to_string(workspace_root().join("terraform/runner.tf")).unwrap();
+    let granted: BTreeSet<String> = runner_tf
+        .split('"')
+        .filter(|text| text.starts_with("autoscaling:") || text.starts_with("cloudwatch:"))
+        // IAM actions only: not the condition key cloudwatch:namespace, nor the lifecycle
+        // transition autoscaling:EC2_INSTANCE_TERMINATING.
+        .filter(|text| text.split(':').nth(1).is_some_and(|name| name.starts_with(|c: char| c.is_ascii_uppercase())))
+        .filter(|text| text.chars().all(|c| c.is_ascii_alphanumeric() || c == ':'))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(called, granted, "the agent's calls (left) against runner.tf's grants (right)");
+}
+
+/// `aws autoscaling --region r set-instance-protection ...` → `autoscaling:SetInstanceProtection`.
+fn iam_action(call: &str) -> Option<String> {
+    let mut words = call.strip_prefix("aws ")?.split_whitespace();
+    let service = words.next()?;
+    let mut operation = None;
+    while let Some(word) = words.next() {
+        if word == "--region" {
+            words.next();
+        } else if !word.starts_with("--") {
+            operation = Some(word);
+            break;
+        }
+    }
+    let pascal: String = operation?.split('-').map(|part| part[..1].to_uppercase() + &part[1..]).collect();
+    Some(format!("{service}:{pascal}"))
 }
