@@ -454,3 +454,68 @@ async fn queued_jobs_expire_after_their_time_to_live() {
     assert_eq!(again.status, StatusCode::ACCEPTED);
     assert_ne!(again.body["id"].as_str(), Some(id.as_str()));
 }
+
+#[tokio::test]
+async fn tenants_limits_refuse_new_jobs_with_429_and_name_the_limit() {
+    use kiln_app::{TenantLimits, ports::TenantDirectory};
+    let stack = stack().await;
+    let tenants = kiln_aws::DynamoTenants::new(stack.clients.dynamodb.clone(), &stack.resources.tenants_table);
+    let quota = Client::tenant(&stack, "quota").await;
+    let rate = Client::tenant(&stack, "rate").await;
+    let id = |name: &str| kiln_domain::TenantId::parse(name).unwrap();
+    // Set before either tenant's first request: the API caches a tenant for 30 s.
+    assert!(
+        tenants
+            .set_limits(&id("quota"), Some(TenantLimits { max_active_jobs: 2, jobs_per_minute: 100 }))
+            .await
+            .unwrap()
+    );
+    assert!(
+        tenants.set_limits(&id("rate"), Some(TenantLimits { max_active_jobs: 100, jobs_per_minute: 2 })).await.unwrap()
+    );
+    assert!(!tenants.set_limits(&id("nobody"), None).await.unwrap(), "no such tenant");
+    let job = |n: u32| json!({"model": "kiln-demo", "prompt": format!("limited {n}"), "width": 256, "height": 256});
+
+    let first = quota.post_json("/v1/jobs", &job(1)).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.body);
+    assert_eq!(quota.post_json("/v1/jobs", &job(2)).await.status, StatusCode::ACCEPTED);
+    let refused = quota.post_json("/v1/jobs", &job(3)).await;
+    assert_eq!(
+        (refused.status, refused.error_code()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("quota_exceeded")),
+        "{}",
+        refused.body
+    );
+    assert!(
+        refused.body["error"]["message"].as_str().unwrap().contains("2 jobs are queued or running"),
+        "{}",
+        refused.body
+    );
+    // Answering an identical request renders nothing: not refused.
+    let same = quota.post_json("/v1/jobs", &job(1)).await;
+    assert_eq!((same.status, same.body["deduplicated"].as_bool()), (StatusCode::ACCEPTED, Some(true)), "{}", same.body);
+    // A canceled job frees its place.
+    let id1 = first.body["id"].as_str().unwrap();
+    assert_eq!(quota.post(&format!("/v1/jobs/{id1}/cancel")).await.status, StatusCode::OK);
+    assert_eq!(quota.post_json("/v1/jobs", &job(3)).await.status, StatusCode::ACCEPTED);
+
+    // The three requests must fall in one minute window.
+    let second = u64::from(chrono::Timelike::second(&Utc::now()));
+    if second >= 50 {
+        tokio::time::sleep(std::time::Duration::from_secs(61 - second)).await;
+    }
+    assert_eq!(rate.post_json("/v1/jobs", &job(1)).await.status, StatusCode::ACCEPTED);
+    assert_eq!(rate.post_json("/v1/jobs", &job(2)).await.status, StatusCode::ACCEPTED);
+    let limited = rate.post_json("/v1/jobs", &job(3)).await;
+    assert_eq!(
+        (limited.status, limited.error_code()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("rate_limited")),
+        "{}",
+        limited.body
+    );
+    let retry_after: u64 = limited.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
+    // Only the two accepted jobs reached the queue for this tenant; the refused ones left nothing.
+    let listed = rate.get("/v1/jobs").await;
+    assert_eq!(listed.body["jobs"].as_array().map(Vec::len), Some(2), "{}", listed.body);
+}

@@ -5,7 +5,8 @@
 //!
 //! Prints, for N sequential operations: median and p99 latency, and AWS calls per operation.
 //! "submit" is `POST /v1/jobs` through the local HTTP server into the same handler Lambda
-//! runs (auth, validation, cache lookup, transactional write, SQS send), each with a new
+//! runs (auth, validation, cache lookup, the tenant's quota count and rate counter,
+//! transactional write, SQS send), each with a new
 //! prompt so every one creates a job. "bare put" and "bare send" are single DynamoDB PutItem
 //! and SQS SendMessage calls of the same size on the same moto server. moto is slow, so the
 //! absolute times say little; the ratio says what our code adds.
@@ -45,7 +46,11 @@ async fn main() -> anyhow::Result<()> {
     let counters = AwsCallCounters::default();
     let clients = AwsClients::connect_counting(Some(&moto), &counters).await;
     let resources = provision(&clients, &unique_prefix(), Some(&moto)).await?;
-    let config = ApiConfig::for_resources(resources.clone());
+    // Every submit makes a job and no runner drains them: the quota must admit them all (its
+    // count then reads every queued job, as it would with that many waiting).
+    let mut config = ApiConfig::for_resources(resources.clone());
+    config.default_max_active_jobs = u32::try_from(n + 10).unwrap_or(u32::MAX);
+    config.default_jobs_per_minute = u32::MAX;
     let stack = LocalStack::serve(clients.clone(), resources.clone(), config, StackOptions::default()).await?;
     stack.publish_models(&workspace_root().join("gpu-runner/models")).await?;
     let key = stack.create_tenant("bench", "Bench").await?;

@@ -1,6 +1,6 @@
 //! The API functions' configuration, read from the environment (terraform sets it).
 
-use kiln_app::JobsConfig;
+use kiln_app::{JobsConfig, TenantLimits};
 use kiln_aws::Resources;
 use kiln_domain::WebhookPolicy;
 use std::time::Duration;
@@ -22,6 +22,14 @@ pub struct ApiConfig {
     /// Accept http:// and private-address webhook URLs. Local development only.
     #[arg(long, env = "KILN_ALLOW_LOCAL_WEBHOOKS", default_value_t = false)]
     pub allow_local_webhooks: bool,
+    /// Jobs a tenant may have queued or running at once, unless its own limits say otherwise
+    /// (`kiln-admin tenant-limits`); more are refused with 429 `quota_exceeded`.
+    #[arg(long, env = "KILN_DEFAULT_MAX_ACTIVE_JOBS", default_value_t = TenantLimits::default().max_active_jobs)]
+    pub default_max_active_jobs: u32,
+    /// New jobs a tenant may submit per minute, unless its own limits say otherwise; more are
+    /// refused with 429 `rate_limited` and a Retry-After.
+    #[arg(long, env = "KILN_DEFAULT_JOBS_PER_MINUTE", default_value_t = TenantLimits::default().jobs_per_minute)]
+    pub default_jobs_per_minute: u32,
 }
 
 impl ApiConfig {
@@ -30,6 +38,10 @@ impl ApiConfig {
             queued_ttl: chrono::Duration::seconds(i64::from(self.queued_ttl_secs)),
             link_ttl: Duration::from_secs(u64::from(self.link_ttl_secs)),
             webhook_policy: WebhookPolicy { allow_local: self.allow_local_webhooks },
+            default_limits: TenantLimits {
+                max_active_jobs: self.default_max_active_jobs,
+                jobs_per_minute: self.default_jobs_per_minute,
+            },
             ..JobsConfig::default()
         }
     }
@@ -42,6 +54,8 @@ impl ApiConfig {
             link_ttl_secs: 3600,
             max_body_bytes: 64 * 1024,
             allow_local_webhooks: false,
+            default_max_active_jobs: TenantLimits::default().max_active_jobs,
+            default_jobs_per_minute: TenantLimits::default().jobs_per_minute,
         }
     }
 }

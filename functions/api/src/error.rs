@@ -73,6 +73,11 @@ impl From<AppError> for ApiError {
                 ApiError::new(S::SERVICE_UNAVAILABLE, "queue_unavailable", err.to_string())
                     .with_header(header::RETRY_AFTER, "1")
             }
+            AppError::QuotaExceeded { .. } => ApiError::new(S::TOO_MANY_REQUESTS, "quota_exceeded", err.to_string()),
+            AppError::RateLimited { retry_after_secs, .. } => {
+                ApiError::new(S::TOO_MANY_REQUESTS, "rate_limited", err.to_string())
+                    .with_header(header::RETRY_AFTER, retry_after_secs.to_string())
+            }
             AppError::Contention => ApiError::new(S::SERVICE_UNAVAILABLE, "contention", err.to_string())
                 .with_header(header::RETRY_AFTER, "1"),
             AppError::Port(PortError::Unavailable { backend, source }) => {

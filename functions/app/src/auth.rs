@@ -22,6 +22,9 @@ pub struct Tenant {
     pub name: String,
     #[serde(default)]
     pub disabled: bool,
+    /// Its own limits on new jobs; None: the deployment's defaults (`JobsConfig`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<crate::limits::TenantLimits>,
 }
 
 /// A freshly made API key. Its text is shown once and never stored.
@@ -124,7 +127,7 @@ mod tests {
     #[tokio::test]
     async fn keys_authenticate_their_tenant_only() {
         let tenants = Arc::new(MemoryTenants::default());
-        let acme = Tenant { id: TenantId::parse("acme").unwrap(), name: "Acme".into(), disabled: false };
+        let acme = Tenant { id: TenantId::parse("acme").unwrap(), name: "Acme".into(), disabled: false, limits: None };
         tenants.create_tenant(&acme).await.unwrap();
         let key = ApiKey::generate();
         tenants.add_key(&acme.id, &key.hash()).await.unwrap();

@@ -24,6 +24,14 @@ pub enum AppError {
     /// The job could not be queued; it was not accepted and submitting again is safe.
     #[error("the job queue is unavailable; the job was not accepted and submitting again is safe")]
     QueueUnavailable(#[source] PortError),
+    /// The tenant has as many jobs queued or running as its limits allow.
+    #[error("{limit} jobs are queued or running, the most this account may have at once; submit again when one ends")]
+    QuotaExceeded { limit: u32 },
+    /// The tenant has submitted as many new jobs this minute as its limits allow.
+    #[error(
+        "{limit} new jobs were submitted this minute, the most this account may; try again in {retry_after_secs} s"
+    )]
+    RateLimited { limit: u32, retry_after_secs: u64 },
     /// Writers kept racing on the same record.
     #[error("too many concurrent changes to the same job; try again")]
     Contention,

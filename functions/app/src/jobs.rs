@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::{
     auth::Tenant,
     error::AppError,
+    limits::{TenantLimits, minute_window},
     messages::JobMessage,
     ports::{
         ArtifactLinks, CacheClaim, IdempotencyRecord, InsertOutcome, JobPage, JobQueue, JobStore, ModelCatalog,
@@ -35,6 +36,8 @@ pub struct JobsConfig {
     pub webhook_policy: WebhookPolicy,
     /// How long the model list is reused before it is read again.
     pub catalog_ttl: Duration,
+    /// Limits of tenants that have none of their own.
+    pub default_limits: TenantLimits,
 }
 
 impl Default for JobsConfig {
@@ -44,6 +47,7 @@ impl Default for JobsConfig {
             link_ttl: Duration::from_secs(3600),
             webhook_policy: WebhookPolicy::default(),
             catalog_ttl: Duration::from_secs(30),
+            default_limits: TenantLimits::default(),
         }
     }
 }
@@ -184,6 +188,9 @@ impl Jobs {
                     _ => Some(job_id),
                 },
             };
+            if race == 0 {
+                self.admit(tenant, now).await?;
+            }
             let mut job = Job::new(
                 idempotency.as_ref().map_or_else(|| JobId::generate(now), |r| r.job_id.clone()),
                 tenant.id.clone(),
@@ -212,6 +219,23 @@ impl Jobs {
             }
         }
         Err(AppError::Contention)
+    }
+
+    /// Whether the tenant's limits let it add a job now: the quota on jobs queued or running,
+    /// then the rate of new jobs (counted only when the quota admits it).
+    async fn admit(&self, tenant: &Tenant, now: DateTime<Utc>) -> Result<(), AppError> {
+        let limits = tenant.limits.unwrap_or(self.config.default_limits);
+        let active = self.store.count_active(&tenant.id, limits.max_active_jobs).await?;
+        if active >= limits.max_active_jobs {
+            info!(tenant_id = %tenant.id, active, limit = limits.max_active_jobs, "job refused: active jobs quota");
+            return Err(AppError::QuotaExceeded { limit: limits.max_active_jobs });
+        }
+        let (window, retry_after_secs) = minute_window(now);
+        if limits.jobs_per_minute == 0 || !self.store.count_new_job(&tenant.id, window, limits.jobs_per_minute).await? {
+            info!(tenant_id = %tenant.id, limit = limits.jobs_per_minute, "job refused: rate limit");
+            return Err(AppError::RateLimited { limit: limits.jobs_per_minute, retry_after_secs });
+        }
+        Ok(())
     }
 
     /// Puts a stored job on the queue. If that fails, the job is failed and its keys released at

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod error;
 pub mod jobs;
+pub mod limits;
 pub mod memory;
 pub mod messages;
 pub mod ports;
@@ -16,6 +17,7 @@ pub mod webhooks;
 pub use auth::{ApiKey, Authenticator, Tenant};
 pub use error::AppError;
 pub use jobs::{Disposition, Jobs, JobsConfig, Submitted};
+pub use limits::TenantLimits;
 pub use messages::JobMessage;
 pub use runs::{JobRuns, SkipReason, Start, Written};
 pub use webhooks::{AttemptOutcome, AttemptRecord, Webhooks};

@@ -31,6 +31,7 @@ struct JobTables {
     jobs: BTreeMap<JobId, Job>,
     cache: HashMap<(TenantId, CacheKey), JobId>,
     idempotency: HashMap<(TenantId, String), IdempotencyRecord>,
+    new_jobs: HashMap<(TenantId, i64), u32>,
 }
 
 /// Jobs in a map.
@@ -162,6 +163,22 @@ impl JobStore for MemoryJobStore {
         overdue.truncate(limit as usize);
         Ok(overdue)
     }
+
+    async fn count_active(&self, tenant: &TenantId, up_to: u32) -> Result<u32, PortError> {
+        let tables = lock(&self.tables);
+        let active = tables.jobs.values().filter(|job| &job.tenant_id == tenant && !job.status.is_terminal());
+        Ok(active.take(up_to as usize).count() as u32)
+    }
+
+    async fn count_new_job(&self, tenant: &TenantId, window_start: i64, limit: u32) -> Result<bool, PortError> {
+        let mut tables = lock(&self.tables);
+        let counted = tables.new_jobs.entry((tenant.clone(), window_start)).or_default();
+        if *counted >= limit {
+            return Ok(false);
+        }
+        *counted += 1;
+        Ok(true)
+    }
 }
 
 /// A queue that keeps what it was sent, and can be told to fail.
@@ -252,6 +269,14 @@ impl TenantDirectory for MemoryTenants {
 
     async fn revoke_key(&self, key_hash: &str) -> Result<bool, PortError> {
         Ok(lock(&self.keys).remove(key_hash).is_some())
+    }
+
+    async fn set_limits(
+        &self,
+        tenant: &TenantId,
+        limits: Option<crate::limits::TenantLimits>,
+    ) -> Result<bool, PortError> {
+        Ok(lock(&self.tenants).get_mut(tenant).map(|stored| stored.limits = limits).is_some())
     }
 }
 

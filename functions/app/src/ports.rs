@@ -105,6 +105,13 @@ pub trait JobStore: Send + Sync {
 
     /// Queued jobs whose time to live ended before `now`, oldest first.
     async fn queued_expired_by(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Job>, PortError>;
+
+    /// How many of the tenant's jobs are queued or running, counting no further than `up_to`.
+    async fn count_active(&self, tenant: &TenantId, up_to: u32) -> Result<u32, PortError>;
+
+    /// Counts one new job in the tenant's one-minute window that starts at `window_start` (Unix
+    /// seconds), unless `limit` are counted there already: then false, and nothing is counted.
+    async fn count_new_job(&self, tenant: &TenantId, window_start: i64, limit: u32) -> Result<bool, PortError>;
 }
 
 /// Where jobs wait for a runner.
@@ -129,6 +136,12 @@ pub trait TenantDirectory: Send + Sync {
     async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, PortError>;
     async fn add_key(&self, tenant: &TenantId, key_hash: &str) -> Result<(), PortError>;
     async fn revoke_key(&self, key_hash: &str) -> Result<bool, PortError>;
+    /// Sets (None: removes) a tenant's own limits; false when there is no such tenant.
+    async fn set_limits(
+        &self,
+        tenant: &TenantId,
+        limits: Option<crate::limits::TenantLimits>,
+    ) -> Result<bool, PortError>;
 }
 
 /// A time-limited download link.

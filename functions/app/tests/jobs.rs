@@ -2,7 +2,7 @@
 
 use chrono::Utc;
 use kiln_app::{
-    AppError, Disposition, Jobs, JobsConfig, Tenant,
+    AppError, Disposition, Jobs, JobsConfig, Tenant, TenantLimits,
     memory::{MemoryCatalog, MemoryJobStore, MemoryLinks, MemoryQueue},
     ports::JobStore,
 };
@@ -42,7 +42,7 @@ fn world() -> World {
 }
 
 fn tenant(id: &str) -> Tenant {
-    Tenant { id: TenantId::parse(id).unwrap(), name: id.into(), disabled: false }
+    Tenant { id: TenantId::parse(id).unwrap(), name: id.into(), disabled: false, limits: None }
 }
 
 const FOX: &[u8] = br#"{"model":"demo","prompt":"a fox"}"#;
@@ -273,4 +273,80 @@ async fn unknown_models_and_versions_are_named() {
     }
     let pinned = world.jobs.submit(&a, br#"{"model":"demo@1.0.0","prompt":"x"}"#, None).await.unwrap();
     assert_eq!(pinned.job.model_version, "1.0.0");
+}
+
+fn limited(id: &str, max_active_jobs: u32, jobs_per_minute: u32) -> Tenant {
+    Tenant { limits: Some(TenantLimits { max_active_jobs, jobs_per_minute }), ..tenant(id) }
+}
+
+fn fox(n: usize) -> Vec<u8> {
+    format!(r#"{{"model":"demo","prompt":"fox number {n}"}}"#).into_bytes()
+}
+
+#[tokio::test]
+async fn a_tenant_at_its_active_jobs_quota_gets_no_new_job_until_one_ends() {
+    let world = world();
+    let a = limited("a", 2, 100);
+    let first = world.jobs.submit(&a, &fox(1), None).await.unwrap();
+    world.jobs.submit(&a, &fox(2), None).await.unwrap();
+    let refused = world.jobs.submit(&a, &fox(3), None).await.unwrap_err();
+    assert!(matches!(refused, AppError::QuotaExceeded { limit: 2 }), "{refused:?}");
+    // An identical request renders nothing: it is answered, whatever the quota.
+    let again = world.jobs.submit(&a, &fox(1), None).await.unwrap();
+    assert_eq!((again.disposition, &again.job.id), (Disposition::Deduplicated, &first.job.id));
+    // Another tenant has its own quota.
+    world.jobs.submit(&limited("b", 2, 100), &fox(3), None).await.unwrap();
+    assert_eq!(world.queue.sent().len(), 3, "the refused job was not queued");
+
+    finish(&world, &first.job.id, JobStatus::Succeeded).await;
+    let third = world.jobs.submit(&a, &fox(3), None).await.unwrap();
+    assert_eq!(third.disposition, Disposition::Created);
+    world.jobs.cancel(&a, third.job.id.as_str()).await.unwrap();
+    world.jobs.submit(&a, &fox(4), None).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_tenant_over_its_rate_is_told_when_to_come_back() {
+    // The three submissions must fall in one minute window.
+    let second = u64::from(chrono::Timelike::second(&Utc::now()));
+    if second >= 58 {
+        tokio::time::sleep(std::time::Duration::from_secs(61 - second)).await;
+    }
+    let world = world();
+    let a = limited("a", 100, 2);
+    let first = world.jobs.submit(&a, &fox(1), None).await.unwrap();
+    world.jobs.submit(&a, &fox(2), None).await.unwrap();
+    match world.jobs.submit(&a, &fox(3), None).await {
+        Err(AppError::RateLimited { limit: 2, retry_after_secs }) => assert!((1..=60).contains(&retry_after_secs)),
+        other => panic!("expected a rate limit, got {other:?}"),
+    }
+    // Neither a deduplicated request nor an idempotent replay counts.
+    let again = world.jobs.submit(&a, &fox(1), Some("k1")).await.unwrap();
+    assert_eq!((again.disposition, &again.job.id), (Disposition::Deduplicated, &first.job.id));
+    let replayed = world.jobs.submit(&a, &fox(1), Some("k1")).await.unwrap();
+    assert_eq!(replayed.disposition, Disposition::Replayed);
+    // A limit of 0 admits nothing.
+    let suspended = world.jobs.submit(&limited("c", 100, 0), &fox(1), None).await.unwrap_err();
+    assert!(matches!(suspended, AppError::RateLimited { limit: 0, .. }), "{suspended:?}");
+}
+
+#[tokio::test]
+async fn tenants_without_limits_of_their_own_get_the_deployments() {
+    let store = Arc::new(MemoryJobStore::default());
+    let config = JobsConfig {
+        default_limits: TenantLimits { max_active_jobs: 1, jobs_per_minute: 100 },
+        ..JobsConfig::default()
+    };
+    let jobs = Jobs::new(
+        store,
+        Arc::new(MemoryQueue::default()),
+        Arc::new(MemoryCatalog::with(vec![demo_model()])),
+        Arc::new(MemoryLinks),
+        config,
+    );
+    jobs.submit(&tenant("a"), &fox(1), None).await.unwrap();
+    let refused = jobs.submit(&tenant("a"), &fox(2), None).await.unwrap_err();
+    assert!(matches!(refused, AppError::QuotaExceeded { limit: 1 }), "{refused:?}");
+    jobs.submit(&limited("b", 3, 100), &fox(1), None).await.unwrap();
+    jobs.submit(&limited("b", 3, 100), &fox(2), None).await.unwrap();
 }

@@ -31,7 +31,7 @@ async fn world_with_job() -> (World, JobId) {
         Arc::new(MemoryLinks),
         JobsConfig::default(),
     );
-    let tenant = Tenant { id: TenantId::parse("acme").unwrap(), name: "Acme".into(), disabled: false };
+    let tenant = Tenant { id: TenantId::parse("acme").unwrap(), name: "Acme".into(), disabled: false, limits: None };
     let id = jobs.submit(&tenant, br#"{"model":"kiln-demo","prompt":"a fox"}"#, None).await.unwrap().job.id;
     (World { jobs, runs: JobRuns::new(store.clone()), store, tenant }, id)
 }

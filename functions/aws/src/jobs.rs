@@ -295,6 +295,61 @@ impl JobStore for DynamoJobStore {
             .map_err(unavailable("dynamodb"))?;
         output.items.unwrap_or_default().into_iter().map(job_from_item).collect()
     }
+
+    /// Counts on the `by_tenant_status` index (queued, then running), reading index entries only
+    /// until `up_to` are seen.
+    async fn count_active(&self, tenant: &TenantId, up_to: u32) -> Result<u32, PortError> {
+        let mut counted = 0;
+        for status in [JobStatus::Queued, JobStatus::Running] {
+            let mut start = None;
+            while counted < up_to {
+                let output = self
+                    .client
+                    .query()
+                    .table_name(&self.jobs_table)
+                    .index_name("by_tenant_status")
+                    .key_condition_expression("tenant_status = :v")
+                    .expression_attribute_values(":v", s(format!("{tenant}#{status}")))
+                    .select(aws_sdk_dynamodb::types::Select::Count)
+                    .limit(i32::try_from(up_to - counted).unwrap_or(i32::MAX))
+                    .set_exclusive_start_key(start)
+                    .send()
+                    .await
+                    .map_err(unavailable("dynamodb"))?;
+                counted += u32::try_from(output.count).unwrap_or(0);
+                start = output.last_evaluated_key;
+                if start.is_none() {
+                    break;
+                }
+            }
+        }
+        Ok(counted.min(up_to))
+    }
+
+    /// One counter item per tenant and minute in the requests table (`rate#<tenant>#<window>`),
+    /// incremented only while under the limit; DynamoDB's TTL removes it an hour later.
+    async fn count_new_job(&self, tenant: &TenantId, window_start: i64, limit: u32) -> Result<bool, PortError> {
+        if limit == 0 {
+            return Ok(false);
+        }
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.requests_table)
+            .key("pk", s(format!("rate#{tenant}#{window_start}")))
+            .update_expression("ADD jobs :one SET purge_at = if_not_exists(purge_at, :purge)")
+            .condition_expression("attribute_not_exists(jobs) OR jobs < :limit")
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":limit", n(limit))
+            .expression_attribute_values(":purge", n(window_start + 3600))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(err) if is_conditional_failure(&err) => Ok(false),
+            Err(err) => Err(PortError::unavailable("dynamodb", err)),
+        }
+    }
 }
 
 impl DynamoJobStore {

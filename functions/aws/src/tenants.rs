@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::{Client, types::AttributeValue};
 use chrono::Utc;
 use kiln_app::{
-    Tenant,
+    Tenant, TenantLimits,
     ports::{PortError, TenantDirectory},
 };
 use kiln_domain::TenantId;
@@ -59,7 +59,12 @@ impl TenantDirectory for DynamoTenants {
         let Some(item) = self.get(format!("tenant#{id}")).await? else { return Ok(None) };
         let name = item.get("name").and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
         let disabled = item.get("disabled").and_then(|v| v.as_bool().ok()).copied().unwrap_or(false);
-        Ok(Some(Tenant { id: id.clone(), name, disabled }))
+        let number = |name: &str| item.get(name).and_then(|v| v.as_n().ok()).and_then(|n| n.parse::<u32>().ok());
+        let limits = match (number("max_active_jobs"), number("jobs_per_minute")) {
+            (Some(max_active_jobs), Some(jobs_per_minute)) => Some(TenantLimits { max_active_jobs, jobs_per_minute }),
+            _ => None,
+        };
+        Ok(Some(Tenant { id: id.clone(), name, disabled, limits }))
     }
 
     async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, PortError> {
@@ -92,6 +97,27 @@ impl TenantDirectory for DynamoTenants {
             .await
             .map_err(unavailable("dynamodb"))?;
         Ok(())
+    }
+
+    async fn set_limits(&self, tenant: &TenantId, limits: Option<TenantLimits>) -> Result<bool, PortError> {
+        let update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(format!("tenant#{tenant}")))
+            .condition_expression("attribute_exists(pk)");
+        let update = match limits {
+            Some(limits) => update
+                .update_expression("SET max_active_jobs = :active, jobs_per_minute = :rate")
+                .expression_attribute_values(":active", AttributeValue::N(limits.max_active_jobs.to_string()))
+                .expression_attribute_values(":rate", AttributeValue::N(limits.jobs_per_minute.to_string())),
+            None => update.update_expression("REMOVE max_active_jobs, jobs_per_minute"),
+        };
+        match update.send().await {
+            Ok(_) => Ok(true),
+            Err(err) if is_conditional_failure(&err) => Ok(false),
+            Err(err) => Err(PortError::unavailable("dynamodb", err)),
+        }
     }
 
     async fn revoke_key(&self, key_hash: &str) -> Result<bool, PortError> {

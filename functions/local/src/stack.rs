@@ -132,7 +132,7 @@ impl LocalStack {
     /// Creates a tenant (if new) and gives it `key`.
     pub async fn add_tenant_key(&self, id: &str, name: &str, key: &ApiKey) -> anyhow::Result<()> {
         let tenants = DynamoTenants::new(self.clients.dynamodb.clone(), &self.resources.tenants_table);
-        let tenant = Tenant { id: TenantId::parse(id)?, name: name.into(), disabled: false };
+        let tenant = Tenant { id: TenantId::parse(id)?, name: name.into(), disabled: false, limits: None };
         tenants.create_tenant(&tenant).await?;
         tenants.add_key(&tenant.id, &key.hash()).await?;
         Ok(())

@@ -4,12 +4,14 @@
 //!   kiln-admin tenant-create --id acme --name "Acme Inc."   creates a tenant and prints its first key
 //!   kiln-admin key-create --tenant acme                     prints a new key for the tenant
 //!   kiln-admin key-revoke --key kiln_...                    revokes a key
+//!   kiln-admin tenant-limits --tenant acme --max-active-jobs 20 --jobs-per-minute 60
+//!                                                           sets the tenant's own limits (--default: back to the deployment's)
 //!   kiln-admin models-publish gpu-runner/models             publishes model packages' manifests
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use kiln_app::{
-    ApiKey, Tenant,
+    ApiKey, Tenant, TenantLimits,
     ports::{ModelCatalog, TenantDirectory},
 };
 use kiln_aws::{AwsClients, DynamoModelCatalog, DynamoTenants};
@@ -52,6 +54,20 @@ enum Command {
         #[arg(long, env = "KILN_REVOKE_KEY")]
         key: String,
     },
+    /// Set a tenant's limits on new jobs (effective within 30 seconds), or with --default go
+    /// back to the deployment's (KILN_DEFAULT_MAX_ACTIVE_JOBS, KILN_DEFAULT_JOBS_PER_MINUTE).
+    TenantLimits {
+        #[arg(long)]
+        tenant: String,
+        /// Jobs queued or running at once (0: no new jobs).
+        #[arg(long, required_unless_present = "default", conflicts_with = "default")]
+        max_active_jobs: Option<u32>,
+        /// New jobs per minute (0: no new jobs).
+        #[arg(long, required_unless_present = "default", conflicts_with = "default")]
+        jobs_per_minute: Option<u32>,
+        #[arg(long)]
+        default: bool,
+    },
     /// Publish every model package's manifest under a directory.
     ModelsPublish { dir: PathBuf },
 }
@@ -63,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
     let tenants = DynamoTenants::new(clients.dynamodb.clone(), &cli.tenants_table);
     match cli.command {
         Command::TenantCreate { id, name } => {
-            let tenant = Tenant { id: TenantId::parse(&id)?, name, disabled: false };
+            let tenant = Tenant { id: TenantId::parse(&id)?, name, disabled: false, limits: None };
             if !tenants.create_tenant(&tenant).await? {
                 bail!("tenant `{id}` already exists; use key-create for another key");
             }
@@ -82,6 +98,15 @@ async fn main() -> anyhow::Result<()> {
                 bail!("no such key");
             }
             println!("revoked");
+        }
+        Command::TenantLimits { tenant, max_active_jobs, jobs_per_minute, default: _ } => {
+            let limits = max_active_jobs
+                .zip(jobs_per_minute)
+                .map(|(max_active_jobs, jobs_per_minute)| TenantLimits { max_active_jobs, jobs_per_minute });
+            if !tenants.set_limits(&TenantId::parse(&tenant)?, limits).await? {
+                bail!("no tenant `{tenant}`");
+            }
+            println!("{}", limits.map_or("deployment defaults".to_owned(), |l| format!("{l:?}")));
         }
         Command::ModelsPublish { dir } => {
             let catalog = DynamoModelCatalog::new(clients.dynamodb.clone(), &cli.models_table);
