@@ -8,7 +8,6 @@
 use async_trait::async_trait;
 use aws_sdk_dynamodb::{
     Client,
-    error::SdkError,
     operation::transact_write_items::TransactWriteItemsError,
     types::{AttributeValue, Put, TransactWriteItem},
 };
@@ -17,7 +16,7 @@ use kiln_app::ports::{CacheClaim, IdempotencyRecord, InsertOutcome, JobPage, Job
 use kiln_domain::{CacheKey, Job, JobId, JobStatus, TenantId};
 use std::collections::HashMap;
 
-use crate::unavailable;
+use crate::{is_conditional_failure, unavailable, written};
 
 type Item = HashMap<String, AttributeValue>;
 
@@ -74,13 +73,6 @@ fn job_from_item(item: Item) -> Result<Job, PortError> {
 
 fn string_attr(item: &Item, name: &str) -> Option<String> {
     item.get(name).and_then(|v| v.as_s().ok()).cloned()
-}
-
-fn is_conditional_failure<E, R>(err: &SdkError<E, R>) -> bool
-where
-    E: aws_sdk_dynamodb::error::ProvideErrorMetadata,
-{
-    err.as_service_error().and_then(|e| e.code()) == Some("ConditionalCheckFailedException")
 }
 
 #[async_trait]
@@ -171,11 +163,7 @@ impl JobStore for DynamoJobStore {
             .expression_attribute_values(":previous", n(previous))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(err) if is_conditional_failure(&err) => Ok(false),
-            Err(err) => Err(PortError::unavailable("dynamodb", err)),
-        }
+        written(result)
     }
 
     async fn list(
@@ -251,11 +239,7 @@ impl JobStore for DynamoJobStore {
             .condition_expression("attribute_not_exists(pk)")
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(err) if is_conditional_failure(&err) => Ok(false),
-            Err(err) => Err(PortError::unavailable("dynamodb", err)),
-        }
+        written(result)
     }
 
     async fn release_keys(&self, job: &Job, idempotency_key: Option<&str>) -> Result<(), PortError> {
@@ -344,11 +328,7 @@ impl JobStore for DynamoJobStore {
             .expression_attribute_values(":purge", n(window_start + 3600))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(err) if is_conditional_failure(&err) => Ok(false),
-            Err(err) => Err(PortError::unavailable("dynamodb", err)),
-        }
+        written(result)
     }
 }
 

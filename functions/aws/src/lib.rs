@@ -23,6 +23,28 @@ pub use tenants::DynamoTenants;
 
 use kiln_app::ports::PortError;
 
+/// A DynamoDB conditional failure (`ConditionalCheckFailedException`): the item was not as the
+/// write required.
+pub(crate) fn is_conditional_failure<E, R>(err: &aws_sdk_dynamodb::error::SdkError<E, R>) -> bool
+where
+    E: aws_sdk_dynamodb::error::ProvideErrorMetadata,
+{
+    err.as_service_error().and_then(|e| e.code()) == Some("ConditionalCheckFailedException")
+}
+
+/// A conditional write's answer: true when written, false when its condition failed.
+pub(crate) fn written<T, E, R>(result: Result<T, aws_sdk_dynamodb::error::SdkError<E, R>>) -> Result<bool, PortError>
+where
+    E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    match result {
+        Ok(_) => Ok(true),
+        Err(err) if is_conditional_failure(&err) => Ok(false),
+        Err(err) => Err(PortError::unavailable("dynamodb", err)),
+    }
+}
+
 /// Wraps an SDK error, keeping it as the source.
 pub(crate) fn unavailable<E>(backend: &'static str) -> impl FnOnce(E) -> PortError
 where

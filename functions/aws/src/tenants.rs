@@ -10,7 +10,7 @@ use kiln_app::{
 };
 use kiln_domain::TenantId;
 
-use crate::unavailable;
+use crate::{unavailable, written};
 
 #[derive(Clone)]
 pub struct DynamoTenants {
@@ -38,12 +38,6 @@ impl DynamoTenants {
 
 fn corrupt(detail: impl Into<String>) -> PortError {
     PortError::Corrupt { what: "tenant", detail: detail.into() }
-}
-
-fn is_conditional_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata, R>(
-    err: &aws_sdk_dynamodb::error::SdkError<E, R>,
-) -> bool {
-    err.as_service_error().and_then(|e| e.code()) == Some("ConditionalCheckFailedException")
 }
 
 #[async_trait]
@@ -79,11 +73,7 @@ impl TenantDirectory for DynamoTenants {
             .condition_expression("attribute_not_exists(pk)")
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(err) if is_conditional_failure(&err) => Ok(false),
-            Err(err) => Err(PortError::unavailable("dynamodb", err)),
-        }
+        written(result)
     }
 
     async fn add_key(&self, tenant: &TenantId, key_hash: &str) -> Result<(), PortError> {
@@ -113,11 +103,7 @@ impl TenantDirectory for DynamoTenants {
                 .expression_attribute_values(":rate", AttributeValue::N(limits.jobs_per_minute.to_string())),
             None => update.update_expression("REMOVE max_active_jobs, jobs_per_minute"),
         };
-        match update.send().await {
-            Ok(_) => Ok(true),
-            Err(err) if is_conditional_failure(&err) => Ok(false),
-            Err(err) => Err(PortError::unavailable("dynamodb", err)),
-        }
+        written(update.send().await)
     }
 
     async fn revoke_key(&self, key_hash: &str) -> Result<bool, PortError> {
@@ -159,10 +145,6 @@ impl kiln_app::ports::SecretStore for DynamoTenants {
                 .condition_expression("version = :previous")
                 .expression_attribute_values(":previous", AttributeValue::N((previous - 1).to_string())),
         };
-        match request.send().await {
-            Ok(_) => Ok(true),
-            Err(err) if is_conditional_failure(&err) => Ok(false),
-            Err(err) => Err(PortError::unavailable("dynamodb", err)),
-        }
+        written(request.send().await)
     }
 }
