@@ -5,8 +5,8 @@
 //! - Everything functions.json names (env references, access, triggers, fixtures) exists in
 //!   `terraform/stack.json`, the file the local stack provisions from; every env variable it
 //!   sets is one the code reads.
-//! - The HCL parses, its resource names are stack.json's, and checkov passes with every skip
-//!   carrying its reason.
+//! - The HCL parses, its resource names are stack.json's, and checkov passes (on terraform/ and
+//!   on the gpu-runner image's Dockerfile) with every skip carrying its reason.
 //! - Recorded, not listed: each function binary runs as Lambda runs it (a process under a
 //!   Lambda runtime API, with exactly the environment terraform gives it, its events/ fixtures
 //!   as events), and the runner as its instance runs it, each with its AWS endpoint pointed at
@@ -180,17 +180,20 @@ fn the_hcl_parses_and_checkov_passes_with_every_skip_explained() {
     let skips = harness::checkov_skips();
     let unexplained: Vec<_> = skips.iter().filter(|(_, reason)| reason.trim().len() < 20).collect();
     assert!(unexplained.is_empty(), "checkov skips without a reason: {unexplained:?}");
-    let report = harness::run_checkov(&python);
-    let summary = &report["summary"];
-    let failed: Vec<String> = report["results"]["failed_checks"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|c| format!("{} {} ({})", c["check_id"], c["resource"], c["file_path"]))
-        .collect();
-    assert!(failed.is_empty(), "checkov failed:\n  {}", failed.join("\n  "));
-    assert_eq!(summary["parsing_errors"].as_u64(), Some(0), "checkov could not parse: {summary}");
-    assert!(summary["passed"].as_u64().unwrap_or(0) > 50, "checkov ran too few checks: {summary}");
+    for (what, report) in
+        [("terraform/", harness::run_checkov(&python)), ("gpu-runner/Dockerfile", harness::run_checkov_dockerfile(&python))]
+    {
+        let summary = &report["summary"];
+        let failed: Vec<String> = report["results"]["failed_checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| format!("{} {} ({})", c["check_id"], c["resource"], c["file_path"]))
+            .collect();
+        assert!(failed.is_empty(), "checkov failed on {what}:\n  {}", failed.join("\n  "));
+        assert_eq!(summary["parsing_errors"].as_u64(), Some(0), "checkov could not parse {what}: {summary}");
+        assert!(summary["passed"].as_u64().unwrap_or(0) > 50, "checkov ran too few checks on {what}: {summary}");
+    }
 }
 
 /// The functions step 3 leaves to `webhook_and_inbox_paths`.

@@ -330,10 +330,20 @@ pub fn checkov_skips() -> Vec<(String, String)> {
 
 /// checkov over terraform/ (offline), its JSON report.
 pub fn run_checkov(python: &Path) -> Value {
+    checkov_report(python, "terraform", &["-d", ".", "--framework", "terraform"])
+}
+
+/// checkov over the gpu-runner image's Dockerfile, its JSON report.
+pub fn run_checkov_dockerfile(python: &Path) -> Value {
+    checkov_report(python, "gpu-runner", &["-f", "Dockerfile", "--framework", "dockerfile"])
+}
+
+fn checkov_report(python: &Path, dir: &str, target: &[&str]) -> Value {
     let checkov = python.with_file_name("checkov");
     let output = Command::new(checkov)
-        .current_dir(root().join("terraform"))
-        .args(["-d", ".", "--framework", "terraform", "--skip-download", "--compact", "-o", "json"])
+        .current_dir(root().join(dir))
+        .args(target)
+        .args(["--skip-download", "--compact", "-o", "json"])
         .env("BC_SKIP_MAPPING", "TRUE")
         .output()
         .expect("running checkov");
