@@ -180,9 +180,10 @@ fn the_hcl_parses_and_checkov_passes_with_every_skip_explained() {
     let skips = harness::checkov_skips();
     let unexplained: Vec<_> = skips.iter().filter(|(_, reason)| reason.trim().len() < 20).collect();
     assert!(unexplained.is_empty(), "checkov skips without a reason: {unexplained:?}");
-    for (what, report) in
-        [("terraform/", harness::run_checkov(&python)), ("gpu-runner/Dockerfile", harness::run_checkov_dockerfile(&python))]
-    {
+    for (what, report) in [
+        ("terraform/", harness::run_checkov(&python)),
+        ("gpu-runner/Dockerfile", harness::run_checkov_dockerfile(&python)),
+    ] {
         let summary = &report["summary"];
         let failed: Vec<String> = report["results"]["failed_checks"]
             .as_array()
