@@ -231,7 +231,7 @@ impl Jobs {
             return Err(AppError::QuotaExceeded { limit: limits.max_active_jobs });
         }
         let (window, retry_after_secs) = minute_window(now);
-        if limits.jobs_per_minute == 0 || !self.store.count_new_job(&tenant.id, window, limits.jobs_per_minute).await? {
+        if !self.store.count_new_job(&tenant.id, window, limits.jobs_per_minute).await? {
             info!(tenant_id = %tenant.id, limit = limits.jobs_per_minute, "job refused: rate limit");
             return Err(AppError::RateLimited { limit: limits.jobs_per_minute, retry_after_secs });
         }
