@@ -11,11 +11,6 @@ use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-fn job_id(answer: &kiln_tests::Answer) -> String {
-    assert!(answer.status.is_success(), "submit: {} {}", answer.status, answer.body);
-    answer.body["id"].as_str().expect("id").to_owned()
-}
-
 /// The key of a succeeded job's artifact, its bytes through the presigned URL, and its probe.
 async fn artifact(job: &Value, format: &str) -> (Vec<u8>, media::Probe) {
     let output = &job["outputs"][0];
@@ -38,7 +33,7 @@ async fn every_format_renders_to_a_file_of_the_asked_size_and_length() {
         if frames > 1 {
             body["fps"] = json!(6);
         }
-        ids.push(job_id(&client.post_json("/v1/jobs", &body).await));
+        ids.push(client.post_json("/v1/jobs", &body).await.job_id());
     }
     for ((format, frames, width, height), id) in cases.into_iter().zip(&ids) {
         let job = client.wait_finished(id, LIMIT).await;
@@ -87,9 +82,9 @@ async fn the_same_seed_renders_the_same_bytes() {
         "num_frames": 3, "fps": 3, "format": "gif"});
     let mut other_seed = body.clone();
     other_seed["seed"] = json!(43);
-    let a = job_id(&first.post_json("/v1/jobs", &body).await);
-    let b = job_id(&second.post_json("/v1/jobs", &body).await);
-    let c = job_id(&first.post_json("/v1/jobs", &other_seed).await);
+    let a = first.post_json("/v1/jobs", &body).await.job_id();
+    let b = second.post_json("/v1/jobs", &body).await.job_id();
+    let c = first.post_json("/v1/jobs", &other_seed).await.job_id();
     let mut files = Vec::new();
     for (client, id) in [(&first, &a), (&second, &b), (&first, &c)] {
         let job = client.wait_finished(id, LIMIT).await;
@@ -105,12 +100,12 @@ async fn a_job_is_canceled_while_queued_and_while_running() {
     let stack = stack().await;
     let client = Client::tenant(&stack, "acme").await;
     // No runner yet: the job waits in the queue and is canceled there.
-    let queued = job_id(&client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "never drawn"})).await);
+    let queued = client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "never drawn"})).await.job_id();
     let answer = client.post(&format!("/v1/jobs/{queued}/cancel")).await;
     assert_eq!((answer.status, answer.body["status"].as_str()), (StatusCode::OK, Some("canceled")));
 
     let runner = start_runner(&stack, &runner_options("cancel"));
-    let running = job_id(&client.post_json("/v1/jobs", &slow_job("a long render")).await);
+    let running = client.post_json("/v1/jobs", &slow_job("a long render")).await.job_id();
     client.wait_for(&running, LIMIT, |job| job["status"] == "running" && job["progress"].as_f64() > Some(0.0)).await;
     let answer = client.post(&format!("/v1/jobs/{running}/cancel")).await;
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.body);
@@ -136,7 +131,7 @@ async fn a_runner_killed_mid_job_is_replaced_and_the_job_yields_one_artifact() {
     options.lease_secs = 3;
     options.heartbeat_secs = 1;
     let mut first = start_runner(&stack, &options);
-    let id = job_id(&client.post_json("/v1/jobs", &slow_job("interrupted")).await);
+    let id = client.post_json("/v1/jobs", &slow_job("interrupted")).await.job_id();
     client.wait_for(&id, LIMIT, |job| job["status"] == "running" && job["progress"].as_f64() > Some(0.0)).await;
     first.kill();
 
@@ -156,7 +151,7 @@ async fn sigterm_hands_running_work_back_and_another_runner_finishes_it() {
     let mut options = runner_options("sigterm");
     options.shutdown_deadline_secs = 1;
     let mut first = start_runner(&stack, &options);
-    let id = job_id(&client.post_json("/v1/jobs", &slow_job("handed back")).await);
+    let id = client.post_json("/v1/jobs", &slow_job("handed back")).await.job_id();
     client.wait_for(&id, LIMIT, |job| job["status"] == "running" && job["progress"].as_f64() > Some(0.0)).await;
     first.terminate();
     let status = first.wait_exit(Duration::from_secs(20)).expect("the runner did not stop after SIGTERM");
@@ -177,7 +172,7 @@ async fn a_job_for_a_model_version_the_runner_does_not_serve_fails_permanently()
     model.version = "9.9.9".into();
     stack.publish_model(&model).await.unwrap();
     let client = Client::tenant(&stack, "acme").await;
-    let id = job_id(&client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "from the future"})).await);
+    let id = client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "from the future"})).await.job_id();
     let job = client.wait_finished(&id, LIMIT).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "invalid_for_model");
@@ -190,7 +185,7 @@ async fn a_job_whose_message_reaches_the_dead_letter_queue_ends_failed() {
     let mut stack = stack().await;
     stack.start_relays().await.expect("relays");
     let client = Client::tenant(&stack, "acme").await;
-    let id = job_id(&client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "cursed"})).await);
+    let id = client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "cursed"})).await.job_id();
     // Five runners take the message and die without a word (the queue's maxReceiveCount is 5);
     // the first of them had marked the job running.
     let store = kiln_aws::DynamoJobStore::new(
@@ -233,8 +228,8 @@ async fn a_stable_diffusion_package_renders_through_the_whole_stack() {
         "guidance": 7.5, "seed": 3});
     let video = json!({"model": "kiln-tiny-sd", "prompt": "waves", "width": 64, "height": 64, "steps": 2,
         "num_frames": 4, "fps": 4, "format": "gif", "seed": 3});
-    let image_id = job_id(&client.post_json("/v1/jobs", &image).await);
-    let video_id = job_id(&client.post_json("/v1/jobs", &video).await);
+    let image_id = client.post_json("/v1/jobs", &image).await.job_id();
+    let video_id = client.post_json("/v1/jobs", &video).await.job_id();
 
     let job = client.wait_finished(&image_id, LIMIT).await;
     assert_eq!(job["status"], "succeeded", "{job}");

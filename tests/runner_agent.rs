@@ -200,8 +200,7 @@ async fn the_agent_protects_a_busy_runner_and_drains_it_before_the_instance_goes
     assert!(!calls.iter().any(|call| call.contains(&protect)), "protected while idle: {calls:#?}");
 
     // Busy: protected until the job is done, then released.
-    let answer = client.post_json("/v1/jobs", &slow_job("kept through scale-in")).await;
-    let id = answer.body["id"].as_str().expect("job id").to_owned();
+    let id = client.post_json("/v1/jobs", &slow_job("kept through scale-in")).await.job_id();
     client.wait_for(&id, LIMIT, |job| job["status"] == "running").await;
     agent.wait_for(&protect, 1).await;
     let job = client.wait_finished(&id, LIMIT).await;
@@ -209,8 +208,7 @@ async fn the_agent_protects_a_busy_runner_and_drains_it_before_the_instance_goes
     agent.wait_for(&unprotect, 2).await;
 
     // Terminating mid-render: the runner is stopped (SIGTERM, hand-back), then the hook completes.
-    let answer = client.post_json("/v1/jobs", &slow_job("drained")).await;
-    let id = answer.body["id"].as_str().expect("job id").to_owned();
+    let id = client.post_json("/v1/jobs", &slow_job("drained")).await.job_id();
     client.wait_for(&id, LIMIT, |job| job["status"] == "running" && job["progress"].as_f64() > Some(0.0)).await;
     imds.set("Terminated");
     let status = agent.wait_exit(Duration::from_secs(60)).expect("the agent did not finish the drain");

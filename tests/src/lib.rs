@@ -85,6 +85,13 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// The id of the job a successful submit answered with (panics, showing the answer, if it
+    /// was not one).
+    pub fn job_id(&self) -> String {
+        assert!(self.status.is_success(), "submit: {} {}", self.status, self.body);
+        self.body["id"].as_str().expect("id").to_owned()
+    }
+
     /// The `error.field` of an error response.
     pub fn error_field(&self) -> Option<&str> {
         self.body["error"]["field"].as_str()
