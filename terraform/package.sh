@@ -63,7 +63,7 @@ package_functions() {
   local bins=()
   for name in $functions; do bins+=(--bin "$name"); done
   echo "package.sh: building ${functions// /, } for $triple (release)"
-  cargo build --release --locked --target "$triple" -p kiln-api "${bins[@]}"
+  cargo build --release --locked --target "$triple" -p kiln-api -p kiln-events "${bins[@]}"
 
   local out="$target_dir/lambda/$arch"
   mkdir -p "$out"

@@ -13,12 +13,12 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 fn store(stack: &LocalStack) -> DynamoJobStore {
-    DynamoJobStore::new(stack.clients.dynamodb.clone(), &stack.resources.jobs_table, &stack.resources.requests_table)
+    DynamoJobStore::new(stack.clients.dynamodb().clone(), &stack.resources.jobs_table, &stack.resources.requests_table)
 }
 
 /// Up to 10 messages waiting on the job queue (received, so hidden for its visibility timeout).
 async fn queued_messages(stack: &LocalStack) -> Vec<aws_sdk_sqs::types::Message> {
-    let received = stack.clients.sqs.receive_message().queue_url(&stack.resources.job_queue_url);
+    let received = stack.clients.sqs().receive_message().queue_url(&stack.resources.job_queue_url);
     received.max_number_of_messages(10).send().await.unwrap().messages.unwrap_or_default()
 }
 
@@ -31,11 +31,12 @@ async fn render(stack: &LocalStack, id: &str, body: &'static [u8]) -> Result<(),
     let store = store(stack);
     let mut job = store.get(&JobId::parse(id).unwrap()).await?.expect("job");
     job.transition(JobStatus::Running, Utc::now()).unwrap();
+    job.revision += 1; // as the app's revise does for every write
     assert!(store.update(&job).await?);
     let key = job.output_key("png");
     stack
         .clients
-        .s3
+        .s3()
         .put_object()
         .bucket(&stack.resources.artifacts_bucket)
         .key(&key)
@@ -46,6 +47,7 @@ async fn render(stack: &LocalStack, id: &str, body: &'static [u8]) -> Result<(),
         .expect("upload");
     job.outputs = vec![Output { key, content_type: "image/png".into(), bytes: body.len() as u64 }];
     job.transition(JobStatus::Succeeded, Utc::now()).unwrap();
+    job.revision += 1;
     assert!(store.update(&job).await?);
     Ok(())
 }
@@ -54,6 +56,7 @@ async fn start_running(stack: &LocalStack, id: &str) {
     let store = store(stack);
     let mut job = store.get(&JobId::parse(id).unwrap()).await.unwrap().unwrap();
     job.transition(JobStatus::Running, Utc::now()).unwrap();
+    job.revision += 1; // as the app's revise does for every write
     assert!(store.update(&job).await.unwrap());
 }
 
@@ -459,7 +462,7 @@ async fn queued_jobs_expire_after_their_time_to_live() {
 async fn tenants_limits_refuse_new_jobs_with_429_and_name_the_limit() {
     use kiln_app::{TenantLimits, ports::TenantDirectory};
     let stack = stack().await;
-    let tenants = kiln_aws::DynamoTenants::new(stack.clients.dynamodb.clone(), &stack.resources.tenants_table);
+    let tenants = kiln_aws::DynamoTenants::new(stack.clients.dynamodb().clone(), &stack.resources.tenants_table);
     let quota = Client::tenant(&stack, "quota").await;
     let rate = Client::tenant(&stack, "rate").await;
     let id = |name: &str| kiln_domain::TenantId::parse(name).unwrap();

@@ -34,7 +34,7 @@ async fn upload(client: &Client, name: &str, body: &str) -> Value {
 async fn object(stack: &LocalStack, key: &str, limit: Duration) -> Vec<u8> {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        let got = stack.clients.s3.get_object().bucket(&stack.resources.artifacts_bucket).key(key).send().await;
+        let got = stack.clients.s3().get_object().bucket(&stack.resources.artifacts_bucket).key(key).send().await;
         if let Ok(output) = got {
             return output.body.collect().await.unwrap().into_bytes().to_vec();
         }
@@ -103,10 +103,10 @@ async fn a_bad_spec_gets_the_apis_error_and_a_repeated_event_starts_no_second_jo
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let relayed = relayed.expect("the notification started the job");
-    let inbox = kiln_api::inbox::Inbox::on(&stack.clients, &stack.config);
+    let inbox = kiln_events::inbox_trigger::wire(&stack.aws, &stack.config);
     let head = stack
         .clients
-        .s3
+        .s3()
         .head_object()
         .bucket(&stack.resources.artifacts_bucket)
         .key("inbox/acme/twice.json")
@@ -120,7 +120,7 @@ async fn a_bad_spec_gets_the_apis_error_and_a_repeated_event_starts_no_second_jo
         .unwrap();
     let second = inbox.on_object("inbox/acme/twice.json", head.version_id(), head.e_tag()).await.unwrap();
     assert_eq!(first, second);
-    let kiln_api::inbox::InboxOutcome::Started(id) = first else { panic!("{first:?}") };
+    let kiln_app::inbox::InboxOutcome::Started(id) = first else { panic!("{first:?}") };
     assert_eq!(relayed["id"], id.as_str(), "the event announced again is the job the first one started");
     let listed = client.get("/v1/jobs").await;
     let count = listed.body["jobs"].as_array().unwrap().iter().filter(|j| j["input"]["prompt"] == "once only").count();

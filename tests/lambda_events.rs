@@ -3,12 +3,15 @@
 
 use aws_lambda_events::{apigw::ApiGatewayV2httpRequest, eventbridge::EventBridgeEvent};
 use chrono::Utc;
-use kiln_api::{Function, dead_letters, sweeper};
+use kiln_api::{Api, Function};
 use kiln_app::ApiKey;
+use kiln_events::{deliver_webhooks, expire_jobs, inbox_trigger, job_dead_letters, job_events};
+use kiln_lambda::{LambdaEvent, local_context};
 use kiln_local::{LocalStack, StackOptions};
 use kiln_tests::{Client, receiver::Receiver, stack, stack_with, unique_prefix};
 use lambda_http::{Body, request::LambdaRequest};
 use serde_json::{Value, json};
+use std::{sync::Arc, time::Duration};
 
 const FIXTURE_KEY: &str = "kiln_fixture00000000000000000000000000000000000";
 const FIXTURE_JOB: &str = "01KAQ3Z8X9K2M3N4P5Q6R7S8T9";
@@ -28,10 +31,17 @@ fn with_job(fixture: &str, id: &str) -> String {
     fixture.replace(FIXTURE_JOB, id)
 }
 
-/// Decodes an event as the runtime does and calls the function's handler.
+/// An event as the runtime hands it over, with a minute to answer.
+fn lambda_event<T>(payload: T) -> LambdaEvent<T> {
+    LambdaEvent::new(payload, local_context(Duration::from_secs(60)))
+}
+
+/// Decodes an event as the runtime does and calls the function's handler, on the ports the
+/// function's binary wires (so a route reaching for a port its function lacks fails here).
 async fn invoke(stack: &LocalStack, function: Function, event: &str) -> (u16, Value) {
     let request: LambdaRequest = serde_json::from_str(event).expect("an API Gateway event");
-    let response = stack.api.handle(function, request.into()).await;
+    let api = Api::new(&kiln_api::wiring::for_function(function, &stack.aws), &stack.config);
+    let response = api.handle(function, request.into()).await;
     let status = response.status().as_u16();
     let body = match response.into_body() {
         Body::Text(text) => serde_json::from_str(&text).unwrap(),
@@ -132,9 +142,9 @@ async fn the_schedule_event_expires_overdue_jobs() {
 
     let mut event: EventBridgeEvent<Value> = serde_json::from_str(SCHEDULE).unwrap();
     event.time = Some(Utc::now());
-    let report =
-        sweeper::handle(&stack.api, lambda_runtime::LambdaEvent::new(event, Default::default())).await.unwrap();
-    assert_eq!(report, sweeper::SweepReport { expired: 1 });
+    let jobs = Arc::new(expire_jobs::wire(&stack.aws, &stack.config));
+    let report = expire_jobs::handle(jobs, lambda_event(event)).await.unwrap();
+    assert_eq!(report, expire_jobs::SweepReport { expired: 1 });
     assert_eq!(client.get(&format!("/v1/jobs/{id}")).await.body["status"], "expired");
 }
 
@@ -145,10 +155,8 @@ async fn the_dead_letter_function_fails_the_job_and_drops_unreadable_messages() 
     let answer = client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "lost at sea"})).await;
     let id = answer.body["id"].as_str().unwrap().to_owned();
     let event: aws_lambda_events::sqs::SqsEvent = serde_json::from_str(&with_job(DEAD_LETTERS, &id)).unwrap();
-    let response =
-        dead_letters::handle(&stack.api, lambda_runtime::LambdaEvent::new(event.clone(), Default::default()))
-            .await
-            .unwrap();
+    let runs = Arc::new(job_dead_letters::wire(&stack.aws));
+    let response = job_dead_letters::handle(runs.clone(), lambda_event(event.clone())).await.unwrap();
     assert!(response.batch_item_failures.is_empty(), "both records are done: {response:?}");
     let job = client.get(&format!("/v1/jobs/{id}")).await.body;
     assert_eq!(
@@ -158,8 +166,7 @@ async fn the_dead_letter_function_fails_the_job_and_drops_unreadable_messages() 
     );
 
     // Delivered again (SQS is at-least-once): the job has ended, nothing changes.
-    let again =
-        dead_letters::handle(&stack.api, lambda_runtime::LambdaEvent::new(event, Default::default())).await.unwrap();
+    let again = job_dead_letters::handle(runs, lambda_event(event)).await.unwrap();
     assert!(again.batch_item_failures.is_empty());
     assert_eq!(client.get(&format!("/v1/jobs/{id}")).await.body["finished_at"], job["finished_at"]);
 }
@@ -192,14 +199,12 @@ async fn the_webhook_secret_and_upload_routes_answer_their_events() {
 async fn the_job_stream_event_queues_the_subscribed_webhook_events() {
     let stack = fixture_stack().await;
     let event: aws_lambda_events::dynamodb::Event = serde_json::from_str(JOB_STREAM).expect("a DynamoDB stream event");
-    let events = kiln_api::job_events::JobEvents::on(&stack.clients, &stack.config);
-    let response = kiln_api::job_events::handle(&events, lambda_runtime::LambdaEvent::new(event, Default::default()))
-        .await
-        .unwrap();
+    let changes = Arc::new(job_events::wire(&stack.aws));
+    let response = job_events::handle(changes, lambda_event(event)).await.unwrap();
     assert!(response.batch_item_failures.is_empty());
     let received = stack
         .clients
-        .sqs
+        .sqs()
         .receive_message()
         .queue_url(&stack.resources.webhook_queue_url)
         .max_number_of_messages(10)
@@ -223,19 +228,8 @@ async fn the_webhook_queue_event_is_delivered_signed() {
     let url = receiver.url.clone();
     let event: aws_lambda_events::sqs::SqsEvent =
         serde_json::from_str(&WEBHOOK_MESSAGES.replace("https://hooks.example.com/kiln", &url)).unwrap();
-    let config = kiln_api::deliver::DeliveryConfig {
-        api: stack.config.clone(),
-        retry_base_secs: 1,
-        retry_cap_secs: 4,
-        max_attempts: 14,
-        connect_timeout_secs: 2,
-        timeout_secs: 5,
-        allow_loopback: true,
-    };
-    let deliverer = kiln_api::deliver::Deliverer::on(&stack.clients, &config).unwrap();
-    let response = kiln_api::deliver::handle(&deliverer, lambda_runtime::LambdaEvent::new(event, Default::default()))
-        .await
-        .unwrap();
+    let deliveries = Arc::new(deliver_webhooks::wire(&stack.aws, &stack.delivery_config()).unwrap());
+    let response = deliver_webhooks::handle(deliveries, lambda_event(event)).await.unwrap();
     assert!(response.batch_item_failures.is_empty(), "delivered, so nothing to retry");
     let seen = receiver.seen();
     assert_eq!(seen.len(), 1, "one POST: {seen:?}");
@@ -251,7 +245,7 @@ async fn the_s3_inbox_event_starts_a_job() {
     let stack = fixture_stack().await;
     stack
         .clients
-        .s3
+        .s3()
         .put_object()
         .bucket(&stack.resources.artifacts_bucket)
         .key("inbox/fixture-tenant/lighthouse-1.json")
@@ -260,11 +254,11 @@ async fn the_s3_inbox_event_starts_a_job() {
         .await
         .unwrap();
     let event: aws_lambda_events::s3::S3Event = serde_json::from_str(INBOX_PUT).expect("an S3 event");
-    let inbox = kiln_api::inbox::Inbox::on(&stack.clients, &stack.config);
-    let outcomes = inbox.on_event(&event).await.unwrap();
-    let [kiln_api::inbox::InboxOutcome::Started(id)] = outcomes.as_slice() else { panic!("{outcomes:?}") };
+    let inbox = inbox_trigger::wire(&stack.aws, &stack.config);
+    let outcomes = inbox_trigger::on_event(&inbox, &event).await.unwrap();
+    let [kiln_app::inbox::InboxOutcome::Started(id)] = outcomes.as_slice() else { panic!("{outcomes:?}") };
     let client = Client::new(&stack.api_url, Some(FIXTURE_KEY));
     let job = client.get(&format!("/v1/jobs/{id}")).await;
     assert_eq!(job.body["input"]["prompt"], "a lighthouse from the inbox");
-    assert_eq!(inbox.on_event(&event).await.unwrap(), outcomes, "a repeated event is the same job");
+    assert_eq!(inbox_trigger::on_event(&inbox, &event).await.unwrap(), outcomes, "a repeated event is the same job");
 }

@@ -189,14 +189,14 @@ async fn a_job_whose_message_reaches_the_dead_letter_queue_ends_failed() {
     // Five runners take the message and die without a word (the queue's maxReceiveCount is 5);
     // the first of them had marked the job running.
     let store = kiln_aws::DynamoJobStore::new(
-        stack.clients.dynamodb.clone(),
+        stack.clients.dynamodb().clone(),
         &stack.resources.jobs_table,
         &stack.resources.requests_table,
     );
     let runs = kiln_app::JobRuns::new(std::sync::Arc::new(store));
     let job_id_parsed = kiln_domain::JobId::parse(&id).unwrap();
     assert!(matches!(runs.start(&job_id_parsed, chrono::Utc::now()).await.unwrap(), kiln_app::Start::Render(_)));
-    let sqs = &stack.clients.sqs;
+    let sqs = &stack.clients.sqs();
     let mut receives = 0;
     for _ in 0..20 {
         let received = sqs

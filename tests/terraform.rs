@@ -365,7 +365,7 @@ async fn webhook_and_inbox_paths(
     assert_eq!(outbox.len(), 2, "the artifact and result.json: {outbox:?}");
 
     let (deliver, deliver_recorder) = &processes["deliver-webhooks"];
-    let sqs = &stack.clients.sqs;
+    let sqs = &stack.clients.sqs();
     let queue = &stack.resources.webhook_queue_url;
     let fixture: Value = serde_json::from_str(&deploy.events("deliver-webhooks")[0]).unwrap();
     for (attempt, expect_retry) in [(1, false), (2, true)] {
@@ -422,7 +422,7 @@ async fn webhook_and_inbox_paths(
     ];
     for (name, spec, expect) in specs {
         let key = format!("inbox/fixture-tenant/{name}.json");
-        let put = stack.clients.s3.put_object().bucket(&stack.resources.artifacts_bucket).key(&key);
+        let put = stack.clients.s3().put_object().bucket(&stack.resources.artifacts_bucket).key(&key);
         put.body(spec.into_bytes().into()).send().await.unwrap();
         if expect == "failed" {
             inbox_recorder.fail_next("sqs:SendMessage");

@@ -75,7 +75,7 @@ async fn an_event_that_always_fails_ends_in_the_dead_letter_queue() {
     let dlq = stack.webhook_dead_letter_queue_url();
     let mut dead = None;
     for _ in 0..60 {
-        let received = stack.clients.sqs.receive_message().queue_url(&dlq).wait_time_seconds(1).send().await.unwrap();
+        let received = stack.clients.sqs().receive_message().queue_url(&dlq).wait_time_seconds(1).send().await.unwrap();
         if let Some(message) = received.messages.unwrap_or_default().pop() {
             dead = message.body;
             break;
@@ -149,4 +149,125 @@ async fn webhook_urls_to_private_and_metadata_addresses_are_refused() {
         .await;
     assert_eq!(attempt.outcome, kiln_webhooks::Outcome::GiveUp, "{attempt:?}");
     assert_eq!(attempt.status, None, "no connection was made");
+}
+
+/// Accepts connections on 127.0.0.1 and never answers (nor closes them).
+async fn tarpit() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    format!("http://{address}/hook")
+}
+
+/// Every message waiting on `queue_url` (received, so hidden for their visibility timeout).
+async fn receive_all(stack: &LocalStack, queue_url: &str, expected: usize) -> Vec<aws_sdk_sqs::types::Message> {
+    let mut messages = Vec::new();
+    for _ in 0..20 {
+        let received = stack
+            .clients
+            .sqs()
+            .receive_message()
+            .queue_url(queue_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
+            .send()
+            .await
+            .unwrap();
+        messages.extend(received.messages.unwrap_or_default());
+        if messages.len() >= expected {
+            break;
+        }
+    }
+    messages
+}
+
+/// The `deliver-webhooks` handler on one batch of ten events, three of whose receivers accept
+/// the connection and never answer: the batch is sent concurrently and answered well before
+/// the invocation's deadline (one after another the three would take longer than the whole
+/// invocation, and SQS would send all ten again); the seven fast ones are delivered once, and
+/// only the three slow ones come back, later.
+#[tokio::test(flavor = "multi_thread")]
+async fn three_silent_receivers_do_not_hold_up_or_repeat_seven_fast_ones_in_one_batch() {
+    use kiln_events::deliver_webhooks;
+    let stack = stack().await; // no relays: this test is the trigger
+    let client = Client::tenant(&stack, "acme").await;
+    let fast = Receiver::start(vec![204]).await;
+    let slow = tarpit().await;
+    let mut slow_jobs = Vec::new();
+    for n in 0..10 {
+        let url = if n < 3 { &slow } else { &fast.url };
+        let id = canceled_job(&client, url, &format!("batch {n}")).await;
+        let job = stack.aws.job_store().get(&kiln_domain::JobId::parse(&id).unwrap()).await.unwrap().unwrap();
+        let event = kiln_domain::JobEvent {
+            id: format!("evt_{id}_completed_{}", job.revision),
+            kind: kiln_domain::WebhookEvent::Completed,
+            timestamp: job.finished_at.unwrap(),
+            job,
+        };
+        stack.aws.webhook_queue().send(&event).await.unwrap();
+        if n < 3 {
+            slow_jobs.push(id);
+        }
+    }
+    let queue = stack.resources.webhook_queue_url.clone();
+    let messages = receive_all(&stack, &queue, 10).await;
+    assert_eq!(messages.len(), 10);
+    let mut event = aws_lambda_events::sqs::SqsEvent::default();
+    event.records = messages.iter().map(kiln_local::relays::sqs_record).collect();
+
+    // A 5 s invocation; each attempt may take 2 s (1 s to connect): three silent receivers
+    // one after another would take 6 s.
+    let config =
+        deliver_webhooks::DeliveryConfig { timeout_secs: 2, connect_timeout_secs: 1, ..stack.delivery_config() };
+    let deliveries = std::sync::Arc::new(deliver_webhooks::wire(&stack.aws, &config).unwrap());
+    let invoked = std::time::Instant::now();
+    let context = kiln_lambda::local_context(Duration::from_secs(5));
+    let response = deliver_webhooks::handle(deliveries, kiln_lambda::LambdaEvent::new(event, context)).await.unwrap();
+    let took = invoked.elapsed();
+    assert!(took < Duration::from_millis(4_500), "answered {took:?} after the invocation began, at its deadline");
+
+    // What the event source mapping does with the answer: delete every message not reported.
+    let failed: Vec<&str> = response.batch_item_failures.iter().map(|f| f.item_identifier.as_str()).collect();
+    assert_eq!(failed.len(), 3, "{response:?}");
+    for message in &messages {
+        if !failed.contains(&message.message_id().unwrap()) {
+            stack
+                .clients
+                .sqs()
+                .delete_message()
+                .queue_url(&queue)
+                .receipt_handle(message.receipt_handle().unwrap())
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+    let seen = fast.seen();
+    let mut ids: Vec<&str> = seen.iter().map(|r| r.id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((seen.len(), ids.len()), (7, 7), "each fast event delivered once: {seen:?}");
+
+    // The three come back after their retry delay (a second here), on their second receive.
+    let again = receive_all(&stack, &queue, 3).await;
+    let mut again_jobs: Vec<String> = again
+        .iter()
+        .map(|m| serde_json::from_str::<Value>(m.body().unwrap()).unwrap()["job"]["id"].as_str().unwrap().to_owned())
+        .collect();
+    again_jobs.sort();
+    slow_jobs.sort();
+    assert_eq!(again_jobs, slow_jobs, "only the silent receivers' events come back");
+    for message in &again {
+        let count = message
+            .attributes()
+            .and_then(|a| a.get(&aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount));
+        assert_eq!(count.map(String::as_str), Some("2"));
+    }
+    assert_eq!(fast.seen().len(), 7, "nothing delivered twice");
 }

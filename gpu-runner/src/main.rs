@@ -2,8 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use kiln_app::ports::ModelCatalog;
-use kiln_aws::{AwsClients, DynamoJobStore, DynamoModelCatalog, Resources, S3ArtifactStore, SqsWorkQueue};
+use kiln_aws::{AwsPorts, Resources};
 use kiln_runner::{Metrics, Ports, Runner, RunnerConfig, metrics, start_sessions, warm_up};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -41,17 +40,12 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    let resources = &cli.resources;
-    let aws = AwsClients::connect(resources.endpoint_url.as_deref()).await;
-    let catalog = DynamoModelCatalog::new(aws.dynamodb.clone(), &resources.models_table);
+    let aws = AwsPorts::connect(&cli.resources).await;
+    let catalog = aws.catalog();
     for model in &models {
         catalog.publish(model).await.with_context(|| format!("publishing model {}", model.name))?;
     }
-    let ports = Ports {
-        store: Arc::new(DynamoJobStore::new(aws.dynamodb.clone(), &resources.jobs_table, &resources.requests_table)),
-        queue: Arc::new(SqsWorkQueue::new(aws.sqs.clone(), &resources.job_queue_url)),
-        artifacts: Arc::new(S3ArtifactStore::new(aws.s3.clone(), &resources.artifacts_bucket)),
-    };
+    let ports = Ports { store: aws.job_store(), queue: aws.work_queue(), artifacts: aws.artifacts() };
 
     let shutdown = CancellationToken::new();
     let listener = metrics::bind(cli.runner.metrics_addr).await.context("binding the metrics address")?;
@@ -67,7 +61,8 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGTERM (what ECS and Kubernetes send) or Ctrl-C.
+/// SIGTERM (what systemd sends on `systemctl stop`, which the instance's agent runs when the
+/// Auto Scaling group terminates the instance) or Ctrl-C.
 async fn stop_on_signal(shutdown: CancellationToken) {
     let mut term =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing SIGTERM handler");

@@ -13,9 +13,9 @@
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use chrono::Utc;
-use kiln_api::ApiConfig;
 use kiln_aws::{AwsCallCounters, AwsClients, provision::provision};
 use kiln_domain::JobId;
+use kiln_lambda::FunctionConfig;
 use kiln_local::{LocalStack, StackOptions, workspace_root};
 use kiln_tests::{moto_url, unique_prefix};
 use std::time::{Duration, Instant};
@@ -48,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
     let resources = provision(&clients, &unique_prefix(), Some(&moto)).await?;
     // Every submit makes a job and no runner drains them: the quota must admit them all (its
     // count then reads every queued job, as it would with that many waiting).
-    let mut config = ApiConfig::for_resources(resources.clone());
+    let mut config = FunctionConfig::for_resources(resources.clone());
     config.default_max_active_jobs = u32::MAX;
     config.default_jobs_per_minute = u32::MAX;
     let stack = LocalStack::serve(clients.clone(), resources.clone(), config, StackOptions::default()).await?;
@@ -91,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..n {
         let started = Instant::now();
         clients
-            .dynamodb
+            .dynamodb()
             .put_item()
             .table_name(&resources.jobs_table)
             .item("id", AttributeValue::S(JobId::generate(Utc::now()).to_string()))
@@ -111,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
     let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
         let started = Instant::now();
-        clients.sqs.send_message().queue_url(&resources.job_queue_url).message_body(&sample_message).send().await?;
+        clients.sqs().send_message().queue_url(&resources.job_queue_url).message_body(&sample_message).send().await?;
         samples.push(started.elapsed());
     }
     results.push(Stats {

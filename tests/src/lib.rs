@@ -211,7 +211,7 @@ pub async fn download(url: &str) -> Vec<u8> {
 pub async fn stored_keys(stack: &LocalStack, prefix: &str) -> Vec<String> {
     let listed = stack
         .clients
-        .s3
+        .s3()
         .list_objects_v2()
         .bucket(&stack.resources.artifacts_bucket)
         .prefix(prefix)

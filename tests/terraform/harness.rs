@@ -236,7 +236,7 @@ pub async fn resolve_env(deploy: &Deploy, name: &str, prefix: &str, stack: &Loca
         let resolved = match value.strip_prefix('@').and_then(|r| r.split_once(':')) {
             Some(("queue_url", queue)) => {
                 let queue = format!("{prefix}-{queue}");
-                let answer = stack.clients.sqs.get_queue_url().queue_name(&queue).send().await;
+                let answer = stack.clients.sqs().get_queue_url().queue_name(&queue).send().await;
                 answer
                     .unwrap_or_else(|e| panic!("{name}: the local stack has no queue {queue}: {e:?}"))
                     .queue_url

@@ -45,58 +45,39 @@ impl ApiError {
 impl From<AppError> for ApiError {
     fn from(err: AppError) -> Self {
         use StatusCode as S;
-        match err {
-            AppError::Input(input) => {
-                let status = match input.kind {
-                    InputErrorKind::InvalidValue | InputErrorKind::UnknownModel => S::UNPROCESSABLE_ENTITY,
-                    _ => S::BAD_REQUEST,
-                };
-                Self {
-                    status,
-                    code: input.kind.code(),
-                    message: input.message,
-                    field: input.field,
-                    headers: Vec::new(),
-                }
+        let status = match &err {
+            AppError::Input(input) => match input.kind {
+                InputErrorKind::InvalidValue | InputErrorKind::UnknownModel => S::UNPROCESSABLE_ENTITY,
+                _ => S::BAD_REQUEST,
+            },
+            AppError::Unauthorized(_) => S::UNAUTHORIZED,
+            AppError::NotFound(_) => S::NOT_FOUND,
+            AppError::AlreadyFinished { .. } => S::CONFLICT,
+            AppError::IdempotencyMismatch => S::UNPROCESSABLE_ENTITY,
+            AppError::QuotaExceeded { .. } | AppError::RateLimited { .. } => S::TOO_MANY_REQUESTS,
+            AppError::QueueUnavailable(_) | AppError::Contention | AppError::Port(PortError::Unavailable { .. }) => {
+                S::SERVICE_UNAVAILABLE
             }
-            AppError::Unauthorized(message) => ApiError::new(S::UNAUTHORIZED, "unauthorized", message)
-                .with_field("Authorization")
-                .with_header(header::WWW_AUTHENTICATE, "Bearer"),
-            AppError::NotFound(_) => ApiError::new(S::NOT_FOUND, "not_found", err.to_string()).with_field("id"),
-            AppError::AlreadyFinished { .. } => ApiError::new(S::CONFLICT, "already_finished", err.to_string()),
-            AppError::IdempotencyMismatch => {
-                ApiError::new(S::UNPROCESSABLE_ENTITY, "idempotency_key_reused", err.to_string())
-                    .with_field("Idempotency-Key")
-            }
-            AppError::QueueUnavailable(ref source) => {
-                warn!(error = %source, "job queue unavailable");
-                ApiError::new(S::SERVICE_UNAVAILABLE, "queue_unavailable", err.to_string())
-                    .with_header(header::RETRY_AFTER, "1")
-            }
-            AppError::QuotaExceeded { .. } => ApiError::new(S::TOO_MANY_REQUESTS, "quota_exceeded", err.to_string()),
-            AppError::RateLimited { retry_after_secs, .. } => {
-                ApiError::new(S::TOO_MANY_REQUESTS, "rate_limited", err.to_string())
-                    .with_header(header::RETRY_AFTER, retry_after_secs.to_string())
-            }
-            AppError::Contention => ApiError::new(S::SERVICE_UNAVAILABLE, "contention", err.to_string())
-                .with_header(header::RETRY_AFTER, "1"),
+            AppError::Port(PortError::Corrupt { .. }) | AppError::Transition(_) => S::INTERNAL_SERVER_ERROR,
+        };
+        match &err {
+            AppError::QueueUnavailable(source) => warn!(error = %source, "job queue unavailable"),
             AppError::Port(PortError::Unavailable { backend, source }) => {
-                error!(backend, error = %source, "backend unavailable");
-                ApiError::new(
-                    S::SERVICE_UNAVAILABLE,
-                    "backend_unavailable",
-                    format!("{backend} is unavailable; try again"),
-                )
-                .with_header(header::RETRY_AFTER, "1")
+                error!(backend, error = %source, "backend unavailable")
             }
-            AppError::Port(corrupt @ PortError::Corrupt { .. }) => {
-                error!(error = %corrupt, "corrupt stored data");
-                ApiError::new(S::INTERNAL_SERVER_ERROR, "internal", "internal error")
+            AppError::Port(PortError::Corrupt { .. }) => error!(error = %err, "corrupt stored data"),
+            AppError::Transition(transition) => error!(error = %transition, "illegal transition"),
+            _ => {}
+        }
+        let mut answer = ApiError::new(status, err.code(), err.client_message());
+        answer.field = err.field().map(str::to_owned);
+        match &err {
+            AppError::Unauthorized(_) => answer.with_header(header::WWW_AUTHENTICATE, "Bearer"),
+            AppError::RateLimited { retry_after_secs, .. } => {
+                answer.with_header(header::RETRY_AFTER, retry_after_secs.to_string())
             }
-            AppError::Transition(transition) => {
-                error!(error = %transition, "illegal transition");
-                ApiError::new(S::INTERNAL_SERVER_ERROR, "internal", "internal error")
-            }
+            _ if status == S::SERVICE_UNAVAILABLE => answer.with_header(header::RETRY_AFTER, "1"),
+            _ => answer,
         }
     }
 }

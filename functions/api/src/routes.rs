@@ -2,19 +2,16 @@
 
 use http::{Method, Response, StatusCode, header};
 use kiln_app::{
-    Authenticator, Disposition, JobRuns, Jobs, Tenant, Webhooks,
-    ports::{ArtifactLinks, JobQueue, JobStore, ModelCatalog, SecretStore, TenantDirectory, WebhookQueue},
-};
-use kiln_aws::{
-    AwsClients, DynamoJobStore, DynamoModelCatalog, DynamoTenants, S3ArtifactLinks, SqsJobQueue, SqsWebhookQueue,
+    Authenticator, Disposition, Jobs, Ports, Tenant, Webhooks, inbox, ports::ArtifactLinks, views::JobView,
 };
 use kiln_domain::{InputError, InputErrorKind, JobId, JobStatus};
+use kiln_lambda::FunctionConfig;
 use lambda_http::{Body, Request, RequestExt};
 use serde::Serialize;
 use std::sync::Arc;
-use tracing::{Instrument, info_span};
+use tracing::{Instrument, field, info_span};
 
-use crate::{config::ApiConfig, error::ApiError, views::JobView};
+use crate::error::ApiError;
 
 /// A route of the API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +87,20 @@ pub enum Function {
 }
 
 impl Function {
+    /// The function's name in `terraform/functions.json` (and its binary's).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SubmitJob => "submit-job",
+            Self::GetJob => "get-job",
+            Self::ListJobs => "list-jobs",
+            Self::CancelJob => "cancel-job",
+            Self::ListModels => "list-models",
+            Self::WebhookSecret => "webhook-secret",
+            Self::CreateUpload => "create-upload",
+            Self::All => "kiln-local",
+        }
+    }
+
     fn serves(self, route: &Route) -> bool {
         matches!(
             (self, route),
@@ -108,7 +119,6 @@ impl Function {
 /// The API's state: the use cases and the settings of the HTTP layer.
 pub struct Api {
     jobs: Jobs,
-    runs: JobRuns,
     auth: Authenticator,
     webhooks: Webhooks,
     links: Arc<dyn ArtifactLinks>,
@@ -118,59 +128,21 @@ pub struct Api {
 /// How long an upload link from `POST /v1/uploads` stays valid.
 const UPLOAD_LINK_TTL: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 
-/// The ports the API runs on.
-pub struct Ports {
-    pub store: Arc<dyn JobStore>,
-    pub queue: Arc<dyn JobQueue>,
-    pub catalog: Arc<dyn ModelCatalog>,
-    pub links: Arc<dyn ArtifactLinks>,
-    pub tenants: Arc<dyn TenantDirectory>,
-    pub webhook_queue: Arc<dyn WebhookQueue>,
-    pub secrets: Arc<dyn SecretStore>,
-}
-
-impl Ports {
-    /// The AWS implementations, on the resources named in `config`.
-    pub fn aws(clients: &AwsClients, config: &ApiConfig) -> Self {
-        let r = &config.resources;
-        Self {
-            store: Arc::new(DynamoJobStore::new(clients.dynamodb.clone(), &r.jobs_table, &r.requests_table)),
-            queue: Arc::new(SqsJobQueue::new(clients.sqs.clone(), &r.job_queue_url)),
-            catalog: Arc::new(DynamoModelCatalog::new(clients.dynamodb.clone(), &r.models_table)),
-            links: Arc::new(S3ArtifactLinks::new(clients.s3.clone(), &r.artifacts_bucket)),
-            tenants: Arc::new(DynamoTenants::new(clients.dynamodb.clone(), &r.tenants_table)),
-            webhook_queue: Arc::new(SqsWebhookQueue::new(clients.sqs.clone(), &r.webhook_queue_url)),
-            secrets: Arc::new(DynamoTenants::new(clients.dynamodb.clone(), &r.tenants_table)),
-        }
-    }
-}
-
 impl Api {
-    pub fn new(ports: Ports, config: &ApiConfig) -> Self {
+    /// The API on `ports` (a function wires those its routes use: see [`crate::wiring`]).
+    pub fn new(ports: &Ports, config: &FunctionConfig) -> Self {
         Self {
-            runs: JobRuns::new(ports.store.clone()),
-            webhooks: Webhooks::new(ports.store.clone(), ports.webhook_queue, ports.secrets),
+            jobs: Jobs::new(ports, config.jobs_config()),
+            webhooks: Webhooks::new(ports),
             links: ports.links.clone(),
-            jobs: Jobs::new(ports.store, ports.queue, ports.catalog, ports.links, config.jobs_config()),
-            auth: Authenticator::new(ports.tenants),
+            auth: Authenticator::new(ports.tenants.clone()),
             max_body_bytes: config.max_body_bytes,
         }
     }
 
-    /// Builds the AWS clients and the API on them.
-    pub async fn from_config(config: &ApiConfig) -> Self {
-        let clients = AwsClients::connect(config.resources.endpoint_url.as_deref()).await;
-        Self::new(Ports::aws(&clients, config), config)
-    }
-
-    /// The use cases, for callers that are not HTTP (the sweeper, the demo).
+    /// The job use cases, for callers that are not HTTP (the demo, tests).
     pub fn jobs(&self) -> &Jobs {
         &self.jobs
-    }
-
-    /// The job-record operations of render runs (for the dead-letter handler).
-    pub fn runs(&self) -> &JobRuns {
-        &self.runs
     }
 
     /// Answers one request. Never fails: every error becomes an error response.
@@ -179,7 +151,15 @@ impl Api {
             raw if !raw.is_empty() => raw.to_owned(),
             _ => request.uri().path().to_owned(),
         };
-        let span = info_span!("request", method = %request.method(), path = %path, tenant_id = tracing::field::Empty, status = tracing::field::Empty);
+        let span = info_span!(
+            "request",
+            function = ?function,
+            method = %request.method(),
+            path = %path,
+            tenant_id = field::Empty,
+            job_id = field::Empty,
+            status = field::Empty,
+        );
         async {
             let response = match self.route(function, &path, &request).await {
                 Ok(response) => response,
@@ -209,10 +189,12 @@ impl Api {
             Route::SubmitJob => self.submit(&tenant, request).await,
             Route::ListJobs => self.list(&tenant, request).await,
             Route::GetJob(id) => {
+                tracing::Span::current().record("job_id", id.as_str());
                 let read = self.jobs.get(&tenant, &id).await?;
                 json(StatusCode::OK, &JobView::with_links(&read))
             }
             Route::CancelJob(id) => {
+                tracing::Span::current().record("job_id", id.as_str());
                 let job = self.jobs.cancel(&tenant, &id).await?;
                 let status = if job.status == JobStatus::Canceled { StatusCode::OK } else { StatusCode::ACCEPTED };
                 json(status, &JobView::new(&job, &[]))
@@ -297,13 +279,13 @@ impl Api {
             .get("name")
             .and_then(|n| n.as_str())
             .ok_or_else(|| ApiError::from(kiln_app::AppError::from(InputError::missing("name"))))?;
-        if !crate::inbox::valid_name(name) {
+        if !inbox::valid_name(name) {
             return Err(invalid(&format!(
                 "must be 1 to {} of A-Z a-z 0-9 . _ - and not start with a dot",
-                crate::inbox::MAX_NAME_LEN
+                inbox::MAX_NAME_LEN
             )));
         }
-        let key = format!("inbox/{}/{name}.json", tenant.id);
+        let key = inbox::inbox_key(&tenant.id, name);
         let link = self
             .links
             .presign_put(&key, "application/json", UPLOAD_LINK_TTL)
@@ -314,7 +296,7 @@ impl Api {
             &serde_json::json!({
                 "name": name, "method": "PUT", "url": link.url, "expires_at": link.expires_at,
                 "headers": {"content-type": "application/json"}, "key": key,
-                "outbox": crate::inbox::outbox_prefix(&tenant.id, name),
+                "outbox": inbox::outbox_prefix(&tenant.id, name),
             }),
         )
     }

@@ -40,3 +40,50 @@ pub enum AppError {
     #[error(transparent)]
     Transition(#[from] IllegalTransition),
 }
+
+impl AppError {
+    /// The stable machine-readable code clients see (`{"error": {"code": ...}}` from the API,
+    /// and the inbox's `error.json`), part of the API contract.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Input(input) => input.kind.code(),
+            Self::Unauthorized(_) => "unauthorized",
+            Self::NotFound(_) => "not_found",
+            Self::AlreadyFinished { .. } => "already_finished",
+            Self::IdempotencyMismatch => "idempotency_key_reused",
+            Self::QueueUnavailable(_) => "queue_unavailable",
+            Self::QuotaExceeded { .. } => "quota_exceeded",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Contention => "contention",
+            Self::Port(PortError::Unavailable { .. }) => "backend_unavailable",
+            Self::Port(PortError::Corrupt { .. }) | Self::Transition(_) => "internal",
+        }
+    }
+
+    /// The field (or header) the client should fix, when there is one.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::Input(input) => input.field.as_deref(),
+            Self::Unauthorized(_) => Some("Authorization"),
+            Self::NotFound(_) => Some("id"),
+            Self::IdempotencyMismatch => Some("Idempotency-Key"),
+            _ => None,
+        }
+    }
+
+    /// What a client is told: the message, without internals for our own faults.
+    pub fn client_message(&self) -> String {
+        match self {
+            Self::Port(PortError::Unavailable { backend, .. }) => format!("{backend} is unavailable; try again"),
+            Self::Port(PortError::Corrupt { .. }) | Self::Transition(_) => "internal error".to_owned(),
+            Self::Input(input) => input.message.clone(),
+            other => other.to_string(),
+        }
+    }
+
+    /// Our side failed (a backend, contention, corrupt data): the same request may succeed
+    /// later, and nothing about it is the client's to fix.
+    pub fn is_ours(&self) -> bool {
+        matches!(self, Self::QueueUnavailable(_) | Self::Contention | Self::Port(_) | Self::Transition(_))
+    }
+}

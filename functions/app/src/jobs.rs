@@ -23,6 +23,7 @@ use crate::{
         PresignedUrl,
     },
     revise::{Change, revise},
+    wiring::Ports,
 };
 
 /// Settings of the job use cases.
@@ -98,14 +99,16 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    pub fn new(
-        store: Arc<dyn JobStore>,
-        queue: Arc<dyn JobQueue>,
-        catalog: Arc<dyn ModelCatalog>,
-        links: Arc<dyn ArtifactLinks>,
-        config: JobsConfig,
-    ) -> Self {
-        Self { store, queue, catalog, links, config, models: Mutex::new(None) }
+    /// The job use cases on the store, the job queue, the catalog and the links of `ports`.
+    pub fn new(ports: &Ports, config: JobsConfig) -> Self {
+        Self {
+            store: ports.store.clone(),
+            queue: ports.queue.clone(),
+            catalog: ports.catalog.clone(),
+            links: ports.links.clone(),
+            config,
+            models: Mutex::new(None),
+        }
     }
 
     /// Accepts a job: validates the body against its model, then answers from the cache, joins
@@ -139,7 +142,6 @@ impl Jobs {
                 return Ok(Change::Keep(()));
             }
             job.outboxes.push(outbox.to_owned());
-            job.revision += 1;
             Ok(Change::Write(()))
         })
         .await?;
@@ -246,14 +248,20 @@ impl Jobs {
             return Ok(Submitted { job, disposition: Disposition::Created });
         };
         warn!(job_id = %job.id, error = %error, "enqueue failed; failing the job");
-        job.fail(JobErrorCode::EnqueueFailed, "the job could not be queued; submit it again", Utc::now())?;
         // If these writes fail too, the job stays queued without a message and the expiry
         // sweep ends it when its time to live runs out.
-        match self.store.update(&job).await {
-            Ok(_) => {}
-            Err(err) => {
-                warn!(job_id = %job.id, error = %err, "could not mark the unqueued job failed")
+        let failed = revise(&*self.store, job.clone(), |job| {
+            if job.status != JobStatus::Queued {
+                return Ok(Change::Keep(()));
             }
+            job.fail(JobErrorCode::EnqueueFailed, "the job could not be queued; submit it again", Utc::now())?;
+            Ok(Change::Write(()))
+        })
+        .await;
+        match failed {
+            Ok(Some((stored, ()))) => job = stored,
+            Ok(None) => {}
+            Err(err) => warn!(job_id = %job.id, error = %err, "could not mark the unqueued job failed"),
         }
         if let Err(err) = self.store.release_keys(&job, idempotency.map(|r| r.key.as_str())).await {
             warn!(job_id = %job.id, error = %err, "could not release the unqueued job's keys");
@@ -382,8 +390,17 @@ impl Jobs {
     /// Expires queued jobs whose time to live has passed. Returns how many it expired.
     pub async fn expire_overdue(&self, now: DateTime<Utc>, batch: u32) -> Result<usize, AppError> {
         let mut expired = 0;
-        for mut job in self.store.queued_expired_by(now, batch).await? {
-            if job.transition(JobStatus::Expired, now).is_ok() && self.store.update(&job).await? {
+        for job in self.store.queued_expired_by(now, batch).await? {
+            let outcome = revise(&*self.store, job, |job| {
+                // A runner may have started it since the index was read: then it stays.
+                if job.status != JobStatus::Queued || job.expires_at > now {
+                    return Ok(Change::Keep(false));
+                }
+                job.transition(JobStatus::Expired, now)?;
+                Ok(Change::Write(true))
+            })
+            .await?;
+            if let Some((job, true)) = outcome {
                 info!(job_id = %job.id, "job expired before any runner started it");
                 expired += 1;
             }

@@ -7,7 +7,7 @@ use kiln_domain::{CacheKey, Job, JobId, JobStatus, ModelSpec, TenantId};
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -18,8 +18,10 @@ use crate::{
     messages::JobMessage,
     ports::{
         ArtifactLinks, ArtifactStore, CacheClaim, Delivery, IdempotencyRecord, InsertOutcome, JobPage, JobQueue,
-        JobStore, ModelCatalog, PortError, PresignedUrl, TenantDirectory, WorkQueue,
+        JobStore, ModelCatalog, ObjectError, ObjectStore, PortError, PresignedUrl, SecretSet, SecretStore,
+        TenantDirectory, WebhookQueue, WorkQueue,
     },
+    wiring::Ports,
 };
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -383,10 +385,11 @@ impl WorkQueue for MemoryWorkQueue {
     }
 }
 
-/// Artifacts in a map.
+/// Artifacts (and any other objects of the bucket, such as inbox uploads) in a map.
 #[derive(Default)]
 pub struct MemoryArtifacts {
     objects: Mutex<HashMap<String, (String, bytes::Bytes)>>,
+    failing: AtomicBool,
 }
 
 impl MemoryArtifacts {
@@ -400,12 +403,146 @@ impl MemoryArtifacts {
         keys.sort();
         keys
     }
+
+    /// While set, every write and copy fails as an unreachable S3 would.
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), PortError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(PortError::unavailable("s3", "the object store is unavailable (test)"));
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl ArtifactStore for MemoryArtifacts {
     async fn put(&self, key: &str, content_type: &str, body: bytes::Bytes) -> Result<(), PortError> {
+        self.check()?;
         lock(&self.objects).insert(key.to_owned(), (content_type.to_owned(), body));
         Ok(())
+    }
+}
+
+#[async_trait]
+impl ObjectStore for MemoryArtifacts {
+    async fn get(&self, key: &str, _version: Option<&str>, limit: usize) -> Result<Option<bytes::Bytes>, ObjectError> {
+        self.check()?;
+        match lock(&self.objects).get(key) {
+            Some((_, body)) if body.len() > limit => Err(ObjectError::TooLarge { limit }),
+            Some((_, body)) => Ok(Some(body.clone())),
+            None => Ok(None),
+        }
+    }
+
+    async fn copy(&self, from: &str, to: &str) -> Result<(), PortError> {
+        self.check()?;
+        let mut objects = lock(&self.objects);
+        let object =
+            objects.get(from).cloned().ok_or_else(|| PortError::unavailable("s3", format!("no object {from}")))?;
+        objects.insert(to.to_owned(), object);
+        Ok(())
+    }
+}
+
+/// The webhook queue: what was sent, and the delays set on received events.
+#[derive(Default)]
+pub struct MemoryWebhookQueue {
+    sent: Mutex<Vec<kiln_domain::JobEvent>>,
+    delays: Mutex<Vec<(String, Duration)>>,
+    failing: AtomicBool,
+}
+
+impl MemoryWebhookQueue {
+    pub fn sent(&self) -> Vec<kiln_domain::JobEvent> {
+        lock(&self.sent).clone()
+    }
+
+    /// `(receipt, delay)` for every [`WebhookQueue::delay`] call, in order.
+    pub fn delays(&self) -> Vec<(String, Duration)> {
+        lock(&self.delays).clone()
+    }
+
+    /// While set, sends fail as an unreachable SQS would.
+    pub fn set_failing(&self, failing: bool) {
+        self.failing.store(failing, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl WebhookQueue for MemoryWebhookQueue {
+    async fn send(&self, event: &kiln_domain::JobEvent) -> Result<(), PortError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(PortError::unavailable("sqs", "the webhook queue is unavailable (test)"));
+        }
+        lock(&self.sent).push(event.clone());
+        Ok(())
+    }
+
+    async fn delay(&self, receipt: &str, delay: Duration) -> Result<(), PortError> {
+        lock(&self.delays).push((receipt.to_owned(), delay));
+        Ok(())
+    }
+}
+
+/// Tenants' webhook secrets in a map, with the same versioned writes as the table.
+#[derive(Default)]
+pub struct MemorySecrets {
+    sets: Mutex<HashMap<TenantId, SecretSet>>,
+}
+
+#[async_trait]
+impl SecretStore for MemorySecrets {
+    async fn secrets(&self, tenant: &TenantId) -> Result<Option<SecretSet>, PortError> {
+        Ok(lock(&self.sets).get(tenant).cloned())
+    }
+
+    async fn put_secrets(&self, tenant: &TenantId, set: &SecretSet) -> Result<bool, PortError> {
+        let mut sets = lock(&self.sets);
+        let stored = sets.get(tenant).map_or(0, |s| s.version);
+        if stored + 1 != set.version {
+            return Ok(false);
+        }
+        sets.insert(tenant.clone(), set.clone());
+        Ok(true)
+    }
+}
+
+/// One of each in-memory port, kept typed so tests can look inside, and wired as [`Ports`].
+#[derive(Clone, Default)]
+pub struct MemoryPorts {
+    pub store: Arc<MemoryJobStore>,
+    pub queue: Arc<MemoryQueue>,
+    pub work_queue: Arc<MemoryWorkQueue>,
+    pub catalog: Arc<MemoryCatalog>,
+    pub tenants: Arc<MemoryTenants>,
+    pub secrets: Arc<MemorySecrets>,
+    pub webhook_queue: Arc<MemoryWebhookQueue>,
+    pub links: Arc<MemoryLinks>,
+    pub artifacts: Arc<MemoryArtifacts>,
+}
+
+impl MemoryPorts {
+    /// In-memory ports serving `models`.
+    pub fn with_models(models: Vec<ModelSpec>) -> Self {
+        Self { catalog: Arc::new(MemoryCatalog::with(models)), ..Self::default() }
+    }
+
+    /// Every port wired to these.
+    pub fn ports(&self) -> Ports {
+        Ports {
+            store: self.store.clone(),
+            queue: self.queue.clone(),
+            work_queue: self.work_queue.clone(),
+            catalog: self.catalog.clone(),
+            tenants: self.tenants.clone(),
+            secrets: self.secrets.clone(),
+            webhook_queue: self.webhook_queue.clone(),
+            links: self.links.clone(),
+            artifacts: self.artifacts.clone(),
+            objects: self.artifacts.clone(),
+        }
     }
 }

@@ -196,6 +196,16 @@ pub trait ArtifactStore: Send + Sync {
 #[async_trait]
 pub trait WebhookQueue: Send + Sync {
     async fn send(&self, event: &kiln_domain::JobEvent) -> Result<(), PortError>;
+    /// Hides a received event until `delay` from now (its next attempt); zero hands it back at
+    /// once, which lets the queue's redrive move an exhausted one to the dead-letter queue.
+    async fn delay(&self, receipt: &str, delay: Duration) -> Result<(), PortError>;
+}
+
+/// Sends one webhook attempt over the network (signed, guarded, timed out) and says what came
+/// of it. Never fails: every problem is an [`Attempt`](kiln_webhooks::Attempt) with a failure.
+#[async_trait]
+pub trait WebhookTransport: Send + Sync {
+    async fn deliver(&self, request: &kiln_webhooks::DeliveryRequest) -> kiln_webhooks::Attempt;
 }
 
 /// A tenant's webhook signing secrets, newest first. Older ones stay valid (and are signed with

@@ -2,7 +2,8 @@
 //! ([`JobStore::update`]), so two writers never overwrite each other; the one that loses the
 //! race re-reads the job and applies its change again to the job as it is now. The API
 //! (cancel, inbox outboxes), the runner (progress, results) and the webhook deliverer (attempts)
-//! all change jobs this one way.
+//! all change jobs this one way, and only here is a job's `revision` set (the store's
+//! condition).
 
 use kiln_domain::Job;
 
@@ -14,7 +15,8 @@ const MAX_RACES: usize = 8;
 
 /// What a change made of the job it was handed.
 pub(crate) enum Change<T> {
-    /// Write the changed job (its revision bumped by the change), then answer `T`.
+    /// Write the changed job, then answer `T`. The change leaves `revision` alone: [`revise`]
+    /// sets it, so no change can forget to (which would only show as endless lost races).
     Write(T),
     /// Nothing to write: answer `T` with the job as it was handed over.
     Keep(T),
@@ -33,6 +35,7 @@ pub(crate) async fn revise<T>(
         match change(&mut next)? {
             Change::Keep(answer) => return Ok(Some((current, answer))),
             Change::Write(answer) => {
+                next.revision = current.revision + 1;
                 if store.update(&next).await? {
                     return Ok(Some((next, answer)));
                 }

@@ -14,6 +14,7 @@ use crate::{
     AppError,
     ports::{JobStore, SecretSet, SecretStore, StoredSecret, WebhookQueue},
     revise::{Change, revise_stored},
+    wiring::Ports,
 };
 
 const MAX_RACES: usize = 8;
@@ -46,8 +47,14 @@ pub struct Webhooks {
 }
 
 impl Webhooks {
-    pub fn new(store: Arc<dyn JobStore>, queue: Arc<dyn WebhookQueue>, secrets: Arc<dyn SecretStore>) -> Self {
-        Self { store, queue, secrets, rotation_overlap: Duration::hours(24) }
+    /// The webhook use cases on the store, the webhook queue and the secrets of `ports`.
+    pub fn new(ports: &Ports) -> Self {
+        Self {
+            store: ports.store.clone(),
+            queue: ports.webhook_queue.clone(),
+            secrets: ports.secrets.clone(),
+            rotation_overlap: Duration::hours(24),
+        }
     }
 
     /// Queues the events the change from `before` to `after` raises. Returns how many.
@@ -119,7 +126,6 @@ impl Webhooks {
             let mut record = job.webhook_delivery.take().unwrap_or_default();
             apply(&mut record, attempt);
             job.webhook_delivery = Some(record);
-            job.revision += 1;
             Ok(Change::Write(()))
         })
         .await?;

@@ -3,7 +3,7 @@
 use chrono::Utc;
 use kiln_app::{
     AppError, Disposition, Jobs, JobsConfig, Tenant, TenantLimits,
-    memory::{MemoryCatalog, MemoryJobStore, MemoryLinks, MemoryQueue},
+    memory::{MemoryJobStore, MemoryPorts, MemoryQueue},
     ports::JobStore,
 };
 use kiln_domain::{InputErrorKind, JobErrorCode, JobStatus, ModelSpec, Output, TenantId};
@@ -29,16 +29,9 @@ struct World {
 }
 
 fn world() -> World {
-    let store = Arc::new(MemoryJobStore::default());
-    let queue = Arc::new(MemoryQueue::default());
-    let jobs = Jobs::new(
-        store.clone(),
-        queue.clone(),
-        Arc::new(MemoryCatalog::with(vec![demo_model()])),
-        Arc::new(MemoryLinks),
-        JobsConfig::default(),
-    );
-    World { jobs, store, queue }
+    let memory = MemoryPorts::with_models(vec![demo_model()]);
+    let jobs = Jobs::new(&memory.ports(), JobsConfig::default());
+    World { jobs, store: memory.store, queue: memory.queue }
 }
 
 fn tenant(id: &str) -> Tenant {
@@ -51,8 +44,10 @@ const FOX: &[u8] = br#"{"model":"demo","prompt":"a fox"}"#;
 async fn finish(world: &World, id: &kiln_domain::JobId, to: JobStatus) {
     let mut job = world.store.get(id).await.unwrap().unwrap();
     job.transition(JobStatus::Running, Utc::now()).unwrap();
+    job.revision += 1;
     assert!(world.store.update(&job).await.unwrap());
     job.transition(to, Utc::now()).unwrap();
+    job.revision += 1;
     if to == JobStatus::Succeeded {
         job.outputs.push(Output { key: job.output_key("png"), content_type: "image/png".into(), bytes: 10 });
     }
@@ -202,6 +197,7 @@ async fn cancel_queued_running_and_finished_jobs() {
     let running = world.jobs.submit(&a, br#"{"model":"demo","prompt":"b"}"#, None).await.unwrap().job;
     let mut job = world.store.get(&running.id).await.unwrap().unwrap();
     job.transition(JobStatus::Running, Utc::now()).unwrap();
+    job.revision += 1;
     world.store.update(&job).await.unwrap();
     let flagged = world.jobs.cancel(&a, running.id.as_str()).await.unwrap();
     assert_eq!((flagged.status, flagged.cancel_requested), (JobStatus::Running, true));
@@ -332,18 +328,11 @@ async fn a_tenant_over_its_rate_is_told_when_to_come_back() {
 
 #[tokio::test]
 async fn tenants_without_limits_of_their_own_get_the_deployments() {
-    let store = Arc::new(MemoryJobStore::default());
     let config = JobsConfig {
         default_limits: TenantLimits { max_active_jobs: 1, jobs_per_minute: 100 },
         ..JobsConfig::default()
     };
-    let jobs = Jobs::new(
-        store,
-        Arc::new(MemoryQueue::default()),
-        Arc::new(MemoryCatalog::with(vec![demo_model()])),
-        Arc::new(MemoryLinks),
-        config,
-    );
+    let jobs = Jobs::new(&MemoryPorts::with_models(vec![demo_model()]).ports(), config);
     jobs.submit(&tenant("a"), &fox(1), None).await.unwrap();
     let refused = jobs.submit(&tenant("a"), &fox(2), None).await.unwrap_err();
     assert!(matches!(refused, AppError::QuotaExceeded { limit: 1 }), "{refused:?}");

@@ -4,7 +4,7 @@
 use chrono::Utc;
 use kiln_app::{
     JobRuns, Jobs, JobsConfig, SkipReason, Start, Tenant, Written,
-    memory::{MemoryCatalog, MemoryJobStore, MemoryLinks, MemoryQueue},
+    memory::{MemoryJobStore, MemoryPorts},
     ports::JobStore,
 };
 use kiln_domain::{Job, JobErrorCode, JobId, JobStatus, ModelSpec, Output, TenantId, Timings};
@@ -23,14 +23,9 @@ struct World {
 }
 
 async fn world_with_job() -> (World, JobId) {
-    let store = Arc::new(MemoryJobStore::default());
-    let jobs = Jobs::new(
-        store.clone(),
-        Arc::new(MemoryQueue::default()),
-        Arc::new(MemoryCatalog::with(vec![demo_model()])),
-        Arc::new(MemoryLinks),
-        JobsConfig::default(),
-    );
+    let memory = MemoryPorts::with_models(vec![demo_model()]);
+    let store = memory.store.clone();
+    let jobs = Jobs::new(&memory.ports(), JobsConfig::default());
     let tenant = Tenant { id: TenantId::parse("acme").unwrap(), name: "Acme".into(), disabled: false, limits: None };
     let id = jobs.submit(&tenant, br#"{"model":"kiln-demo","prompt":"a fox"}"#, None).await.unwrap().job.id;
     (World { jobs, runs: JobRuns::new(store.clone()), store, tenant }, id)

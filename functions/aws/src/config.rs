@@ -3,6 +3,8 @@
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_dynamodb::config::Credentials;
 
+use std::sync::{Arc, OnceLock};
+
 use crate::counting::AwsCallCounters;
 
 /// The names of the platform's AWS resources, as terraform passes them to every function.
@@ -68,12 +70,22 @@ pub async fn load_sdk_config(endpoint_url: Option<&str>) -> SdkConfig {
     loader.load().await
 }
 
-/// The three clients, built once from one configuration.
+/// The AWS clients of a process, each built from one SDK configuration on first use: a function
+/// that never calls S3 never builds (nor links) the S3 client.
 #[derive(Clone, Debug)]
 pub struct AwsClients {
-    pub dynamodb: aws_sdk_dynamodb::Client,
-    pub sqs: aws_sdk_sqs::Client,
-    pub s3: aws_sdk_s3::Client,
+    inner: Arc<Clients>,
+}
+
+#[derive(Debug)]
+struct Clients {
+    sdk: SdkConfig,
+    /// moto serves every bucket under one host, so buckets are addressed by path there.
+    path_style: bool,
+    counters: Option<AwsCallCounters>,
+    dynamodb: OnceLock<aws_sdk_dynamodb::Client>,
+    sqs: OnceLock<aws_sdk_sqs::Client>,
+    s3: OnceLock<aws_sdk_s3::Client>,
 }
 
 impl AwsClients {
@@ -83,24 +95,52 @@ impl AwsClients {
 
     /// Clients that count every request they send.
     pub async fn connect_counting(endpoint_url: Option<&str>, counters: &AwsCallCounters) -> Self {
-        Self::build(endpoint_url, Some(counters)).await
+        Self::build(endpoint_url, Some(counters.clone())).await
     }
 
-    async fn build(endpoint_url: Option<&str>, counters: Option<&AwsCallCounters>) -> Self {
+    async fn build(endpoint_url: Option<&str>, counters: Option<AwsCallCounters>) -> Self {
         let sdk = load_sdk_config(endpoint_url).await;
-        let mut dynamodb = aws_sdk_dynamodb::config::Builder::from(&sdk);
-        let mut sqs = aws_sdk_sqs::config::Builder::from(&sdk);
-        // moto serves every bucket under one host, so address buckets by path there.
-        let mut s3 = aws_sdk_s3::config::Builder::from(&sdk).force_path_style(endpoint_url.is_some());
-        if let Some(counters) = counters {
-            dynamodb = dynamodb.interceptor(counters.dynamodb.clone());
-            sqs = sqs.interceptor(counters.sqs.clone());
-            s3 = s3.interceptor(counters.s3.clone());
-        }
-        Self {
-            dynamodb: aws_sdk_dynamodb::Client::from_conf(dynamodb.build()),
-            sqs: aws_sdk_sqs::Client::from_conf(sqs.build()),
-            s3: aws_sdk_s3::Client::from_conf(s3.build()),
-        }
+        let clients = Clients {
+            sdk,
+            path_style: endpoint_url.is_some(),
+            counters,
+            dynamodb: OnceLock::new(),
+            sqs: OnceLock::new(),
+            s3: OnceLock::new(),
+        };
+        Self { inner: Arc::new(clients) }
+    }
+
+    pub fn dynamodb(&self) -> &aws_sdk_dynamodb::Client {
+        let c = &self.inner;
+        c.dynamodb.get_or_init(|| {
+            let mut config = aws_sdk_dynamodb::config::Builder::from(&c.sdk);
+            if let Some(counters) = &c.counters {
+                config = config.interceptor(counters.dynamodb.clone());
+            }
+            aws_sdk_dynamodb::Client::from_conf(config.build())
+        })
+    }
+
+    pub fn sqs(&self) -> &aws_sdk_sqs::Client {
+        let c = &self.inner;
+        c.sqs.get_or_init(|| {
+            let mut config = aws_sdk_sqs::config::Builder::from(&c.sdk);
+            if let Some(counters) = &c.counters {
+                config = config.interceptor(counters.sqs.clone());
+            }
+            aws_sdk_sqs::Client::from_conf(config.build())
+        })
+    }
+
+    pub fn s3(&self) -> &aws_sdk_s3::Client {
+        let c = &self.inner;
+        c.s3.get_or_init(|| {
+            let mut config = aws_sdk_s3::config::Builder::from(&c.sdk).force_path_style(c.path_style);
+            if let Some(counters) = &c.counters {
+                config = config.interceptor(counters.s3.clone());
+            }
+            aws_sdk_s3::Client::from_conf(config.build())
+        })
     }
 }

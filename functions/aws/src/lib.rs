@@ -11,6 +11,7 @@ pub mod links;
 pub mod provision;
 pub mod queue;
 pub mod tenants;
+pub mod wiring;
 
 pub use artifacts::S3ArtifactStore;
 pub use catalog::DynamoModelCatalog;
@@ -20,6 +21,7 @@ pub use jobs::DynamoJobStore;
 pub use links::S3ArtifactLinks;
 pub use queue::{SqsJobQueue, SqsWebhookQueue, SqsWorkQueue};
 pub use tenants::DynamoTenants;
+pub use wiring::AwsPorts;
 
 use kiln_app::ports::PortError;
 

@@ -99,7 +99,7 @@ pub async fn provision(
     }
     for name in stack.buckets.keys() {
         let bucket = format!("{prefix}-{name}");
-        let result = clients.s3.create_bucket().bucket(&bucket).send().await;
+        let result = clients.s3().create_bucket().bucket(&bucket).send().await;
         if let Err(err) = result {
             let code = err.as_service_error().map(|e| e.meta().code().unwrap_or_default().to_owned());
             if !matches!(code.as_deref(), Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")) {
@@ -122,7 +122,7 @@ pub async fn provision(
 async fn create_table(clients: &AwsClients, name: &str, spec: &TableSpec) -> Result<(), ProvisionError> {
     let attribute_type = |t: &str| if t == "N" { ScalarAttributeType::N } else { ScalarAttributeType::S };
     let mut request = clients
-        .dynamodb
+        .dynamodb()
         .create_table()
         .table_name(name)
         .billing_mode(BillingMode::PayPerRequest)
@@ -164,7 +164,7 @@ async fn create_table(clients: &AwsClients, name: &str, spec: &TableSpec) -> Res
     }
     if let Some(attribute) = &spec.ttl_attribute {
         clients
-            .dynamodb
+            .dynamodb()
             .update_time_to_live()
             .table_name(name)
             .time_to_live_specification(
@@ -180,7 +180,7 @@ async fn create_table(clients: &AwsClients, name: &str, spec: &TableSpec) -> Res
 async fn create_queue(clients: &AwsClients, name: &str, spec: &QueueSpec) -> Result<String, ProvisionError> {
     let dlq_name = format!("{name}-dlq");
     let dlq_url = clients
-        .sqs
+        .sqs()
         .create_queue()
         .queue_name(&dlq_name)
         .attributes(QueueAttributeName::MessageRetentionPeriod, spec.dead_letter.message_retention_seconds.to_string())
@@ -190,7 +190,7 @@ async fn create_queue(clients: &AwsClients, name: &str, spec: &QueueSpec) -> Res
         .queue_url
         .unwrap_or_default();
     let dlq_arn = clients
-        .sqs
+        .sqs()
         .get_queue_attributes()
         .queue_url(&dlq_url)
         .attribute_names(QueueAttributeName::QueueArn)
@@ -205,7 +205,7 @@ async fn create_queue(clients: &AwsClients, name: &str, spec: &QueueSpec) -> Res
         "maxReceiveCount": spec.dead_letter.max_receive_count.to_string(),
     });
     let url = clients
-        .sqs
+        .sqs()
         .create_queue()
         .queue_name(name)
         .attributes(QueueAttributeName::VisibilityTimeout, spec.visibility_timeout_seconds.to_string())

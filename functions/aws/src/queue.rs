@@ -134,10 +134,17 @@ impl SqsWebhookQueue {
     pub fn new(client: Client, queue_url: impl Into<String>) -> Self {
         Self { client, queue_url: queue_url.into() }
     }
+}
 
-    /// Hides a received message for `delay` (the retry backoff); a batch item failure then
-    /// leaves it to come back after that.
-    pub async fn delay(&self, receipt: &str, delay: std::time::Duration) -> Result<(), PortError> {
+#[async_trait]
+impl kiln_app::ports::WebhookQueue for SqsWebhookQueue {
+    async fn send(&self, event: &kiln_domain::JobEvent) -> Result<(), PortError> {
+        send_json(&self.client, &self.queue_url, event).await
+    }
+
+    /// Hides a received message for `delay` (the retry backoff; SQS allows at most 12 hours); a
+    /// batch item failure then leaves it to come back after that.
+    async fn delay(&self, receipt: &str, delay: std::time::Duration) -> Result<(), PortError> {
         self.client
             .change_message_visibility()
             .queue_url(&self.queue_url)
@@ -147,12 +154,5 @@ impl SqsWebhookQueue {
             .await
             .map_err(unavailable("sqs"))?;
         Ok(())
-    }
-}
-
-#[async_trait]
-impl kiln_app::ports::WebhookQueue for SqsWebhookQueue {
-    async fn send(&self, event: &kiln_domain::JobEvent) -> Result<(), PortError> {
-        send_json(&self.client, &self.queue_url, event).await
     }
 }

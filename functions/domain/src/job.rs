@@ -118,8 +118,9 @@ pub struct Job {
     /// How delivering the job's webhook events went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_delivery: Option<WebhookDelivery>,
-    /// Bumped by every change; stores write only when the stored revision is the one read, so
-    /// two writers racing on one job can never both win.
+    /// The number of writes the stored job has seen. Set by the one place that writes changes
+    /// (`kiln-app`'s `revise`), never by the changes themselves: stores write only when the
+    /// stored revision is the one read, so two writers racing on one job can never both win.
     pub revision: u64,
 }
 
@@ -190,7 +191,6 @@ impl Job {
             self.progress = 1.0;
         }
         self.status = to;
-        self.revision += 1;
         Ok(())
     }
 
@@ -213,14 +213,12 @@ impl Job {
             return false;
         }
         self.cancel_requested = true;
-        self.revision += 1;
         true
     }
 
     /// Records render progress (clamped to 0..1).
     pub fn set_progress(&mut self, progress: f32) {
         self.progress = progress.clamp(0.0, 1.0);
-        self.revision += 1;
     }
 
     /// Ends a running job as succeeded with its artifacts and the time each stage took (the
@@ -285,7 +283,8 @@ mod tests {
         job.transition(JobStatus::Running, start).unwrap();
         assert_eq!(job.attempts, 2, "a restart counts an attempt");
         job.transition(JobStatus::Succeeded, start).unwrap();
-        assert_eq!((job.progress, job.finished_at, job.revision), (1.0, Some(start), 3));
+        assert_eq!((job.progress, job.finished_at), (1.0, Some(start)));
+        assert_eq!(job.revision, 0, "changes leave the revision to the writer");
     }
 
     #[test]

@@ -245,7 +245,7 @@ async fn inbox_demo(running: &Running, http: &reqwest::Client, folder: &Path) ->
     let spec = json!({"model": "kiln-demo", "prompt": "a red lighthouse from the inbox", "seed": 21, "width": 256, "height": 256});
     http.put(url).header("content-type", "application/json").body(spec.to_string()).send().await?.error_for_status()?;
     println!("\nuploaded a job spec to {}; waiting for {}", link["key"], link["outbox"]);
-    let s3 = &running.stack.clients.s3;
+    let s3 = running.stack.clients.s3();
     let bucket = &running.stack.resources.artifacts_bucket;
     let outbox = link["outbox"].as_str().unwrap_or_default();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);

@@ -7,20 +7,22 @@
 //! - webhook queue → `deliver-webhooks`
 //! - bucket notification (`inbox/`, to an SQS queue here; straight to Lambda in AWS) → `inbox-trigger`
 
-use aws_lambda_events::sqs::SqsMessage;
+use aws_lambda_events::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use aws_sdk_dynamodbstreams::types::ShardIteratorType;
-use kiln_api::{deliver::Deliverer, inbox::Inbox, job_events::JobEvents};
-use kiln_aws::AwsClients;
+use chrono::Utc;
+use kiln_app::{changes::JobChanges, inbox::Inbox};
 use kiln_domain::Job;
+use kiln_lambda::LambdaEvent;
 use std::{future::Future, sync::Arc, time::Duration};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-/// Polls `queue_url` and hands each message to `handle`; deletes it when `handle` says done.
+/// What Lambda's SQS event source mapping does: polls `queue_url` for up to 10 messages, hands
+/// them to `handle` as one batch, and deletes the messages it did not report as failures.
 pub fn relay_queue<F, Fut>(sqs: aws_sdk_sqs::Client, queue_url: String, handle: F) -> JoinHandle<()>
 where
-    F: Fn(SqsMessage) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = bool> + Send,
+    F: Fn(SqsEvent) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = SqsBatchResponse> + Send,
 {
     tokio::spawn(async move {
         loop {
@@ -36,20 +38,19 @@ where
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             };
-            for message in received.messages.unwrap_or_default() {
-                let mut record = SqsMessage::default();
-                record.message_id = message.message_id.clone();
-                record.receipt_handle = message.receipt_handle.clone();
-                record.body = message.body.clone();
-                record.attributes = message
-                    .attributes
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(name, value)| (name.as_str().to_owned(), value))
-                    .collect();
-                if handle(record).await
-                    && let Some(receipt) = message.receipt_handle
-                {
+            let messages = received.messages.unwrap_or_default();
+            if messages.is_empty() {
+                continue;
+            }
+            let mut event = SqsEvent::default();
+            event.records = messages.iter().map(sqs_record).collect();
+            let failed = handle(event).await;
+            for message in messages {
+                let id = message.message_id.unwrap_or_default();
+                if failed.batch_item_failures.iter().any(|f| f.item_identifier == id) {
+                    continue;
+                }
+                if let Some(receipt) = message.receipt_handle {
                     let _ = sqs.delete_message().queue_url(&queue_url).receipt_handle(receipt).send().await;
                 }
             }
@@ -57,36 +58,78 @@ where
     })
 }
 
-/// The webhook queue → the delivery handler (a message it reports for later stays, hidden for
-/// the delay the handler set).
-pub fn relay_webhooks(clients: &AwsClients, queue_url: String, deliverer: Arc<Deliverer>) -> JoinHandle<()> {
-    relay_queue(clients.sqs.clone(), queue_url, move |message| {
-        let deliverer = deliverer.clone();
-        async move { matches!(deliverer.handle_message(&message).await, Ok(kiln_api::deliver::Handled::Finished)) }
+/// An SQS message as the Lambda event carries it.
+pub fn sqs_record(message: &aws_sdk_sqs::types::Message) -> SqsMessage {
+    let mut record = SqsMessage::default();
+    record.message_id = message.message_id.clone();
+    record.receipt_handle = message.receipt_handle.clone();
+    record.body = message.body.clone();
+    record.attributes = message
+        .attributes
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, value)| (name.as_str().to_owned(), value))
+        .collect();
+    record
+}
+
+/// An SQS-triggered function's handler, called as Lambda calls it (with its timeout).
+pub fn relay_function<S, F, Fut>(
+    sqs: aws_sdk_sqs::Client,
+    queue_url: String,
+    state: Arc<S>,
+    timeout: Duration,
+    handler: F,
+) -> JoinHandle<()>
+where
+    S: Send + Sync + 'static,
+    F: Fn(Arc<S>, LambdaEvent<SqsEvent>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<SqsBatchResponse, kiln_lambda::Error>> + Send,
+{
+    relay_queue(sqs, queue_url, move |event| {
+        let ids: Vec<String> = event.records.iter().filter_map(|r| r.message_id.clone()).collect();
+        let answer = handler(state.clone(), LambdaEvent::new(event, kiln_lambda::local_context(timeout)));
+        async move {
+            answer.await.unwrap_or_else(|err| {
+                warn!(error = %err, "invocation failed; every message comes back");
+                let mut all = SqsBatchResponse::default();
+                for id in ids {
+                    let mut failure = aws_lambda_events::sqs::BatchItemFailure::default();
+                    failure.item_identifier = id;
+                    all.batch_item_failures.push(failure);
+                }
+                all
+            })
+        }
     })
 }
 
-/// S3 notifications (delivered to an SQS queue by moto) → the inbox handler.
-pub fn relay_inbox(clients: &AwsClients, queue_url: String, inbox: Arc<Inbox>) -> JoinHandle<()> {
-    relay_queue(clients.sqs.clone(), queue_url, move |message| {
+/// S3 notifications (delivered to an SQS queue by moto) → the inbox handler; a notification
+/// whose handling failed comes back.
+pub fn relay_inbox(sqs: aws_sdk_sqs::Client, queue_url: String, inbox: Arc<Inbox>) -> JoinHandle<()> {
+    relay_queue(sqs, queue_url, move |event| {
         let inbox = inbox.clone();
         async move {
-            let body = message.body.unwrap_or_default();
-            // S3 sends a test event when the notification is set up; it has no records.
-            let Ok(notification) = serde_json::from_str::<serde_json::Value>(&body) else { return true };
-            match inbox.on_notification(&notification).await {
-                Ok(_) => true,
-                Err(err) => {
+            let mut response = SqsBatchResponse::default();
+            for message in event.records {
+                let body = message.body.unwrap_or_default();
+                // S3 sends a test event when the notification is set up; it has no records.
+                let Ok(notification) = serde_json::from_str::<serde_json::Value>(&body) else { continue };
+                if let Err(err) = kiln_events::inbox_trigger::on_notification(&inbox, &notification).await {
                     warn!(error = %err, "inbox event failed; it will be retried");
-                    false
+                    let mut failure = aws_lambda_events::sqs::BatchItemFailure::default();
+                    failure.item_identifier = message.message_id.unwrap_or_default();
+                    response.batch_item_failures.push(failure);
                 }
             }
+            response
         }
     })
 }
 
 /// The jobs table's stream → the job-events handler, in order, from the stream's start.
-pub fn relay_job_stream(endpoint_url: &str, table: String, events: Arc<JobEvents>) -> JoinHandle<()> {
+pub fn relay_job_stream(endpoint_url: &str, table: String, events: Arc<JobChanges>) -> JoinHandle<()> {
     let endpoint_url = endpoint_url.to_owned();
     tokio::spawn(async move {
         let sdk = kiln_aws::load_sdk_config(Some(&endpoint_url)).await;
@@ -106,7 +149,7 @@ async fn poll_streams(
     streams: &aws_sdk_dynamodbstreams::Client,
     table: &str,
     iterators: &mut std::collections::BTreeMap<String, Option<String>>,
-    events: &JobEvents,
+    events: &JobChanges,
 ) -> anyhow::Result<()> {
     let listed = streams.list_streams().table_name(table).send().await?;
     for stream in listed.streams.unwrap_or_default() {
@@ -152,7 +195,7 @@ async fn poll_streams(
                     }
                 };
                 // A failure is retried until it succeeds, as Lambda does with a stream.
-                while let Err(err) = events.on_change(before.as_ref(), after.as_ref()).await {
+                while let Err(err) = events.on_change(before.as_ref(), after.as_ref(), Utc::now()).await {
                     warn!(error = %err, "job change not handled; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }

@@ -2,19 +2,13 @@
 //! served on 127.0.0.1.
 
 use anyhow::Context;
-use kiln_api::{
-    Api, ApiConfig, dead_letters,
-    deliver::{Deliverer, DeliveryConfig},
-    inbox::Inbox,
-    job_events::JobEvents,
-    routes::Ports,
-};
-use kiln_app::{
-    ApiKey, Tenant,
-    ports::{ModelCatalog, TenantDirectory},
-};
-use kiln_aws::{AwsClients, DynamoModelCatalog, DynamoTenants, Resources, provision::provision};
+use kiln_api::Api;
+use kiln_app::{ApiKey, Tenant};
+use kiln_aws::{AwsClients, AwsPorts, Resources, provision::provision};
 use kiln_domain::{ModelSpec, TenantId};
+use kiln_events::{deliver_webhooks::DeliveryConfig, inbox_trigger, job_dead_letters, job_events};
+use kiln_lambda::FunctionConfig;
+use std::time::Duration;
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -59,9 +53,11 @@ impl Default for StackOptions {
 pub struct LocalStack {
     pub resources: Resources,
     pub clients: AwsClients,
+    /// Every port on the stack's resources (what `kiln-aws` wires for each function).
+    pub aws: AwsPorts,
     pub api: Arc<Api>,
     pub api_url: String,
-    pub config: ApiConfig,
+    pub config: FunctionConfig,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
     relays: Vec<JoinHandle<()>>,
@@ -73,7 +69,7 @@ impl LocalStack {
     pub async fn start(endpoint_url: &str, options: StackOptions) -> anyhow::Result<Self> {
         let clients = AwsClients::connect(Some(endpoint_url)).await;
         let resources = provision(&clients, &options.prefix, Some(endpoint_url)).await.context("provisioning")?;
-        let mut config = ApiConfig::for_resources(resources.clone());
+        let mut config = FunctionConfig::for_resources(resources.clone());
         config.queued_ttl_secs = options.queued_ttl_secs;
         config.allow_local_webhooks = options.allow_local_webhooks;
         Self::serve(clients, resources, config, options).await
@@ -83,11 +79,12 @@ impl LocalStack {
     pub async fn serve(
         clients: AwsClients,
         resources: Resources,
-        config: ApiConfig,
+        config: FunctionConfig,
         options: StackOptions,
     ) -> anyhow::Result<Self> {
         let api_addr = options.api_addr;
-        let api = Arc::new(Api::new(Ports::aws(&clients, &config), &config));
+        let aws = AwsPorts::new(clients.clone(), resources.clone());
+        let api = Arc::new(Api::new(&aws.all(), &config));
         let listener = TcpListener::bind(api_addr).await.with_context(|| format!("binding {api_addr}"))?;
         let api_url = format!("http://{}", listener.local_addr()?);
         let (shutdown, stopped) = oneshot::channel();
@@ -97,6 +94,7 @@ impl LocalStack {
         Ok(Self {
             resources,
             clients,
+            aws,
             api,
             api_url,
             config,
@@ -118,7 +116,7 @@ impl LocalStack {
     }
 
     pub async fn publish_model(&self, model: &ModelSpec) -> anyhow::Result<()> {
-        DynamoModelCatalog::new(self.clients.dynamodb.clone(), &self.resources.models_table).publish(model).await?;
+        self.aws.catalog().publish(model).await?;
         Ok(())
     }
 
@@ -131,7 +129,7 @@ impl LocalStack {
 
     /// Creates a tenant (if new) and gives it `key`.
     pub async fn add_tenant_key(&self, id: &str, name: &str, key: &ApiKey) -> anyhow::Result<()> {
-        let tenants = DynamoTenants::new(self.clients.dynamodb.clone(), &self.resources.tenants_table);
+        let tenants = self.aws.tenants();
         let tenant = Tenant { id: TenantId::parse(id)?, name: name.into(), disabled: false, limits: None };
         tenants.create_tenant(&tenant).await?;
         tenants.add_key(&tenant.id, &key.hash()).await?;
@@ -148,37 +146,44 @@ impl LocalStack {
     /// the webhook queue, and `inbox-trigger` on the bucket's `inbox/` notifications (sent to an
     /// SQS queue here). Runs until the stack stops.
     pub async fn start_relays(&mut self) -> anyhow::Result<()> {
-        let api = self.api.clone();
-        self.relays.push(crate::relays::relay_queue(
-            self.clients.sqs.clone(),
+        let sqs = self.clients.sqs().clone();
+        self.relays.push(crate::relays::relay_function(
+            sqs.clone(),
             self.dead_letter_queue_url(),
-            move |record| {
-                let api = api.clone();
-                async move { dead_letters::handle_record(&api, &record).await.is_ok() }
-            },
+            Arc::new(job_dead_letters::wire(&self.aws)),
+            Duration::from_secs(30),
+            job_dead_letters::handle,
         ));
         let endpoint = self.resources.endpoint_url.clone().unwrap_or_default();
-        let events = Arc::new(JobEvents::on(&self.clients, &self.config));
-        self.relays.push(crate::relays::relay_job_stream(&endpoint, self.resources.jobs_table.clone(), events));
-        let delivery = DeliveryConfig {
-            api: self.config.clone(),
+        let changes = Arc::new(job_events::wire(&self.aws));
+        self.relays.push(crate::relays::relay_job_stream(&endpoint, self.resources.jobs_table.clone(), changes));
+        let deliveries = kiln_events::deliver_webhooks::wire(&self.aws, &self.delivery_config())?;
+        self.relays.push(crate::relays::relay_function(
+            sqs.clone(),
+            self.resources.webhook_queue_url.clone(),
+            Arc::new(deliveries),
+            Duration::from_secs(60),
+            kiln_events::deliver_webhooks::handle,
+        ));
+        let inbox_queue = self.inbox_notifications().await?;
+        let inbox = Arc::new(inbox_trigger::wire(&self.aws, &self.config));
+        self.relays.push(crate::relays::relay_inbox(sqs, inbox_queue, inbox));
+        Ok(())
+    }
+
+    /// The delivery settings of the local `deliver-webhooks`: short retries (the cap is 4× the
+    /// base) so tests see retries and the DLQ in seconds, and loopback receivers when allowed.
+    pub fn delivery_config(&self) -> DeliveryConfig {
+        DeliveryConfig {
+            function: self.config.clone(),
             retry_base_secs: self.options.webhook_retry_base_secs,
             retry_cap_secs: self.options.webhook_retry_base_secs.max(1) * 4,
             max_attempts: webhook_max_attempts(),
             connect_timeout_secs: 2,
             timeout_secs: 5,
+            concurrency: 10,
             allow_loopback: self.options.allow_local_webhooks,
-        };
-        let deliverer = Arc::new(Deliverer::on(&self.clients, &delivery)?);
-        self.relays.push(crate::relays::relay_webhooks(
-            &self.clients,
-            self.resources.webhook_queue_url.clone(),
-            deliverer,
-        ));
-        let inbox_queue = self.inbox_notifications().await?;
-        let inbox = Arc::new(Inbox::on(&self.clients, &self.config));
-        self.relays.push(crate::relays::relay_inbox(&self.clients, inbox_queue, inbox));
-        Ok(())
+        }
     }
 
     /// The webhook DLQ (named `<webhook queue>-dlq`).
@@ -194,10 +199,10 @@ impl LocalStack {
             QueueConfiguration, S3KeyFilter,
         };
         let name = format!("{}-inbox-events", self.options.prefix);
-        let url = self.clients.sqs.create_queue().queue_name(&name).send().await?.queue_url.unwrap_or_default();
+        let url = self.clients.sqs().create_queue().queue_name(&name).send().await?.queue_url.unwrap_or_default();
         let attributes = self
             .clients
-            .sqs
+            .sqs()
             .get_queue_attributes()
             .queue_url(&url)
             .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
@@ -220,7 +225,7 @@ impl LocalStack {
             .filter(filter)
             .build()?;
         self.clients
-            .s3
+            .s3()
             .put_bucket_notification_configuration()
             .bucket(&self.resources.artifacts_bucket)
             .notification_configuration(NotificationConfiguration::builder().queue_configurations(queue).build())

@@ -4,8 +4,9 @@
 //!
 //! - [`Secret`]: a tenant's signing secret, `whsec_<base64>`.
 //! - [`sign`] / [`verify`]: [Standard Webhooks](https://www.standardwebhooks.com/) signatures.
-//! - [`AddressGuard`]: the SSRF guard, applied to what DNS returned.
-//! - [`WebhookSender`]: one attempt, pinned to the vetted address → an [`Attempt`].
+//! - [`Attempt`], [`DeliveryRequest`]: one attempt's request and result, plain data.
+//! - `AddressGuard`: the SSRF guard, applied to what DNS returned.
+//! - `WebhookSender` (feature `sender`, on by default): one attempt, pinned to the vetted address → an [`Attempt`].
 //! - [`RetrySchedule`]: exponential backoff with jitter, spanning most of a day by default.
 //!
 //! # What a receiver gets
@@ -76,16 +77,22 @@
 //! # assert!(!accept(&headers, body, &Secret::generate()));
 //! ```
 
+mod attempt;
+#[cfg(feature = "sender")]
 mod guard;
 mod schedule;
 mod secret;
+#[cfg(feature = "sender")]
 mod sender;
 mod signature;
 
+pub use attempt::{Attempt, DeliveryRequest, Failure, MAX_ERROR_CHARS, Outcome};
+#[cfg(feature = "sender")]
 pub use guard::{AddressGuard, GuardError, Refused, Resolver, SystemResolver};
 pub use schedule::{Jitter, MAX_DELAY, NextStep, RetrySchedule, ScheduleError, jitter_seed};
 pub use secret::{GENERATED_KEY_BYTES, MAX_KEY_BYTES, MIN_KEY_BYTES, SECRET_PREFIX, Secret, SecretError};
-pub use sender::{Attempt, DeliveryRequest, Failure, MAX_ERROR_CHARS, Outcome, SenderConfig, WebhookSender};
+#[cfg(feature = "sender")]
+pub use sender::{SenderConfig, WebhookSender};
 pub use signature::{
     DEFAULT_TOLERANCE, MAX_MESSAGE_ID_BYTES, SignError, VerifyError, WEBHOOK_ID, WEBHOOK_SIGNATURE, WEBHOOK_TIMESTAMP,
     sign, verify, verify_parts,

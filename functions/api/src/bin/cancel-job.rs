@@ -1,6 +1,6 @@
 //! Lambda function: the `cancel-job` route of the HTTP API.
 
 #[tokio::main]
-async fn main() -> Result<(), lambda_http::Error> {
-    kiln_api::lambda::run(kiln_api::Function::CancelJob).await
+async fn main() -> Result<(), kiln_lambda::Error> {
+    kiln_api::serve(kiln_api::Function::CancelJob, kiln_api::wiring::cancel_job).await
 }

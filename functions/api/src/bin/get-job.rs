@@ -1,6 +1,6 @@
 //! Lambda function: the `get-job` route of the HTTP API.
 
 #[tokio::main]
-async fn main() -> Result<(), lambda_http::Error> {
-    kiln_api::lambda::run(kiln_api::Function::GetJob).await
+async fn main() -> Result<(), kiln_lambda::Error> {
+    kiln_api::serve(kiln_api::Function::GetJob, kiln_api::wiring::get_job).await
 }

@@ -76,7 +76,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let clients = AwsClients::connect(cli.endpoint_url.as_deref()).await;
-    let tenants = DynamoTenants::new(clients.dynamodb.clone(), &cli.tenants_table);
+    let tenants = DynamoTenants::new(clients.dynamodb().clone(), &cli.tenants_table);
     match cli.command {
         Command::TenantCreate { id, name } => {
             let tenant = Tenant { id: TenantId::parse(&id)?, name, disabled: false, limits: None };
@@ -109,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", limits.map_or("deployment defaults".to_owned(), |l| format!("{l:?}")));
         }
         Command::ModelsPublish { dir } => {
-            let catalog = DynamoModelCatalog::new(clients.dynamodb.clone(), &cli.models_table);
+            let catalog = DynamoModelCatalog::new(clients.dynamodb().clone(), &cli.models_table);
             for (_, model) in ModelSpec::read_packages(&dir).with_context(|| format!("reading {}", dir.display()))? {
                 catalog.publish(&model).await?;
                 println!("published {}@{}", model.name, model.version);

@@ -1,6 +1,6 @@
 //! Lambda function: the `list-models` route of the HTTP API.
 
 #[tokio::main]
-async fn main() -> Result<(), lambda_http::Error> {
-    kiln_api::lambda::run(kiln_api::Function::ListModels).await
+async fn main() -> Result<(), kiln_lambda::Error> {
+    kiln_api::serve(kiln_api::Function::ListModels, kiln_api::wiring::list_models).await
 }

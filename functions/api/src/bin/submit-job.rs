@@ -1,6 +1,6 @@
 //! Lambda function: the `submit-job` route of the HTTP API.
 
 #[tokio::main]
-async fn main() -> Result<(), lambda_http::Error> {
-    kiln_api::lambda::run(kiln_api::Function::SubmitJob).await
+async fn main() -> Result<(), kiln_lambda::Error> {
+    kiln_api::serve(kiln_api::Function::SubmitJob, kiln_api::wiring::submit_job).await
 }

@@ -1,6 +1,6 @@
 //! Lambda function: the `webhook-secret` routes of the HTTP API.
 
 #[tokio::main]
-async fn main() -> Result<(), lambda_http::Error> {
-    kiln_api::lambda::run(kiln_api::Function::WebhookSecret).await
+async fn main() -> Result<(), kiln_lambda::Error> {
+    kiln_api::serve(kiln_api::Function::WebhookSecret, kiln_api::wiring::webhook_secret).await
 }

@@ -1,13 +1,15 @@
-//! The API functions' configuration, read from the environment (terraform sets it).
+//! What every function reads from the environment (terraform sets it; `terraform/functions.json`
+//! lists it): the resources, and the settings of the job use cases.
 
 use kiln_app::{JobsConfig, TenantLimits};
 use kiln_aws::Resources;
 use kiln_domain::WebhookPolicy;
 use std::time::Duration;
 
+/// The configuration every function shares; functions with settings of their own flatten it.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(about = "kiln API function")]
-pub struct ApiConfig {
+#[command(about = "kiln function")]
+pub struct FunctionConfig {
     #[command(flatten)]
     pub resources: Resources,
     /// Seconds a queued job may wait for a runner before it expires.
@@ -32,7 +34,7 @@ pub struct ApiConfig {
     pub default_jobs_per_minute: u32,
 }
 
-impl ApiConfig {
+impl FunctionConfig {
     pub fn jobs_config(&self) -> JobsConfig {
         JobsConfig {
             queued_ttl: chrono::Duration::seconds(i64::from(self.queued_ttl_secs)),

@@ -1,7 +1,8 @@
-//! What clients see of a job and a model: the API's JSON shapes.
+//! What clients see of a job: the JSON shape every job route answers, webhooks carry and the
+//! inbox writes as `result.json`.
 
+use crate::{jobs::JobWithLinks, ports::PresignedUrl};
 use chrono::{DateTime, Utc};
-use kiln_app::{jobs::JobWithLinks, ports::PresignedUrl};
 use kiln_domain::{Job, JobError, JobParams, JobStatus, Timings, Webhook};
 use serde::Serialize;
 
