@@ -18,8 +18,8 @@
 use bytes::Bytes;
 use chrono::Utc;
 use kiln_app::{
-    JobMessage, JobRuns, Start, Written,
-    ports::{ArtifactStore, Delivery, JobStore, WorkQueue},
+    AppError, JobMessage, JobRuns, Start, Written,
+    ports::{ArtifactStore, Delivery, JobStore, PortError, WorkQueue},
 };
 use kiln_domain::{Job, JobErrorCode, Output, Timings};
 use std::{
@@ -34,9 +34,9 @@ use tracing::{error, info, warn};
 use crate::{
     batching::BatchKey,
     config::Settings,
-    encode,
+    encode::{self, EncodeError},
     metrics::{Metrics, Outcome},
-    render::{RenderControl, RenderError, RenderRequest, StopReason},
+    render::{RenderControl, RenderError, RenderRequest, RuntimeFailure, StopReason},
     session::{RenderJob, Rendered, SessionHandle},
 };
 
@@ -59,9 +59,54 @@ pub struct Runner {
 }
 
 /// A failure on the way, and whether trying again may help.
+#[derive(Debug, thiserror::Error)]
 enum Failure {
-    Permanent(JobErrorCode, String),
-    Transient(String),
+    #[error(transparent)]
+    Permanent(#[from] PermanentError),
+    #[error(transparent)]
+    Transient(#[from] TransientError),
+}
+
+/// A failure no other attempt would mend: the job fails with [`PermanentError::code`].
+#[derive(Debug, thiserror::Error)]
+pub enum PermanentError {
+    /// The job names a model or version this runner does not serve.
+    #[error("model `{model}` version {version} is not served (this runner serves it {serving})")]
+    NotServed { model: String, version: String, serving: String },
+    /// The model cannot render the job as asked.
+    #[error("{0}")]
+    Invalid(String),
+    /// The encoder refused the frames.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+}
+
+impl PermanentError {
+    /// The error code recorded on the job.
+    pub fn code(&self) -> JobErrorCode {
+        match self {
+            Self::NotServed { .. } | Self::Invalid(_) => JobErrorCode::InvalidForModel,
+            Self::Encode(_) => JobErrorCode::RenderFailed,
+        }
+    }
+}
+
+/// A failure that another delivery may not meet: the message goes back to the queue, and on
+/// its last delivery the job fails with this as its message.
+#[derive(Debug, thiserror::Error)]
+pub enum TransientError {
+    /// ONNX Runtime, or the model's session thread, failed.
+    #[error(transparent)]
+    Render(#[from] RuntimeFailure),
+    /// The artifact store refused the upload.
+    #[error("storing the artifact: {0}")]
+    Artifact(#[source] PortError),
+    /// The job store refused the success record.
+    #[error("recording success: {0}")]
+    RecordSuccess(#[source] AppError),
+    /// The job store refused the cancel record.
+    #[error("recording the cancel: {0}")]
+    RecordCancel(#[source] AppError),
 }
 
 impl Runner {
@@ -148,7 +193,11 @@ impl Runner {
                 return Outcome::skipped;
             }
             Err(err) => {
-                warn!(job_id = %message.job_id, error = %err, "could not start the job; it will be delivered again");
+                warn!(
+                    job_id = %message.job_id,
+                    error = &err as &dyn std::error::Error,
+                    "could not start the job; it will be delivered again"
+                );
                 self.release(&delivery, self.settings.retry_delay(delivery.receive_count)).await;
                 return Outcome::retried;
             }
@@ -168,26 +217,24 @@ impl Runner {
             Some(session) if session.version == job.model_version => session,
             served => {
                 let serving = served.map_or_else(|| "not at all".to_owned(), |s| format!("at version {}", s.version));
-                let reason = format!(
-                    "model `{}` version {} is not served (this runner serves it {serving})",
-                    job.model, job.model_version
-                );
-                return self.give_up(job, delivery, Failure::Permanent(JobErrorCode::InvalidForModel, reason)).await;
+                let failure =
+                    PermanentError::NotServed { model: job.model.clone(), version: job.model_version.clone(), serving };
+                return self.give_up(job, delivery, failure.into()).await;
             }
         };
         let control = Arc::new(RenderControl::default());
         let rendered = match self.render(job, session, &control).await {
             Ok(rendered) => rendered,
-            Err(reason) => return self.give_up(job, delivery, Failure::Transient(reason)).await,
+            Err(failure) => return self.give_up(job, delivery, TransientError::Render(failure).into()).await,
         };
         let frames = match rendered.result {
             Ok(frames) => frames,
             Err(RenderError::Stopped(reason)) => return self.stopped(job, delivery, reason).await,
             Err(RenderError::Invalid(reason)) => {
-                return self.give_up(job, delivery, Failure::Permanent(JobErrorCode::InvalidForModel, reason)).await;
+                return self.give_up(job, delivery, PermanentError::Invalid(reason).into()).await;
             }
-            Err(err @ RenderError::Runtime(_)) => {
-                return self.give_up(job, delivery, Failure::Transient(err.to_string())).await;
+            Err(RenderError::Runtime(failure)) => {
+                return self.give_up(job, delivery, TransientError::Render(failure).into()).await;
             }
         };
         self.metrics.render.observe(rendered.render_time.as_secs_f64());
@@ -199,10 +246,7 @@ impl Runner {
         let encode_time = started.elapsed();
         let bytes = match encoded {
             Ok(bytes) => Bytes::from(bytes),
-            Err(err) => {
-                let failure = Failure::Permanent(JobErrorCode::RenderFailed, err.to_string());
-                return self.give_up(job, delivery, failure).await;
-            }
+            Err(err) => return self.give_up(job, delivery, PermanentError::Encode(err).into()).await,
         };
         self.metrics.encode.observe(encode_time.as_secs_f64());
 
@@ -213,7 +257,7 @@ impl Runner {
         };
         let started = Instant::now();
         if let Err(err) = self.ports.artifacts.put(&output.key, &output.content_type, bytes).await {
-            return self.give_up(job, delivery, Failure::Transient(format!("storing the artifact: {err}"))).await;
+            return self.give_up(job, delivery, TransientError::Artifact(err).into()).await;
         }
         let upload_time = started.elapsed();
         self.metrics.upload.observe(upload_time.as_secs_f64());
@@ -233,7 +277,7 @@ impl Runner {
             }
             Ok(Written::CancelRequested) => self.stopped(job, delivery, StopReason::Canceled).await,
             Ok(Written::Lost) => Outcome::lost,
-            Err(err) => self.give_up(job, delivery, Failure::Transient(format!("recording success: {err}"))).await,
+            Err(err) => self.give_up(job, delivery, TransientError::RecordSuccess(err).into()).await,
         }
     }
 
@@ -244,20 +288,18 @@ impl Runner {
         job: &mut Job,
         session: &SessionHandle,
         control: &Arc<RenderControl>,
-    ) -> Result<Rendered, String> {
+    ) -> Result<Rendered, RuntimeFailure> {
         let (reply, mut frames) = oneshot::channel();
         let request = RenderRequest { params: job.params.clone(), control: control.clone() };
         let render_job = RenderJob { key: BatchKey::of(job), request, reply };
-        if let Err(err) = session.submit(render_job).await {
-            return Err(err.to_string());
-        }
+        session.submit(render_job).await?;
         let mut reported = job.progress;
         let mut ticker = tokio::time::interval(self.settings.progress_interval);
         ticker.tick().await;
         loop {
             tokio::select! {
                 rendered = &mut frames => {
-                    return rendered.map_err(|_| "the render session dropped the job".to_owned());
+                    return rendered.map_err(|_| RuntimeFailure::Dropped);
                 }
                 () = self.hand_back.cancelled(), if control.stop_requested().is_none() => {
                     control.stop(StopReason::HandedBack);
@@ -271,7 +313,7 @@ impl Runner {
                         Ok(Written::Done) => reported = progress,
                         Ok(Written::CancelRequested) => control.stop(StopReason::Canceled),
                         Ok(Written::Lost) => control.stop(StopReason::Lost),
-                        Err(err) => warn!(job_id = %job.id, error = %err, "progress write failed"),
+                        Err(err) => warn!(job_id = %job.id, error = &err as &dyn std::error::Error, "progress write failed"),
                     }
                 }
             }
@@ -287,9 +329,7 @@ impl Runner {
                     self.acknowledge(delivery).await;
                     Outcome::canceled
                 }
-                Err(err) => {
-                    self.give_up(job, delivery, Failure::Transient(format!("recording the cancel: {err}"))).await
-                }
+                Err(err) => self.give_up(job, delivery, TransientError::RecordCancel(err).into()).await,
             },
             StopReason::HandedBack => {
                 info!(job_id = %job.id, "handing the job back");
@@ -306,19 +346,25 @@ impl Runner {
     /// Ends a job that cannot go on: failed for a permanent reason or on the last delivery;
     /// otherwise handed back with a delay for another try.
     async fn give_up(&self, job: &mut Job, delivery: &Delivery, failure: Failure) -> Outcome {
-        let (code, reason) = match failure {
-            Failure::Transient(reason) if delivery.receive_count < self.settings.max_receives => {
+        let (code, reason) = match &failure {
+            Failure::Transient(_) if delivery.receive_count < self.settings.max_receives => {
                 let delay = self.settings.retry_delay(delivery.receive_count);
-                warn!(job_id = %job.id, %reason, delivery = delivery.receive_count, ?delay, "transient failure; will retry");
+                warn!(
+                    job_id = %job.id,
+                    error = &failure as &dyn std::error::Error,
+                    delivery = delivery.receive_count,
+                    ?delay,
+                    "transient failure; will retry"
+                );
                 self.release(delivery, delay).await;
                 return Outcome::retried;
             }
-            Failure::Transient(reason) => {
-                (JobErrorCode::RenderFailed, format!("{reason} (gave up after {} deliveries)", delivery.receive_count))
+            Failure::Transient(err) => {
+                (JobErrorCode::RenderFailed, format!("{err} (gave up after {} deliveries)", delivery.receive_count))
             }
-            Failure::Permanent(code, reason) => (code, reason),
+            Failure::Permanent(err) => (err.code(), err.to_string()),
         };
-        warn!(job_id = %job.id, ?code, %reason, "job failed");
+        warn!(job_id = %job.id, error = &failure as &dyn std::error::Error, ?code, "job failed");
         match self.runs.fail(job, code, &reason, Utc::now()).await {
             Ok(Written::Lost) => Outcome::lost,
             Ok(_) => {
@@ -326,7 +372,11 @@ impl Runner {
                 Outcome::failed
             }
             Err(err) => {
-                warn!(job_id = %job.id, error = %err, "could not record the failure; the message will come back");
+                warn!(
+                    job_id = %job.id,
+                    error = &err as &dyn std::error::Error,
+                    "could not record the failure; the message will come back"
+                );
                 self.release(delivery, self.settings.retry_delay(delivery.receive_count)).await;
                 Outcome::retried
             }
@@ -344,7 +394,7 @@ impl Runner {
                 tokio::select! {
                     () = tokio::time::sleep(every) => {
                         if let Err(err) = queue.extend(&receipt, lease).await {
-                            warn!(error = %err, "heartbeat failed");
+                            warn!(error = &err as &dyn std::error::Error, "heartbeat failed");
                         }
                     }
                     () = token.cancelled() => return,
@@ -357,13 +407,16 @@ impl Runner {
     async fn acknowledge(&self, delivery: &Delivery) {
         if let Err(err) = self.ports.queue.delete(&delivery.receipt).await {
             // The message comes back after its lease; the job's status makes that harmless.
-            warn!(error = %err, "deleting the message failed");
+            warn!(error = &err as &dyn std::error::Error, "deleting the message failed");
         }
     }
 
     async fn release(&self, delivery: &Delivery, delay: Duration) {
         if let Err(err) = self.ports.queue.release(&delivery.receipt, delay).await {
-            warn!(error = %err, "handing the message back failed; it returns when its lease ends");
+            warn!(
+                error = &err as &dyn std::error::Error,
+                "handing the message back failed; it returns when its lease ends"
+            );
         }
     }
 }

@@ -13,7 +13,7 @@ use tracing::{error, info};
 use crate::{
     batching::{BatchKey, next_batch},
     metrics::Metrics,
-    render::{Frames, Pipeline, RenderError, RenderRequest},
+    render::{Frames, Pipeline, RenderError, RenderRequest, RuntimeFailure},
 };
 
 /// A job handed to a session.
@@ -42,8 +42,8 @@ pub struct SessionHandle {
 
 impl SessionHandle {
     /// Queues a job; waits while the session's channel is full.
-    pub async fn submit(&self, job: RenderJob) -> Result<(), RenderError> {
-        self.sender.send(job).await.map_err(|_| RenderError::Runtime("the render session has stopped".into()))
+    pub async fn submit(&self, job: RenderJob) -> Result<(), RuntimeFailure> {
+        self.sender.send(job).await.map_err(|_| RuntimeFailure::SessionStopped)
     }
 }
 
@@ -85,9 +85,10 @@ pub fn spawn(
                 let started = Instant::now();
                 let results =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pipeline.render_batch(&requests)))
-                        .unwrap_or_else(|_| {
-                            error!(thread = %name, "the pipeline panicked");
-                            vec![Err(RenderError::Runtime("the pipeline panicked".into())); requests.len()]
+                        .unwrap_or_else(|panic| {
+                            let message = panic_message(panic.as_ref());
+                            error!(thread = %name, %message, "the pipeline panicked");
+                            vec![Err(RuntimeFailure::Panicked(message).into()); requests.len()]
                         });
                 let render_time = started.elapsed();
                 metrics.batch_size.observe(batch.len() as f64);
@@ -102,4 +103,13 @@ pub fn spawn(
         })
         .expect("spawning a session thread");
     (SessionHandle { model, version, sender }, thread)
+}
+
+/// What a caught panic said, when it said it with a string.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(message), _) => (*message).to_owned(),
+        (_, Some(message)) => message.clone(),
+        _ => "no message".to_owned(),
+    }
 }

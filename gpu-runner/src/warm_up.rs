@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 
 use crate::{
     batching::BatchKey,
-    render::{RenderControl, RenderError, RenderRequest},
+    render::{RenderControl, RenderError, RenderRequest, RuntimeFailure},
     session::{RenderJob, SessionHandle},
 };
 
@@ -71,9 +71,8 @@ async fn warm_up_one(model: &ModelSpec, session: &SessionHandle) -> Result<Warme
     let key = BatchKey::new(&model.name, &model.version, &params);
     let request = RenderRequest { params, control: Arc::new(RenderControl::default()) };
     let started = Instant::now();
-    session.submit(RenderJob { key, request, reply }).await.map_err(failed)?;
-    let rendered =
-        rendered.await.map_err(|_| failed(RenderError::Runtime("the render session dropped the warm-up".into())))?;
+    session.submit(RenderJob { key, request, reply }).await.map_err(|err| failed(err.into()))?;
+    let rendered = rendered.await.map_err(|_| failed(RuntimeFailure::Dropped.into()))?;
     rendered.result.map_err(failed)?;
     Ok(WarmedUp {
         model: model.name.clone(),
