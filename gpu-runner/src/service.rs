@@ -29,7 +29,7 @@ use std::{
 };
 use tokio::sync::{Semaphore, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{error, info, warn};
+use tracing::{Instrument, Span, error, field, info, info_span, warn};
 
 use crate::{
     batching::BatchKey,
@@ -175,8 +175,20 @@ impl Runner {
         info!("runner stopped");
     }
 
-    /// One delivery, start to end.
+    /// One delivery, start to end, in the job's span (`job_id`, `attempt` and `model` recorded
+    /// once known); its heartbeat and render run in it too.
     async fn handle(&self, delivery: Delivery) -> Outcome {
+        let span = info_span!(
+            "job",
+            job_id = field::Empty,
+            attempt = field::Empty,
+            model = field::Empty,
+            delivery = delivery.receive_count
+        );
+        self.handle_in_span(delivery).instrument(span).await
+    }
+
+    async fn handle_in_span(&self, delivery: Delivery) -> Outcome {
         let message: JobMessage = match serde_json::from_str(&delivery.body) {
             Ok(message) => message,
             Err(err) => {
@@ -185,23 +197,23 @@ impl Runner {
                 return Outcome::skipped;
             }
         };
+        let span = Span::current();
+        span.record("job_id", field::display(&message.job_id));
         let mut job = match self.runs.start(&message.job_id, Utc::now()).await {
             Ok(Start::Render(job)) => job,
             Ok(Start::Skip(reason)) => {
-                info!(job_id = %message.job_id, ?reason, "nothing to render");
+                info!(?reason, "nothing to render");
                 self.acknowledge(&delivery).await;
                 return Outcome::skipped;
             }
             Err(err) => {
-                warn!(
-                    job_id = %message.job_id,
-                    error = &err as &dyn std::error::Error,
-                    "could not start the job; it will be delivered again"
-                );
+                warn!(error = &err as &dyn std::error::Error, "could not start the job; it will be delivered again");
                 self.release(&delivery, self.settings.retry_delay(delivery.receive_count)).await;
                 return Outcome::retried;
             }
         };
+        span.record("attempt", job.attempts);
+        span.record("model", field::display(format_args!("{}@{}", job.model, job.model_version)));
         if let Some(queue_ms) = job.timings.queue_ms {
             self.metrics.queue_wait.observe(queue_ms as f64 / 1000.0);
         }
@@ -271,7 +283,7 @@ impl Runner {
         };
         match self.runs.succeed(job, vec![output], timings, warnings, Utc::now()).await {
             Ok(Written::Done) => {
-                info!(job_id = %job.id, batch = rendered.batch_size, render_ms = ?job.timings.render_ms, encode_ms = ?job.timings.encode_ms, "job succeeded");
+                info!(batch = rendered.batch_size, render_ms = ?job.timings.render_ms, encode_ms = ?job.timings.encode_ms, "job succeeded");
                 self.acknowledge(delivery).await;
                 Outcome::succeeded
             }
@@ -291,7 +303,8 @@ impl Runner {
     ) -> Result<Rendered, RuntimeFailure> {
         let (reply, mut frames) = oneshot::channel();
         let request = RenderRequest { params: job.params.clone(), control: control.clone() };
-        let render_job = RenderJob { key: BatchKey::of(job), request, reply };
+        // Carries the job's span to the session thread.
+        let render_job = RenderJob::new(job.id.to_string(), BatchKey::of(job), request, reply);
         session.submit(render_job).await?;
         let mut reported = job.progress;
         let mut ticker = tokio::time::interval(self.settings.progress_interval);
@@ -313,7 +326,7 @@ impl Runner {
                         Ok(Written::Done) => reported = progress,
                         Ok(Written::CancelRequested) => control.stop(StopReason::Canceled),
                         Ok(Written::Lost) => control.stop(StopReason::Lost),
-                        Err(err) => warn!(job_id = %job.id, error = &err as &dyn std::error::Error, "progress write failed"),
+                        Err(err) => warn!(error = &err as &dyn std::error::Error, "progress write failed"),
                     }
                 }
             }
@@ -325,19 +338,19 @@ impl Runner {
         match reason {
             StopReason::Canceled => match self.runs.cancel(job, Utc::now()).await {
                 Ok(_) => {
-                    info!(job_id = %job.id, "job canceled while running");
+                    info!("job canceled while running");
                     self.acknowledge(delivery).await;
                     Outcome::canceled
                 }
                 Err(err) => self.give_up(job, delivery, TransientError::RecordCancel(err).into()).await,
             },
             StopReason::HandedBack => {
-                info!(job_id = %job.id, "handing the job back");
+                info!("handing the job back");
                 self.release(delivery, Duration::ZERO).await;
                 Outcome::handed_back
             }
             StopReason::Lost => {
-                info!(job_id = %job.id, "another runner took the job over");
+                info!("another runner took the job over");
                 Outcome::lost
             }
         }
@@ -349,13 +362,7 @@ impl Runner {
         let (code, reason) = match &failure {
             Failure::Transient(_) if delivery.receive_count < self.settings.max_receives => {
                 let delay = self.settings.retry_delay(delivery.receive_count);
-                warn!(
-                    job_id = %job.id,
-                    error = &failure as &dyn std::error::Error,
-                    delivery = delivery.receive_count,
-                    ?delay,
-                    "transient failure; will retry"
-                );
+                warn!(error = &failure as &dyn std::error::Error, ?delay, "transient failure; will retry");
                 self.release(delivery, delay).await;
                 return Outcome::retried;
             }
@@ -364,7 +371,7 @@ impl Runner {
             }
             Failure::Permanent(err) => (err.code(), err.to_string()),
         };
-        warn!(job_id = %job.id, error = &failure as &dyn std::error::Error, ?code, "job failed");
+        warn!(error = &failure as &dyn std::error::Error, ?code, "job failed");
         match self.runs.fail(job, code, &reason, Utc::now()).await {
             Ok(Written::Lost) => Outcome::lost,
             Ok(_) => {
@@ -373,7 +380,6 @@ impl Runner {
             }
             Err(err) => {
                 warn!(
-                    job_id = %job.id,
                     error = &err as &dyn std::error::Error,
                     "could not record the failure; the message will come back"
                 );
@@ -383,24 +389,28 @@ impl Runner {
         }
     }
 
-    /// Renews the message's lease every heartbeat until the returned token is canceled.
+    /// Renews the message's lease every heartbeat until the returned token is canceled, in the
+    /// job's span.
     fn heartbeat(&self, delivery: &Delivery) -> CancellationToken {
         let stop = CancellationToken::new();
         let (queue, receipt, lease, every) =
             (self.ports.queue.clone(), delivery.receipt.clone(), self.settings.lease, self.settings.heartbeat);
         let token = stop.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = tokio::time::sleep(every) => {
-                        if let Err(err) = queue.extend(&receipt, lease).await {
-                            warn!(error = &err as &dyn std::error::Error, "heartbeat failed");
+        tokio::spawn(
+            async move {
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(every) => {
+                            if let Err(err) = queue.extend(&receipt, lease).await {
+                                warn!(error = &err as &dyn std::error::Error, "heartbeat failed");
+                            }
                         }
+                        () = token.cancelled() => return,
                     }
-                    () = token.cancelled() => return,
                 }
             }
-        });
+            .instrument(Span::current()),
+        );
         stop
     }
 
