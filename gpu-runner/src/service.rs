@@ -430,3 +430,445 @@ impl Runner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! `Runner::handle` over the in-memory ports, one row per line of the module's table.
+    //! Failures come from small fakes: an artifact store that is down, a pipeline that refuses,
+    //! fails, panics or renders until it is stopped.
+
+    use super::*;
+    use async_trait::async_trait;
+    use kiln_app::{
+        memory::{MemoryArtifacts, MemoryJobStore, MemoryWorkQueue},
+        ports::CacheClaim,
+    };
+    use kiln_domain::{JobId, JobStatus, ModelSpec, Submission, TenantId, WebhookPolicy};
+    use std::{path::Path, sync::Mutex};
+    use tokio::sync::Notify;
+
+    use crate::{
+        render::{Frames, Pipeline},
+        session,
+    };
+
+    /// What the runner did with the message.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Fate {
+        Untouched,
+        Deleted,
+        Released(Duration),
+    }
+
+    /// The in-memory work queue, recording what became of each receipt.
+    #[derive(Default)]
+    struct RecordingQueue {
+        inner: MemoryWorkQueue,
+        fates: Mutex<HashMap<String, Vec<Fate>>>,
+    }
+
+    impl RecordingQueue {
+        fn record(&self, receipt: &str, fate: Fate) {
+            self.fates.lock().unwrap().entry(receipt.to_owned()).or_default().push(fate);
+        }
+
+        fn fate(&self, receipt: &str) -> Fate {
+            let fates = self.fates.lock().unwrap().get(receipt).cloned().unwrap_or_default();
+            assert!(fates.len() <= 1, "a message is deleted or released once: {fates:?}");
+            fates.first().copied().unwrap_or(Fate::Untouched)
+        }
+    }
+
+    #[async_trait]
+    impl WorkQueue for RecordingQueue {
+        async fn receive(&self, max: u32, wait: Duration, lease: Duration) -> Result<Vec<Delivery>, PortError> {
+            self.inner.receive(max, wait, lease).await
+        }
+
+        async fn extend(&self, receipt: &str, lease: Duration) -> Result<(), PortError> {
+            self.inner.extend(receipt, lease).await
+        }
+
+        async fn release(&self, receipt: &str, delay: Duration) -> Result<(), PortError> {
+            self.record(receipt, Fate::Released(delay));
+            self.inner.release(receipt, delay).await
+        }
+
+        async fn delete(&self, receipt: &str) -> Result<(), PortError> {
+            self.record(receipt, Fate::Deleted);
+            self.inner.delete(receipt).await
+        }
+    }
+
+    /// An artifact store that is down.
+    struct DownArtifacts;
+
+    #[async_trait]
+    impl ArtifactStore for DownArtifacts {
+        async fn put(&self, _key: &str, _content_type: &str, _body: Bytes) -> Result<(), PortError> {
+            Err(PortError::unavailable("s3", std::io::Error::other("connection reset")))
+        }
+    }
+
+    /// What the fake pipeline does with a job.
+    #[derive(Debug, Clone, Copy)]
+    enum Render {
+        /// Grey frames at once.
+        Frames,
+        /// Refuses the job as invalid for the model.
+        Invalid,
+        /// Panics.
+        Panics,
+        /// Reports progress step after step until it is asked to stop.
+        UntilStopped,
+    }
+
+    struct FakePipeline {
+        render: Render,
+        /// Told when a render starts.
+        started: Arc<Notify>,
+    }
+
+    impl Pipeline for FakePipeline {
+        fn render(&mut self, request: &RenderRequest) -> Result<Frames, RenderError> {
+            self.started.notify_one();
+            let params = &request.params;
+            match self.render {
+                Render::Frames => Ok(Frames {
+                    width: params.width,
+                    height: params.height,
+                    frames: vec![vec![128; (params.width * params.height * 3) as usize]],
+                    notes: Vec::new(),
+                }),
+                Render::Invalid => Err(RenderError::Invalid("the prompt is not a picture".into())),
+                Render::Panics => panic!("a bug in the pipeline"),
+                Render::UntilStopped => {
+                    for step in 1.. {
+                        request.control.check()?;
+                        request.control.report(step, 1_000_000);
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    unreachable!("the loop ends by a stop")
+                }
+            }
+        }
+    }
+
+    /// What the delivered message refers to.
+    #[derive(Debug, Clone, Copy)]
+    enum Message {
+        /// Not a job message at all.
+        Unreadable,
+        /// A job not in the store.
+        Missing,
+        /// A queued job, of a model version the runner serves or not.
+        Queued { served: bool },
+        /// A job canceled before it was delivered.
+        Ended,
+    }
+
+    /// What happens while the job renders.
+    #[derive(Debug, Clone, Copy)]
+    enum During {
+        Nothing,
+        /// The client asks to cancel.
+        CancelRequest,
+        /// Another runner starts the job (this runner's lease ran out).
+        TakeOver,
+        /// The shutdown deadline passes.
+        ShutdownDeadline,
+    }
+
+    struct Case {
+        name: &'static str,
+        message: Message,
+        render: Render,
+        during: During,
+        artifacts_down: bool,
+        /// The delivery's receive count (the last is 5).
+        delivery: u32,
+        outcome: Outcome,
+        /// The job's status afterwards (`None`: no job).
+        status: Option<JobStatus>,
+        /// The failure recorded on the job: its code and a part of its message.
+        error: Option<(JobErrorCode, &'static str)>,
+        fate: Fate,
+    }
+
+    const fn case(name: &'static str, message: Message, render: Render) -> Case {
+        Case {
+            name,
+            message,
+            render,
+            during: During::Nothing,
+            artifacts_down: false,
+            delivery: 1,
+            outcome: Outcome::succeeded,
+            status: Some(JobStatus::Succeeded),
+            error: None,
+            fate: Fate::Deleted,
+        }
+    }
+
+    const QUEUED: Message = Message::Queued { served: true };
+
+    const CASES: &[Case] = &[
+        Case {
+            outcome: Outcome::skipped,
+            status: None,
+            ..case("unreadable message: deleted", Message::Unreadable, Render::Frames)
+        },
+        Case {
+            outcome: Outcome::skipped,
+            status: None,
+            ..case("missing job: deleted", Message::Missing, Render::Frames)
+        },
+        Case {
+            outcome: Outcome::skipped,
+            status: Some(JobStatus::Canceled),
+            ..case("ended job: untouched, deleted", Message::Ended, Render::Frames)
+        },
+        case("succeeded: deleted", QUEUED, Render::Frames),
+        Case {
+            during: During::CancelRequest,
+            outcome: Outcome::canceled,
+            status: Some(JobStatus::Canceled),
+            ..case("canceled while rendering: deleted", QUEUED, Render::UntilStopped)
+        },
+        Case {
+            outcome: Outcome::failed,
+            status: Some(JobStatus::Failed),
+            error: Some((JobErrorCode::InvalidForModel, "the prompt is not a picture")),
+            ..case("permanent failure (invalid for the model): failed, deleted", QUEUED, Render::Invalid)
+        },
+        Case {
+            outcome: Outcome::failed,
+            status: Some(JobStatus::Failed),
+            error: Some((JobErrorCode::InvalidForModel, "is not served (this runner serves it at version 0.0.1)")),
+            ..case(
+                "permanent failure (version not served): failed, deleted",
+                Message::Queued { served: false },
+                Render::Frames,
+            )
+        },
+        Case {
+            artifacts_down: true,
+            outcome: Outcome::retried,
+            status: Some(JobStatus::Running),
+            fate: Fate::Released(Duration::from_secs(5)),
+            ..case("transient failure (artifact store) on delivery 1: back after 5 s", QUEUED, Render::Frames)
+        },
+        Case {
+            artifacts_down: true,
+            delivery: 3,
+            outcome: Outcome::retried,
+            status: Some(JobStatus::Running),
+            fate: Fate::Released(Duration::from_secs(20)),
+            ..case("transient failure on delivery 3: back after a longer delay", QUEUED, Render::Frames)
+        },
+        Case {
+            delivery: 2,
+            outcome: Outcome::retried,
+            status: Some(JobStatus::Running),
+            fate: Fate::Released(Duration::from_secs(10)),
+            ..case("transient failure (the pipeline panicked) on delivery 2: back after 10 s", QUEUED, Render::Panics)
+        },
+        Case {
+            artifacts_down: true,
+            delivery: 5,
+            outcome: Outcome::failed,
+            status: Some(JobStatus::Failed),
+            error: Some((
+                JobErrorCode::RenderFailed,
+                "storing the artifact: s3 call failed (gave up after 5 deliveries)",
+            )),
+            ..case("transient failure on the last delivery: failed, deleted", QUEUED, Render::Frames)
+        },
+        Case {
+            delivery: 5,
+            outcome: Outcome::failed,
+            status: Some(JobStatus::Failed),
+            error: Some((
+                JobErrorCode::RenderFailed,
+                "the pipeline panicked: a bug in the pipeline (gave up after 5 deliveries)",
+            )),
+            ..case("render failure on the last delivery: failed, deleted", QUEUED, Render::Panics)
+        },
+        Case {
+            during: During::ShutdownDeadline,
+            outcome: Outcome::handed_back,
+            status: Some(JobStatus::Running),
+            fate: Fate::Released(Duration::ZERO),
+            ..case("shutdown deadline passed: stays running, back at once", QUEUED, Render::UntilStopped)
+        },
+        Case {
+            during: During::TakeOver,
+            outcome: Outcome::lost,
+            status: Some(JobStatus::Running),
+            fate: Fate::Untouched,
+            ..case("another runner took the job over: left alone", QUEUED, Render::UntilStopped)
+        },
+    ];
+
+    fn settings() -> Settings {
+        Settings {
+            max_in_flight: 4,
+            poll_wait: Duration::ZERO,
+            lease: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(3600),
+            progress_interval: Duration::from_millis(10),
+            shutdown_deadline: Duration::from_secs(1),
+            retry_base: Duration::from_secs(5),
+            retry_max: Duration::from_secs(300),
+            max_receives: 5,
+        }
+    }
+
+    fn demo_model() -> ModelSpec {
+        ModelSpec::read_manifest(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/kiln-demo")).unwrap()
+    }
+
+    fn new_job(model: &ModelSpec) -> Job {
+        let body = serde_json::json!({ "model": model.name, "prompt": "a lake", "width": 64, "height": 64, "seed": 1 });
+        let params = Submission::parse(body.to_string().as_bytes())
+            .unwrap()
+            .resolve(model, WebhookPolicy::default(), || 0)
+            .unwrap()
+            .params;
+        let now = Utc::now();
+        let (tenant, model_name) = (TenantId::parse("tests").unwrap(), model.name.clone());
+        Job::new(
+            JobId::generate(now),
+            tenant,
+            model_name,
+            model.version.clone(),
+            params,
+            None,
+            now,
+            chrono::Duration::hours(1),
+        )
+    }
+
+    /// Changes the stored job as another writer would: conditionally, again on a lost race.
+    async fn revise(store: &MemoryJobStore, id: &JobId, change: impl Fn(&mut Job)) {
+        loop {
+            let mut job = store.get(id).await.unwrap().expect("the job");
+            change(&mut job);
+            if store.update(&job).await.unwrap() {
+                return;
+            }
+        }
+    }
+
+    async fn run_case(case: &Case) {
+        let model = demo_model();
+        let store = Arc::new(MemoryJobStore::default());
+        let queue = Arc::new(RecordingQueue::default());
+        let artifacts: Arc<dyn ArtifactStore> = match case.artifacts_down {
+            true => Arc::new(DownArtifacts),
+            false => Arc::new(MemoryArtifacts::default()),
+        };
+        let mut job = new_job(&model);
+        if let Message::Ended = case.message {
+            job.transition(JobStatus::Canceled, Utc::now()).unwrap();
+        }
+        if let Message::Queued { .. } | Message::Ended = case.message {
+            store.insert(&job, &CacheClaim { key: job.cache_key.clone(), replaces: None }, None).await.unwrap();
+        }
+        let inserted = store.get(&job.id).await.unwrap();
+        queue.inner.push(match case.message {
+            Message::Unreadable => "{\"type\":\"not a job\"".to_owned(),
+            _ => serde_json::to_string(&JobMessage::for_job(&job)).unwrap(),
+        });
+
+        let served_version = match case.message {
+            Message::Queued { served: false } => "0.0.1".to_owned(),
+            _ => model.version.clone(),
+        };
+        let started = Arc::new(Notify::new());
+        let pipeline = Box::new(FakePipeline { render: case.render, started: started.clone() });
+        let metrics = Arc::new(Metrics::default());
+        let (session, _thread) = session::spawn(model.name.clone(), served_version, pipeline, 1, metrics.clone());
+        let ports = Ports { store: store.clone(), queue: queue.clone(), artifacts };
+        let runner = Runner::new(ports, vec![session], settings(), metrics);
+
+        let delivery = queue.inner.receive(1, Duration::ZERO, Duration::from_secs(60)).await.unwrap().remove(0);
+        let delivery = Delivery { receive_count: case.delivery, ..delivery };
+        let receipt = delivery.receipt.clone();
+        let intervene = async {
+            if let During::Nothing = case.during {
+                return;
+            }
+            started.notified().await;
+            match case.during {
+                During::Nothing => {}
+                During::CancelRequest => {
+                    revise(&store, &job.id, |job| assert!(job.request_cancel(), "a running job")).await;
+                }
+                During::TakeOver => {
+                    let taken = JobRuns::new(store.clone()).start(&job.id, Utc::now()).await.unwrap();
+                    assert!(matches!(taken, Start::Render(_)), "the other runner starts it");
+                }
+                During::ShutdownDeadline => runner.hand_back.cancel(),
+            }
+        };
+        let both = async { tokio::join!(runner.handle(delivery), intervene).0 };
+        let outcome = tokio::time::timeout(Duration::from_secs(10), both).await.expect("handled in time");
+
+        assert_eq!(outcome, case.outcome, "{}: outcome", case.name);
+        assert_eq!(queue.fate(&receipt), case.fate, "{}: the message", case.name);
+        let stored = store.get(&job.id).await.unwrap();
+        assert_eq!(stored.as_ref().map(|job| job.status), case.status, "{}: the job's status", case.name);
+        let error = stored.as_ref().and_then(|job| job.error.clone());
+        match case.error {
+            Some((code, message)) => {
+                let error = error.unwrap_or_else(|| panic!("{}: no error recorded", case.name));
+                assert_eq!(error.code, code, "{}: error code", case.name);
+                assert!(error.message.contains(message), "{}: error message {:?}", case.name, error.message);
+            }
+            None => assert_eq!(error, None, "{}: error", case.name),
+        }
+        match case.message {
+            Message::Ended => assert_eq!(stored, inserted, "{}: an ended job is left untouched", case.name),
+            _ if case.status == Some(JobStatus::Succeeded) => {
+                let stored = stored.as_ref().expect("the job");
+                assert_eq!(stored.outputs.len(), 1, "{}: outputs", case.name);
+                assert!(stored.timings.render_ms.is_some(), "{}: timings", case.name);
+            }
+            _ => {}
+        }
+        if let During::TakeOver = case.during {
+            assert_eq!(stored.map(|job| job.attempts), Some(2), "{}: the other runner's attempt", case.name);
+        }
+    }
+
+    #[tokio::test]
+    async fn each_delivery_ends_as_the_table_says() {
+        // The runner's logs, shown for a failing row.
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+        for case in CASES {
+            run_case(case).await;
+        }
+    }
+
+    #[test]
+    fn failures_keep_their_source_and_read_well_on_the_job() {
+        use std::error::Error as _;
+        let upload = Failure::from(TransientError::Artifact(PortError::unavailable(
+            "s3",
+            std::io::Error::other("connection reset"),
+        )));
+        assert_eq!(upload.to_string(), "storing the artifact: s3 call failed");
+        let port = upload.source().expect("the port error");
+        assert_eq!(port.source().map(ToString::to_string).as_deref(), Some("connection reset"));
+
+        let session = TransientError::from(RuntimeFailure::SessionStopped);
+        assert_eq!(session.to_string(), "the render session has stopped");
+
+        let encode = PermanentError::from(EncodeError::Unsupported {
+            format: kiln_domain::OutputFormat::Mp4,
+            reason: "no frames".into(),
+        });
+        assert_eq!(encode.code(), JobErrorCode::RenderFailed);
+    }
+}
