@@ -133,8 +133,9 @@ pub struct RenderRequest {
 pub trait Pipeline: Send {
     fn render(&mut self, request: &RenderRequest) -> Result<Frames, RenderError>;
 
-    /// Renders compatible jobs (same model, size and steps) together. Pipelines that can fuse
-    /// them into one run override this; the default renders them one after another.
+    /// Renders compatible jobs (same model, version, size and steps, all guided or none: see
+    /// [`crate::batching::BatchKey`]) together. Pipelines that can fuse them into one run
+    /// override this; the default renders them one after another.
     fn render_batch(&mut self, batch: &[RenderRequest]) -> Vec<Result<Frames, RenderError>> {
         batch.iter().map(|request| self.render(request)).collect()
     }
