@@ -749,15 +749,20 @@ mod tests {
         )
     }
 
-    /// Changes the stored job as another writer would: conditionally, again on a lost race.
+    /// Changes the stored job as another writer would: conditionally on the revision it read
+    /// (set here, whether or not the change bumps it), again on a lost race.
     async fn revise(store: &MemoryJobStore, id: &JobId, change: impl Fn(&mut Job)) {
-        loop {
+        for _ in 0..100 {
             let mut job = store.get(id).await.unwrap().expect("the job");
+            let read = job.revision;
             change(&mut job);
+            job.revision = read + 1;
             if store.update(&job).await.unwrap() {
                 return;
             }
+            tokio::task::yield_now().await;
         }
+        panic!("the runner kept winning the race for job {id}");
     }
 
     async fn run_case(case: &Case) {
