@@ -41,7 +41,8 @@ pub struct RunnerConfig {
     #[arg(long, env = "KILN_WARM_UP", default_value_t = true, action = clap::ArgAction::Set)]
     pub warm_up: bool,
 
-    /// Most compatible jobs (same model, size and steps) rendered in one call.
+    /// Most compatible jobs (same model, version, size and steps, all guided or none) rendered in
+    /// one call.
     #[arg(long, env = "KILN_MAX_BATCH", default_value_t = 1)]
     pub max_batch: usize,
 

@@ -18,8 +18,8 @@
 use bytes::Bytes;
 use chrono::Utc;
 use kiln_app::{
-    JobMessage, JobRuns, Start, Written,
-    ports::{ArtifactStore, Delivery, JobStore, WorkQueue},
+    AppError, JobMessage, JobRuns, Start, Written,
+    ports::{ArtifactStore, Delivery, JobStore, PortError, WorkQueue},
 };
 use kiln_domain::{Job, JobErrorCode, Output, Timings};
 use std::{
@@ -29,14 +29,14 @@ use std::{
 };
 use tokio::sync::{Semaphore, oneshot};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{error, info, warn};
+use tracing::{Instrument, Span, error, field, info, info_span, warn};
 
 use crate::{
     batching::BatchKey,
     config::Settings,
-    encode,
+    encode::{self, EncodeError},
     metrics::{Metrics, Outcome},
-    render::{RenderControl, RenderError, RenderRequest, StopReason},
+    render::{RenderControl, RenderError, RenderRequest, RuntimeFailure, StopReason},
     session::{RenderJob, Rendered, SessionHandle},
 };
 
@@ -59,9 +59,54 @@ pub struct Runner {
 }
 
 /// A failure on the way, and whether trying again may help.
+#[derive(Debug, thiserror::Error)]
 enum Failure {
-    Permanent(JobErrorCode, String),
-    Transient(String),
+    #[error(transparent)]
+    Permanent(#[from] PermanentError),
+    #[error(transparent)]
+    Transient(#[from] TransientError),
+}
+
+/// A failure no other attempt would mend: the job fails with [`PermanentError::code`].
+#[derive(Debug, thiserror::Error)]
+pub enum PermanentError {
+    /// The job names a model or version this runner does not serve.
+    #[error("model `{model}` version {version} is not served (this runner serves it {serving})")]
+    NotServed { model: String, version: String, serving: String },
+    /// The model cannot render the job as asked.
+    #[error("{0}")]
+    Invalid(String),
+    /// The encoder refused the frames.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+}
+
+impl PermanentError {
+    /// The error code recorded on the job.
+    pub fn code(&self) -> JobErrorCode {
+        match self {
+            Self::NotServed { .. } | Self::Invalid(_) => JobErrorCode::InvalidForModel,
+            Self::Encode(_) => JobErrorCode::RenderFailed,
+        }
+    }
+}
+
+/// A failure that another delivery may not meet: the message goes back to the queue, and on
+/// its last delivery the job fails with this as its message.
+#[derive(Debug, thiserror::Error)]
+pub enum TransientError {
+    /// ONNX Runtime, or the model's session thread, failed.
+    #[error(transparent)]
+    Render(#[from] RuntimeFailure),
+    /// The artifact store refused the upload.
+    #[error("storing the artifact: {0}")]
+    Artifact(#[source] PortError),
+    /// The job store refused the success record.
+    #[error("recording success: {0}")]
+    RecordSuccess(#[source] AppError),
+    /// The job store refused the cancel record.
+    #[error("recording the cancel: {0}")]
+    RecordCancel(#[source] AppError),
 }
 
 impl Runner {
@@ -130,8 +175,20 @@ impl Runner {
         info!("runner stopped");
     }
 
-    /// One delivery, start to end.
+    /// One delivery, start to end, in the job's span (`job_id`, `attempt` and `model` recorded
+    /// once known); its heartbeat and render run in it too.
     async fn handle(&self, delivery: Delivery) -> Outcome {
+        let span = info_span!(
+            "job",
+            job_id = field::Empty,
+            attempt = field::Empty,
+            model = field::Empty,
+            delivery = delivery.receive_count
+        );
+        self.handle_in_span(delivery).instrument(span).await
+    }
+
+    async fn handle_in_span(&self, delivery: Delivery) -> Outcome {
         let message: JobMessage = match serde_json::from_str(&delivery.body) {
             Ok(message) => message,
             Err(err) => {
@@ -140,19 +197,23 @@ impl Runner {
                 return Outcome::skipped;
             }
         };
+        let span = Span::current();
+        span.record("job_id", field::display(&message.job_id));
         let mut job = match self.runs.start(&message.job_id, Utc::now()).await {
             Ok(Start::Render(job)) => job,
             Ok(Start::Skip(reason)) => {
-                info!(job_id = %message.job_id, ?reason, "nothing to render");
+                info!(?reason, "nothing to render");
                 self.acknowledge(&delivery).await;
                 return Outcome::skipped;
             }
             Err(err) => {
-                warn!(job_id = %message.job_id, error = %err, "could not start the job; it will be delivered again");
+                warn!(error = &err as &dyn std::error::Error, "could not start the job; it will be delivered again");
                 self.release(&delivery, self.settings.retry_delay(delivery.receive_count)).await;
                 return Outcome::retried;
             }
         };
+        span.record("attempt", job.attempts);
+        span.record("model", field::display(format_args!("{}@{}", job.model, job.model_version)));
         if let Some(queue_ms) = job.timings.queue_ms {
             self.metrics.queue_wait.observe(queue_ms as f64 / 1000.0);
         }
@@ -168,26 +229,24 @@ impl Runner {
             Some(session) if session.version == job.model_version => session,
             served => {
                 let serving = served.map_or_else(|| "not at all".to_owned(), |s| format!("at version {}", s.version));
-                let reason = format!(
-                    "model `{}` version {} is not served (this runner serves it {serving})",
-                    job.model, job.model_version
-                );
-                return self.give_up(job, delivery, Failure::Permanent(JobErrorCode::InvalidForModel, reason)).await;
+                let failure =
+                    PermanentError::NotServed { model: job.model.clone(), version: job.model_version.clone(), serving };
+                return self.give_up(job, delivery, failure.into()).await;
             }
         };
         let control = Arc::new(RenderControl::default());
         let rendered = match self.render(job, session, &control).await {
             Ok(rendered) => rendered,
-            Err(reason) => return self.give_up(job, delivery, Failure::Transient(reason)).await,
+            Err(failure) => return self.give_up(job, delivery, TransientError::Render(failure).into()).await,
         };
         let frames = match rendered.result {
             Ok(frames) => frames,
             Err(RenderError::Stopped(reason)) => return self.stopped(job, delivery, reason).await,
             Err(RenderError::Invalid(reason)) => {
-                return self.give_up(job, delivery, Failure::Permanent(JobErrorCode::InvalidForModel, reason)).await;
+                return self.give_up(job, delivery, PermanentError::Invalid(reason).into()).await;
             }
-            Err(err @ RenderError::Runtime(_)) => {
-                return self.give_up(job, delivery, Failure::Transient(err.to_string())).await;
+            Err(RenderError::Runtime(failure)) => {
+                return self.give_up(job, delivery, TransientError::Render(failure).into()).await;
             }
         };
         self.metrics.render.observe(rendered.render_time.as_secs_f64());
@@ -199,10 +258,7 @@ impl Runner {
         let encode_time = started.elapsed();
         let bytes = match encoded {
             Ok(bytes) => Bytes::from(bytes),
-            Err(err) => {
-                let failure = Failure::Permanent(JobErrorCode::RenderFailed, err.to_string());
-                return self.give_up(job, delivery, failure).await;
-            }
+            Err(err) => return self.give_up(job, delivery, PermanentError::Encode(err).into()).await,
         };
         self.metrics.encode.observe(encode_time.as_secs_f64());
 
@@ -213,7 +269,7 @@ impl Runner {
         };
         let started = Instant::now();
         if let Err(err) = self.ports.artifacts.put(&output.key, &output.content_type, bytes).await {
-            return self.give_up(job, delivery, Failure::Transient(format!("storing the artifact: {err}"))).await;
+            return self.give_up(job, delivery, TransientError::Artifact(err).into()).await;
         }
         let upload_time = started.elapsed();
         self.metrics.upload.observe(upload_time.as_secs_f64());
@@ -227,13 +283,13 @@ impl Runner {
         };
         match self.runs.succeed(job, vec![output], timings, warnings, Utc::now()).await {
             Ok(Written::Done) => {
-                info!(job_id = %job.id, batch = rendered.batch_size, render_ms = ?job.timings.render_ms, encode_ms = ?job.timings.encode_ms, "job succeeded");
+                info!(batch = rendered.batch_size, render_ms = ?job.timings.render_ms, encode_ms = ?job.timings.encode_ms, "job succeeded");
                 self.acknowledge(delivery).await;
                 Outcome::succeeded
             }
             Ok(Written::CancelRequested) => self.stopped(job, delivery, StopReason::Canceled).await,
             Ok(Written::Lost) => Outcome::lost,
-            Err(err) => self.give_up(job, delivery, Failure::Transient(format!("recording success: {err}"))).await,
+            Err(err) => self.give_up(job, delivery, TransientError::RecordSuccess(err).into()).await,
         }
     }
 
@@ -244,20 +300,19 @@ impl Runner {
         job: &mut Job,
         session: &SessionHandle,
         control: &Arc<RenderControl>,
-    ) -> Result<Rendered, String> {
+    ) -> Result<Rendered, RuntimeFailure> {
         let (reply, mut frames) = oneshot::channel();
         let request = RenderRequest { params: job.params.clone(), control: control.clone() };
-        let render_job = RenderJob { key: BatchKey::of(job), request, reply };
-        if let Err(err) = session.submit(render_job).await {
-            return Err(err.to_string());
-        }
+        // Carries the job's span to the session thread.
+        let render_job = RenderJob::new(job.id.to_string(), BatchKey::of(job), request, reply);
+        session.submit(render_job).await?;
         let mut reported = job.progress;
         let mut ticker = tokio::time::interval(self.settings.progress_interval);
         ticker.tick().await;
         loop {
             tokio::select! {
                 rendered = &mut frames => {
-                    return rendered.map_err(|_| "the render session dropped the job".to_owned());
+                    return rendered.map_err(|_| RuntimeFailure::Dropped);
                 }
                 () = self.hand_back.cancelled(), if control.stop_requested().is_none() => {
                     control.stop(StopReason::HandedBack);
@@ -271,7 +326,7 @@ impl Runner {
                         Ok(Written::Done) => reported = progress,
                         Ok(Written::CancelRequested) => control.stop(StopReason::Canceled),
                         Ok(Written::Lost) => control.stop(StopReason::Lost),
-                        Err(err) => warn!(job_id = %job.id, error = %err, "progress write failed"),
+                        Err(err) => warn!(error = &err as &dyn std::error::Error, "progress write failed"),
                     }
                 }
             }
@@ -283,21 +338,19 @@ impl Runner {
         match reason {
             StopReason::Canceled => match self.runs.cancel(job, Utc::now()).await {
                 Ok(_) => {
-                    info!(job_id = %job.id, "job canceled while running");
+                    info!("job canceled while running");
                     self.acknowledge(delivery).await;
                     Outcome::canceled
                 }
-                Err(err) => {
-                    self.give_up(job, delivery, Failure::Transient(format!("recording the cancel: {err}"))).await
-                }
+                Err(err) => self.give_up(job, delivery, TransientError::RecordCancel(err).into()).await,
             },
             StopReason::HandedBack => {
-                info!(job_id = %job.id, "handing the job back");
+                info!("handing the job back");
                 self.release(delivery, Duration::ZERO).await;
                 Outcome::handed_back
             }
             StopReason::Lost => {
-                info!(job_id = %job.id, "another runner took the job over");
+                info!("another runner took the job over");
                 Outcome::lost
             }
         }
@@ -306,19 +359,19 @@ impl Runner {
     /// Ends a job that cannot go on: failed for a permanent reason or on the last delivery;
     /// otherwise handed back with a delay for another try.
     async fn give_up(&self, job: &mut Job, delivery: &Delivery, failure: Failure) -> Outcome {
-        let (code, reason) = match failure {
-            Failure::Transient(reason) if delivery.receive_count < self.settings.max_receives => {
+        let (code, reason) = match &failure {
+            Failure::Transient(_) if delivery.receive_count < self.settings.max_receives => {
                 let delay = self.settings.retry_delay(delivery.receive_count);
-                warn!(job_id = %job.id, %reason, delivery = delivery.receive_count, ?delay, "transient failure; will retry");
+                warn!(error = &failure as &dyn std::error::Error, ?delay, "transient failure; will retry");
                 self.release(delivery, delay).await;
                 return Outcome::retried;
             }
-            Failure::Transient(reason) => {
-                (JobErrorCode::RenderFailed, format!("{reason} (gave up after {} deliveries)", delivery.receive_count))
+            Failure::Transient(err) => {
+                (JobErrorCode::RenderFailed, format!("{err} (gave up after {} deliveries)", delivery.receive_count))
             }
-            Failure::Permanent(code, reason) => (code, reason),
+            Failure::Permanent(err) => (err.code(), err.to_string()),
         };
-        warn!(job_id = %job.id, ?code, %reason, "job failed");
+        warn!(error = &failure as &dyn std::error::Error, ?code, "job failed");
         match self.runs.fail(job, code, &reason, Utc::now()).await {
             Ok(Written::Lost) => Outcome::lost,
             Ok(_) => {
@@ -326,44 +379,501 @@ impl Runner {
                 Outcome::failed
             }
             Err(err) => {
-                warn!(job_id = %job.id, error = %err, "could not record the failure; the message will come back");
+                warn!(
+                    error = &err as &dyn std::error::Error,
+                    "could not record the failure; the message will come back"
+                );
                 self.release(delivery, self.settings.retry_delay(delivery.receive_count)).await;
                 Outcome::retried
             }
         }
     }
 
-    /// Renews the message's lease every heartbeat until the returned token is canceled.
+    /// Renews the message's lease every heartbeat until the returned token is canceled, in the
+    /// job's span.
     fn heartbeat(&self, delivery: &Delivery) -> CancellationToken {
         let stop = CancellationToken::new();
         let (queue, receipt, lease, every) =
             (self.ports.queue.clone(), delivery.receipt.clone(), self.settings.lease, self.settings.heartbeat);
         let token = stop.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = tokio::time::sleep(every) => {
-                        if let Err(err) = queue.extend(&receipt, lease).await {
-                            warn!(error = %err, "heartbeat failed");
+        tokio::spawn(
+            async move {
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(every) => {
+                            if let Err(err) = queue.extend(&receipt, lease).await {
+                                warn!(error = &err as &dyn std::error::Error, "heartbeat failed");
+                            }
                         }
+                        () = token.cancelled() => return,
                     }
-                    () = token.cancelled() => return,
                 }
             }
-        });
+            .instrument(Span::current()),
+        );
         stop
     }
 
     async fn acknowledge(&self, delivery: &Delivery) {
         if let Err(err) = self.ports.queue.delete(&delivery.receipt).await {
             // The message comes back after its lease; the job's status makes that harmless.
-            warn!(error = %err, "deleting the message failed");
+            warn!(error = &err as &dyn std::error::Error, "deleting the message failed");
         }
     }
 
     async fn release(&self, delivery: &Delivery, delay: Duration) {
         if let Err(err) = self.ports.queue.release(&delivery.receipt, delay).await {
-            warn!(error = %err, "handing the message back failed; it returns when its lease ends");
+            warn!(
+                error = &err as &dyn std::error::Error,
+                "handing the message back failed; it returns when its lease ends"
+            );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! `Runner::handle` over the in-memory ports, one row per line of the module's table.
+    //! Failures come from small fakes: an artifact store that is down, a pipeline that refuses,
+    //! fails, panics or renders until it is stopped.
+
+    use super::*;
+    use async_trait::async_trait;
+    use kiln_app::{
+        memory::{MemoryArtifacts, MemoryJobStore, MemoryWorkQueue},
+        ports::CacheClaim,
+    };
+    use kiln_domain::{JobId, JobStatus, ModelSpec, Submission, TenantId, WebhookPolicy};
+    use std::{path::Path, sync::Mutex};
+    use tokio::sync::Notify;
+
+    use crate::{
+        render::{Frames, Pipeline},
+        session,
+    };
+
+    /// What the runner did with the message.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Fate {
+        Untouched,
+        Deleted,
+        Released(Duration),
+    }
+
+    /// The in-memory work queue, recording what became of each receipt.
+    #[derive(Default)]
+    struct RecordingQueue {
+        inner: MemoryWorkQueue,
+        fates: Mutex<HashMap<String, Vec<Fate>>>,
+    }
+
+    impl RecordingQueue {
+        fn record(&self, receipt: &str, fate: Fate) {
+            self.fates.lock().unwrap().entry(receipt.to_owned()).or_default().push(fate);
+        }
+
+        fn fate(&self, receipt: &str) -> Fate {
+            let fates = self.fates.lock().unwrap().get(receipt).cloned().unwrap_or_default();
+            assert!(fates.len() <= 1, "a message is deleted or released once: {fates:?}");
+            fates.first().copied().unwrap_or(Fate::Untouched)
+        }
+    }
+
+    #[async_trait]
+    impl WorkQueue for RecordingQueue {
+        async fn receive(&self, max: u32, wait: Duration, lease: Duration) -> Result<Vec<Delivery>, PortError> {
+            self.inner.receive(max, wait, lease).await
+        }
+
+        async fn extend(&self, receipt: &str, lease: Duration) -> Result<(), PortError> {
+            self.inner.extend(receipt, lease).await
+        }
+
+        async fn release(&self, receipt: &str, delay: Duration) -> Result<(), PortError> {
+            self.record(receipt, Fate::Released(delay));
+            self.inner.release(receipt, delay).await
+        }
+
+        async fn delete(&self, receipt: &str) -> Result<(), PortError> {
+            self.record(receipt, Fate::Deleted);
+            self.inner.delete(receipt).await
+        }
+    }
+
+    /// An artifact store that is down.
+    struct DownArtifacts;
+
+    #[async_trait]
+    impl ArtifactStore for DownArtifacts {
+        async fn put(&self, _key: &str, _content_type: &str, _body: Bytes) -> Result<(), PortError> {
+            Err(PortError::unavailable("s3", std::io::Error::other("connection reset")))
+        }
+    }
+
+    /// What the fake pipeline does with a job.
+    #[derive(Debug, Clone, Copy)]
+    enum Render {
+        /// Grey frames at once.
+        Frames,
+        /// Refuses the job as invalid for the model.
+        Invalid,
+        /// Panics.
+        Panics,
+        /// Reports progress step after step until it is asked to stop.
+        UntilStopped,
+    }
+
+    struct FakePipeline {
+        render: Render,
+        /// Told when a render starts.
+        started: Arc<Notify>,
+    }
+
+    impl Pipeline for FakePipeline {
+        fn render(&mut self, request: &RenderRequest) -> Result<Frames, RenderError> {
+            self.started.notify_one();
+            let params = &request.params;
+            match self.render {
+                Render::Frames => Ok(Frames {
+                    width: params.width,
+                    height: params.height,
+                    frames: vec![vec![128; (params.width * params.height * 3) as usize]],
+                    notes: Vec::new(),
+                }),
+                Render::Invalid => Err(RenderError::Invalid("the prompt is not a picture".into())),
+                Render::Panics => panic!("a bug in the pipeline"),
+                Render::UntilStopped => {
+                    for step in 1.. {
+                        request.control.check()?;
+                        request.control.report(step, 1_000_000);
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    unreachable!("the loop ends by a stop")
+                }
+            }
+        }
+    }
+
+    /// What the delivered message refers to.
+    #[derive(Debug, Clone, Copy)]
+    enum Message {
+        /// Not a job message at all.
+        Unreadable,
+        /// A job not in the store.
+        Missing,
+        /// A queued job, of a model version the runner serves or not.
+        Queued { served: bool },
+        /// A job canceled before it was delivered.
+        Ended,
+    }
+
+    /// What happens while the job renders.
+    #[derive(Debug, Clone, Copy)]
+    enum During {
+        Nothing,
+        /// The client asks to cancel.
+        CancelRequest,
+        /// Another runner starts the job (this runner's lease ran out).
+        TakeOver,
+        /// The shutdown deadline passes.
+        ShutdownDeadline,
+    }
+
+    struct Case {
+        name: &'static str,
+        message: Message,
+        render: Render,
+        during: During,
+        artifacts_down: bool,
+        /// The delivery's receive count (the last is 5).
+        delivery: u32,
+        outcome: Outcome,
+        /// The job's status afterwards (`None`: no job).
+        status: Option<JobStatus>,
+        /// The failure recorded on the job: its code and a part of its message.
+        error: Option<(JobErrorCode, &'static str)>,
+        fate: Fate,
+    }
+
+    const fn case(name: &'static str, message: Message, render: Render) -> Case {
+        Case {
+            name,
+            message,
+            render,
+            during: During::Nothing,
+            artifacts_down: false,
+            delivery: 1,
+            outcome: Outcome::succeeded,
+            status: Some(JobStatus::Succeeded),
+            error: None,
+            fate: Fate::Deleted,
+        }
+    }
+
+    const QUEUED: Message = Message::Queued { served: true };
+
+    const CASES: &[Case] = &[
+        Case {
+            outcome: Outcome::skipped,
+            status: None,
+            ..case("unreadable message: deleted", Message::Unreadable, Render::Frames)
+        },
+        Case {
+            outcome: Outcome::skipped,
+            status: None,
+            ..case("missing job: deleted", Message::Missing, Render::Frames)
+        },
+        Case {
+            outcome: Outcome::skipped,
+            status: Some(JobStatus::Canceled),
+            ..case("ended job: untouched, deleted", Message::Ended, Render::Frames)
+        },
+        case("succeeded: deleted", QUEUED, Render::Frames),
+        Case {
+            during: During::CancelRequest,
+            outcome: Outcome::canceled,
+            status: Some(JobStatus::Canceled),
+            ..case("canceled while rendering: deleted", QUEUED, Render::UntilStopped)
+        },
+        Case {
+            outcome: Outcome::failed,
+            status: Some(JobStatus::Failed),
+            error: Some((JobErrorCode::InvalidForModel, "the prompt is not a picture")),
+            ..case("permanent failure (invalid for the model): failed, deleted", QUEUED, Render::Invalid)
+        },
+        Case {
+            outcome: Outcome::failed,
+            status: Some(JobStatus::Failed),
+            error: Some((JobErrorCode::InvalidForModel, "is not served (this runner serves it at version 0.0.1)")),
+            ..case(
+                "permanent failure (version not served): failed, deleted",
+                Message::Queued { served: false },
+                Render::Frames,
+            )
+        },
+        Case {
+            artifacts_down: true,
+            outcome: Outcome::retried,
+            status: Some(JobStatus::Running),
+            fate: Fate::Released(Duration::from_secs(5)),
+            ..case("transient failure (artifact store) on delivery 1: back after 5 s", QUEUED, Render::Frames)
+        },
+        Case {
+            artifacts_down: true,
+            delivery: 3,
+            outcome: Outcome::retried,
+            status: Some(JobStatus::Running),
+            fate: Fate::Released(Duration::from_secs(20)),
+            ..case("transient failure on delivery 3: back after a longer delay", QUEUED, Render::Frames)
+        },
+        Case {
+            delivery: 2,
+            outcome: Outcome::retried,
+            status: Some(JobStatus::Running),
+            fate: Fate::Released(Duration::from_secs(10)),
+            ..case("transient failure (the pipeline panicked) on delivery 2: back after 10 s", QUEUED, Render::Panics)
+        },
+        Case {
+            artifacts_down: true,
+            delivery: 5,
+            outcome: Outcome::failed,
+            status: Some(JobStatus::Failed),
+            error: Some((
+                JobErrorCode::RenderFailed,
+                "storing the artifact: s3 call failed (gave up after 5 deliveries)",
+            )),
+            ..case("transient failure on the last delivery: failed, deleted", QUEUED, Render::Frames)
+        },
+        Case {
+            delivery: 5,
+            outcome: Outcome::failed,
+            status: Some(JobStatus::Failed),
+            error: Some((
+                JobErrorCode::RenderFailed,
+                "the pipeline panicked: a bug in the pipeline (gave up after 5 deliveries)",
+            )),
+            ..case("render failure on the last delivery: failed, deleted", QUEUED, Render::Panics)
+        },
+        Case {
+            during: During::ShutdownDeadline,
+            outcome: Outcome::handed_back,
+            status: Some(JobStatus::Running),
+            fate: Fate::Released(Duration::ZERO),
+            ..case("shutdown deadline passed: stays running, back at once", QUEUED, Render::UntilStopped)
+        },
+        Case {
+            during: During::TakeOver,
+            outcome: Outcome::lost,
+            status: Some(JobStatus::Running),
+            fate: Fate::Untouched,
+            ..case("another runner took the job over: left alone", QUEUED, Render::UntilStopped)
+        },
+    ];
+
+    fn settings() -> Settings {
+        Settings {
+            max_in_flight: 4,
+            poll_wait: Duration::ZERO,
+            lease: Duration::from_secs(60),
+            heartbeat: Duration::from_secs(3600),
+            progress_interval: Duration::from_millis(10),
+            shutdown_deadline: Duration::from_secs(1),
+            retry_base: Duration::from_secs(5),
+            retry_max: Duration::from_secs(300),
+            max_receives: 5,
+        }
+    }
+
+    fn demo_model() -> ModelSpec {
+        ModelSpec::read_manifest(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/kiln-demo")).unwrap()
+    }
+
+    fn new_job(model: &ModelSpec) -> Job {
+        let body = serde_json::json!({ "model": model.name, "prompt": "a lake", "width": 64, "height": 64, "seed": 1 });
+        let params = Submission::parse(body.to_string().as_bytes())
+            .unwrap()
+            .resolve(model, WebhookPolicy::default(), || 0)
+            .unwrap()
+            .params;
+        let now = Utc::now();
+        let (tenant, model_name) = (TenantId::parse("tests").unwrap(), model.name.clone());
+        Job::new(
+            JobId::generate(now),
+            tenant,
+            model_name,
+            model.version.clone(),
+            params,
+            None,
+            now,
+            chrono::Duration::hours(1),
+        )
+    }
+
+    /// Changes the stored job as another writer would: conditionally on the revision it read
+    /// (set here, whether or not the change bumps it), again on a lost race.
+    async fn revise(store: &MemoryJobStore, id: &JobId, change: impl Fn(&mut Job)) {
+        for _ in 0..100 {
+            let mut job = store.get(id).await.unwrap().expect("the job");
+            let read = job.revision;
+            change(&mut job);
+            job.revision = read + 1;
+            if store.update(&job).await.unwrap() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the runner kept winning the race for job {id}");
+    }
+
+    async fn run_case(case: &Case) {
+        let model = demo_model();
+        let store = Arc::new(MemoryJobStore::default());
+        let queue = Arc::new(RecordingQueue::default());
+        let artifacts: Arc<dyn ArtifactStore> = match case.artifacts_down {
+            true => Arc::new(DownArtifacts),
+            false => Arc::new(MemoryArtifacts::default()),
+        };
+        let mut job = new_job(&model);
+        if let Message::Ended = case.message {
+            job.transition(JobStatus::Canceled, Utc::now()).unwrap();
+        }
+        if let Message::Queued { .. } | Message::Ended = case.message {
+            store.insert(&job, &CacheClaim { key: job.cache_key.clone(), replaces: None }, None).await.unwrap();
+        }
+        let inserted = store.get(&job.id).await.unwrap();
+        queue.inner.push(match case.message {
+            Message::Unreadable => "{\"type\":\"not a job\"".to_owned(),
+            _ => serde_json::to_string(&JobMessage::for_job(&job)).unwrap(),
+        });
+
+        let served_version = match case.message {
+            Message::Queued { served: false } => "0.0.1".to_owned(),
+            _ => model.version.clone(),
+        };
+        let started = Arc::new(Notify::new());
+        let pipeline = Box::new(FakePipeline { render: case.render, started: started.clone() });
+        let metrics = Arc::new(Metrics::default());
+        let (session, _thread) = session::spawn(model.name.clone(), served_version, pipeline, 1, metrics.clone());
+        let ports = Ports { store: store.clone(), queue: queue.clone(), artifacts };
+        let runner = Runner::new(ports, vec![session], settings(), metrics);
+
+        let delivery = queue.inner.receive(1, Duration::ZERO, Duration::from_secs(60)).await.unwrap().remove(0);
+        let delivery = Delivery { receive_count: case.delivery, ..delivery };
+        let receipt = delivery.receipt.clone();
+        let intervene = async {
+            if let During::Nothing = case.during {
+                return;
+            }
+            started.notified().await;
+            match case.during {
+                During::Nothing => {}
+                During::CancelRequest => {
+                    revise(&store, &job.id, |job| assert!(job.request_cancel(), "a running job")).await;
+                }
+                During::TakeOver => {
+                    let taken = JobRuns::new(store.clone()).start(&job.id, Utc::now()).await.unwrap();
+                    assert!(matches!(taken, Start::Render(_)), "the other runner starts it");
+                }
+                During::ShutdownDeadline => runner.hand_back.cancel(),
+            }
+        };
+        let both = async { tokio::join!(runner.handle(delivery), intervene).0 };
+        let outcome = tokio::time::timeout(Duration::from_secs(10), both).await.expect("handled in time");
+
+        assert_eq!(outcome, case.outcome, "{}: outcome", case.name);
+        assert_eq!(queue.fate(&receipt), case.fate, "{}: the message", case.name);
+        let stored = store.get(&job.id).await.unwrap();
+        assert_eq!(stored.as_ref().map(|job| job.status), case.status, "{}: the job's status", case.name);
+        let error = stored.as_ref().and_then(|job| job.error.clone());
+        match case.error {
+            Some((code, message)) => {
+                let error = error.unwrap_or_else(|| panic!("{}: no error recorded", case.name));
+                assert_eq!(error.code, code, "{}: error code", case.name);
+                assert!(error.message.contains(message), "{}: error message {:?}", case.name, error.message);
+            }
+            None => assert_eq!(error, None, "{}: error", case.name),
+        }
+        match case.message {
+            Message::Ended => assert_eq!(stored, inserted, "{}: an ended job is left untouched", case.name),
+            _ if case.status == Some(JobStatus::Succeeded) => {
+                let stored = stored.as_ref().expect("the job");
+                assert_eq!(stored.outputs.len(), 1, "{}: outputs", case.name);
+                assert!(stored.timings.render_ms.is_some(), "{}: timings", case.name);
+            }
+            _ => {}
+        }
+        if let During::TakeOver = case.during {
+            assert_eq!(stored.map(|job| job.attempts), Some(2), "{}: the other runner's attempt", case.name);
+        }
+    }
+
+    #[tokio::test]
+    async fn each_delivery_ends_as_the_table_says() {
+        // The runner's logs, shown for a failing row.
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+        for case in CASES {
+            run_case(case).await;
+        }
+    }
+
+    #[test]
+    fn failures_keep_their_source_and_read_well_on_the_job() {
+        use std::error::Error as _;
+        let upload = Failure::from(TransientError::Artifact(PortError::unavailable(
+            "s3",
+            std::io::Error::other("connection reset"),
+        )));
+        assert_eq!(upload.to_string(), "storing the artifact: s3 call failed");
+        let port = upload.source().expect("the port error");
+        assert_eq!(port.source().map(ToString::to_string).as_deref(), Some("connection reset"));
+
+        let session = TransientError::from(RuntimeFailure::SessionStopped);
+        assert_eq!(session.to_string(), "the render session has stopped");
+
+        let encode = PermanentError::from(EncodeError::Unsupported {
+            format: kiln_domain::OutputFormat::Mp4,
+            reason: "no frames".into(),
+        });
+        assert_eq!(encode.code(), JobErrorCode::RenderFailed);
     }
 }

@@ -14,10 +14,11 @@ use std::{
 
 use kiln_domain::{ModelSpec, Submission, WebhookPolicy};
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use crate::{
     batching::BatchKey,
-    render::{RenderControl, RenderError, RenderRequest},
+    render::{RenderControl, RenderError, RenderRequest, RuntimeFailure},
     session::{RenderJob, SessionHandle},
 };
 
@@ -46,7 +47,8 @@ pub enum WarmUpError {
     },
 }
 
-/// Renders one image of each model with its defaults through its session, in turn.
+/// Renders one image of each model with its defaults through its session, in turn, each in a
+/// `warm_up` span.
 pub async fn warm_up(models: &[ModelSpec], sessions: &[SessionHandle]) -> Result<Vec<WarmedUp>, WarmUpError> {
     let mut warmed = Vec::with_capacity(models.len());
     for model in models {
@@ -54,7 +56,8 @@ pub async fn warm_up(models: &[ModelSpec], sessions: &[SessionHandle]) -> Result
             .iter()
             .find(|s| s.model == model.name && s.version == model.version)
             .ok_or_else(|| WarmUpError::NoSession { model: model.name.clone() })?;
-        warmed.push(warm_up_one(model, session).await?);
+        let span = tracing::info_span!("warm_up", model = %model.name, version = %model.version);
+        warmed.push(warm_up_one(model, session).instrument(span).await?);
     }
     Ok(warmed)
 }
@@ -71,9 +74,8 @@ async fn warm_up_one(model: &ModelSpec, session: &SessionHandle) -> Result<Warme
     let key = BatchKey::new(&model.name, &model.version, &params);
     let request = RenderRequest { params, control: Arc::new(RenderControl::default()) };
     let started = Instant::now();
-    session.submit(RenderJob { key, request, reply }).await.map_err(failed)?;
-    let rendered =
-        rendered.await.map_err(|_| failed(RenderError::Runtime("the render session dropped the warm-up".into())))?;
+    session.submit(RenderJob::new("warm-up", key, request, reply)).await.map_err(|err| failed(err.into()))?;
+    let rendered = rendered.await.map_err(|_| failed(RuntimeFailure::Dropped.into()))?;
     rendered.result.map_err(failed)?;
     Ok(WarmedUp {
         model: model.name.clone(),

@@ -86,22 +86,40 @@ impl RenderControl {
 }
 
 /// Why a render produced no frames.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RenderError {
     #[error("stopped: {0:?}")]
     Stopped(StopReason),
     /// The job cannot be rendered by this model, however often it is tried.
     #[error("{0}")]
     Invalid(String),
-    /// The runtime failed (out of memory, a device error); another attempt may succeed.
-    #[error("ONNX Runtime failed: {0}")]
-    Runtime(String),
+    /// The runtime or the session around it failed; another attempt may succeed.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeFailure),
 }
 
 impl From<ort::Error> for RenderError {
     fn from(err: ort::Error) -> Self {
-        Self::Runtime(err.to_string())
+        Self::Runtime(RuntimeFailure::Ort(Arc::new(err)))
     }
+}
+
+/// A render that failed for a reason of the machine, not of the job: another attempt, perhaps
+/// on another runner, may succeed. Cheap to clone: a batch's failure is every job's.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RuntimeFailure {
+    /// ONNX Runtime refused a run (out of memory, a device error).
+    #[error("ONNX Runtime failed: {0}")]
+    Ort(#[source] Arc<ort::Error>),
+    /// The pipeline panicked; its session thread caught it and goes on with the next batch.
+    #[error("the pipeline panicked: {0}")]
+    Panicked(String),
+    /// The model's session thread has stopped, so it takes no more jobs.
+    #[error("the render session has stopped")]
+    SessionStopped,
+    /// The session thread ended without answering for the job.
+    #[error("the render session dropped the job")]
+    Dropped,
 }
 
 /// One job of a batch.
@@ -115,8 +133,9 @@ pub struct RenderRequest {
 pub trait Pipeline: Send {
     fn render(&mut self, request: &RenderRequest) -> Result<Frames, RenderError>;
 
-    /// Renders compatible jobs (same model, size and steps) together. Pipelines that can fuse
-    /// them into one run override this; the default renders them one after another.
+    /// Renders compatible jobs (same model, version, size and steps, all guided or none: see
+    /// [`crate::batching::BatchKey`]) together. Pipelines that can fuse them into one run
+    /// override this; the default renders them one after another.
     fn render_batch(&mut self, batch: &[RenderRequest]) -> Vec<Result<Frames, RenderError>> {
         batch.iter().map(|request| self.render(request)).collect()
     }

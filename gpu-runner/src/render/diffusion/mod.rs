@@ -20,6 +20,7 @@
 //!
 //! `gpu-runner/sd/reference.py` is the same algorithm in numpy; a test holds the two together.
 
+pub mod plan;
 pub mod scheduler;
 pub mod tokenizer;
 
@@ -36,6 +37,7 @@ use super::{
     noise::{gaussian, slerp},
     runtime::{self, Device, RuntimeError, SessionOptions},
 };
+use plan::{JobShape, Lane, Row, UnetGuidance, plan};
 use scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
 use tokenizer::{PromptTokenizer, TokenizerError};
 
@@ -47,8 +49,6 @@ pub const FRAMES_PER_KEY: usize = 8;
 /// Noise streams (per job seed): keyframe `k` uses stream `k`; step `i`'s fresh noise (Euler-a,
 /// LCM) uses `STEP_STREAM + i`, the same for every frame so a video stays coherent.
 const STEP_STREAM: u64 = 1 << 32;
-/// [`DiffusionOptions::max_unet_rows`] counts rows of this many latent pixels (512×512 images).
-const ROW_LATENT_PIXELS: usize = 64 * 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiffusionLoadError {
@@ -203,13 +203,6 @@ impl LatentDiffusion {
     }
 }
 
-/// One image of a batch: a job's frame.
-#[derive(Debug, Clone, Copy)]
-struct Lane {
-    job: usize,
-    frame: usize,
-}
-
 impl Pipeline for LatentDiffusion {
     fn render(&mut self, request: &RenderRequest) -> Result<Frames, RenderError> {
         self.render_batch(std::slice::from_ref(request))
@@ -226,8 +219,8 @@ impl Pipeline for LatentDiffusion {
 }
 
 impl LatentDiffusion {
-    /// Renders jobs of one size and step count together; a job stopped midway leaves the batch
-    /// and the rest go on.
+    /// Renders jobs of one size and step count together, as [`plan()`] lays them out; a job
+    /// stopped midway leaves the batch and the rest go on.
     fn render_together(&mut self, batch: &[RenderRequest]) -> Result<Vec<Result<Frames, RenderError>>, RenderError> {
         let Some(first) = batch.first().map(|r| &r.params) else { return Ok(Vec::new()) };
         let (width, height, steps) = (first.width, first.height, first.steps);
@@ -241,108 +234,99 @@ impl LatentDiffusion {
             Scheduler::new(self.kind, &self.scheduler, steps).map_err(|err| RenderError::Invalid(err.to_string()))?;
         let timestep_cond =
             self.unet.inputs.get("timestep_cond").map(|(_, shape)| shape.get(1).copied().unwrap_or(256));
-        // LCM-distilled UNets take the guidance scale as an embedding instead of a second pass.
-        let guided = timestep_cond.is_none() && batch.iter().any(|r| r.params.guidance > 1.0);
+        let (latent_height, latent_width) = ((height / VAE_FACTOR) as usize, (width / VAE_FACTOR) as usize);
+        let latent_len = LATENT_CHANNELS * latent_height * latent_width;
+        let shapes: Vec<JobShape> = batch
+            .iter()
+            .map(|r| JobShape { frames: r.params.num_frames.max(1) as usize, guidance: r.params.guidance })
+            .collect();
+        let unet_guidance = match timestep_cond {
+            Some(_) => UnetGuidance::Embedded,
+            None => UnetGuidance::SecondPass,
+        };
+        let plan = plan(&shapes, steps, latent_height * latent_width, self.options.max_unet_rows, unet_guidance);
 
-        let cond: Vec<&str> = batch.iter().map(|r| r.params.prompt.as_str()).collect();
-        let (cond, truncated) = self.encode_prompts(&cond)?;
-        let uncond = match guided {
+        let (cond, truncated) =
+            self.encode_prompts(&batch.iter().map(|r| r.params.prompt.as_str()).collect::<Vec<_>>())?;
+        let uncond = match plan.guided {
             true => {
                 self.encode_prompts(&batch.iter().map(|r| r.params.negative_prompt.as_str()).collect::<Vec<_>>())?.0
             }
             false => Vec::new(),
         };
 
-        let (latent_height, latent_width) = ((height / VAE_FACTOR) as usize, (width / VAE_FACTOR) as usize);
-        let latent_len = LATENT_CHANNELS * latent_height * latent_width;
-        let rows_per_lane = if guided { 2 } else { 1 };
-        let lanes_per_run =
-            (self.options.max_unet_rows * ROW_LATENT_PIXELS / (latent_height * latent_width) / rows_per_lane).max(1);
-        let lanes: Vec<Lane> = batch
-            .iter()
-            .enumerate()
-            .flat_map(|(job, r)| (0..r.params.num_frames.max(1) as usize).map(move |frame| Lane { job, frame }))
-            .collect();
-        let chunks: Vec<&[Lane]> = lanes.chunks(lanes_per_run).collect();
-        let mut totals = vec![0u32; batch.len()];
-        for chunk in &chunks {
-            let mut jobs: Vec<usize> = chunk.iter().map(|lane| lane.job).collect();
-            jobs.dedup();
-            for job in jobs {
-                totals[job] += steps;
-            }
-        }
-        let mut done = vec![0u32; batch.len()];
-        for (request, total) in batch.iter().zip(&totals) {
+        for (request, total) in batch.iter().zip(&plan.totals) {
             request.control.report(0, *total);
         }
+        let mut done = vec![0u32; batch.len()];
         let mut stopped: Vec<Option<RenderError>> = vec![None; batch.len()];
-        let mut frames: Vec<Vec<Vec<u8>>> =
-            batch.iter().map(|r| vec![Vec::new(); r.params.num_frames.max(1) as usize]).collect();
+        let mut frames: Vec<Vec<Vec<u8>>> = shapes.iter().map(|shape| vec![Vec::new(); shape.frames]).collect();
+        let sigma = scheduler.init_noise_sigma();
 
-        for chunk in chunks {
-            let mut live: Vec<Lane> = chunk.iter().copied().filter(|lane| stopped[lane.job].is_none()).collect();
-            let mut latents: Vec<Vec<f32>> = live
-                .iter()
-                .map(|lane| {
-                    let params = &batch[lane.job].params;
-                    let noise = walk_noise(u64::from(params.seed), lane.frame, params.num_frames as usize, latent_len);
-                    let sigma = scheduler.init_noise_sigma();
-                    noise.iter().map(|v| (f64::from(*v) * sigma) as f32).collect()
-                })
-                .collect();
-            let mut call: Option<UnetCall> = None;
+        for (chunk, lanes) in plan.chunks.iter().enumerate() {
+            let lanes = lanes.iter().copied().filter(|lane| stopped[lane.job].is_none()).collect();
+            let mut live = LiveLanes::start(lanes, |lane| {
+                let params = &batch[lane.job].params;
+                let noise = walk_noise(u64::from(params.seed), lane.frame, params.num_frames as usize, latent_len);
+                noise.iter().map(|v| (f64::from(*v) * sigma) as f32).collect()
+            });
             for step in 0..steps as usize {
-                let before = live.len();
+                // Every job is checked, also one whose lanes are all rendered: a stop still ends it.
                 for (job, request) in batch.iter().enumerate() {
                     if let (None, Err(err)) = (&stopped[job], request.control.check()) {
                         stopped[job] = Some(err);
                     }
                 }
-                let keep: Vec<bool> = live.iter().map(|lane| stopped[lane.job].is_none()).collect();
-                let mut index = 0;
-                live.retain(|_| (keep[index], index += 1).0);
-                let mut index = 0;
-                latents.retain(|_| (keep[index], index += 1).0);
-                if live.is_empty() {
+                let rendering: Vec<bool> = stopped.iter().map(Option::is_none).collect();
+                let Some(run) = plan.run(chunk, &rendering) else {
+                    live = LiveLanes::default();
                     break;
-                }
-                if call.is_none() || live.len() != before {
-                    let rows: Vec<&[f32]> = match guided {
-                        true => live
+                };
+                live.narrow(&run.lanes);
+                let call = match &mut live.call {
+                    Some(call) => call,
+                    None => {
+                        let rows: Vec<&[f32]> = run
+                            .rows
                             .iter()
-                            .map(|l| &uncond[l.job][..])
-                            .chain(live.iter().map(|l| &cond[l.job][..]))
-                            .collect(),
-                        false => live.iter().map(|l| &cond[l.job][..]).collect(),
-                    };
-                    let guidance: Vec<f64> = live.iter().map(|l| batch[l.job].params.guidance).collect();
-                    call =
-                        Some(UnetCall::new(&self.unet, &rows, timestep_cond.map(|dim| (dim, guidance)), self.options)?);
-                }
-                let Some(call) = call.as_mut() else { break };
+                            .map(|row| match *row {
+                                Row::Unconditional(job) => &uncond[job][..],
+                                Row::Conditional(job) => &cond[job][..],
+                            })
+                            .collect();
+                        let guidance: Vec<f64> = run.lanes.iter().map(|l| batch[l.job].params.guidance).collect();
+                        let embedding = timestep_cond.map(|dim| (dim, guidance));
+                        live.call.insert(UnetCall::new(&self.unet, &rows, embedding, self.options)?)
+                    }
+                };
                 let scale = scheduler.input_scale(step);
-                let mut sample = Vec::with_capacity(live.len() * rows_per_lane * latent_len);
-                for _ in 0..rows_per_lane {
-                    for latent in &latents {
+                let mut sample = Vec::with_capacity(run.rows.len() * latent_len);
+                for _ in 0..plan.rows_per_lane() {
+                    for latent in &live.latents {
                         sample.extend(latent.iter().map(|v| (f64::from(*v) * scale) as f32));
                     }
                 }
-                let shape = [
-                    (live.len() * rows_per_lane) as i64,
-                    LATENT_CHANNELS as i64,
-                    latent_height as i64,
-                    latent_width as i64,
-                ];
+                let shape = [run.rows.len() as i64, LATENT_CHANNELS as i64, latent_height as i64, latent_width as i64];
                 let output = call.run(&mut self.unet, &sample, shape, scheduler.timesteps()[step])?;
-                let mut step_noise: HashMap<usize, Vec<f32>> = HashMap::new();
-                for (k, lane) in live.iter().enumerate() {
-                    let params = &batch[lane.job].params;
-                    let cond_row = &output[(k + if guided { live.len() } else { 0 }) * latent_len..][..latent_len];
-                    let eps: Cow<[f32]> = match guided && params.guidance > 1.0 {
-                        true => {
-                            let uncond_row = &output[k * latent_len..][..latent_len];
-                            let g = params.guidance;
+                // Euler-a and LCM add fresh noise each step: one draw per job, the same for all
+                // its frames so a video stays coherent.
+                let step_noise: HashMap<usize, Vec<f32>> = match scheduler.needs_noise(step) {
+                    true => run
+                        .jobs
+                        .iter()
+                        .map(|&job| {
+                            let seed = u64::from(batch[job].params.seed);
+                            (job, gaussian(seed, STEP_STREAM + step as u64, latent_len))
+                        })
+                        .collect(),
+                    false => HashMap::new(),
+                };
+                for (k, lane) in run.lanes.iter().enumerate() {
+                    let (cond_row, uncond_row) = plan.prediction_rows(k, run.lanes.len());
+                    let cond_row = &output[cond_row * latent_len..][..latent_len];
+                    let eps: Cow<[f32]> = match (plan.scales[lane.job], uncond_row) {
+                        (Some(g), Some(uncond_row)) => {
+                            let uncond_row = &output[uncond_row * latent_len..][..latent_len];
                             Cow::Owned(
                                 uncond_row
                                     .iter()
@@ -351,28 +335,21 @@ impl LatentDiffusion {
                                     .collect(),
                             )
                         }
-                        false => Cow::Borrowed(cond_row),
+                        _ => Cow::Borrowed(cond_row),
                     };
-                    let noise = scheduler.needs_noise(step).then(|| {
-                        &step_noise
-                            .entry(lane.job)
-                            .or_insert_with(|| gaussian(u64::from(params.seed), STEP_STREAM + step as u64, latent_len))
-                            [..]
-                    });
-                    scheduler.step(step, &eps, &mut latents[k], noise);
+                    let noise = step_noise.get(&lane.job).map(Vec::as_slice);
+                    scheduler.step(step, &eps, &mut live.latents[k], noise);
                 }
-                let mut reported: Vec<usize> = live.iter().map(|lane| lane.job).collect();
-                reported.dedup();
-                for job in reported {
+                for &job in &run.jobs {
                     done[job] += 1;
-                    batch[job].control.report(done[job], totals[job]);
+                    batch[job].control.report(done[job], plan.totals[job]);
                 }
             }
-            if live.is_empty() {
+            if live.lanes.is_empty() {
                 continue;
             }
-            let views: Vec<&[f32]> = latents.iter().map(Vec::as_slice).collect();
-            for (lane, image) in live.iter().zip(self.decode(&views, latent_height, latent_width)?) {
+            let views: Vec<&[f32]> = live.latents.iter().map(Vec::as_slice).collect();
+            for (lane, image) in live.lanes.iter().zip(self.decode(&views, latent_height, latent_width)?) {
                 frames[lane.job][lane.frame] = image;
             }
         }
@@ -400,6 +377,43 @@ impl LatentDiffusion {
                 })
             })
             .collect())
+    }
+}
+
+/// The lanes of one chunk still rendering, their latents, and the UNet inputs bound for them:
+/// what changes from step to step while the [`plan::BatchPlan`] stays as it was planned.
+#[derive(Default)]
+struct LiveLanes {
+    lanes: Vec<Lane>,
+    latents: Vec<Vec<f32>>,
+    /// Bound for exactly `lanes`; dropped when a lane leaves.
+    call: Option<UnetCall>,
+}
+
+impl LiveLanes {
+    /// `lanes`, each starting from the latent `start` draws for it.
+    fn start(lanes: Vec<Lane>, start: impl Fn(Lane) -> Vec<f32>) -> Self {
+        let latents = lanes.iter().map(|lane| start(*lane)).collect();
+        Self { lanes, latents, call: None }
+    }
+
+    /// Keeps only `lanes` (some of the live lanes, in their order) and their latents.
+    fn narrow(&mut self, lanes: &[Lane]) {
+        if self.lanes == lanes {
+            return;
+        }
+        let mut kept = lanes.iter().peekable();
+        let mut latents = std::mem::take(&mut self.latents).into_iter();
+        self.latents = self
+            .lanes
+            .iter()
+            .filter_map(|lane| {
+                let latent = latents.next();
+                kept.next_if_eq(&lane).and(latent)
+            })
+            .collect();
+        self.lanes = lanes.to_vec();
+        self.call = None;
     }
 }
 
