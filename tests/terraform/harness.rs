@@ -614,6 +614,8 @@ type Outcome = Result<Value, String>;
 struct Runtime {
     next: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<(String, String)>>,
     waiting: Mutex<HashMap<String, oneshot::Sender<Outcome>>>,
+    /// When the function first asked for an event: its init phase ended.
+    first_poll: Mutex<Option<Instant>>,
 }
 
 /// A function binary started as Lambda starts it, fed events through a runtime API.
@@ -624,12 +626,17 @@ pub struct LambdaProcess {
     queue: tokio::sync::mpsc::UnboundedSender<(String, String)>,
     runtime: Arc<Runtime>,
     ids: AtomicU64,
+    spawned: Instant,
 }
 
 impl LambdaProcess {
     pub async fn start(name: &str, binary: &Path, env: &BTreeMap<String, String>, recorder: &Recorder) -> Self {
         let (queue, next) = tokio::sync::mpsc::unbounded_channel();
-        let runtime = Arc::new(Runtime { next: tokio::sync::Mutex::new(next), waiting: Mutex::default() });
+        let runtime = Arc::new(Runtime {
+            next: tokio::sync::Mutex::new(next),
+            waiting: Mutex::default(),
+            first_poll: Mutex::default(),
+        });
         let shared = runtime.clone();
         let arn = format!("arn:aws:lambda:us-east-1:000000000000:function:{name}");
         let address = serve(move |request| {
@@ -653,8 +660,24 @@ impl LambdaProcess {
             .stdin(Stdio::null())
             .stdout(File::create(&log).unwrap())
             .stderr(File::create(&log).unwrap());
+        let spawned = Instant::now();
         let child = command.spawn().unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
-        Self { name: name.to_owned(), child: Mutex::new(child), log, queue, runtime, ids: AtomicU64::new(1) }
+        Self { name: name.to_owned(), child: Mutex::new(child), log, queue, runtime, ids: AtomicU64::new(1), spawned }
+    }
+
+    /// The init phase: from starting the process to its first request for an event (as Lambda's
+    /// `Init Duration`). Waits for it, at most 30 s.
+    pub async fn init_time(&self) -> Result<Duration, String> {
+        for _ in 0..30_000 {
+            if let Some(polled) = *self.runtime.first_poll.lock().unwrap() {
+                return Ok(polled - self.spawned);
+            }
+            if let Ok(Some(status)) = self.child.lock().unwrap().try_wait() {
+                return Err(self.failure(&format!("the process exited ({status})")));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Err(self.failure("no request for an event in 30 s"))
     }
 
     /// Sends one event and waits for the function's answer (or its error, or its exit).
@@ -703,6 +726,7 @@ async fn runtime_api(request: Request<Incoming>, runtime: &Runtime, arn: &str) -
     let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let rest = path.strip_prefix("/2018-06-01/runtime/").unwrap_or_default();
     if method == hyper::Method::GET && rest == "invocation/next" {
+        runtime.first_poll.lock().unwrap().get_or_insert_with(Instant::now);
         let Some((id, event)) = runtime.next.lock().await.recv().await else { return respond(500, &[], "") };
         let deadline = (std::time::SystemTime::now() + Duration::from_secs(60))
             .duration_since(std::time::UNIX_EPOCH)

@@ -17,7 +17,7 @@ use kiln_lambda::FunctionConfig;
 /// [`Api::handle`] for `function`'s routes, on the ports `wire` gives it.
 pub async fn serve(function: Function, wire: fn(&AwsPorts) -> Ports) -> Result<(), kiln_lambda::Error> {
     let setup = async move |config: FunctionConfig| {
-        let aws = AwsPorts::connect(&config.resources).await;
+        let aws = AwsPorts::for_lambda(&config.resources);
         Ok(Api::new(&wire(&aws), &config))
     };
     kiln_lambda::serve_http(

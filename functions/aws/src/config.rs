@@ -70,6 +70,38 @@ pub async fn load_sdk_config(endpoint_url: Option<&str>) -> SdkConfig {
     loader.load().await
 }
 
+/// The SDK configuration of a Lambda function, built without `aws_config`'s loader. Lambda
+/// hands a function its role's credentials and its region in the environment, so nothing
+/// else is looked for: no profile files, SSO, web identity, container or instance metadata.
+/// That keeps a function's start-up at reading a few variables, and those providers (with the
+/// STS and SSO clients they carry) out of its binary. With an endpoint (the local moto
+/// server): fixed test credentials and us-east-1, as [`load_sdk_config`].
+pub fn lambda_sdk_config(endpoint_url: Option<&str>) -> SdkConfig {
+    use aws_config::environment::EnvironmentVariableCredentialsProvider;
+    use aws_sdk_dynamodb::config::SharedCredentialsProvider;
+    let builder = SdkConfig::builder().behavior_version(BehaviorVersion::latest());
+    match endpoint_url {
+        Some(url) => builder
+            .endpoint_url(url)
+            .region(Region::new("us-east-1"))
+            .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
+                "testing",
+                "testing",
+                None,
+                None,
+                "kiln-local",
+            )))
+            .build(),
+        None => {
+            let region = std::env::var("AWS_REGION").or_else(|_| std::env::var("AWS_DEFAULT_REGION")).ok();
+            builder
+                .region(region.map(Region::new))
+                .credentials_provider(SharedCredentialsProvider::new(EnvironmentVariableCredentialsProvider::new()))
+                .build()
+        }
+    }
+}
+
 /// The AWS clients of a process, each built from one SDK configuration on first use: a function
 /// that never calls S3 never builds (nor links) the S3 client.
 #[derive(Clone, Debug)]
@@ -98,16 +130,19 @@ impl AwsClients {
         Self::build(endpoint_url, Some(counters.clone())).await
     }
 
+    /// Clients of a Lambda function (see [`lambda_sdk_config`]); builds nothing until used.
+    pub fn for_lambda(endpoint_url: Option<&str>) -> Self {
+        Self::with_config(lambda_sdk_config(endpoint_url), endpoint_url.is_some(), None)
+    }
+
     async fn build(endpoint_url: Option<&str>, counters: Option<AwsCallCounters>) -> Self {
         let sdk = load_sdk_config(endpoint_url).await;
-        let clients = Clients {
-            sdk,
-            path_style: endpoint_url.is_some(),
-            counters,
-            dynamodb: OnceLock::new(),
-            sqs: OnceLock::new(),
-            s3: OnceLock::new(),
-        };
+        Self::with_config(sdk, endpoint_url.is_some(), counters)
+    }
+
+    fn with_config(sdk: SdkConfig, path_style: bool, counters: Option<AwsCallCounters>) -> Self {
+        let clients =
+            Clients { sdk, path_style, counters, dynamodb: OnceLock::new(), sqs: OnceLock::new(), s3: OnceLock::new() };
         Self { inner: Arc::new(clients) }
     }
 

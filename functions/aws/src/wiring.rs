@@ -34,6 +34,11 @@ impl AwsPorts {
         Self::new(AwsClients::connect(resources.endpoint_url.as_deref()).await, resources.clone())
     }
 
+    /// A Lambda function's clients for `resources` (see [`crate::config::lambda_sdk_config`]).
+    pub fn for_lambda(resources: &Resources) -> Self {
+        Self::new(AwsClients::for_lambda(resources.endpoint_url.as_deref()), resources.clone())
+    }
+
     /// Nothing wired yet: start from here and set the ports an entry point uses.
     pub fn none(&self) -> Ports {
         Ports::unwired()

@@ -107,7 +107,7 @@ pub fn wire(aws: &AwsPorts, config: &DeliveryConfig) -> anyhow::Result<Deliverie
 }
 
 pub async fn setup(config: DeliveryConfig) -> anyhow::Result<Deliveries> {
-    wire(&AwsPorts::connect(&config.function.resources).await, &config)
+    wire(&AwsPorts::for_lambda(&config.function.resources), &config)
 }
 
 /// One queued event.

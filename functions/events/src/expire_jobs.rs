@@ -28,7 +28,7 @@ pub fn wire(aws: &AwsPorts, config: &FunctionConfig) -> Jobs {
 }
 
 pub async fn setup(config: FunctionConfig) -> anyhow::Result<Jobs> {
-    Ok(wire(&AwsPorts::connect(&config.resources).await, &config))
+    Ok(wire(&AwsPorts::for_lambda(&config.resources), &config))
 }
 
 /// Handles one scheduled event.

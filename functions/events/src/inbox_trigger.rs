@@ -24,7 +24,7 @@ pub fn wire(aws: &AwsPorts, config: &FunctionConfig) -> Inbox {
 }
 
 pub async fn setup(config: FunctionConfig) -> anyhow::Result<Inbox> {
-    Ok(wire(&AwsPorts::connect(&config.resources).await, &config))
+    Ok(wire(&AwsPorts::for_lambda(&config.resources), &config))
 }
 
 /// Keys in S3 events are URL-encoded, with `+` for spaces.

@@ -20,7 +20,7 @@ pub fn wire(aws: &AwsPorts) -> JobRuns {
 }
 
 pub async fn setup(config: FunctionConfig) -> anyhow::Result<JobRuns> {
-    Ok(wire(&AwsPorts::connect(&config.resources).await))
+    Ok(wire(&AwsPorts::for_lambda(&config.resources)))
 }
 
 /// Fails the job one dead letter points at. `Err` (a DynamoDB error) leaves it on the queue.

@@ -32,7 +32,7 @@ pub fn wire(aws: &AwsPorts) -> JobChanges {
 }
 
 pub async fn setup(config: FunctionConfig) -> anyhow::Result<JobChanges> {
-    Ok(wire(&AwsPorts::connect(&config.resources).await))
+    Ok(wire(&AwsPorts::for_lambda(&config.resources)))
 }
 
 /// Decodes a stream image; an empty one (an insert's old image) is None.

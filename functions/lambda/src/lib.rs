@@ -13,16 +13,17 @@ use serde::{Serialize, de::DeserializeOwned};
 use std::{future::Future, sync::Arc};
 
 /// Logs as JSON lines for CloudWatch, each with its span's fields (the job id, the request);
-/// `RUST_LOG` picks the level (default info).
+/// `RUST_LOG` picks the levels: `info` (the default), or `warn,kiln_app=debug` and the like.
+/// Read as plain `target=level` directives (`Targets`), not `EnvFilter`'s, whose span and
+/// field matching needs a regex engine that would double a small function's size.
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_current_span(true)
-        .with_span_list(false)
-        .without_time()
-        .try_init();
+    use tracing_subscriber::{filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|directives| directives.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    let logs = tracing_subscriber::fmt::layer().json().with_current_span(true).with_span_list(false).without_time();
+    let _ = tracing_subscriber::registry().with(logs).with(filter).try_init();
 }
 
 /// The start-up every function shares: logs, then its configuration `C` from the environment
