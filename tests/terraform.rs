@@ -230,6 +230,8 @@ async fn every_function_and_the_runner_call_only_what_their_roles_grant() {
         }
         let recorder = Recorder::start(&moto, &prefix).await;
         let process = LambdaProcess::start(name, &binaries[name], &env, &recorder).await;
+        // A function that cannot start (its configuration refused) shows its log here.
+        process.init_time().await.unwrap_or_else(|e| panic!("{name} did not start: {e}"));
         processes.insert(name.clone(), (process, recorder));
     }
 
