@@ -522,3 +522,52 @@ async fn tenants_limits_refuse_new_jobs_with_429_and_name_the_limit() {
     let listed = rate.get("/v1/jobs").await;
     assert_eq!(listed.body["jobs"].as_array().map(Vec::len), Some(2), "{}", listed.body);
 }
+
+/// DynamoDB answers a query with at most 1 MB: a page of long (multi-byte) jobs comes back
+/// short, with a key to go on from. Listing must go on from it, or `next_cursor` comes back
+/// null and older jobs can never be listed.
+#[tokio::test(flavor = "multi_thread")]
+async fn listing_jobs_larger_than_a_dynamodb_page_returns_every_job_once() {
+    let stack = stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let limits = kiln_app::TenantLimits { max_active_jobs: 1_000, jobs_per_minute: 1_000 };
+    let tenant = kiln_domain::TenantId::parse("acme").unwrap();
+    assert!(stack.aws.tenants().set_limits(&tenant, Some(limits)).await.unwrap());
+    // About 16 KB each in DynamoDB: 2,000 four-byte characters in each of the two prompts.
+    let negative = "🌊".repeat(2_000);
+    let mut submitted = std::collections::BTreeSet::new();
+    for chunk in (0..150).collect::<Vec<usize>>().chunks(10) {
+        let answers = chunk.iter().map(|i| {
+            let body = json!({"model": "kiln-demo", "prompt": format!("{i:04}{}", "🦊".repeat(1_996)),
+                "negative_prompt": negative});
+            let client = client.clone();
+            async move { client.post_json("/v1/jobs", &body).await }
+        });
+        for answer in futures_util::future::join_all(answers).await {
+            assert_eq!(answer.status, 202, "{}", answer.body);
+            submitted.insert(answer.body["id"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(submitted.len(), 150);
+
+    let mut listed = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..10 {
+        let path = match &cursor {
+            Some(cursor) => format!("/v1/jobs?limit=100&cursor={cursor}"),
+            None => "/v1/jobs?limit=100".to_owned(),
+        };
+        let page = client.get(&path).await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        listed.extend(page.body["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_owned()));
+        cursor = page.body["next_cursor"].as_str().map(str::to_owned);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    let distinct: std::collections::BTreeSet<String> = listed.iter().cloned().collect();
+    assert_eq!(listed.len(), distinct.len(), "a job listed twice");
+    let missing = submitted.difference(&distinct).count();
+    assert_eq!((distinct.len(), missing), (150, 0), "{} of 150 listed, {missing} never", distinct.len());
+    assert!(distinct.is_subset(&submitted));
+}

@@ -177,26 +177,37 @@ impl JobStore for DynamoJobStore {
             None => ("by_tenant", "tenant_id", tenant.to_string()),
             Some(status) => ("by_tenant_status", "tenant_status", format!("{tenant}#{status}")),
         };
-        let start = after.map(|after| {
+        let mut start = after.map(|after| {
             HashMap::from([("id".to_owned(), s(after.as_str())), (key_name.to_owned(), s(key_value.clone()))])
         });
-        // One more than asked tells whether there is a next page.
-        let output = self
-            .client
-            .query()
-            .table_name(&self.jobs_table)
-            .index_name(index)
-            .key_condition_expression("#k = :v")
-            .expression_attribute_names("#k", key_name)
-            .expression_attribute_values(":v", s(key_value))
-            .scan_index_forward(false)
-            .limit(i32::try_from(limit + 1).unwrap_or(i32::MAX))
-            .set_exclusive_start_key(start)
-            .send()
-            .await
-            .map_err(unavailable("dynamodb"))?;
-        let mut jobs =
-            output.items.unwrap_or_default().into_iter().map(job_from_item).collect::<Result<Vec<_>, _>>()?;
+        // One more than asked tells whether there is a next page. DynamoDB answers at most 1 MB
+        // a query, so a page of long jobs comes back short with a key to go on from: follow it
+        // until the page is full or the index has no more.
+        let wanted = limit as usize + 1;
+        let mut jobs = Vec::with_capacity(wanted);
+        loop {
+            let output = self
+                .client
+                .query()
+                .table_name(&self.jobs_table)
+                .index_name(index)
+                .key_condition_expression("#k = :v")
+                .expression_attribute_names("#k", key_name)
+                .expression_attribute_values(":v", s(key_value.clone()))
+                .scan_index_forward(false)
+                .limit(i32::try_from(wanted - jobs.len()).unwrap_or(i32::MAX))
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(unavailable("dynamodb"))?;
+            for item in output.items.unwrap_or_default() {
+                jobs.push(job_from_item(item)?);
+            }
+            start = output.last_evaluated_key;
+            if jobs.len() >= wanted || start.is_none() {
+                break;
+            }
+        }
         let next = if jobs.len() > limit as usize {
             jobs.truncate(limit as usize);
             jobs.last().map(|job| job.id.clone())
