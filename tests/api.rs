@@ -571,3 +571,51 @@ async fn listing_jobs_larger_than_a_dynamodb_page_returns_every_job_once() {
     assert_eq!((distinct.len(), missing), (150, 0), "{} of 150 listed, {missing} never", distinct.len());
     assert!(distinct.is_subset(&submitted));
 }
+
+/// The sparse index of queued jobs is spread over partitions (one partition would cap every
+/// queued job's writes, platform-wide, near 1,000 a second), and the sweep still finds every
+/// overdue job in all of them, in batches smaller than the backlog.
+#[tokio::test(flavor = "multi_thread")]
+async fn queued_jobs_spread_over_the_index_partitions_and_all_expire() {
+    let stack =
+        stack_with(StackOptions { prefix: unique_prefix(), queued_ttl_secs: 0, ..StackOptions::default() }).await;
+    let client = Client::tenant(&stack, "acme").await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let answer =
+            client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": format!("spread {i}")})).await;
+        assert_eq!(answer.status, 202, "{}", answer.body);
+        ids.push(answer.body["id"].as_str().unwrap().to_owned());
+    }
+    let scanned = stack
+        .clients
+        .dynamodb()
+        .scan()
+        .table_name(&stack.resources.jobs_table)
+        .index_name("queued_by_expiry")
+        .send()
+        .await
+        .unwrap();
+    let shards: std::collections::BTreeSet<String> = scanned
+        .items()
+        .iter()
+        .filter_map(|item| item.get("queued_shard").and_then(|v| v.as_s().ok()).cloned())
+        .collect();
+    assert_eq!(scanned.items().len(), 40);
+    assert!(shards.len() >= 8, "40 queued jobs in {} index partitions: {shards:?}", shards.len());
+
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let jobs = kiln_app::Jobs::new(&stack.aws.all(), stack.config.jobs_config());
+    let mut expired = 0;
+    for _ in 0..10 {
+        let batch = jobs.expire_overdue(Utc::now(), 15).await.unwrap();
+        expired += batch;
+        if batch == 0 {
+            break;
+        }
+    }
+    assert_eq!(expired, 40);
+    for id in &ids {
+        assert_eq!(client.get(&format!("/v1/jobs/{id}")).await.body["status"], "expired");
+    }
+}
