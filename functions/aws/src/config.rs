@@ -55,18 +55,24 @@ impl Resources {
     }
 }
 
-/// The SDK configuration. With an endpoint (the local moto server) it uses fixed test
-/// credentials and us-east-1, so nothing on the machine can point it at a real account.
+/// The region and credentials every client of the local moto server uses: fixed, so nothing on
+/// the machine can point a local run at a real account.
+const LOCAL_REGION: &str = "us-east-1";
+
+fn local_credentials() -> Credentials {
+    Credentials::new("testing", "testing", None, None, "kiln-local")
+}
+
+/// The SDK configuration. With an endpoint (the local moto server) it uses the local region and
+/// credentials; without, `aws_config`'s default chains.
 pub async fn load_sdk_config(endpoint_url: Option<&str>) -> SdkConfig {
     let loader = aws_config::defaults(BehaviorVersion::latest());
-    let loader =
-        match endpoint_url {
-            Some(url) => loader
-                .endpoint_url(url)
-                .region(Region::new("us-east-1"))
-                .credentials_provider(Credentials::new("testing", "testing", None, None, "kiln-local")),
-            None => loader,
-        };
+    let loader = match endpoint_url {
+        Some(url) => {
+            loader.endpoint_url(url).region(Region::new(LOCAL_REGION)).credentials_provider(local_credentials())
+        }
+        None => loader,
+    };
     loader.load().await
 }
 
@@ -83,14 +89,8 @@ pub fn lambda_sdk_config(endpoint_url: Option<&str>) -> SdkConfig {
     match endpoint_url {
         Some(url) => builder
             .endpoint_url(url)
-            .region(Region::new("us-east-1"))
-            .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-                "testing",
-                "testing",
-                None,
-                None,
-                "kiln-local",
-            )))
+            .region(Region::new(LOCAL_REGION))
+            .credentials_provider(SharedCredentialsProvider::new(local_credentials()))
             .build(),
         None => {
             let region = std::env::var("AWS_REGION").or_else(|_| std::env::var("AWS_DEFAULT_REGION")).ok();
