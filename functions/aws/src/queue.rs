@@ -90,11 +90,11 @@ impl WorkQueue for SqsWorkQueue {
     }
 
     async fn extend(&self, receipt: &str, lease: Duration) -> Result<(), PortError> {
-        self.set_visibility(receipt, lease).await
+        set_visibility(&self.client, &self.queue_url, receipt, lease).await
     }
 
     async fn release(&self, receipt: &str, delay: Duration) -> Result<(), PortError> {
-        self.set_visibility(receipt, delay).await
+        set_visibility(&self.client, &self.queue_url, receipt, delay).await
     }
 
     async fn delete(&self, receipt: &str) -> Result<(), PortError> {
@@ -109,18 +109,17 @@ impl WorkQueue for SqsWorkQueue {
     }
 }
 
-impl SqsWorkQueue {
-    async fn set_visibility(&self, receipt: &str, timeout: Duration) -> Result<(), PortError> {
-        self.client
-            .change_message_visibility()
-            .queue_url(&self.queue_url)
-            .receipt_handle(receipt)
-            .visibility_timeout(seconds(timeout))
-            .send()
-            .await
-            .map_err(unavailable("sqs"))?;
-        Ok(())
-    }
+/// Hides a received message for `timeout` from now (zero: visible again at once).
+async fn set_visibility(client: &Client, queue_url: &str, receipt: &str, timeout: Duration) -> Result<(), PortError> {
+    client
+        .change_message_visibility()
+        .queue_url(queue_url)
+        .receipt_handle(receipt)
+        .visibility_timeout(seconds(timeout))
+        .send()
+        .await
+        .map_err(unavailable("sqs"))?;
+    Ok(())
 }
 
 /// The SQS webhook queue: one message per job event, drained by `deliver-webhooks`.
@@ -144,15 +143,7 @@ impl kiln_app::ports::WebhookQueue for SqsWebhookQueue {
 
     /// Hides a received message for `delay` (the retry backoff; SQS allows at most 12 hours); a
     /// batch item failure then leaves it to come back after that.
-    async fn delay(&self, receipt: &str, delay: std::time::Duration) -> Result<(), PortError> {
-        self.client
-            .change_message_visibility()
-            .queue_url(&self.queue_url)
-            .receipt_handle(receipt)
-            .visibility_timeout(delay.as_secs().min(43_200) as i32)
-            .send()
-            .await
-            .map_err(unavailable("sqs"))?;
-        Ok(())
+    async fn delay(&self, receipt: &str, delay: Duration) -> Result<(), PortError> {
+        set_visibility(&self.client, &self.queue_url, receipt, delay).await
     }
 }

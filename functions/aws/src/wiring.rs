@@ -1,7 +1,8 @@
 //! The one place that builds the AWS adapters of the ports, from one set of clients and the
-//! resources terraform names. Every entry point (each Lambda function, the runner, the local
-//! stack, `kiln-admin`) wires its ports here, taking only those it uses (see
-//! [`kiln_app::wiring`]); [`AwsPorts::all`] wires every one.
+//! resources terraform names. Every entry point that has the resources (each Lambda function,
+//! the runner, the local stack) wires its ports here, taking only those it uses (see
+//! [`kiln_app::wiring`]); [`AwsPorts::all`] wires every one. (`kiln-admin` knows only two table
+//! names and builds those two adapters itself.)
 
 use kiln_app::{
     Ports,

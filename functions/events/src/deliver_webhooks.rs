@@ -15,7 +15,7 @@ use kiln_app::{
 use kiln_aws::AwsPorts;
 use kiln_lambda::{
     Error, FunctionConfig, LambdaEvent,
-    sqs::{BatchLimits, Processed, deadline_instant, handle_batch},
+    sqs::{BatchLimits, Processed, handle_event},
 };
 use kiln_webhooks::{Attempt, DeliveryRequest, RetrySchedule, SenderConfig, WebhookSender};
 use std::{sync::Arc, time::Duration};
@@ -120,10 +120,7 @@ pub async fn handle_message(deliveries: &Deliveries, message: &Delivery) -> Resu
 
 /// One batch, concurrently, within the invocation's deadline.
 pub async fn handle(deliveries: Arc<Deliveries>, event: LambdaEvent<SqsEvent>) -> Result<SqsBatchResponse, Error> {
-    let deadline = deadline_instant(event.context.deadline);
     let deliveries = &deliveries;
-    Ok(handle_batch(event.payload, deadline, deliveries.limits, |message| async move {
-        handle_message(deliveries, &message).await
-    })
-    .await)
+    Ok(handle_event(event, deliveries.limits, |message| async move { handle_message(deliveries, &message).await })
+        .await)
 }

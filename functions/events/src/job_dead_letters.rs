@@ -9,7 +9,7 @@ use kiln_app::{AppError, JobMessage, JobRuns, ports::Delivery};
 use kiln_aws::AwsPorts;
 use kiln_lambda::{
     Error, FunctionConfig, LambdaEvent,
-    sqs::{BatchLimits, Processed, deadline_instant, handle_batch},
+    sqs::{BatchLimits, Processed, handle_event},
 };
 use std::sync::Arc;
 use tracing::error;
@@ -40,10 +40,6 @@ pub async fn handle_message(runs: &JobRuns, message: &Delivery) -> Result<Proces
 
 /// Handles one batch; messages whose job could not be updated come back.
 pub async fn handle(runs: Arc<JobRuns>, event: LambdaEvent<SqsEvent>) -> Result<SqsBatchResponse, Error> {
-    let deadline = deadline_instant(event.context.deadline);
     let runs = &runs;
-    Ok(handle_batch(event.payload, deadline, BatchLimits::default(), |message| async move {
-        handle_message(runs, &message).await
-    })
-    .await)
+    Ok(handle_event(event, BatchLimits::default(), |message| async move { handle_message(runs, &message).await }).await)
 }

@@ -1,7 +1,7 @@
 //! Running kiln's functions on Lambda. Every function binary is a line calling [`serve`] (an
 //! event function) or [`serve_http`] (an API function): JSON logs, the typed configuration
 //! read from the environment, the state built once, then the runtime loop. SQS-triggered
-//! functions hand their batch to [`sqs::handle_batch`].
+//! functions hand their event to [`sqs::handle_event`].
 
 pub mod config;
 pub mod sqs;

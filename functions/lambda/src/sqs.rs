@@ -61,6 +61,21 @@ pub fn delivery_of(message: &SqsMessage) -> Delivery {
     }
 }
 
+/// An SQS-triggered function's invocation: [`handle_batch`] within the deadline its context
+/// carries.
+pub async fn handle_event<F, Fut, E>(
+    event: lambda_runtime::LambdaEvent<SqsEvent>,
+    limits: BatchLimits,
+    handle: F,
+) -> SqsBatchResponse
+where
+    F: Fn(Delivery) -> Fut,
+    Fut: Future<Output = Result<Processed, E>>,
+    E: Display,
+{
+    handle_batch(event.payload, deadline_instant(event.context.deadline), limits, handle).await
+}
+
 /// When the invocation must have answered: `deadline_ms` (the context's deadline, Unix
 /// milliseconds) as an instant of this process's clock.
 pub fn deadline_instant(deadline_ms: u64) -> Instant {
