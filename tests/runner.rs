@@ -195,7 +195,6 @@ async fn a_job_whose_message_reaches_the_dead_letter_queue_ends_failed() {
     );
     let runs = kiln_app::JobRuns::new(std::sync::Arc::new(store));
     let job_id_parsed = kiln_domain::JobId::parse(&id).unwrap();
-    assert!(matches!(runs.start(&job_id_parsed, chrono::Utc::now()).await.unwrap(), kiln_app::Start::Render(_)));
     let sqs = &stack.clients.sqs();
     let mut receives = 0;
     for _ in 0..20 {
@@ -207,7 +206,14 @@ async fn a_job_whose_message_reaches_the_dead_letter_queue_ends_failed() {
             .send()
             .await
             .unwrap();
-        receives += received.messages.unwrap_or_default().len();
+        for message in received.messages.unwrap_or_default() {
+            if receives == 0 {
+                let message_id = message.message_id.unwrap();
+                let started = runs.start(&job_id_parsed, &message_id, chrono::Utc::now()).await.unwrap();
+                assert!(matches!(started, kiln_app::Start::Render(_)));
+            }
+            receives += 1;
+        }
         if receives >= 6 {
             break;
         }
@@ -244,4 +250,62 @@ async fn a_stable_diffusion_package_renders_through_the_whole_stack() {
     assert!(job.get("warnings").is_none(), "a short prompt is not truncated: {job}");
     let (_, probe) = artifact(&job, "gif").await;
     assert_eq!(probe, media::Probe { width: 64, height: 64, frames: 4 });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_sent_twice_is_rendered_by_one_runner_while_its_lease_holds() {
+    let stack = stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let mut slower = slow_job("sent twice");
+    (slower["width"], slower["height"]) = (json!(1024), json!(1024));
+    let id = client.post_json("/v1/jobs", &slower).await.job_id();
+    // An SDK retry of a send SQS had already accepted: a second message for the same job.
+    let job: kiln_domain::Job = {
+        let store = kiln_aws::DynamoJobStore::new(
+            stack.clients.dynamodb().clone(),
+            &stack.resources.jobs_table,
+            &stack.resources.requests_table,
+        );
+        kiln_app::ports::JobStore::get(&store, &kiln_domain::JobId::parse(&id).unwrap()).await.unwrap().unwrap()
+    };
+    let body = serde_json::to_string(&kiln_app::JobMessage::for_job(&job)).unwrap();
+    let sqs = stack.clients.sqs();
+    sqs.send_message().queue_url(&stack.resources.job_queue_url).message_body(body).send().await.unwrap();
+
+    // Two runners, each takes one of the messages; leases much shorter than the render.
+    let mut options = runner_options("sent-twice");
+    options.lease_secs = 2;
+    options.heartbeat_secs = 1;
+    let _first = start_runner(&stack, &options);
+    let _second = start_runner(&stack, &options);
+    let job = client.wait_finished(&id, LIMIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert!(job["attempts"].as_u64() <= Some(2), "the runners took the job from each other: {job}");
+    let render_ms = job["timings"]["render_ms"].as_u64().unwrap();
+    assert!(render_ms > 2 * 2_000, "the render ({render_ms} ms) must outlast two leases for this test to mean anything");
+
+    let count = |url: String| {
+        let sqs = sqs.clone();
+        async move {
+            let attributes = sqs
+                .get_queue_attributes()
+                .queue_url(url)
+                .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+                .send()
+                .await
+                .unwrap()
+                .attributes
+                .unwrap_or_default();
+            let number = |name| attributes.get(&name).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+            number(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+                + number(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        }
+    };
+    assert_eq!(count(stack.dead_letter_queue_url()).await, 0, "a message of the job was dead-lettered");
+    // Both messages are gone: the duplicate deleted on sight, the holder's at the end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while count(stack.resources.job_queue_url.clone()).await > 0 {
+        assert!(std::time::Instant::now() < deadline, "a message of the finished job stayed on the queue");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

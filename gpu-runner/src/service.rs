@@ -199,7 +199,7 @@ impl Runner {
         };
         let span = Span::current();
         span.record("job_id", field::display(&message.job_id));
-        let mut job = match self.runs.start(&message.job_id, Utc::now()).await {
+        let mut job = match self.runs.start(&message.job_id, &delivery.message_id, Utc::now()).await {
             Ok(Start::Render(job)) => job,
             Ok(Start::Skip(reason)) => {
                 info!(?reason, "nothing to render");
@@ -799,7 +799,7 @@ mod tests {
 
         let delivery = queue.inner.receive(1, Duration::ZERO, Duration::from_secs(60)).await.unwrap().remove(0);
         let delivery = Delivery { receive_count: case.delivery, ..delivery };
-        let receipt = delivery.receipt.clone();
+        let (receipt, message_id) = (delivery.receipt.clone(), delivery.message_id.clone());
         let intervene = async {
             if let During::Nothing = case.during {
                 return;
@@ -811,7 +811,8 @@ mod tests {
                     revise(&store, &job.id, |job| assert!(job.request_cancel(), "a running job")).await;
                 }
                 During::TakeOver => {
-                    let taken = JobRuns::new(store.clone()).start(&job.id, Utc::now()).await.unwrap();
+                    // The same message, back after the lease ran out.
+                    let taken = JobRuns::new(store.clone()).start(&job.id, &message_id, Utc::now()).await.unwrap();
                     assert!(matches!(taken, Start::Render(_)), "the other runner starts it");
                 }
                 During::ShutdownDeadline => runner.hand_back.cancel(),

@@ -304,6 +304,7 @@ impl ArtifactLinks for MemoryLinks {
 }
 
 struct QueuedMessage {
+    id: String,
     body: String,
     receive_count: u32,
     visible_at: Instant,
@@ -317,11 +318,13 @@ pub struct MemoryWorkQueue {
     leased: Mutex<HashMap<String, QueuedMessage>>,
     deleted: AtomicUsize,
     next_receipt: AtomicUsize,
+    next_id: AtomicUsize,
 }
 
 impl MemoryWorkQueue {
     pub fn push(&self, body: impl Into<String>) {
-        let message = QueuedMessage { body: body.into(), receive_count: 0, visible_at: Instant::now() };
+        let id = format!("m{}", self.next_id.fetch_add(1, Ordering::SeqCst));
+        let message = QueuedMessage { id, body: body.into(), receive_count: 0, visible_at: Instant::now() };
         lock(&self.waiting).push_back(message);
     }
 
@@ -350,6 +353,7 @@ impl WorkQueue for MemoryWorkQueue {
                     message.receive_count += 1;
                     let receipt = format!("r{}", self.next_receipt.fetch_add(1, Ordering::SeqCst));
                     taken.push(Delivery {
+                        message_id: message.id.clone(),
                         body: message.body.clone(),
                         receipt: receipt.clone(),
                         receive_count: message.receive_count,

@@ -163,6 +163,9 @@ pub trait ArtifactLinks: Send + Sync {
 /// ends; deleting it acknowledges it.
 #[derive(Debug, Clone)]
 pub struct Delivery {
+    /// The queue's id of the message: the same on every receive of it, different for another
+    /// send of the same body.
+    pub message_id: String,
     pub body: String,
     /// Identifies this receipt for [`WorkQueue::extend`], [`WorkQueue::release`] and [`WorkQueue::delete`].
     pub receipt: String,

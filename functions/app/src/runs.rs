@@ -31,6 +31,10 @@ pub enum SkipReason {
     Missing,
     /// It already ended (canceled, expired, or finished by an earlier delivery).
     Ended(JobStatus),
+    /// Another message for the job holds it: this one is a duplicate (a second send of one
+    /// job). The holder's own message restarts the job should its runner die, so this one can
+    /// go.
+    Duplicate,
 }
 
 /// What a write told the runner about its job.
@@ -45,6 +49,12 @@ pub enum Written {
     Lost,
 }
 
+/// Whether a running job's current run holds a message other than `message_id` (jobs started
+/// before runs recorded their message are held by none).
+fn held_by_another(job: &Job, message_id: &str) -> bool {
+    job.run_message.as_deref().is_some_and(|held| held != message_id)
+}
+
 /// The job record operations of a render run.
 #[derive(Clone)]
 pub struct JobRuns {
@@ -56,19 +66,25 @@ impl JobRuns {
         Self { store }
     }
 
-    /// Moves the job to running (queued → running, or running → running when an earlier
-    /// runner died), counting an attempt. A job whose cancel was requested before its runner
-    /// died is canceled here instead of started.
-    pub async fn start(&self, id: &JobId, now: DateTime<Utc>) -> Result<Start, AppError> {
+    /// Moves the job to running under the queue message `message_id` (queued → running, or
+    /// running → running when that same message came back because its runner stopped renewing
+    /// its lease), counting an attempt. A running job held by another message is left to it
+    /// ([`SkipReason::Duplicate`]): only a lapsed lease is taken over. A job whose cancel was
+    /// requested before its runner died is canceled here instead of started.
+    pub async fn start(&self, id: &JobId, message_id: &str, now: DateTime<Utc>) -> Result<Start, AppError> {
         let started = revise_stored(&*self.store, id, |job| {
             if job.status.is_terminal() {
                 return Ok(Change::Keep(Some(SkipReason::Ended(job.status))));
+            }
+            if job.status == JobStatus::Running && held_by_another(job, message_id) {
+                return Ok(Change::Keep(Some(SkipReason::Duplicate)));
             }
             if job.cancel_requested {
                 job.transition(JobStatus::Canceled, now)?;
                 return Ok(Change::Write(Some(SkipReason::Ended(JobStatus::Canceled))));
             }
             job.transition(JobStatus::Running, now)?;
+            job.run_message = Some(message_id.to_owned());
             Ok(Change::Write(None))
         })
         .await?;
@@ -124,13 +140,14 @@ impl JobRuns {
         self.write(job, false, |job| job.fail(code, message, now)).await
     }
 
-    /// A job whose message went to the dead-letter queue: every delivery failed or its runners
-    /// died. Ends it as failed whatever its runner last wrote; a job that already ended stays
-    /// as it is. Returns whether it changed the job.
-    pub async fn dead_lettered(&self, id: &JobId, now: DateTime<Utc>) -> Result<bool, AppError> {
+    /// A job whose message `message_id` went to the dead-letter queue: every delivery failed or
+    /// its runners died. Ends it as failed whatever its runner last wrote; a job that already
+    /// ended stays as it is, and so does a running job another message holds (this one was a
+    /// duplicate). Returns whether it changed the job.
+    pub async fn dead_lettered(&self, id: &JobId, message_id: &str, now: DateTime<Utc>) -> Result<bool, AppError> {
         let message = "no runner could finish the job: its message reached the dead-letter queue";
         let failed = revise_stored(&*self.store, id, |job| {
-            if job.status.is_terminal() {
+            if job.status.is_terminal() || (job.status == JobStatus::Running && held_by_another(job, message_id)) {
                 return Ok(Change::Keep(false));
             }
             job.fail(JobErrorCode::DeadLettered, message, now)?;

@@ -112,7 +112,7 @@ impl World {
 }
 
 fn message(body: &str, receive_count: u32) -> Delivery {
-    Delivery { body: body.to_owned(), receipt: format!("receipt-{receive_count}"), receive_count, sent_at: None }
+    Delivery { message_id: format!("m-{receive_count}"), body: body.to_owned(), receipt: format!("receipt-{receive_count}"), receive_count, sent_at: None }
 }
 
 #[tokio::test]

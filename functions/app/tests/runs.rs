@@ -31,8 +31,11 @@ async fn world_with_job() -> (World, JobId) {
     (World { jobs, runs: JobRuns::new(store.clone()), store, tenant }, id)
 }
 
+/// The queue message the tests' runs hold.
+const MESSAGE: &str = "message-1";
+
 async fn started(world: &World, id: &JobId) -> Job {
-    match world.runs.start(id, Utc::now()).await.unwrap() {
+    match world.runs.start(id, MESSAGE, Utc::now()).await.unwrap() {
         Start::Render(job) => job,
         other => panic!("not started: {other:?}"),
     }
@@ -62,9 +65,9 @@ async fn a_run_starts_reports_progress_and_succeeds() {
     assert_eq!(stored.warnings, ["prompt truncated"]);
 
     // A redelivered message for the finished job is skipped.
-    assert_eq!(world.runs.start(&id, Utc::now()).await.unwrap(), Start::Skip(SkipReason::Ended(JobStatus::Succeeded)));
+    assert_eq!(world.runs.start(&id, MESSAGE, Utc::now()).await.unwrap(), Start::Skip(SkipReason::Ended(JobStatus::Succeeded)));
     let missing = JobId::generate(Utc::now());
-    assert_eq!(world.runs.start(&missing, Utc::now()).await.unwrap(), Start::Skip(SkipReason::Missing));
+    assert_eq!(world.runs.start(&missing, MESSAGE, Utc::now()).await.unwrap(), Start::Skip(SkipReason::Missing));
 }
 
 #[tokio::test]
@@ -88,7 +91,7 @@ async fn a_job_canceled_while_its_runner_was_dead_is_not_restarted() {
     let (world, id) = world_with_job().await;
     started(&world, &id).await;
     world.jobs.cancel(&world.tenant, id.as_str()).await.unwrap();
-    assert_eq!(world.runs.start(&id, Utc::now()).await.unwrap(), Start::Skip(SkipReason::Ended(JobStatus::Canceled)));
+    assert_eq!(world.runs.start(&id, MESSAGE, Utc::now()).await.unwrap(), Start::Skip(SkipReason::Ended(JobStatus::Canceled)));
     assert_eq!(world.store.get(&id).await.unwrap().unwrap().status, JobStatus::Canceled);
 }
 
@@ -109,9 +112,27 @@ async fn a_run_whose_job_was_taken_over_stops_writing() {
 async fn a_dead_lettered_job_fails_unless_it_already_ended() {
     let (world, id) = world_with_job().await;
     started(&world, &id).await;
-    assert!(world.runs.dead_lettered(&id, Utc::now()).await.unwrap());
+    assert!(world.runs.dead_lettered(&id, MESSAGE, Utc::now()).await.unwrap());
     let stored = world.store.get(&id).await.unwrap().unwrap();
     assert_eq!(stored.status, JobStatus::Failed);
     assert_eq!(stored.error.unwrap().code, JobErrorCode::DeadLettered);
-    assert!(!world.runs.dead_lettered(&id, Utc::now()).await.unwrap(), "an ended job stays as it is");
+    assert!(!world.runs.dead_lettered(&id, MESSAGE, Utc::now()).await.unwrap(), "an ended job stays as it is");
+}
+
+#[tokio::test]
+async fn a_second_message_for_a_running_job_is_a_duplicate_not_a_takeover() {
+    let (world, id) = world_with_job().await;
+    let mut job = started(&world, &id).await;
+    assert_eq!(
+        world.runs.start(&id, "message-2", Utc::now()).await.unwrap(),
+        Start::Skip(SkipReason::Duplicate),
+        "a second send of the job took over a live run"
+    );
+    assert!(
+        !world.runs.dead_lettered(&id, "message-2", Utc::now()).await.unwrap(),
+        "a duplicate's dead letter failed the job another message holds"
+    );
+    assert_eq!(world.runs.checkpoint(&mut job, 0.4).await.unwrap(), Written::Done, "the holder kept the job");
+    let stored = world.store.get(&id).await.unwrap().unwrap();
+    assert_eq!((stored.status, stored.attempts, stored.run_message.as_deref()), (JobStatus::Running, 1, Some(MESSAGE)));
 }

@@ -78,6 +78,7 @@ impl WorkQueue for SqsWorkQueue {
                 let attributes = message.attributes.unwrap_or_default();
                 let attribute = |name| attributes.get(&name).and_then(|v| v.parse::<i64>().ok());
                 Some(Delivery {
+                    message_id: message.message_id.unwrap_or_default(),
                     body: message.body.unwrap_or_default(),
                     receipt: message.receipt_handle?,
                     receive_count: attribute(MessageSystemAttributeName::ApproximateReceiveCount).unwrap_or(1) as u32,

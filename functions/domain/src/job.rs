@@ -97,6 +97,12 @@ pub struct Job {
     pub expires_at: DateTime<Utc>,
     /// How many times a runner has started it.
     pub attempts: u32,
+    /// The job queue message the current run holds (set when a run starts). The run's lease is
+    /// that message's invisibility, renewed by the runner's heartbeat: only that message coming
+    /// back (its runner stopped renewing) may restart the job; any other message for a running
+    /// job is a duplicate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_message: Option<String>,
     /// The client asked to cancel while it was running; the runner stops at the next step.
     #[serde(default)]
     pub cancel_requested: bool,
@@ -162,6 +168,7 @@ impl Job {
             finished_at: None,
             expires_at: now + time_to_live,
             attempts: 0,
+            run_message: None,
             cancel_requested: false,
             error: None,
             outputs: Vec::new(),

@@ -34,7 +34,7 @@ pub async fn handle_message(runs: &JobRuns, message: &Delivery) -> Result<Proces
         }
     };
     tracing::Span::current().record("job_id", job.job_id.as_str());
-    runs.dead_lettered(&job.job_id, Utc::now()).await?;
+    runs.dead_lettered(&job.job_id, &message.message_id, Utc::now()).await?;
     Ok(Processed::Done)
 }
 

@@ -52,6 +52,7 @@ impl Default for BatchLimits {
 pub fn delivery_of(message: &SqsMessage) -> Delivery {
     let attribute = |name: &str| message.attributes.get(name);
     Delivery {
+        message_id: message.message_id.clone().unwrap_or_default(),
         body: message.body.clone().unwrap_or_default(),
         receipt: message.receipt_handle.clone().unwrap_or_default(),
         receive_count: attribute("ApproximateReceiveCount").and_then(|n| n.parse().ok()).unwrap_or(1),
