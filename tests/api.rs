@@ -619,3 +619,55 @@ async fn queued_jobs_spread_over_the_index_partitions_and_all_expire() {
         assert_eq!(client.get(&format!("/v1/jobs/{id}")).await.body["status"], "expired");
     }
 }
+
+/// Runs a `kiln-admin` command against the stack's tables; what it printed.
+async fn admin(stack: &LocalStack, args: &[&str]) -> anyhow::Result<String> {
+    use clap::Parser;
+    let endpoint = stack.resources.endpoint_url.clone().expect("a local endpoint");
+    let mut argv = vec!["kiln-admin", "--tenants-table", &stack.resources.tenants_table, "--endpoint-url", &endpoint];
+    argv.extend_from_slice(args);
+    let mut out = Vec::new();
+    kiln_api::admin::run(kiln_api::admin::Cli::try_parse_from(argv)?, &mut out).await?;
+    Ok(String::from_utf8(out)?)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kiln_admin_makes_keys_only_for_tenants_that_exist_and_lists_and_revokes_them() {
+    let stack = stack().await;
+    let refused = admin(&stack, &["keys", "create", "--tenant", "acme-typo"]).await;
+    let error = refused.expect_err("a key was made for a tenant that does not exist");
+    assert!(error.to_string().contains("no tenant `acme-typo`"), "{error}");
+    admin(&stack, &["tenant-create", "--id", "acme-typo", "--name", "Later"]).await.unwrap();
+    assert_eq!(
+        admin(&stack, &["keys", "list", "--tenant", "acme-typo"]).await.unwrap().lines().count(),
+        2,
+        "the refused key exists after all (a header and one key expected)"
+    );
+
+    let first = admin(&stack, &["tenant-create", "--id", "acme", "--name", "Acme"]).await.unwrap().trim().to_owned();
+    let second = admin(&stack, &["keys", "create", "--tenant", "acme"]).await.unwrap().trim().to_owned();
+    let other = admin(&stack, &["tenant-create", "--id", "globex", "--name", "Globex"]).await.unwrap().trim().to_owned();
+    let listed = admin(&stack, &["keys", "list", "--tenant", "acme"]).await.unwrap();
+    let rows: Vec<&str> = listed.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{listed}");
+    assert!(!listed.contains(&first) && !listed.contains(&second), "a listing shows a key: {listed}");
+    let row_of = |key: &str| *rows.iter().find(|row| row.contains(&format!("...{}", &key[key.len() - 4..]))).unwrap();
+    let second_id = row_of(&second).split_whitespace().next().unwrap().to_owned();
+
+    // Another tenant's key is not acme's to revoke, by id or by text.
+    let globex_id = admin(&stack, &["keys", "list", "--tenant", "globex"]).await.unwrap();
+    let globex_id = globex_id.lines().nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    assert!(admin(&stack, &["keys", "revoke", "--tenant", "acme", "--id", &globex_id]).await.is_err());
+    assert!(admin(&stack, &["keys", "revoke", "--tenant", "acme", "--key", &other]).await.is_err());
+
+    let revoked = admin(&stack, &["keys", "revoke", "--tenant", "acme", "--id", &second_id]).await.unwrap();
+    assert_eq!(revoked.trim(), format!("revoked {second_id}"));
+    let answer = |key: &str| {
+        let client = Client::new(&stack.api_url, Some(key));
+        async move { client.get("/v1/jobs").await.status }
+    };
+    assert_eq!(answer(&second).await, StatusCode::UNAUTHORIZED, "a revoked key still works");
+    assert_eq!(answer(&first).await, StatusCode::OK);
+    assert_eq!(answer(&other).await, StatusCode::OK);
+    assert_eq!(admin(&stack, &["keys", "list", "--tenant", "acme"]).await.unwrap().lines().count(), 2);
+}

@@ -3,6 +3,7 @@
 //! Each API function (one binary under `src/bin/`) serves one [`Function`]'s routes, on the
 //! ports [`wiring`] gives it. The functions that are not HTTP are in `kiln-events`.
 
+pub mod admin;
 pub mod error;
 pub mod routes;
 pub mod wiring;

@@ -42,7 +42,7 @@ async fn the_answered_line_of_a_submit_carries_the_tenant_and_the_job() {
     let tenant = Tenant { id: TenantId::parse("acme").unwrap(), name: "Acme".into(), disabled: false, limits: None };
     let key = ApiKey::generate();
     memory.tenants.create_tenant(&tenant).await.unwrap();
-    memory.tenants.add_key(&tenant.id, &key.hash()).await.unwrap();
+    assert!(memory.tenants.add_key(&tenant.id, &key.stored(chrono::Utc::now())).await.unwrap());
     let resources = kiln_aws::Resources {
         jobs_table: "jobs".into(),
         requests_table: "requests".into(),

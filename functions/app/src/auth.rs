@@ -28,6 +28,7 @@ pub struct Tenant {
 }
 
 /// A freshly made API key. Its text is shown once and never stored.
+#[derive(Clone)]
 pub struct ApiKey(String);
 
 impl ApiKey {
@@ -52,6 +53,18 @@ impl ApiKey {
     /// The stored form: lowercase hex SHA-256 of the key text.
     pub fn hash(&self) -> String {
         hash_key(&self.0)
+    }
+
+    /// What the tenants directory keeps of the key, made `now`.
+    pub fn stored(&self, now: chrono::DateTime<chrono::Utc>) -> crate::ports::StoredKey {
+        crate::ports::StoredKey { hash: self.hash(), hint: self.hint(), created_at: now }
+    }
+
+    /// The key's last four characters, stored to tell a tenant's keys apart when listed (four
+    /// of 40 random characters leave the rest unguessable).
+    pub fn hint(&self) -> String {
+        let chars: Vec<char> = self.0.chars().collect();
+        chars[chars.len().saturating_sub(4)..].iter().collect()
     }
 }
 
@@ -130,7 +143,7 @@ mod tests {
         let acme = Tenant { id: TenantId::parse("acme").unwrap(), name: "Acme".into(), disabled: false, limits: None };
         tenants.create_tenant(&acme).await.unwrap();
         let key = ApiKey::generate();
-        tenants.add_key(&acme.id, &key.hash()).await.unwrap();
+        assert!(tenants.add_key(&acme.id, &key.stored(chrono::Utc::now())).await.unwrap());
         let auth = Authenticator::new(tenants.clone());
 
         assert_eq!(auth.authenticate(Some(&format!("Bearer {}", key.expose()))).await.unwrap(), acme);

@@ -10,6 +10,7 @@ pub mod delivery;
 pub mod error;
 pub mod inbox;
 pub mod jobs;
+pub mod keys;
 pub mod limits;
 pub mod memory;
 pub mod messages;

@@ -18,7 +18,7 @@ use crate::{
     messages::JobMessage,
     ports::{
         ArtifactLinks, ArtifactStore, CacheClaim, Delivery, IdempotencyRecord, InsertOutcome, JobPage, JobQueue,
-        JobStore, ModelCatalog, ObjectError, ObjectStore, PortError, PresignedUrl, SecretSet, SecretStore,
+        JobStore, ModelCatalog, ObjectError, ObjectStore, PortError, PresignedUrl, SecretSet, SecretStore, StoredKey,
         TenantDirectory, WebhookQueue, WorkQueue,
     },
     wiring::Ports,
@@ -241,13 +241,13 @@ impl ModelCatalog for MemoryCatalog {
 #[derive(Default)]
 pub struct MemoryTenants {
     tenants: Mutex<HashMap<TenantId, Tenant>>,
-    keys: Mutex<HashMap<String, TenantId>>,
+    keys: Mutex<HashMap<String, (TenantId, StoredKey)>>,
 }
 
 #[async_trait]
 impl TenantDirectory for MemoryTenants {
     async fn tenant_by_key_hash(&self, key_hash: &str) -> Result<Option<Tenant>, PortError> {
-        let id = lock(&self.keys).get(key_hash).cloned();
+        let id = lock(&self.keys).get(key_hash).map(|(id, _)| id.clone());
         Ok(id.and_then(|id| lock(&self.tenants).get(&id).cloned()))
     }
 
@@ -264,13 +264,24 @@ impl TenantDirectory for MemoryTenants {
         Ok(true)
     }
 
-    async fn add_key(&self, tenant: &TenantId, key_hash: &str) -> Result<(), PortError> {
-        lock(&self.keys).insert(key_hash.to_owned(), tenant.clone());
-        Ok(())
+    async fn add_key(&self, tenant: &TenantId, key: &StoredKey) -> Result<bool, PortError> {
+        if !lock(&self.tenants).contains_key(tenant) {
+            return Ok(false);
+        }
+        lock(&self.keys).insert(key.hash.clone(), (tenant.clone(), key.clone()));
+        Ok(true)
     }
 
-    async fn revoke_key(&self, key_hash: &str) -> Result<bool, PortError> {
-        Ok(lock(&self.keys).remove(key_hash).is_some())
+    async fn keys(&self, tenant: &TenantId) -> Result<Vec<StoredKey>, PortError> {
+        Ok(lock(&self.keys).values().filter(|(owner, _)| owner == tenant).map(|(_, key)| key.clone()).collect())
+    }
+
+    async fn revoke_key(&self, tenant: &TenantId, key_hash: &str) -> Result<bool, PortError> {
+        let mut keys = lock(&self.keys);
+        if keys.get(key_hash).is_none_or(|(owner, _)| owner != tenant) {
+            return Ok(false);
+        }
+        Ok(keys.remove(key_hash).is_some())
     }
 
     async fn set_limits(

@@ -134,14 +134,37 @@ pub trait TenantDirectory: Send + Sync {
     async fn tenant_by_key_hash(&self, key_hash: &str) -> Result<Option<Tenant>, PortError>;
     async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>, PortError>;
     async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, PortError>;
-    async fn add_key(&self, tenant: &TenantId, key_hash: &str) -> Result<(), PortError>;
-    async fn revoke_key(&self, key_hash: &str) -> Result<bool, PortError>;
+    /// Stores a key of `tenant`, in one write with the check that the tenant exists; false (and
+    /// nothing written) when it does not.
+    async fn add_key(&self, tenant: &TenantId, key: &StoredKey) -> Result<bool, PortError>;
+    /// Every key of `tenant`.
+    async fn keys(&self, tenant: &TenantId) -> Result<Vec<StoredKey>, PortError>;
+    /// Deletes the key with this hash if it is `tenant`'s; false when it is not (or is gone).
+    async fn revoke_key(&self, tenant: &TenantId, key_hash: &str) -> Result<bool, PortError>;
     /// Sets (None: removes) a tenant's own limits; false when there is no such tenant.
     async fn set_limits(
         &self,
         tenant: &TenantId,
         limits: Option<crate::limits::TenantLimits>,
     ) -> Result<bool, PortError>;
+}
+
+/// An API key as stored: its hash (never the key), the key's last characters to tell keys
+/// apart, and when it was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKey {
+    pub hash: String,
+    /// The key's last four characters (empty for keys made before hints were kept).
+    pub hint: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl StoredKey {
+    /// A public name for the key (`key_` and the first 12 hex digits of its hash): listed, and
+    /// what `kiln-admin keys revoke --id` takes.
+    pub fn id(&self) -> String {
+        format!("key_{}", &self.hash[..self.hash.len().min(12)])
+    }
 }
 
 /// A time-limited download link.

@@ -15,7 +15,7 @@ use crate::{
     messages::JobMessage,
     ports::{
         ArtifactLinks, ArtifactStore, CacheClaim, Delivery, IdempotencyRecord, InsertOutcome, JobPage, JobQueue,
-        JobStore, ModelCatalog, ObjectError, ObjectStore, PortError, PresignedUrl, SecretSet, SecretStore,
+        JobStore, ModelCatalog, ObjectError, ObjectStore, PortError, PresignedUrl, SecretSet, SecretStore, StoredKey,
         TenantDirectory, WebhookQueue, WorkQueue,
     },
 };
@@ -146,10 +146,13 @@ impl TenantDirectory for Unwired {
     async fn create_tenant(&self, _: &Tenant) -> Result<bool, PortError> {
         unwired()
     }
-    async fn add_key(&self, _: &TenantId, _: &str) -> Result<(), PortError> {
+    async fn add_key(&self, _: &TenantId, _: &StoredKey) -> Result<bool, PortError> {
         unwired()
     }
-    async fn revoke_key(&self, _: &str) -> Result<bool, PortError> {
+    async fn keys(&self, _: &TenantId) -> Result<Vec<StoredKey>, PortError> {
+        unwired()
+    }
+    async fn revoke_key(&self, _: &TenantId, _: &str) -> Result<bool, PortError> {
         unwired()
     }
     async fn set_limits(&self, _: &TenantId, _: Option<TenantLimits>) -> Result<bool, PortError> {

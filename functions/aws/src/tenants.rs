@@ -2,11 +2,15 @@
 //! items point a key hash at its tenant.
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::{Client, types::AttributeValue};
+use aws_sdk_dynamodb::{
+    Client,
+    operation::transact_write_items::TransactWriteItemsError,
+    types::{AttributeValue, ConditionCheck, Put, TransactWriteItem},
+};
 use chrono::Utc;
 use kiln_app::{
     Tenant, TenantLimits,
-    ports::{PortError, TenantDirectory},
+    ports::{PortError, StoredKey, TenantDirectory},
 };
 use kiln_domain::TenantId;
 
@@ -76,17 +80,63 @@ impl TenantDirectory for DynamoTenants {
         written(result)
     }
 
-    async fn add_key(&self, tenant: &TenantId, key_hash: &str) -> Result<(), PortError> {
-        self.client
-            .put_item()
+    async fn add_key(&self, tenant: &TenantId, key: &StoredKey) -> Result<bool, PortError> {
+        let tenant_exists = ConditionCheck::builder()
             .table_name(&self.table)
-            .item("pk", AttributeValue::S(format!("key#{key_hash}")))
+            .key("pk", AttributeValue::S(format!("tenant#{tenant}")))
+            .condition_expression("attribute_exists(pk)")
+            .build()
+            .map_err(|err| corrupt(err.to_string()))?;
+        let put = Put::builder()
+            .table_name(&self.table)
+            .item("pk", AttributeValue::S(format!("key#{}", key.hash)))
             .item("tenant_id", AttributeValue::S(tenant.to_string()))
-            .item("created_at", AttributeValue::S(Utc::now().to_rfc3339()))
+            .item("hint", AttributeValue::S(key.hint.clone()))
+            .item("created_at", AttributeValue::S(key.created_at.to_rfc3339()))
+            .build()
+            .map_err(|err| corrupt(err.to_string()))?;
+        let result = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().condition_check(tenant_exists).build())
+            .transact_items(TransactWriteItem::builder().put(put).build())
             .send()
-            .await
-            .map_err(unavailable("dynamodb"))?;
-        Ok(())
+            .await;
+        let err = match result {
+            Ok(_) => return Ok(true),
+            Err(err) => err,
+        };
+        if let Some(TransactWriteItemsError::TransactionCanceledException(canceled)) = err.as_service_error()
+            && canceled.cancellation_reasons().first().and_then(|r| r.code()) == Some("ConditionalCheckFailed")
+        {
+            return Ok(false);
+        }
+        Err(PortError::unavailable("dynamodb", err))
+    }
+
+    async fn keys(&self, tenant: &TenantId) -> Result<Vec<StoredKey>, PortError> {
+        // An operator's listing: a scan of the (small) tenants table for the tenant's key items.
+        let mut keys = Vec::new();
+        let mut pages = self
+            .client
+            .scan()
+            .table_name(&self.table)
+            .filter_expression("tenant_id = :tenant AND begins_with(pk, :key)")
+            .expression_attribute_values(":tenant", AttributeValue::S(tenant.to_string()))
+            .expression_attribute_values(":key", AttributeValue::S("key#".into()))
+            .into_paginator()
+            .items()
+            .send();
+        while let Some(item) = pages.next().await {
+            let item = item.map_err(unavailable("dynamodb"))?;
+            let text = |name: &str| item.get(name).and_then(|v| v.as_s().ok()).cloned().unwrap_or_default();
+            let hash = text("pk").trim_start_matches("key#").to_owned();
+            let created_at = chrono::DateTime::parse_from_rfc3339(&text("created_at"))
+                .map_err(|err| corrupt(format!("key created_at: {err}")))?
+                .with_timezone(&Utc);
+            keys.push(StoredKey { hash, hint: text("hint"), created_at });
+        }
+        Ok(keys)
     }
 
     async fn set_limits(&self, tenant: &TenantId, limits: Option<TenantLimits>) -> Result<bool, PortError> {
@@ -106,17 +156,17 @@ impl TenantDirectory for DynamoTenants {
         written(update.send().await)
     }
 
-    async fn revoke_key(&self, key_hash: &str) -> Result<bool, PortError> {
-        let output = self
+    async fn revoke_key(&self, tenant: &TenantId, key_hash: &str) -> Result<bool, PortError> {
+        let result = self
             .client
             .delete_item()
             .table_name(&self.table)
             .key("pk", AttributeValue::S(format!("key#{key_hash}")))
-            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllOld)
+            .condition_expression("tenant_id = :tenant")
+            .expression_attribute_values(":tenant", AttributeValue::S(tenant.to_string()))
             .send()
-            .await
-            .map_err(unavailable("dynamodb"))?;
-        Ok(output.attributes.is_some())
+            .await;
+        written(result)
     }
 }
 

@@ -132,7 +132,7 @@ impl LocalStack {
         let tenants = self.aws.tenants();
         let tenant = Tenant { id: TenantId::parse(id)?, name: name.into(), disabled: false, limits: None };
         tenants.create_tenant(&tenant).await?;
-        tenants.add_key(&tenant.id, &key.hash()).await?;
+        anyhow::ensure!(tenants.add_key(&tenant.id, &key.stored(chrono::Utc::now())).await?, "no tenant {id}");
         Ok(())
     }
 

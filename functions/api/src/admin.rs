@@ -1,0 +1,142 @@
+//! `kiln-admin`: operator commands against a deployment's tables (set the table names in the
+//! environment as terraform outputs them, or point KILN_AWS_ENDPOINT_URL at the local moto).
+//!
+//!   kiln-admin tenant-create --id acme --name "Acme Inc."   creates a tenant and prints its first key
+//!   kiln-admin keys create --tenant acme                    prints a new key for the (existing) tenant
+//!   kiln-admin keys list --tenant acme                      lists the tenant's keys: id, last characters, created
+//!   kiln-admin keys revoke --tenant acme --id key_0123abcd  revokes one of them (or --key kiln_...)
+//!   kiln-admin tenant-limits --tenant acme --max-active-jobs 20 --jobs-per-minute 60
+//!                                                           sets the tenant's own limits (--default: back to the deployment's)
+//!   kiln-admin models-publish gpu-runner/models             publishes model packages' manifests
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use kiln_app::{
+    ApiKey, Tenant, TenantLimits,
+    keys::{KeyRef, TenantKeys},
+    ports::{ModelCatalog, TenantDirectory},
+};
+use kiln_aws::{AwsClients, DynamoModelCatalog, DynamoTenants};
+use kiln_domain::{ModelSpec, TenantId};
+use std::{io::Write, path::PathBuf, sync::Arc};
+
+#[derive(Parser)]
+#[command(name = "kiln-admin", about = "Operator commands: tenants, API keys, model catalog")]
+pub struct Cli {
+    /// DynamoDB table of tenants and API key hashes.
+    #[arg(long, env = "KILN_TENANTS_TABLE", global = true, default_value = "kiln-tenants")]
+    tenants_table: String,
+    /// DynamoDB table of model descriptions.
+    #[arg(long, env = "KILN_MODELS_TABLE", global = true, default_value = "kiln-models")]
+    models_table: String,
+    /// Send AWS calls here instead of AWS (the local moto server).
+    #[arg(long, env = "KILN_AWS_ENDPOINT_URL", global = true)]
+    endpoint_url: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a tenant and print its first API key.
+    TenantCreate {
+        /// 1 to 64 of a-z, 0-9, '-' and '_'.
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// A tenant's API keys.
+    #[command(subcommand)]
+    Keys(Keys),
+    /// Set a tenant's limits on new jobs (effective within 30 seconds), or with --default go
+    /// back to the deployment's (KILN_DEFAULT_MAX_ACTIVE_JOBS, KILN_DEFAULT_JOBS_PER_MINUTE).
+    TenantLimits {
+        #[arg(long)]
+        tenant: String,
+        /// Jobs queued or running at once (0: no new jobs).
+        #[arg(long, required_unless_present = "default", conflicts_with = "default")]
+        max_active_jobs: Option<u32>,
+        /// New jobs per minute (0: no new jobs).
+        #[arg(long, required_unless_present = "default", conflicts_with = "default")]
+        jobs_per_minute: Option<u32>,
+        #[arg(long)]
+        default: bool,
+    },
+    /// Publish every model package's manifest under a directory.
+    ModelsPublish { dir: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum Keys {
+    /// Print a new API key for an existing tenant.
+    Create {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// List the tenant's keys (never the keys themselves: an id, the last characters, when made).
+    List {
+        #[arg(long)]
+        tenant: String,
+    },
+    /// Revoke one of the tenant's keys (it stops working within 30 seconds).
+    Revoke {
+        #[arg(long)]
+        tenant: String,
+        /// The key's id as `keys list` shows it.
+        #[arg(long, required_unless_present = "key", conflicts_with = "key")]
+        id: Option<String>,
+        /// The key itself.
+        #[arg(long, env = "KILN_REVOKE_KEY")]
+        key: Option<String>,
+    },
+}
+
+/// Runs one command, writing what it prints to `out`.
+pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
+    let clients = AwsClients::connect(cli.endpoint_url.as_deref()).await;
+    let tenants = Arc::new(DynamoTenants::new(clients.dynamodb().clone(), &cli.tenants_table));
+    let keys = TenantKeys::new(tenants.clone());
+    match cli.command {
+        Command::TenantCreate { id, name } => {
+            let tenant = Tenant { id: TenantId::parse(&id)?, name, disabled: false, limits: None };
+            writeln!(out, "{}", keys.create_tenant(&tenant).await?.expose())?;
+        }
+        Command::Keys(Keys::Create { tenant }) => {
+            writeln!(out, "{}", keys.create(&TenantId::parse(&tenant)?).await?.expose())?;
+        }
+        Command::Keys(Keys::List { tenant }) => {
+            writeln!(out, "{:<18} {:<8} created", "id", "ends in")?;
+            for key in keys.list(&TenantId::parse(&tenant)?).await? {
+                let hint = if key.hint.is_empty() { "-".to_owned() } else { format!("...{}", key.hint) };
+                writeln!(out, "{:<18} {:<8} {}", key.id(), hint, key.created_at.to_rfc3339())?;
+            }
+        }
+        Command::Keys(Keys::Revoke { tenant, id, key }) => {
+            let which = match (id, key) {
+                (Some(id), _) => KeyRef::Id(id),
+                (None, Some(key)) => KeyRef::Secret(ApiKey::from_text(&key)),
+                (None, None) => bail!("give --id or --key"),
+            };
+            let revoked = keys.revoke(&TenantId::parse(&tenant)?, &which).await?;
+            writeln!(out, "revoked {revoked}")?;
+        }
+        Command::TenantLimits { tenant, max_active_jobs, jobs_per_minute, default: _ } => {
+            let limits = max_active_jobs
+                .zip(jobs_per_minute)
+                .map(|(max_active_jobs, jobs_per_minute)| TenantLimits { max_active_jobs, jobs_per_minute });
+            if !tenants.set_limits(&TenantId::parse(&tenant)?, limits).await? {
+                bail!("no tenant `{tenant}`");
+            }
+            writeln!(out, "{}", limits.map_or("deployment defaults".to_owned(), |l| format!("{l:?}")))?;
+        }
+        Command::ModelsPublish { dir } => {
+            let catalog = DynamoModelCatalog::new(clients.dynamodb().clone(), &cli.models_table);
+            for (_, model) in ModelSpec::read_packages(&dir).with_context(|| format!("reading {}", dir.display()))? {
+                catalog.publish(&model).await?;
+                writeln!(out, "published {}@{}", model.name, model.version)?;
+            }
+        }
+    }
+    Ok(())
+}
