@@ -189,7 +189,9 @@ async fn the_webhook_secret_and_upload_routes_answer_their_events() {
     assert_ne!(rotated["secret"], first["secret"]);
     let (status, upload) = invoke(&stack, Function::CreateUpload, CREATE_UPLOAD).await;
     assert_eq!(status, 201, "{upload}");
-    assert_eq!(upload["key"], "inbox/fixture-tenant/lighthouse-1.json");
+    let upload_id = upload["upload_id"].as_str().unwrap();
+    assert_eq!(upload["key"], format!("inbox/fixture-tenant/lighthouse-1/{upload_id}.json"));
+    assert_eq!(upload["headers"]["content-length"], "60");
     assert_eq!(upload["method"], "PUT");
     let (status, _) = invoke(&stack, Function::CreateUpload, WEBHOOK_SECRET).await;
     assert_eq!(status, 404, "each function serves only its own routes");
@@ -248,7 +250,7 @@ async fn the_s3_inbox_event_starts_a_job() {
         .s3()
         .put_object()
         .bucket(&stack.resources.artifacts_bucket)
-        .key("inbox/fixture-tenant/lighthouse-1.json")
+        .key("inbox/fixture-tenant/lighthouse-1/01JX3F8Z2M4N6P8R0T2V4W6Y8Z.json")
         .body(br#"{"model":"kiln-demo","prompt":"a lighthouse from the inbox"}"#.to_vec().into())
         .send()
         .await

@@ -423,15 +423,16 @@ async fn webhook_and_inbox_paths(
         ("queue-down", r#"{"model": "kiln-demo", "prompt": "while the queue is down"}"#.to_owned(), "failed"),
     ];
     for (name, spec, expect) in specs {
-        let key = format!("inbox/fixture-tenant/{name}.json");
+        // Each upload under its own name, with the fixture's upload id.
+        let key = format!("inbox/fixture-tenant/{name}/01JX3F8Z2M4N6P8R0T2V4W6Y8Z.json");
         let put = stack.clients.s3().put_object().bucket(&stack.resources.artifacts_bucket).key(&key);
         put.body(spec.into_bytes().into()).send().await.unwrap();
         if expect == "failed" {
             inbox_recorder.fail_next("sqs:SendMessage");
         }
-        let event = fixture.replace("inbox/fixture-tenant/lighthouse-1.json", &key);
+        let event = fixture.replace("inbox/fixture-tenant/lighthouse-1/01JX3F8Z2M4N6P8R0T2V4W6Y8Z.json", &key);
         let answer = inbox.invoke(&event).await;
-        let outbox = kiln_tests::stored_keys(stack, &format!("outbox/fixture-tenant/{name}/")).await;
+        let outbox = kiln_tests::stored_keys(stack, &format!("outbox/fixture-tenant/{name}/01JX3F8Z2M4N6P8R0T2V4W6Y8Z/")).await;
         let files: Vec<&str> = outbox.iter().filter_map(|k| k.rsplit('/').next()).collect();
         match expect {
             "started" => assert!(answer.is_ok() && files.is_empty(), "{name}: {answer:?} {files:?}"),

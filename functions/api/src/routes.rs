@@ -267,36 +267,26 @@ impl Api {
         Ok(response)
     }
 
-    /// A presigned PUT for `inbox/<tenant>/<name>.json`: the only way a tenant writes to the
-    /// bucket, so it can start jobs only under its own prefix.
+    /// A presigned PUT for one upload, `inbox/<tenant>/<name>/<upload id>.json`, signed for the
+    /// spec's exact size: the only way a tenant writes to the bucket, so it can start jobs only
+    /// under its own prefix, with specs no larger than the inbox reads.
     async fn create_upload(&self, tenant: &Tenant, request: &Request) -> Result<Response<Body>, ApiError> {
-        let invalid =
-            |message: &str| ApiError::from(kiln_app::AppError::from(InputError::invalid("name", message.to_owned())));
-        let body: serde_json::Value = serde_json::from_slice(request.body().as_ref()).map_err(|err| {
-            ApiError::from(kiln_app::AppError::from(InputError::invalid("body", format!("not JSON: {err}"))))
-        })?;
-        let name = body
-            .get("name")
-            .and_then(|n| n.as_str())
-            .ok_or_else(|| ApiError::from(kiln_app::AppError::from(InputError::missing("name"))))?;
-        if !inbox::valid_name(name) {
-            return Err(invalid(&format!(
-                "must be 1 to {} of A-Z a-z 0-9 . _ - and not start with a dot",
-                inbox::MAX_NAME_LEN
-            )));
-        }
-        let key = inbox::inbox_key(&tenant.id, name);
+        let asked = inbox::UploadRequest::parse(request.body().as_ref(), self.max_body_bytes as u64)
+            .map_err(kiln_app::AppError::from)?;
+        let upload = inbox::Upload::new(&tenant.id, &asked.name, chrono::Utc::now());
+        let key = upload.key();
         let link = self
             .links
-            .presign_put(&key, "application/json", UPLOAD_LINK_TTL)
+            .presign_put(&key, "application/json", asked.size, UPLOAD_LINK_TTL)
             .await
             .map_err(kiln_app::AppError::from)?;
         json(
             StatusCode::CREATED,
             &serde_json::json!({
-                "name": name, "method": "PUT", "url": link.url, "expires_at": link.expires_at,
-                "headers": {"content-type": "application/json"}, "key": key,
-                "outbox": inbox::outbox_prefix(&tenant.id, name),
+                "upload_id": upload.id, "name": upload.name, "size": asked.size, "method": "PUT",
+                "url": link.url, "expires_at": link.expires_at,
+                "headers": {"content-type": "application/json", "content-length": asked.size.to_string()},
+                "key": key, "outbox": upload.outbox(),
             }),
         )
     }

@@ -11,7 +11,8 @@
 //! Duplicate notifications (S3 delivers at least once) start no second job: the submission's
 //! idempotency key is derived from the object's key and version (or ETag).
 
-use kiln_domain::TenantId;
+use chrono::{DateTime, Utc};
+use kiln_domain::{InputError, InputErrorKind, JobId, TenantId};
 use std::sync::Arc;
 use tracing::{info, warn};
 
@@ -25,13 +26,93 @@ use crate::{
 /// Longest name (before `.json`) of an inbox object.
 pub const MAX_NAME_LEN: usize = 128;
 
-/// `inbox/<tenant>/<name>.json` → (tenant, name).
-pub fn parse_key(key: &str) -> Option<(TenantId, String)> {
-    let rest = key.strip_prefix("inbox/")?;
-    let (tenant, file) = rest.split_once('/')?;
-    let name = file.strip_suffix(".json")?;
-    valid_name(name).then_some(())?;
-    Some((TenantId::parse(tenant).ok()?, name.to_owned()))
+/// One upload into the inbox: `inbox/<tenant>/<name>/<upload id>.json`, answered under
+/// `outbox/<tenant>/<name>/<upload id>/`. Each upload link has its own id, so two specs
+/// uploaded under one name never share an outbox (nor an old `error.json` a later result).
+/// Objects of the form `inbox/<tenant>/<name>.json` (links made before upload ids) are still
+/// read, and answered under `outbox/<tenant>/<name>/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    pub tenant: TenantId,
+    pub name: String,
+    /// None for the older form without an id.
+    pub id: Option<String>,
+}
+
+impl Upload {
+    /// A new upload of `name` for `tenant`, with a fresh id (a ULID: ordered by time).
+    pub fn new(tenant: &TenantId, name: &str, now: DateTime<Utc>) -> Self {
+        Self { tenant: tenant.clone(), name: name.to_owned(), id: Some(JobId::generate(now).to_string()) }
+    }
+
+    /// The inbox object's key → its upload; None for anything else under the bucket.
+    pub fn parse(key: &str) -> Option<Self> {
+        let rest = key.strip_prefix("inbox/")?;
+        let (tenant, file) = rest.split_once('/')?;
+        let tenant = TenantId::parse(tenant).ok()?;
+        let file = file.strip_suffix(".json")?;
+        let (name, id) = match file.split_once('/') {
+            Some((name, id)) => (name, Some(id)),
+            None => (file, None),
+        };
+        let id_ok = id.is_none_or(|id| JobId::parse(id).is_ok_and(|parsed| parsed.as_str() == id));
+        (valid_name(name) && id_ok)
+            .then(|| Self { tenant, name: name.to_owned(), id: id.map(str::to_owned) })
+    }
+
+    /// The key its link writes.
+    pub fn key(&self) -> String {
+        match &self.id {
+            Some(id) => format!("inbox/{}/{}/{id}.json", self.tenant, self.name),
+            None => format!("inbox/{}/{}.json", self.tenant, self.name),
+        }
+    }
+
+    /// Where its result goes.
+    pub fn outbox(&self) -> String {
+        match &self.id {
+            Some(id) => format!("outbox/{}/{}/{id}/", self.tenant, self.name),
+            None => format!("outbox/{}/{}/", self.tenant, self.name),
+        }
+    }
+}
+
+/// A request for an upload link (`POST /v1/uploads`): the spec's name and its exact size in
+/// bytes, which the link is signed for (so it cannot carry more than the inbox reads).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRequest {
+    pub name: String,
+    pub size: u64,
+}
+
+impl UploadRequest {
+    /// Parses the JSON body; `max_size` is the inbox's limit on a spec.
+    pub fn parse(body: &[u8], max_size: u64) -> Result<Self, InputError> {
+        let body: serde_json::Value =
+            serde_json::from_slice(body).map_err(|err| InputError::invalid("body", format!("not JSON: {err}")))?;
+        let object = body.as_object().ok_or_else(|| InputError::invalid("body", "must be a JSON object"))?;
+        if let Some(unknown) = object.keys().find(|key| !matches!(key.as_str(), "name" | "size")) {
+            return Err(InputError::new(
+                InputErrorKind::UnknownField,
+                Some(unknown.chars().take(64).collect::<String>()),
+                "unknown field; an upload takes name and size",
+            ));
+        }
+        let name = object.get("name").ok_or_else(|| InputError::missing("name"))?;
+        let name = name.as_str().ok_or_else(|| InputError::invalid("name", "must be a string"))?;
+        if !valid_name(name) {
+            return Err(InputError::invalid(
+                "name",
+                format!("must be 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 . _ - and not start with a dot"),
+            ));
+        }
+        let size = object.get("size").ok_or_else(|| InputError::missing("size"))?;
+        let size = size
+            .as_u64()
+            .filter(|size| (1..=max_size).contains(size))
+            .ok_or_else(|| InputError::invalid("size", format!("must be the spec's size in bytes, 1 to {max_size}")))?;
+        Ok(Self { name: name.to_owned(), size })
+    }
 }
 
 /// Names are 1 to [`MAX_NAME_LEN`] of `A-Z a-z 0-9 . _ -`, not starting with a dot.
@@ -40,16 +121,6 @@ pub fn valid_name(name: &str) -> bool {
         && name.len() <= MAX_NAME_LEN
         && !name.starts_with('.')
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-/// Where the result of `inbox/<tenant>/<name>.json` goes.
-pub fn outbox_prefix(tenant: &TenantId, name: &str) -> String {
-    format!("outbox/{tenant}/{name}/")
-}
-
-/// The key an upload link writes for `name`.
-pub fn inbox_key(tenant: &TenantId, name: &str) -> String {
-    format!("inbox/{tenant}/{name}.json")
 }
 
 /// What happened to one inbox object.
@@ -100,13 +171,13 @@ impl Inbox {
     }
 
     async fn accept(&self, key: &str, version: Option<&str>, etag: Option<&str>) -> Result<InboxOutcome, AppError> {
-        let Some((tenant_id, name)) = parse_key(key) else {
-            return Ok(InboxOutcome::Ignored(format!("{key} is not inbox/<tenant>/<name>.json")));
+        let Some(upload) = Upload::parse(key) else {
+            return Ok(InboxOutcome::Ignored(format!("{key} is not inbox/<tenant>/<name>/<upload id>.json")));
         };
-        let Some(tenant) = self.tenants.tenant(&tenant_id).await?.filter(|t| !t.disabled) else {
-            return Ok(InboxOutcome::Ignored(format!("no active tenant {tenant_id}")));
+        let Some(tenant) = self.tenants.tenant(&upload.tenant).await?.filter(|t| !t.disabled) else {
+            return Ok(InboxOutcome::Ignored(format!("no active tenant {}", upload.tenant)));
         };
-        let outbox = outbox_prefix(&tenant.id, &name);
+        let outbox = upload.outbox();
         let body = match self.objects.get(key, version, self.max_body_bytes).await {
             Ok(Some(body)) => body,
             Ok(None) => return Ok(InboxOutcome::Ignored(format!("{key} is gone"))),
@@ -148,19 +219,33 @@ mod tests {
 
     #[test]
     fn only_inbox_json_objects_of_valid_names_are_job_specs() {
-        let (tenant, name) = parse_key("inbox/acme/render-01.json").unwrap();
-        assert_eq!((tenant.as_str(), name.as_str()), ("acme", "render-01"));
+        let tenant = TenantId::parse("acme").unwrap();
+        let upload = Upload::new(&tenant, "render-01", Utc::now());
+        let id = upload.id.clone().unwrap();
+        assert_eq!(upload.key(), format!("inbox/acme/render-01/{id}.json"));
+        assert_eq!(upload.outbox(), format!("outbox/acme/render-01/{id}/"));
+        assert_eq!(Upload::parse(&upload.key()), Some(upload.clone()));
+        let older = Upload::parse("inbox/acme/render-01.json").unwrap();
+        assert_eq!((older.name.as_str(), older.id.clone(), older.outbox()), ("render-01", None, "outbox/acme/render-01/".into()));
         for key in [
             "inbox/acme/x.txt",
             "inbox/acme/.json",
             "inbox/acme/a/b.json",
+            "inbox/acme/a/b/c.json",
+            &format!("inbox/acme/a/{}.json", id.to_lowercase()),
             "outbox/acme/x.json",
             "inbox/x.json",
             "inbox/acme/sp ace.json",
         ] {
-            assert!(parse_key(key).is_none(), "{key}");
+            assert!(Upload::parse(key).is_none(), "{key}");
         }
-        assert_eq!(outbox_prefix(&tenant, &name), "outbox/acme/render-01/");
-        assert_eq!(inbox_key(&tenant, &name), "inbox/acme/render-01.json");
+    }
+
+    #[test]
+    fn two_uploads_under_one_name_have_two_outboxes() {
+        let tenant = TenantId::parse("acme").unwrap();
+        let (a, b) = (Upload::new(&tenant, "same", Utc::now()), Upload::new(&tenant, "same", Utc::now()));
+        assert_ne!(a.key(), b.key());
+        assert_ne!(a.outbox(), b.outbox());
     }
 }

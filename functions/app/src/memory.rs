@@ -308,6 +308,7 @@ impl ArtifactLinks for MemoryLinks {
         &self,
         key: &str,
         _content_type: &str,
+        _content_length: u64,
         valid_for: Duration,
     ) -> Result<PresignedUrl, PortError> {
         self.presign_get(key, valid_for).await

@@ -178,8 +178,15 @@ pub struct PresignedUrl {
 #[async_trait]
 pub trait ArtifactLinks: Send + Sync {
     async fn presign_get(&self, key: &str, valid_for: Duration) -> Result<PresignedUrl, PortError>;
-    /// An upload link: PUT with this content type writes `key`.
-    async fn presign_put(&self, key: &str, content_type: &str, valid_for: Duration) -> Result<PresignedUrl, PortError>;
+    /// An upload link: a PUT of exactly `content_length` bytes with this content type writes
+    /// `key` (both headers are signed).
+    async fn presign_put(
+        &self,
+        key: &str,
+        content_type: &str,
+        content_length: u64,
+        valid_for: Duration,
+    ) -> Result<PresignedUrl, PortError>;
 }
 
 /// A message taken from the work queue. It stays hidden from other consumers until its lease

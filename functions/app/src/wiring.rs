@@ -185,7 +185,7 @@ impl ArtifactLinks for Unwired {
     async fn presign_get(&self, _: &str, _: Duration) -> Result<PresignedUrl, PortError> {
         unwired()
     }
-    async fn presign_put(&self, _: &str, _: &str, _: Duration) -> Result<PresignedUrl, PortError> {
+    async fn presign_put(&self, _: &str, _: &str, _: u64, _: Duration) -> Result<PresignedUrl, PortError> {
         unwired()
     }
 }

@@ -37,8 +37,15 @@ impl ArtifactLinks for S3ArtifactLinks {
     }
 
     /// A presigned PUT for `key` (the S3 inbox: a tenant uploads a job spec to its own prefix
-    /// without holding any AWS credentials).
-    async fn presign_put(&self, key: &str, content_type: &str, valid_for: Duration) -> Result<PresignedUrl, PortError> {
+    /// without holding any AWS credentials). `Content-Length` is among the signed headers, so
+    /// S3 refuses a body of any other size.
+    async fn presign_put(
+        &self,
+        key: &str,
+        content_type: &str,
+        content_length: u64,
+        valid_for: Duration,
+    ) -> Result<PresignedUrl, PortError> {
         let config = PresigningConfig::expires_in(valid_for).map_err(unavailable("s3"))?;
         let request = self
             .client
@@ -46,6 +53,7 @@ impl ArtifactLinks for S3ArtifactLinks {
             .bucket(&self.bucket)
             .key(key)
             .content_type(content_type)
+            .content_length(i64::try_from(content_length).unwrap_or(i64::MAX))
             .presigned(config)
             .await
             .map_err(unavailable("s3"))?;

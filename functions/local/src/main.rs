@@ -233,17 +233,18 @@ async fn demo(running: &Running) -> anyhow::Result<()> {
 /// A job started by uploading its spec to the S3 inbox, its result read back from the outbox.
 async fn inbox_demo(running: &Running, http: &reqwest::Client, folder: &Path) -> anyhow::Result<()> {
     let (api, key) = (&running.stack.api_url, &running.key);
+    let spec = json!({"model": "kiln-demo", "prompt": "a red lighthouse from the inbox", "seed": 21, "width": 256, "height": 256})
+        .to_string();
     let link: Value = http
         .post(format!("{api}/v1/uploads"))
         .bearer_auth(key)
-        .json(&json!({"name": "inbox-demo"}))
+        .json(&json!({"name": "inbox-demo", "size": spec.len()}))
         .send()
         .await?
         .json()
         .await?;
     let url = link["url"].as_str().context("no upload url")?;
-    let spec = json!({"model": "kiln-demo", "prompt": "a red lighthouse from the inbox", "seed": 21, "width": 256, "height": 256});
-    http.put(url).header("content-type", "application/json").body(spec.to_string()).send().await?.error_for_status()?;
+    http.put(url).header("content-type", "application/json").body(spec).send().await?.error_for_status()?;
     println!("\nuploaded a job spec to {}; waiting for {}", link["key"], link["outbox"]);
     let s3 = running.stack.clients.s3();
     let bucket = &running.stack.resources.artifacts_bucket;
