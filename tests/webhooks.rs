@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 use kiln_local::LocalStack;
-use kiln_tests::{Client, receiver::Receiver, stack};
+use kiln_tests::{Client, receiver::Receiver, runner_options, stack, start_runner};
 use kiln_webhooks::Secret;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -209,6 +209,7 @@ async fn three_silent_receivers_do_not_hold_up_or_repeat_seven_fast_ones_in_one_
             kind: kiln_domain::WebhookEvent::Completed,
             timestamp: job.finished_at.unwrap(),
             job,
+            webhook: None,
         };
         stack.aws.webhook_queue().send(&event).await.unwrap();
         if n < 3 {
@@ -270,4 +271,39 @@ async fn three_silent_receivers_do_not_hold_up_or_repeat_seven_fast_ones_in_one_
         assert_eq!(count.map(String::as_str), Some("2"));
     }
     assert_eq!(fast.seen().len(), 7, "nothing delivered twice");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_caller_of_a_deduplicated_or_cached_job_gets_its_own_webhook() {
+    let stack = started_stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let (first, second, third) =
+        (Receiver::start(vec![200]).await, Receiver::start(vec![200]).await, Receiver::start(vec![200]).await);
+    let body = |url: &str| {
+        json!({"model": "kiln-demo", "prompt": "one job, three callers", "seed": 5, "width": 64, "height": 64,
+            "steps": 1, "webhook": {"url": url, "events": ["completed"]}})
+    };
+    let created = client.post_json("/v1/jobs", &body(&first.url)).await;
+    assert_eq!(created.status, 202, "{}", created.body);
+    let joined = client.post_json("/v1/jobs", &body(&second.url)).await;
+    assert_eq!((joined.status.as_u16(), joined.body["deduplicated"].as_bool()), (202, Some(true)), "{}", joined.body);
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    assert_eq!(joined.body["id"], id.as_str());
+
+    let _runner = start_runner(&stack, &runner_options("webhook-callers"));
+    for (name, receiver) in [("first", &first), ("second", &second)] {
+        let seen = receiver.wait_for(1, Duration::from_secs(90)).await;
+        assert_eq!(seen.len(), 1, "the {name} caller was not notified");
+        assert_eq!((seen[0].body["type"].as_str(), seen[0].body["job"]["id"].as_str()), (Some("completed"), Some(id.as_str())));
+        assert_eq!(seen[0].body["job"]["status"], "succeeded");
+    }
+    assert_ne!(first.seen()[0].id, second.seen()[0].id, "two callers, one webhook-id");
+
+    // A caller answered from the cache is told at once too.
+    let cached = client.post_json("/v1/jobs", &body(&third.url)).await;
+    assert_eq!((cached.status.as_u16(), cached.body["cached"].as_bool()), (200, Some(true)), "{}", cached.body);
+    let seen = third.wait_for(1, Duration::from_secs(30)).await;
+    assert_eq!((seen[0].body["type"].as_str(), seen[0].body["job"]["id"].as_str()), (Some("completed"), Some(id.as_str())));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!((first.seen().len(), second.seen().len()), (1, 1), "an earlier caller was told twice");
 }

@@ -68,7 +68,7 @@ impl WebhookDeliverer {
                 return Ok(Handled::Finished);
             }
         };
-        let Some(webhook) = event.job.webhook.clone() else { return Ok(Handled::Finished) };
+        let Some(webhook) = event.target().cloned() else { return Ok(Handled::Finished) };
         let span = tracing::Span::current();
         span.record("job_id", event.job.id.as_str());
         let attempt = message.receive_count.max(1);

@@ -2,8 +2,8 @@
 
 use chrono::{DateTime, Utc};
 use kiln_domain::{
-    CacheKey, InputError, InputErrorKind, Job, JobErrorCode, JobId, JobStatus, ModelSpec, Submission, TenantId,
-    WebhookPolicy,
+    CacheKey, InputError, InputErrorKind, Job, JobErrorCode, JobId, JobStatus, ModelSpec, Submission, Subscription,
+    TenantId, Webhook, WebhookPolicy,
 };
 use rand::Rng;
 use sha2::{Digest, Sha256};
@@ -182,10 +182,18 @@ impl Jobs {
                 None => None,
                 Some(job_id) => match self.store.get(&job_id).await? {
                     Some(job) if job.tenant_id == tenant.id && !job.status.is_terminal() => {
-                        return self.answer_existing(tenant, job, Disposition::Deduplicated, idempotency).await;
+                        match self.join(job, resolved.webhook.as_ref()).await? {
+                            Some(job) => {
+                                return self.answer_existing(tenant, job, Disposition::Deduplicated, idempotency).await;
+                            }
+                            None => Some(job_id),
+                        }
                     }
                     Some(job) if job.tenant_id == tenant.id && job.status == JobStatus::Succeeded => {
-                        return self.answer_existing(tenant, job, Disposition::Cached, idempotency).await;
+                        match self.join(job, resolved.webhook.as_ref()).await? {
+                            Some(job) => return self.answer_existing(tenant, job, Disposition::Cached, idempotency).await,
+                            None => Some(job_id),
+                        }
                     }
                     _ => Some(job_id),
                 },
@@ -221,6 +229,29 @@ impl Jobs {
             }
         }
         Err(AppError::Contention)
+    }
+
+    /// Joins a caller to an existing identical job: its webhook (if it sent one) is added to the
+    /// job's, so it gets its own events (`completed` at once if the job already ended). None
+    /// when the job carries as many webhooks as it may (the caller gets a job of its own).
+    async fn join(&self, job: Job, webhook: Option<&Webhook>) -> Result<Option<Job>, AppError> {
+        let Some(webhook) = webhook else { return Ok(Some(job)) };
+        let joined = revise(&*self.store, job, |job| {
+            Ok(match job.subscribe(webhook) {
+                Subscription::Added => Change::Write(true),
+                Subscription::AlreadyThere => Change::Keep(true),
+                Subscription::Full => Change::Keep(false),
+            })
+        })
+        .await?;
+        match joined {
+            Some((job, true)) => Ok(Some(job)),
+            Some((job, false)) => {
+                info!(job_id = %job.id, "job carries the most webhooks it may; the caller gets its own job");
+                Ok(None)
+            }
+            None => Err(AppError::Contention),
+        }
     }
 
     /// Whether the tenant's limits let it add a job now: the quota on jobs queued or running,

@@ -178,7 +178,7 @@ async fn unreadable_messages_and_jobs_without_webhooks_are_finished_without_a_re
     let deliverer = world.deliverer(transport.clone());
     assert_eq!(deliverer.deliver(&message("{not json", 1)).await.unwrap(), Handled::Finished);
     let plain = world.jobs.submit(&tenant(), br#"{"model":"kiln-demo","prompt":"x"}"#, None).await.unwrap().job;
-    let event = JobEvent { id: "evt_plain".into(), kind: WebhookEvent::Completed, timestamp: Utc::now(), job: plain };
+    let event = JobEvent { id: "evt_plain".into(), kind: WebhookEvent::Completed, timestamp: Utc::now(), job: plain, webhook: None };
     let event = serde_json::to_string(&event).unwrap();
     assert_eq!(deliverer.deliver(&message(&event, 1)).await.unwrap(), Handled::Finished);
     assert!(transport.requests.lock().unwrap().is_empty());

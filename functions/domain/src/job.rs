@@ -84,6 +84,10 @@ pub struct Job {
     pub params: JobParams,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<Webhook>,
+    /// The webhooks of later callers whose identical request joined this job (dedup, or an
+    /// answer from the cache), in the order they came: each gets the events it asked for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subscribers: Vec<Webhook>,
     pub status: JobStatus,
     /// 0 to 1.
     pub progress: f32,
@@ -130,6 +134,17 @@ pub struct Job {
     pub revision: u64,
 }
 
+/// What [`Job::subscribe`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscription {
+    /// The webhook was added: write the job.
+    Added,
+    /// The job already sends these events to this URL: nothing to write.
+    AlreadyThere,
+    /// The job carries [`Job::MAX_SUBSCRIBERS`] already.
+    Full,
+}
+
 /// A change the job's status does not allow.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("job {id} cannot go from {from} to {to}")]
@@ -160,6 +175,7 @@ impl Job {
             model_version,
             params,
             webhook,
+            subscribers: Vec::new(),
             status: JobStatus::Queued,
             progress: 0.0,
             cache_key,
@@ -221,6 +237,28 @@ impl Job {
         }
         self.cancel_requested = true;
         true
+    }
+
+    /// The most webhooks of joined callers one job carries.
+    pub const MAX_SUBSCRIBERS: usize = 25;
+
+    /// Adds the webhook of a caller whose identical request joined this job.
+    pub fn subscribe(&mut self, webhook: &Webhook) -> Subscription {
+        if self.webhook.as_ref() == Some(webhook) || self.subscribers.contains(webhook) {
+            return Subscription::AlreadyThere;
+        }
+        if self.subscribers.len() >= Self::MAX_SUBSCRIBERS {
+            return Subscription::Full;
+        }
+        self.subscribers.push(webhook.clone());
+        Subscription::Added
+    }
+
+    /// Every webhook of the job with its place: 0 for the first caller's, n for the n-th
+    /// subscriber's.
+    pub fn webhooks(&self) -> impl Iterator<Item = (usize, &Webhook)> {
+        let first = self.webhook.iter().map(|webhook| (0, webhook));
+        first.chain(self.subscribers.iter().enumerate().map(|(n, webhook)| (n + 1, webhook)))
     }
 
     /// Records render progress (clamped to 0..1).
