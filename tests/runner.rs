@@ -309,3 +309,47 @@ async fn a_job_sent_twice_is_rendered_by_one_runner_while_its_lease_holds() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The demo model's package, copied with a render budget of one second.
+fn demo_with_a_one_second_budget() -> std::path::PathBuf {
+    let dir = workspace_root().join("target/test-models").join(kiln_tests::unique_prefix());
+    let package = dir.join("kiln-demo");
+    std::fs::create_dir_all(&package).unwrap();
+    let source = workspace_root().join("gpu-runner/models/kiln-demo");
+    std::fs::copy(source.join("model.onnx"), package.join("model.onnx")).unwrap();
+    let mut manifest: Value = serde_json::from_slice(&std::fs::read(source.join("manifest.json")).unwrap()).unwrap();
+    manifest["render_budget"] = json!({"base_secs": 1.0, "per_megapixel_step_secs": 0.0});
+    std::fs::write(package.join("manifest.json"), manifest.to_string()).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_render_past_its_budget_fails_and_a_stuck_one_takes_the_runner_out_of_service() {
+    let stack = stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    let mut options = runner_options("watchdog");
+    options.models_dir = demo_with_a_one_second_budget();
+    options.env.push(("KILN_FAULT_STUCK_PROMPT".into(), "hang for ever".into()));
+    options.env.push(("KILN_STUCK_GRACE_SECS".into(), "1".into()));
+    options.env.push(("KILN_WARM_UP".into(), "false".into()));
+    let runner = start_runner(&stack, &options);
+    let health = || async { reqwest::get(format!("{}/healthz", runner.metrics_url)).await.unwrap().status() };
+
+    // A render that stops when asked: the job fails, the runner stays healthy.
+    let slow = client.post_json("/v1/jobs", &slow_job("too slow for its budget")).await.job_id();
+    let job = client.wait_finished(&slow, LIMIT).await;
+    assert_eq!((job["status"].as_str(), job["error"]["code"].as_str()), (Some("failed"), Some("render_timeout")), "{job}");
+    assert_eq!(health().await, StatusCode::OK);
+
+    // A render that never returns: the job still ends, the runner turns unhealthy and idle.
+    let stuck = client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "hang for ever"})).await.job_id();
+    let job = client.wait_finished(&stuck, Duration::from_secs(30)).await;
+    assert_eq!((job["status"].as_str(), job["error"]["code"].as_str()), (Some("failed"), Some("render_timeout")), "{job}");
+    assert!(job["error"]["message"].as_str().unwrap().contains("did not stop"), "{job}");
+    assert_eq!(health().await, StatusCode::SERVICE_UNAVAILABLE);
+    let metrics = reqwest::get(format!("{}/metrics", runner.metrics_url)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("kiln_runner_in_flight 0"), "{metrics}");
+    let after = client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "after the hang"})).await.job_id();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(client.get(&format!("/v1/jobs/{after}")).await.body["status"], "queued", "a stuck runner took a job");
+}

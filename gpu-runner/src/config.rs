@@ -99,6 +99,12 @@ pub struct RunnerConfig {
     #[arg(long, env = "KILN_MAX_RECEIVES", default_value_t = 5)]
     pub max_receives: u32,
 
+    /// After a render's budget ran out and it was asked to stop, how long to wait for its
+    /// session thread before calling it stuck (the job fails `render_timeout`, `/healthz` turns
+    /// 503 and the runner takes no more jobs, so the instance is replaced), in seconds.
+    #[arg(long, env = "KILN_STUCK_GRACE_SECS", default_value_t = 30)]
+    pub stuck_grace_secs: u64,
+
     /// Address of `/healthz` and `/metrics`.
     #[arg(long, env = "KILN_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     pub metrics_addr: SocketAddr,
@@ -130,6 +136,7 @@ impl RunnerConfig {
             retry_base: Duration::from_secs(self.retry_base_secs),
             retry_max: Duration::from_secs(self.retry_max_secs.max(self.retry_base_secs)),
             max_receives: self.max_receives.max(1),
+            stuck_grace: Duration::from_secs(self.stuck_grace_secs),
         }
     }
 }
@@ -146,6 +153,7 @@ pub struct Settings {
     pub retry_base: Duration,
     pub retry_max: Duration,
     pub max_receives: u32,
+    pub stuck_grace: Duration,
 }
 
 impl Settings {

@@ -38,13 +38,14 @@ pub fn start_sessions(
     let mut handles = Vec::new();
     let mut threads = Vec::new();
     for model in loaded {
-        let (handle, thread) = session::spawn(
+        let (mut handle, thread) = session::spawn(
             model.spec.name.clone(),
             model.spec.version.clone(),
             model.pipeline,
             config.max_batch,
             metrics.clone(),
         );
+        handle.budget = model.spec.render_budget;
         specs.push(model.spec);
         handles.push(handle);
         threads.push(thread);

@@ -58,6 +58,7 @@ pub struct Metrics {
     pub batches: Counter,
     pub in_flight: Gauge,
     ready: AtomicBool,
+    stuck: AtomicBool,
 }
 
 fn seconds_buckets() -> impl Iterator<Item = f64> {
@@ -99,6 +100,7 @@ impl Default for Metrics {
             batches,
             in_flight,
             ready: AtomicBool::new(false),
+            stuck: AtomicBool::new(false),
         }
     }
 }
@@ -111,6 +113,15 @@ impl Metrics {
     /// Healthy once the models are loaded; unhealthy again while shutting down.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// A render session did not stop when its watchdog asked: unhealthy for good.
+    pub fn set_stuck(&self) {
+        self.stuck.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_stuck(&self) -> bool {
+        self.stuck.load(Ordering::SeqCst)
     }
 
     pub fn render_text(&self) -> String {
@@ -142,6 +153,9 @@ async fn answer(metrics: Arc<Metrics>, request: Request<Incoming>) -> Result<Res
     let (status, content_type, body) = match request.uri().path() {
         "/metrics" => {
             (StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render_text())
+        }
+        "/healthz" if metrics.is_stuck() => {
+            (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "a render session is stuck\n".into())
         }
         "/healthz" if metrics.ready.load(Ordering::SeqCst) => (StatusCode::OK, "text/plain", "ok\n".into()),
         "/healthz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into()),

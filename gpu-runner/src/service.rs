@@ -79,6 +79,11 @@ pub enum PermanentError {
     /// The encoder refused the frames.
     #[error(transparent)]
     Encode(#[from] EncodeError),
+    /// The render ran past its model's budget for a job of this size (and, `stuck`, did not
+    /// stop when asked).
+    #[error("the render ran past its budget of {} s for a job of this size{}", budget.as_secs(),
+        if *stuck { " and did not stop; the runner is being replaced" } else { "" })]
+    TimedOut { budget: Duration, stuck: bool },
 }
 
 impl PermanentError {
@@ -87,6 +92,7 @@ impl PermanentError {
         match self {
             Self::NotServed { .. } | Self::Invalid(_) => JobErrorCode::InvalidForModel,
             Self::Encode(_) => JobErrorCode::RenderFailed,
+            Self::TimedOut { .. } => JobErrorCode::RenderTimeout,
         }
     }
 }
@@ -129,6 +135,12 @@ impl Runner {
         self.metrics.set_ready(true);
         info!(max_in_flight = self.settings.max_in_flight, "runner polling");
         while !shutdown.is_cancelled() {
+            if self.metrics.is_stuck() {
+                // Jobs for the stuck model would hang too; the instance is being replaced.
+                warn!("a render session is stuck; no more jobs are taken until shutdown");
+                shutdown.cancelled().await;
+                break;
+            }
             let first = tokio::select! {
                 permit = room.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
                 () = shutdown.cancelled() => break,
@@ -199,6 +211,11 @@ impl Runner {
         };
         let span = Span::current();
         span.record("job_id", field::display(&message.job_id));
+        if self.metrics.is_stuck() {
+            // Received while a session got stuck: another runner should have it.
+            self.release(&delivery, Duration::ZERO).await;
+            return Outcome::handed_back;
+        }
         let mut job = match self.runs.start(&message.job_id, &delivery.message_id, Utc::now()).await {
             Ok(Start::Render(job)) => job,
             Ok(Start::Skip(reason)) => {
@@ -235,12 +252,17 @@ impl Runner {
             }
         };
         let control = Arc::new(RenderControl::default());
-        let rendered = match self.render(job, session, &control).await {
-            Ok(rendered) => rendered,
+        let budget = session.budget.for_job(&job.params);
+        let rendered = match self.render(job, session, &control, budget).await {
+            Ok(Some(rendered)) => rendered,
+            Ok(None) => return self.give_up(job, delivery, PermanentError::TimedOut { budget, stuck: true }.into()).await,
             Err(failure) => return self.give_up(job, delivery, TransientError::Render(failure).into()).await,
         };
         let frames = match rendered.result {
             Ok(frames) => frames,
+            Err(RenderError::Stopped(StopReason::TimedOut)) => {
+                return self.give_up(job, delivery, PermanentError::TimedOut { budget, stuck: false }.into()).await;
+            }
             Err(RenderError::Stopped(reason)) => return self.stopped(job, delivery, reason).await,
             Err(RenderError::Invalid(reason)) => {
                 return self.give_up(job, delivery, PermanentError::Invalid(reason).into()).await;
@@ -294,13 +316,16 @@ impl Runner {
     }
 
     /// Hands the job to its session and, until the frames come back, writes progress, watches
-    /// for a cancel request or a lost job, and stops the render when the shutdown deadline passes.
+    /// for a cancel request or a lost job, and stops the render when the shutdown deadline passes
+    /// or its `budget` runs out (the watchdog). None when the session did not stop within the
+    /// stuck grace after that: the session thread is stuck, and the runner is marked so.
     async fn render(
         &self,
         job: &mut Job,
         session: &SessionHandle,
         control: &Arc<RenderControl>,
-    ) -> Result<Rendered, RuntimeFailure> {
+        budget: Duration,
+    ) -> Result<Option<Rendered>, RuntimeFailure> {
         let (reply, mut frames) = oneshot::channel();
         let request = RenderRequest { params: job.params.clone(), control: control.clone() };
         // Carries the job's span to the session thread.
@@ -309,10 +334,24 @@ impl Runner {
         let mut reported = job.progress;
         let mut ticker = tokio::time::interval(self.settings.progress_interval);
         ticker.tick().await;
+        let out_of_budget = tokio::time::sleep(budget);
+        tokio::pin!(out_of_budget);
+        let mut stuck_after: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             tokio::select! {
                 rendered = &mut frames => {
-                    return rendered.map_err(|_| RuntimeFailure::Dropped);
+                    return rendered.map(Some).map_err(|_| RuntimeFailure::Dropped);
+                }
+                () = &mut out_of_budget, if stuck_after.is_none() => {
+                    warn!(budget_s = budget.as_secs(), "the render ran past its budget; stopping it");
+                    control.stop(StopReason::TimedOut);
+                    stuck_after = Some(Box::pin(tokio::time::sleep(self.settings.stuck_grace)));
+                }
+                () = async { stuck_after.as_mut().expect("guarded").await }, if stuck_after.is_some() => {
+                    error!(model = %session.model, grace_s = self.settings.stuck_grace.as_secs(),
+                        "the render session did not stop: it is stuck; taking no more jobs");
+                    self.metrics.set_stuck();
+                    return Ok(None);
                 }
                 () = self.hand_back.cancelled(), if control.stop_requested().is_none() => {
                     control.stop(StopReason::HandedBack);
@@ -353,6 +392,7 @@ impl Runner {
                 info!("another runner took the job over");
                 Outcome::lost
             }
+            StopReason::TimedOut => unreachable!("a timed-out render is failed by `work`"),
         }
     }
 
@@ -721,6 +761,7 @@ mod tests {
             retry_base: Duration::from_secs(5),
             retry_max: Duration::from_secs(300),
             max_receives: 5,
+            stuck_grace: Duration::from_secs(1),
         }
     }
 

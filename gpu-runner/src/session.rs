@@ -49,6 +49,8 @@ pub struct Rendered {
 pub struct SessionHandle {
     pub model: String,
     pub version: String,
+    /// How long a job's render may take (its model's manifest).
+    pub budget: kiln_domain::RenderBudget,
     sender: mpsc::Sender<RenderJob>,
 }
 
@@ -129,7 +131,7 @@ pub fn spawn(
             info!(thread = %name, "render session stopped");
         })
         .expect("spawning a session thread");
-    (SessionHandle { model, version, sender }, thread)
+    (SessionHandle { model, version, budget: kiln_domain::RenderBudget::default(), sender }, thread)
 }
 
 /// What a caught panic said, when it said it with a string.

@@ -21,6 +21,8 @@ pub enum JobErrorCode {
     RenderFailed,
     /// Every delivery attempt failed; the message went to the dead-letter queue.
     DeadLettered,
+    /// The render took longer than its model's budget for a job of its size allows.
+    RenderTimeout,
     /// Anything else.
     Internal,
 }

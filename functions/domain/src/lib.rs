@@ -18,6 +18,6 @@ pub use error::{InputError, InputErrorKind};
 pub use events::{JobEvent, webhook_events};
 pub use ids::{InvalidId, JobId, TenantId};
 pub use job::{IllegalTransition, Job, JobError, JobErrorCode, Output, Subscription, Timings, WebhookDelivery};
-pub use model::{ManifestError, ModelSpec, OutputFormat};
+pub use model::{ManifestError, ModelSpec, OutputFormat, RenderBudget};
 pub use params::{JobParams, SeedSource, Submission, Webhook, WebhookEvent, WebhookPolicy};
 pub use status::JobStatus;

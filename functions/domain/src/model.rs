@@ -109,6 +109,37 @@ pub struct ModelSpec {
     pub description: String,
     pub limits: Limits,
     pub defaults: Defaults,
+    /// How long a render may take before the runner's watchdog stops it.
+    #[serde(default)]
+    pub render_budget: RenderBudget,
+}
+
+/// How long one job's render may take on this model: `base_secs`, plus `per_megapixel_step_secs`
+/// for every million pixels of every frame at every step. Past it the runner stops the render
+/// and fails the job (`render_timeout`); a render that does not stop marks the runner unhealthy.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RenderBudget {
+    pub base_secs: f64,
+    pub per_megapixel_step_secs: f64,
+}
+
+impl Default for RenderBudget {
+    /// Generous enough for the CPU: the demo's largest job (12 frames of 1024², 50 steps) gets
+    /// 120 s + 1,258 s.
+    fn default() -> Self {
+        Self { base_secs: 120.0, per_megapixel_step_secs: 2.0 }
+    }
+}
+
+impl RenderBudget {
+    /// The time a render of `params` may take.
+    pub fn for_job(&self, params: &crate::JobParams) -> std::time::Duration {
+        let megapixel_steps = f64::from(params.width) * f64::from(params.height) / 1e6
+            * f64::from(params.num_frames.max(1))
+            * f64::from(params.steps.max(1));
+        let secs = self.base_secs + self.per_megapixel_step_secs * megapixel_steps;
+        std::time::Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(std::time::Duration::MAX)
+    }
 }
 
 /// A model description that contradicts itself.
@@ -250,7 +281,20 @@ pub(crate) mod tests {
                 image_format: OutputFormat::Png,
                 video_format: OutputFormat::Gif,
             },
+            render_budget: RenderBudget::default(),
         }
+    }
+
+    #[test]
+    fn a_render_budget_grows_with_pixels_frames_and_steps() {
+        let budget = RenderBudget { base_secs: 10.0, per_megapixel_step_secs: 0.5 };
+        let mut params = crate::Submission::parse(br#"{"model":"demo","prompt":"x","width":1000,"height":1000,"steps":4}"#)
+            .unwrap()
+            .resolve(&demo(), crate::WebhookPolicy::default(), || 1);
+        let params = &mut params.as_mut().unwrap().params;
+        assert_eq!(budget.for_job(params), std::time::Duration::from_secs(12));
+        params.num_frames = 3;
+        assert_eq!(budget.for_job(params), std::time::Duration::from_secs(16));
     }
 
     #[test]

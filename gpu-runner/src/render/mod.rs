@@ -35,6 +35,8 @@ pub enum StopReason {
     HandedBack,
     /// Another runner took the job over (this one's lease ran out).
     Lost,
+    /// The render ran past its budget (the watchdog).
+    TimedOut,
 }
 
 /// Shared between a job's task and the session thread rendering it: progress one way, a stop
@@ -66,6 +68,7 @@ impl RenderControl {
             StopReason::Canceled => 1,
             StopReason::HandedBack => 2,
             StopReason::Lost => 3,
+            StopReason::TimedOut => 4,
         };
         let _ = self.stop.compare_exchange(0, code, Ordering::SeqCst, Ordering::SeqCst);
     }
@@ -75,6 +78,7 @@ impl RenderControl {
             1 => Some(StopReason::Canceled),
             2 => Some(StopReason::HandedBack),
             3 => Some(StopReason::Lost),
+            4 => Some(StopReason::TimedOut),
             _ => None,
         }
     }

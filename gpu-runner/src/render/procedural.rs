@@ -29,9 +29,18 @@ impl Procedural {
     }
 }
 
+/// Fault injection for the runner's watchdog tests: a job whose prompt equals this variable's
+/// value blocks its session thread for good, ignoring stop requests (a hung device call).
+pub const STUCK_PROMPT_ENV: &str = "KILN_FAULT_STUCK_PROMPT";
+
 impl Pipeline for Procedural {
     fn render(&mut self, request: &RenderRequest) -> Result<Frames, RenderError> {
         let params = &request.params;
+        if std::env::var(STUCK_PROMPT_ENV).is_ok_and(|prompt| prompt == params.prompt) {
+            loop {
+                std::thread::park();
+            }
+        }
         let (width, height) = (params.width as usize, params.height as usize);
         let frame_count = params.num_frames.max(1) as usize;
         let steps = params.steps.max(1);
