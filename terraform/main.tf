@@ -37,7 +37,7 @@ locals {
   # tests/terraform.rs refuses such names before terraform sees them.
   access_statements = {
     for name, spec in merge(local.functions, { runner = local.runner }) : name => [
-      for statement in spec.access : {
+      for statement in spec.access : merge({
         Effect = "Allow"
         Action = statement.actions
         Resource = concat(
@@ -47,7 +47,13 @@ locals {
           [for object in try(statement.objects, []) : "${local.arn.s3}${object}"],
           [for bucket in try(statement.buckets, []) : "${local.arn.s3}${bucket}"],
         )
-      }
+        },
+        # `leading_keys`: only items whose partition key matches (e.g. `webhook#*` in the tenants
+        # table, so a function that keeps webhook secrets cannot write API keys).
+        { for key, condition in {
+          Condition = { "ForAllValues:StringLike" = { "dynamodb:LeadingKeys" = try(statement.leading_keys, []) } }
+        } : key => condition if length(try(statement.leading_keys, [])) > 0 }
+      )
     ]
   }
 

@@ -47,6 +47,19 @@ fn every_lambda_binary_is_a_function_and_every_function_a_binary() {
 }
 
 #[test]
+fn no_function_nor_the_runner_may_write_api_keys_or_tenants() {
+    // Only kiln-admin (an operator's own credentials) makes keys and tenants; a function that
+    // keeps webhook secrets in the same table is held to its `webhook#` items.
+    let deploy = Deploy::load();
+    for (name, spec) in deploy.units() {
+        let access = Access::parse(&spec["access"]).unwrap();
+        for item in ["key#0123abcd", "tenant#acme"] {
+            assert!(!access.may_write("tenants", item), "{name} may write `{item}` in the tenants table");
+        }
+    }
+}
+
+#[test]
 fn functions_json_names_only_what_stack_json_creates() {
     let deploy = Deploy::load();
     let mut problems = Vec::new();

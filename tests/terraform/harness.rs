@@ -374,6 +374,8 @@ pub enum Resource {
 pub struct Call {
     pub action: String,
     pub resource: Resource,
+    /// A DynamoDB item call's partition key value (what `dynamodb:LeadingKeys` sees).
+    pub leading_key: Option<String>,
     /// Made with a presigned URL the function handed out (signed with its role).
     pub presigned: bool,
 }
@@ -512,7 +514,14 @@ async fn forward(
 /// X-Amz-Target, S3 by method, path and query).
 fn classify(method: &str, path: &str, header: &dyn Fn(&str) -> String, body: &[u8], prefix: &str) -> Vec<Call> {
     let local = |name: &str| name.strip_prefix(&format!("{prefix}-")).unwrap_or(name).to_owned();
-    let call = |action: String, resource: Resource| Call { action, resource, presigned: false };
+    let call = |action: String, resource: Resource| Call { action, resource, leading_key: None, presigned: false };
+    // The partition key of an item call: the one attribute of `Key`, or the item's `pk`, `id` or
+    // `name` (the tables' partition keys).
+    let leading_key = |spec: &Value| -> Option<String> {
+        let key = spec["Key"].as_object().filter(|key| key.len() == 1).and_then(|key| key.values().next());
+        let item = ["pk", "id", "name"].iter().find_map(|name| spec["Item"].get(*name));
+        key.or(item).and_then(|value| value["S"].as_str()).map(str::to_owned)
+    };
     let target = header("x-amz-target");
     let json: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     if let Some(op) = target.strip_prefix("DynamoDB_20120810.") {
@@ -531,7 +540,9 @@ fn classify(method: &str, path: &str, header: &dyn Fn(&str) -> String, body: &[u
                         "ConditionCheck" => "ConditionCheckItem",
                         _ => "GetItem",
                     };
-                    call(format!("dynamodb:{action}"), Resource::Table(table(spec)))
+                    let mut call = call(format!("dynamodb:{action}"), Resource::Table(table(spec)));
+                    call.leading_key = leading_key(spec);
+                    call
                 })
                 .collect(),
             "BatchWriteItem" | "BatchGetItem" => json["RequestItems"]
@@ -545,7 +556,9 @@ fn classify(method: &str, path: &str, header: &dyn Fn(&str) -> String, body: &[u
                     Some(index) => Resource::Index(table(&json), index.to_owned()),
                     None => Resource::Table(table(&json)),
                 };
-                vec![call(format!("dynamodb:{op}"), resource)]
+                let mut call = call(format!("dynamodb:{op}"), resource);
+                call.leading_key = leading_key(&json);
+                vec![call]
             }
         };
     }
@@ -579,7 +592,8 @@ fn classify(method: &str, path: &str, header: &dyn Fn(&str) -> String, body: &[u
         ("DELETE", false) => "s3:DeleteObject",
         _ => return vec![call(format!("s3:? {method} {path}?{query}"), Resource::Unknown(path.to_owned()))],
     };
-    let mut calls = vec![Call { action: action.into(), resource: object, presigned: has("X-Amz-Signature") }];
+    let mut calls =
+        vec![Call { action: action.into(), resource: object, leading_key: None, presigned: has("X-Amz-Signature") }];
     let source = header("x-amz-copy-source");
     if !source.is_empty() {
         let source = percent_decode(source.trim_start_matches('/'));
@@ -850,6 +864,15 @@ pub fn stop_runner(child: &mut Child) {
 struct Statement {
     actions: Vec<String>,
     resources: Vec<Resource>,
+    /// `leading_keys`: the partition key values (patterns) the statement is limited to (an IAM
+    /// `dynamodb:LeadingKeys` condition); empty: any item.
+    leading_keys: Vec<String>,
+}
+
+impl Statement {
+    fn allows_key(&self, key: Option<&str>) -> bool {
+        self.leading_keys.is_empty() || key.is_some_and(|key| self.leading_keys.iter().any(|p| glob(p, key)))
+    }
 }
 
 /// A function's (or the runner's) `access`.
@@ -887,7 +910,8 @@ impl Access {
             if actions.is_empty() || resources.is_empty() {
                 return Err(format!("a statement needs actions and resources: {statement}"));
             }
-            statements.push(Statement { actions, resources });
+            let leading_keys = strings("leading_keys");
+            statements.push(Statement { actions, resources, leading_keys });
         }
         Ok(Self { statements })
     }
@@ -920,6 +944,16 @@ impl Access {
         problems
     }
 
+    /// Whether some unit's grant lets it write (`PutItem`, `UpdateItem`, `DeleteItem`) an item
+    /// of `table` whose partition key is `key`.
+    pub fn may_write(&self, table: &str, key: &str) -> bool {
+        self.statements.iter().any(|s| {
+            s.actions.iter().any(|a| ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"].iter().any(|w| glob(a, w)))
+                && s.resources.contains(&Resource::Table(table.to_owned()))
+                && s.allows_key(Some(key))
+        })
+    }
+
     fn covers(resource: &Resource, call: &Resource) -> bool {
         match (resource, call) {
             (Resource::Object(pattern), Resource::Object(object)) => glob(pattern, object),
@@ -934,6 +968,7 @@ impl Access {
             let granted = self.statements.iter().any(|s| {
                 s.actions.iter().any(|a| glob(a, &call.action))
                     && s.resources.iter().any(|r| Self::covers(r, &call.resource))
+                    && s.allows_key(call.leading_key.as_deref())
             });
             if !granted {
                 problems.insert(format!("{name} calls {call} without a grant in its access"));
