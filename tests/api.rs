@@ -646,7 +646,8 @@ async fn kiln_admin_makes_keys_only_for_tenants_that_exist_and_lists_and_revokes
 
     let first = admin(&stack, &["tenant-create", "--id", "acme", "--name", "Acme"]).await.unwrap().trim().to_owned();
     let second = admin(&stack, &["keys", "create", "--tenant", "acme"]).await.unwrap().trim().to_owned();
-    let other = admin(&stack, &["tenant-create", "--id", "globex", "--name", "Globex"]).await.unwrap().trim().to_owned();
+    let other =
+        admin(&stack, &["tenant-create", "--id", "globex", "--name", "Globex"]).await.unwrap().trim().to_owned();
     let listed = admin(&stack, &["keys", "list", "--tenant", "acme"]).await.unwrap();
     let rows: Vec<&str> = listed.lines().skip(1).collect();
     assert_eq!(rows.len(), 2, "{listed}");

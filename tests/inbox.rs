@@ -62,7 +62,8 @@ async fn an_uploaded_spec_renders_into_the_outbox() {
     assert_eq!(link["outbox"], outbox.as_str());
 
     let result: Value =
-        serde_json::from_slice(&object(&stack, &format!("{outbox}result.json"), Duration::from_secs(90)).await).unwrap();
+        serde_json::from_slice(&object(&stack, &format!("{outbox}result.json"), Duration::from_secs(90)).await)
+            .unwrap();
     assert_eq!(result["status"], "succeeded", "{result}");
     assert_eq!(result["input"]["prompt"], "a harbour");
     let id = result["id"].as_str().unwrap();
@@ -106,20 +107,10 @@ async fn a_bad_spec_gets_the_apis_error_and_a_repeated_event_starts_no_second_jo
     }
     let relayed = relayed.expect("the notification started the job");
     let inbox = kiln_events::inbox_trigger::wire(&stack.aws, &stack.config);
-    let head = stack
-        .clients
-        .s3()
-        .head_object()
-        .bucket(&stack.resources.artifacts_bucket)
-        .key(twice_key)
-        .send()
-        .await
-        .unwrap();
-    let first = inbox
-        .on_object(twice_key, head.version_id(), head.e_tag())
-        .await
-        .map_err(|e| format!("{e:?}"))
-        .unwrap();
+    let head =
+        stack.clients.s3().head_object().bucket(&stack.resources.artifacts_bucket).key(twice_key).send().await.unwrap();
+    let first =
+        inbox.on_object(twice_key, head.version_id(), head.e_tag()).await.map_err(|e| format!("{e:?}")).unwrap();
     let second = inbox.on_object(twice_key, head.version_id(), head.e_tag()).await.unwrap();
     assert_eq!(first, second);
     let kiln_app::inbox::InboxOutcome::Started(id) = first else { panic!("{first:?}") };
@@ -171,7 +162,8 @@ async fn two_specs_uploaded_under_one_name_answer_in_two_outboxes() {
     let bad = upload(&client, "nightly", r#"{"model":"kiln-demo","prompt":"x","width":100000}"#).await;
     let bad_outbox = bad["outbox"].as_str().unwrap().to_owned();
     object(&stack, &format!("{bad_outbox}error.json"), Duration::from_secs(30)).await;
-    let good = upload(&client, "nightly", r#"{"model":"kiln-demo","prompt":"fixed","width":64,"height":64,"steps":1}"#).await;
+    let good =
+        upload(&client, "nightly", r#"{"model":"kiln-demo","prompt":"fixed","width":64,"height":64,"steps":1}"#).await;
     let good_outbox = good["outbox"].as_str().unwrap().to_owned();
     assert_ne!(bad_outbox, good_outbox, "two uploads of one name share an outbox");
     let result: Value =
@@ -185,6 +177,7 @@ async fn two_specs_uploaded_under_one_name_answer_in_two_outboxes() {
     );
     // The first upload's answer is still its own.
     let error: Value =
-        serde_json::from_slice(&object(&stack, &format!("{bad_outbox}error.json"), Duration::from_secs(5)).await).unwrap();
+        serde_json::from_slice(&object(&stack, &format!("{bad_outbox}error.json"), Duration::from_secs(5)).await)
+            .unwrap();
     assert_eq!(error["error"]["field"], "width");
 }

@@ -282,7 +282,10 @@ async fn a_job_sent_twice_is_rendered_by_one_runner_while_its_lease_holds() {
     assert_eq!(job["status"], "succeeded", "{job}");
     assert!(job["attempts"].as_u64() <= Some(2), "the runners took the job from each other: {job}");
     let render_ms = job["timings"]["render_ms"].as_u64().unwrap();
-    assert!(render_ms > 2 * 2_000, "the render ({render_ms} ms) must outlast two leases for this test to mean anything");
+    assert!(
+        render_ms > 2 * 2_000,
+        "the render ({render_ms} ms) must outlast two leases for this test to mean anything"
+    );
 
     let count = |url: String| {
         let sqs = sqs.clone();
@@ -338,13 +341,21 @@ async fn a_render_past_its_budget_fails_and_a_stuck_one_takes_the_runner_out_of_
     // A render that stops when asked: the job fails, the runner stays healthy.
     let slow = client.post_json("/v1/jobs", &slow_job("too slow for its budget")).await.job_id();
     let job = client.wait_finished(&slow, LIMIT).await;
-    assert_eq!((job["status"].as_str(), job["error"]["code"].as_str()), (Some("failed"), Some("render_timeout")), "{job}");
+    assert_eq!(
+        (job["status"].as_str(), job["error"]["code"].as_str()),
+        (Some("failed"), Some("render_timeout")),
+        "{job}"
+    );
     assert_eq!(health().await, StatusCode::OK);
 
     // A render that never returns: the job still ends, the runner turns unhealthy and idle.
     let stuck = client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "hang for ever"})).await.job_id();
     let job = client.wait_finished(&stuck, Duration::from_secs(30)).await;
-    assert_eq!((job["status"].as_str(), job["error"]["code"].as_str()), (Some("failed"), Some("render_timeout")), "{job}");
+    assert_eq!(
+        (job["status"].as_str(), job["error"]["code"].as_str()),
+        (Some("failed"), Some("render_timeout")),
+        "{job}"
+    );
     assert!(job["error"]["message"].as_str().unwrap().contains("did not stop"), "{job}");
     assert_eq!(health().await, StatusCode::SERVICE_UNAVAILABLE);
     let metrics = reqwest::get(format!("{}/metrics", runner.metrics_url)).await.unwrap().text().await.unwrap();

@@ -445,7 +445,8 @@ async fn webhook_and_inbox_paths(
         }
         let event = fixture.replace("inbox/fixture-tenant/lighthouse-1/01JX3F8Z2M4N6P8R0T2V4W6Y8Z.json", &key);
         let answer = inbox.invoke(&event).await;
-        let outbox = kiln_tests::stored_keys(stack, &format!("outbox/fixture-tenant/{name}/01JX3F8Z2M4N6P8R0T2V4W6Y8Z/")).await;
+        let outbox =
+            kiln_tests::stored_keys(stack, &format!("outbox/fixture-tenant/{name}/01JX3F8Z2M4N6P8R0T2V4W6Y8Z/")).await;
         let files: Vec<&str> = outbox.iter().filter_map(|k| k.rsplit('/').next()).collect();
         match expect {
             "started" => assert!(answer.is_ok() && files.is_empty(), "{name}: {answer:?} {files:?}"),

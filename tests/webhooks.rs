@@ -294,7 +294,10 @@ async fn every_caller_of_a_deduplicated_or_cached_job_gets_its_own_webhook() {
     for (name, receiver) in [("first", &first), ("second", &second)] {
         let seen = receiver.wait_for(1, Duration::from_secs(90)).await;
         assert_eq!(seen.len(), 1, "the {name} caller was not notified");
-        assert_eq!((seen[0].body["type"].as_str(), seen[0].body["job"]["id"].as_str()), (Some("completed"), Some(id.as_str())));
+        assert_eq!(
+            (seen[0].body["type"].as_str(), seen[0].body["job"]["id"].as_str()),
+            (Some("completed"), Some(id.as_str()))
+        );
         assert_eq!(seen[0].body["job"]["status"], "succeeded");
     }
     assert_ne!(first.seen()[0].id, second.seen()[0].id, "two callers, one webhook-id");
@@ -303,7 +306,10 @@ async fn every_caller_of_a_deduplicated_or_cached_job_gets_its_own_webhook() {
     let cached = client.post_json("/v1/jobs", &body(&third.url)).await;
     assert_eq!((cached.status.as_u16(), cached.body["cached"].as_bool()), (200, Some(true)), "{}", cached.body);
     let seen = third.wait_for(1, Duration::from_secs(30)).await;
-    assert_eq!((seen[0].body["type"].as_str(), seen[0].body["job"]["id"].as_str()), (Some("completed"), Some(id.as_str())));
+    assert_eq!(
+        (seen[0].body["type"].as_str(), seen[0].body["job"]["id"].as_str()),
+        (Some("completed"), Some(id.as_str()))
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!((first.seen().len(), second.seen().len()), (1, 1), "an earlier caller was told twice");
 }

@@ -255,7 +255,9 @@ impl Runner {
         let budget = session.budget.for_job(&job.params);
         let rendered = match self.render(job, session, &control, budget).await {
             Ok(Some(rendered)) => rendered,
-            Ok(None) => return self.give_up(job, delivery, PermanentError::TimedOut { budget, stuck: true }.into()).await,
+            Ok(None) => {
+                return self.give_up(job, delivery, PermanentError::TimedOut { budget, stuck: true }.into()).await;
+            }
             Err(failure) => return self.give_up(job, delivery, TransientError::Render(failure).into()).await,
         };
         let frames = match rendered.result {

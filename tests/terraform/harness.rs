@@ -948,7 +948,9 @@ impl Access {
     /// of `table` whose partition key is `key`.
     pub fn may_write(&self, table: &str, key: &str) -> bool {
         self.statements.iter().any(|s| {
-            s.actions.iter().any(|a| ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"].iter().any(|w| glob(a, w)))
+            s.actions
+                .iter()
+                .any(|a| ["dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"].iter().any(|w| glob(a, w)))
                 && s.resources.contains(&Resource::Table(table.to_owned()))
                 && s.allows_key(Some(key))
         })

@@ -56,8 +56,7 @@ impl Upload {
             None => (file, None),
         };
         let id_ok = id.is_none_or(|id| JobId::parse(id).is_ok_and(|parsed| parsed.as_str() == id));
-        (valid_name(name) && id_ok)
-            .then(|| Self { tenant, name: name.to_owned(), id: id.map(str::to_owned) })
+        (valid_name(name) && id_ok).then(|| Self { tenant, name: name.to_owned(), id: id.map(str::to_owned) })
     }
 
     /// The key its link writes.
@@ -226,7 +225,10 @@ mod tests {
         assert_eq!(upload.outbox(), format!("outbox/acme/render-01/{id}/"));
         assert_eq!(Upload::parse(&upload.key()), Some(upload.clone()));
         let older = Upload::parse("inbox/acme/render-01.json").unwrap();
-        assert_eq!((older.name.as_str(), older.id.clone(), older.outbox()), ("render-01", None, "outbox/acme/render-01/".into()));
+        assert_eq!(
+            (older.name.as_str(), older.id.clone(), older.outbox()),
+            ("render-01", None, "outbox/acme/render-01/".into())
+        );
         for key in [
             "inbox/acme/x.txt",
             "inbox/acme/.json",

@@ -191,7 +191,9 @@ impl Jobs {
                     }
                     Some(job) if job.tenant_id == tenant.id && job.status == JobStatus::Succeeded => {
                         match self.join(job, resolved.webhook.as_ref()).await? {
-                            Some(job) => return self.answer_existing(tenant, job, Disposition::Cached, idempotency).await,
+                            Some(job) => {
+                                return self.answer_existing(tenant, job, Disposition::Cached, idempotency).await;
+                            }
                             None => Some(job_id),
                         }
                     }

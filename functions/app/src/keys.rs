@@ -79,8 +79,10 @@ impl TenantKeys {
             KeyRef::Secret(key) => key.hash(),
             KeyRef::Id(id) => {
                 let keys = self.list(tenant).await?;
-                let mut matching = keys.iter().filter(|key| id.len() > "key_".len() && key.id().starts_with(id.as_str()));
-                let first = matching.next().ok_or_else(|| KeyError::NoKey { tenant: tenant.clone(), key: id.clone() })?;
+                let mut matching =
+                    keys.iter().filter(|key| id.len() > "key_".len() && key.id().starts_with(id.as_str()));
+                let first =
+                    matching.next().ok_or_else(|| KeyError::NoKey { tenant: tenant.clone(), key: id.clone() })?;
                 if matching.next().is_some() {
                     return Err(KeyError::Ambiguous(id.clone()));
                 }
@@ -129,7 +131,9 @@ mod tests {
         let other = keys.create_tenant(&tenant("globex")).await.unwrap();
         let listed = keys.list(&acme.id).await.unwrap();
         assert_eq!(listed.len(), 2);
-        assert!(listed.iter().any(|key| key.hint == first.hint()) && listed.iter().any(|key| key.hint == second.hint()));
+        assert!(
+            listed.iter().any(|key| key.hint == first.hint()) && listed.iter().any(|key| key.hint == second.hint())
+        );
         assert!(listed.iter().all(|key| key.id().starts_with("key_") && key.id().len() == 16));
 
         // Another tenant's key, by id or by text, is not acme's to revoke.

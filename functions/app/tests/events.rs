@@ -112,7 +112,13 @@ impl World {
 }
 
 fn message(body: &str, receive_count: u32) -> Delivery {
-    Delivery { message_id: format!("m-{receive_count}"), body: body.to_owned(), receipt: format!("receipt-{receive_count}"), receive_count, sent_at: None }
+    Delivery {
+        message_id: format!("m-{receive_count}"),
+        body: body.to_owned(),
+        receipt: format!("receipt-{receive_count}"),
+        receive_count,
+        sent_at: None,
+    }
 }
 
 #[tokio::test]
@@ -178,7 +184,13 @@ async fn unreadable_messages_and_jobs_without_webhooks_are_finished_without_a_re
     let deliverer = world.deliverer(transport.clone());
     assert_eq!(deliverer.deliver(&message("{not json", 1)).await.unwrap(), Handled::Finished);
     let plain = world.jobs.submit(&tenant(), br#"{"model":"kiln-demo","prompt":"x"}"#, None).await.unwrap().job;
-    let event = JobEvent { id: "evt_plain".into(), kind: WebhookEvent::Completed, timestamp: Utc::now(), job: plain, webhook: None };
+    let event = JobEvent {
+        id: "evt_plain".into(),
+        kind: WebhookEvent::Completed,
+        timestamp: Utc::now(),
+        job: plain,
+        webhook: None,
+    };
     let event = serde_json::to_string(&event).unwrap();
     assert_eq!(deliverer.deliver(&message(&event, 1)).await.unwrap(), Handled::Finished);
     assert!(transport.requests.lock().unwrap().is_empty());

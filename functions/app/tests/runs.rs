@@ -65,7 +65,10 @@ async fn a_run_starts_reports_progress_and_succeeds() {
     assert_eq!(stored.warnings, ["prompt truncated"]);
 
     // A redelivered message for the finished job is skipped.
-    assert_eq!(world.runs.start(&id, MESSAGE, Utc::now()).await.unwrap(), Start::Skip(SkipReason::Ended(JobStatus::Succeeded)));
+    assert_eq!(
+        world.runs.start(&id, MESSAGE, Utc::now()).await.unwrap(),
+        Start::Skip(SkipReason::Ended(JobStatus::Succeeded))
+    );
     let missing = JobId::generate(Utc::now());
     assert_eq!(world.runs.start(&missing, MESSAGE, Utc::now()).await.unwrap(), Start::Skip(SkipReason::Missing));
 }
@@ -91,7 +94,10 @@ async fn a_job_canceled_while_its_runner_was_dead_is_not_restarted() {
     let (world, id) = world_with_job().await;
     started(&world, &id).await;
     world.jobs.cancel(&world.tenant, id.as_str()).await.unwrap();
-    assert_eq!(world.runs.start(&id, MESSAGE, Utc::now()).await.unwrap(), Start::Skip(SkipReason::Ended(JobStatus::Canceled)));
+    assert_eq!(
+        world.runs.start(&id, MESSAGE, Utc::now()).await.unwrap(),
+        Start::Skip(SkipReason::Ended(JobStatus::Canceled))
+    );
     assert_eq!(world.store.get(&id).await.unwrap().unwrap().status, JobStatus::Canceled);
 }
 

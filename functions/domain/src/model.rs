@@ -288,9 +288,10 @@ pub(crate) mod tests {
     #[test]
     fn a_render_budget_grows_with_pixels_frames_and_steps() {
         let budget = RenderBudget { base_secs: 10.0, per_megapixel_step_secs: 0.5 };
-        let mut params = crate::Submission::parse(br#"{"model":"demo","prompt":"x","width":1000,"height":1000,"steps":4}"#)
-            .unwrap()
-            .resolve(&demo(), crate::WebhookPolicy::default(), || 1);
+        let mut params =
+            crate::Submission::parse(br#"{"model":"demo","prompt":"x","width":1000,"height":1000,"steps":4}"#)
+                .unwrap()
+                .resolve(&demo(), crate::WebhookPolicy::default(), || 1);
         let params = &mut params.as_mut().unwrap().params;
         assert_eq!(budget.for_job(params), std::time::Duration::from_secs(12));
         params.num_frames = 3;
