@@ -336,24 +336,27 @@ impl Runner {
         let mut reported = job.progress;
         let mut ticker = tokio::time::interval(self.settings.progress_interval);
         ticker.tick().await;
-        let out_of_budget = tokio::time::sleep(budget);
-        tokio::pin!(out_of_budget);
-        let mut stuck_after: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        // Fires when the budget runs out (the render is asked to stop), then again after the
+        // stuck grace (the session did not stop).
+        let watchdog = tokio::time::sleep(budget);
+        tokio::pin!(watchdog);
+        let mut asked_to_stop = false;
         loop {
             tokio::select! {
                 rendered = &mut frames => {
                     return rendered.map(Some).map_err(|_| RuntimeFailure::Dropped);
                 }
-                () = &mut out_of_budget, if stuck_after.is_none() => {
+                () = &mut watchdog => {
+                    if asked_to_stop {
+                        error!(model = %session.model, grace_s = self.settings.stuck_grace.as_secs(),
+                            "the render session did not stop: it is stuck; taking no more jobs");
+                        self.metrics.set_stuck();
+                        return Ok(None);
+                    }
                     warn!(budget_s = budget.as_secs(), "the render ran past its budget; stopping it");
                     control.stop(StopReason::TimedOut);
-                    stuck_after = Some(Box::pin(tokio::time::sleep(self.settings.stuck_grace)));
-                }
-                () = async { stuck_after.as_mut().expect("guarded").await }, if stuck_after.is_some() => {
-                    error!(model = %session.model, grace_s = self.settings.stuck_grace.as_secs(),
-                        "the render session did not stop: it is stuck; taking no more jobs");
-                    self.metrics.set_stuck();
-                    return Ok(None);
+                    asked_to_stop = true;
+                    watchdog.as_mut().reset(tokio::time::Instant::now() + self.settings.stuck_grace);
                 }
                 () = self.hand_back.cancelled(), if control.stop_requested().is_none() => {
                     control.stop(StopReason::HandedBack);

@@ -181,19 +181,15 @@ impl Jobs {
             let replaces = match self.store.cache_entry(&tenant.id, &cache_key).await? {
                 None => None,
                 Some(job_id) => match self.store.get(&job_id).await? {
-                    Some(job) if job.tenant_id == tenant.id && !job.status.is_terminal() => {
+                    // Queued or running: join it; succeeded: answer from the cache.
+                    Some(job)
+                        if job.tenant_id == tenant.id
+                            && (!job.status.is_terminal() || job.status == JobStatus::Succeeded) =>
+                    {
+                        let disposition =
+                            if job.status.is_terminal() { Disposition::Cached } else { Disposition::Deduplicated };
                         match self.join(job, resolved.webhook.as_ref()).await? {
-                            Some(job) => {
-                                return self.answer_existing(tenant, job, Disposition::Deduplicated, idempotency).await;
-                            }
-                            None => Some(job_id),
-                        }
-                    }
-                    Some(job) if job.tenant_id == tenant.id && job.status == JobStatus::Succeeded => {
-                        match self.join(job, resolved.webhook.as_ref()).await? {
-                            Some(job) => {
-                                return self.answer_existing(tenant, job, Disposition::Cached, idempotency).await;
-                            }
+                            Some(job) => return self.answer_existing(tenant, job, disposition, idempotency).await,
                             None => Some(job_id),
                         }
                     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::{
     auth::{ApiKey, Tenant},
-    ports::{PortError, StoredKey, TenantDirectory},
+    ports::{PortError, StoredKey, TenantDirectory, key_id},
 };
 
 /// Why a key operation did nothing.
@@ -89,7 +89,7 @@ impl TenantKeys {
                 first.hash.clone()
             }
         };
-        let id = StoredKey { hash: hash.clone(), hint: String::new(), created_at: Utc::now() }.id();
+        let id = key_id(&hash);
         if !self.tenants.revoke_key(tenant, &hash).await? {
             return Err(KeyError::NoKey { tenant: tenant.clone(), key: id });
         }

@@ -163,8 +163,13 @@ impl StoredKey {
     /// A public name for the key (`key_` and the first 12 hex digits of its hash): listed, and
     /// what `kiln-admin keys revoke --id` takes.
     pub fn id(&self) -> String {
-        format!("key_{}", &self.hash[..self.hash.len().min(12)])
+        key_id(&self.hash)
     }
+}
+
+/// The public name of the key with this hash (see [`StoredKey::id`]).
+pub fn key_id(hash: &str) -> String {
+    format!("key_{}", &hash[..hash.len().min(12)])
 }
 
 /// A time-limited download link.
