@@ -6,6 +6,8 @@ locals {
   function_env = {
     for name, f in local.functions : name => merge(
       { for key, value in merge(local.deploy.common_env, f.env) : key => lookup(local.refs, value, value) },
+      # One retention: the bucket's lifecycle on jobs/ and what the functions record on jobs.
+      { KILN_OUTPUT_RETENTION_SECS = tostring(var.output_retention_days * 86400) },
       lookup(var.function_env, name, {}),
     )
   }

@@ -364,3 +364,62 @@ async fn a_render_past_its_budget_fails_and_a_stuck_one_takes_the_runner_out_of_
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(client.get(&format!("/v1/jobs/{after}")).await.body["status"], "queued", "a stuck runner took a job");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cached_result_is_served_only_while_its_outputs_are_kept_then_rendered_again() {
+    // Outputs kept 8 s, links valid 2 s: a cache hit must leave a link's lifetime of outputs.
+    let options = kiln_local::StackOptions {
+        prefix: kiln_tests::unique_prefix(),
+        output_retention_secs: 8,
+        link_ttl_secs: 2,
+        ..kiln_local::StackOptions::default()
+    };
+    let stack = kiln_tests::stack_with(options).await;
+    let _runner = start_runner(&stack, &runner_options("retention"));
+    let client = Client::tenant(&stack, "acme").await;
+    let body = json!({"model": "kiln-demo", "prompt": "kept for a while", "seed": 8, "width": 64, "height": 64,
+        "steps": 1});
+    let first = client.post_json("/v1/jobs", &body).await.job_id();
+    let job = client.wait_finished(&first, LIMIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let finished = chrono::DateTime::parse_from_rfc3339(job["finished_at"].as_str().unwrap()).unwrap();
+    let expires = chrono::DateTime::parse_from_rfc3339(job["outputs"][0]["expires_at"].as_str().unwrap()).unwrap();
+    assert_eq!(expires - finished, chrono::Duration::seconds(8), "outputs expire a retention after the end: {job}");
+
+    // Within the retention (less a link's life): the cache answers.
+    let again = client.post_json("/v1/jobs", &body).await;
+    assert_eq!(
+        (again.status.as_u16(), again.body["cached"].as_bool(), again.job_id()),
+        (200, Some(true), first.clone())
+    );
+    let url_end = chrono::DateTime::parse_from_rfc3339(again.body["outputs"][0]["url_expires_at"].as_str().unwrap());
+    assert!(url_end.unwrap() <= expires, "a link outlives its output: {}", again.body);
+
+    // Past it: the same seeded request renders again, and its links download.
+    let wait = (expires - chrono::Utc::now().fixed_offset()).to_std().unwrap_or_default();
+    tokio::time::sleep(wait).await;
+    let later = client.post_json("/v1/jobs", &body).await;
+    assert_eq!(later.status, 202, "a result whose outputs are gone was served from the cache: {}", later.body);
+    let second = later.job_id();
+    assert_ne!(second, first);
+    let job = client.wait_finished(&second, LIMIT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let (bytes, _) = artifact(&job, "png").await;
+    assert!(!bytes.is_empty());
+
+    // The records carry DynamoDB's TTL: past the outputs' retention (and the queued time to live).
+    let item = stack
+        .clients
+        .dynamodb()
+        .get_item()
+        .table_name(&stack.resources.jobs_table)
+        .key("id", aws_sdk_dynamodb::types::AttributeValue::S(second.clone()))
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap();
+    let purge_at: i64 = item["purge_at"].as_n().unwrap().parse().unwrap();
+    let created = chrono::DateTime::parse_from_rfc3339(job["created_at"].as_str().unwrap()).unwrap().timestamp();
+    assert_eq!(purge_at, created + 3600 + 8 + 86_400, "queued TTL + retention + a day's margin");
+}

@@ -39,6 +39,10 @@ pub struct JobsConfig {
     pub catalog_ttl: Duration,
     /// Limits of tenants that have none of their own.
     pub default_limits: TenantLimits,
+    /// How long outputs are kept after their job ends (the bucket's lifecycle on `jobs/`):
+    /// recorded on each job, it sets the outputs' `expires_at`, the purge time of the job's
+    /// records, and whether a cached result can still be served.
+    pub output_retention: Duration,
 }
 
 impl Default for JobsConfig {
@@ -49,6 +53,7 @@ impl Default for JobsConfig {
             webhook_policy: WebhookPolicy::default(),
             catalog_ttl: Duration::from_secs(30),
             default_limits: TenantLimits::default(),
+            output_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -181,10 +186,11 @@ impl Jobs {
             let replaces = match self.store.cache_entry(&tenant.id, &cache_key).await? {
                 None => None,
                 Some(job_id) => match self.store.get(&job_id).await? {
-                    // Queued or running: join it; succeeded: answer from the cache.
+                    // Queued or running: join it; succeeded, with outputs that outlive a link: answer
+                    // from the cache.
                     Some(job)
                         if job.tenant_id == tenant.id
-                            && (!job.status.is_terminal() || job.status == JobStatus::Succeeded) =>
+                            && (!job.status.is_terminal() || self.outputs_outlive_a_link(&job, now)) =>
                     {
                         let disposition =
                             if job.status.is_terminal() { Disposition::Cached } else { Disposition::Deduplicated };
@@ -210,6 +216,7 @@ impl Jobs {
                 self.config.queued_ttl,
             );
             job.outboxes.extend(outbox.map(str::to_owned));
+            job.retention_secs = Some(self.config.output_retention.as_secs());
             let claim = CacheClaim { key: cache_key.clone(), replaces };
             match self.store.insert(&job, &claim, idempotency.as_ref()).await? {
                 InsertOutcome::Inserted => return self.enqueue(job, idempotency.as_ref()).await,
@@ -227,6 +234,17 @@ impl Jobs {
             }
         }
         Err(AppError::Contention)
+    }
+
+    /// Whether a succeeded job's outputs are kept for at least a download link's lifetime from
+    /// `now` (otherwise a cache hit would hand out links that stop working: it renders again).
+    fn outputs_outlive_a_link(&self, job: &Job, now: DateTime<Utc>) -> bool {
+        let link = chrono::Duration::from_std(self.config.link_ttl).unwrap_or(chrono::Duration::MAX);
+        match job.outputs_expire_at(self.config.output_retention) {
+            Some(expire_at) => expire_at > now + link,
+            // Succeeded before retention was recorded: served as before.
+            None => job.status == JobStatus::Succeeded && job.retention_secs.is_none(),
+        }
     }
 
     /// Joins a caller to an existing identical job: its webhook (if it sent one) is added to the
@@ -343,8 +361,15 @@ impl Jobs {
     pub async fn with_links(&self, job: Job) -> Result<JobWithLinks, AppError> {
         let mut links = Vec::new();
         if job.status == JobStatus::Succeeded {
+            // A link never outlives the output it points at.
+            let kept_for = job
+                .outputs_expire_at(self.config.output_retention)
+                .map(|end| (end - Utc::now()).to_std().unwrap_or(Duration::ZERO));
+            let valid_for = kept_for
+                .map_or(self.config.link_ttl, |kept| kept.min(self.config.link_ttl))
+                .max(Duration::from_secs(1));
             for output in &job.outputs {
-                links.push(self.links.presign_get(&output.key, self.config.link_ttl).await?);
+                links.push(self.links.presign_get(&output.key, valid_for).await?);
             }
         }
         Ok(JobWithLinks { job, links })

@@ -53,10 +53,14 @@ pub struct OutputView<'a> {
     pub url: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url_expires_at: Option<DateTime<Utc>>,
+    /// When the output may be deleted (its job's end + the output retention).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 impl<'a> JobView<'a> {
     pub fn new(job: &'a Job, links: &'a [PresignedUrl]) -> Self {
+        let expires_at = job.outputs_expire_at(std::time::Duration::MAX);
         let outputs = job
             .outputs
             .iter()
@@ -67,6 +71,7 @@ impl<'a> JobView<'a> {
                 bytes: output.bytes,
                 url: links.get(i).map(|l| l.url.as_str()),
                 url_expires_at: links.get(i).map(|l| l.expires_at),
+                expires_at,
             })
             .collect();
         Self {

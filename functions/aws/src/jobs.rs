@@ -79,6 +79,9 @@ fn job_item(job: &Job) -> Result<Item, PortError> {
         serde_dynamo::to_item(job).map_err(|e| PortError::Corrupt { what: "job", detail: e.to_string() })?;
     item.insert("tenant_status".into(), s(format!("{}#{}", job.tenant_id, job.status)));
     item.insert("expires_epoch".into(), n(job.expires_at.timestamp()));
+    if let Some(purge_at) = job.purge_at() {
+        item.insert("purge_at".into(), n(purge_at.timestamp()));
+    }
     if job.status == JobStatus::Queued {
         item.insert("queued_shard".into(), s(queued_shard(&job.id)));
     }
@@ -109,6 +112,10 @@ impl JobStore for DynamoJobStore {
             .table_name(&self.requests_table)
             .item("pk", s(cache_pk(&job.tenant_id, &cache.key)))
             .item("job_id", s(job.id.as_str()));
+        let cache_put = match job.purge_at() {
+            Some(purge_at) => cache_put.item("purge_at", n(purge_at.timestamp())),
+            None => cache_put,
+        };
         let cache_put = match &cache.replaces {
             None => cache_put.condition_expression("attribute_not_exists(pk)"),
             Some(previous) => cache_put

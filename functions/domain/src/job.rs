@@ -101,6 +101,11 @@ pub struct Job {
     pub finished_at: Option<DateTime<Utc>>,
     /// A queued job not started by then expires.
     pub expires_at: DateTime<Utc>,
+    /// How long its outputs are kept after it ends: the deployment's output retention when the
+    /// job was accepted (the bucket's lifecycle deletes them then). None for jobs accepted
+    /// before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_secs: Option<u64>,
     /// How many times a runner has started it.
     pub attempts: u32,
     /// The job queue message the current run holds (set when a run starts). The run's lease is
@@ -185,6 +190,7 @@ impl Job {
             started_at: None,
             finished_at: None,
             expires_at: now + time_to_live,
+            retention_secs: None,
             attempts: 0,
             run_message: None,
             cancel_requested: false,
@@ -280,6 +286,25 @@ impl Job {
         self.outputs = outputs;
         self.timings = Timings { queue_ms: self.timings.queue_ms, ..timings };
         Ok(())
+    }
+
+    /// Extra time a record is kept past its outputs' retention: a job may end up to its render
+    /// budget after its queued time to live, and a record outliving its outputs is harmless.
+    const RECORD_MARGIN: chrono::Duration = chrono::Duration::days(1);
+
+    /// When a succeeded job's outputs may be deleted (`finished_at` + the retention; S3 deletes
+    /// them at or after it), given the deployment's retention now (the shorter one counts).
+    pub fn outputs_expire_at(&self, current_retention: std::time::Duration) -> Option<DateTime<Utc>> {
+        let recorded = std::time::Duration::from_secs(self.retention_secs?);
+        let retention = chrono::Duration::from_std(recorded.min(current_retention)).ok()?;
+        (self.status == JobStatus::Succeeded).then_some(self.finished_at? + retention)
+    }
+
+    /// When the stores may delete the job's record and its cache pointer (DynamoDB's TTL): past
+    /// any time its outputs can still be kept.
+    pub fn purge_at(&self) -> Option<DateTime<Utc>> {
+        let retention = chrono::Duration::seconds(i64::try_from(self.retention_secs?).ok()?);
+        Some(self.expires_at + retention + Self::RECORD_MARGIN)
     }
 
     /// The key under which the job's artifact with this extension is stored. Fixed by the job id,

@@ -18,6 +18,10 @@ pub struct FunctionConfig {
     /// Seconds a presigned download link stays valid.
     #[arg(long, env = "KILN_LINK_TTL_SECS", default_value_t = 3600)]
     pub link_ttl_secs: u32,
+    /// How long outputs are kept after their job ends, in seconds: the artifacts bucket's
+    /// lifecycle (terraform sets it from `output_retention_days`). Recorded on each new job.
+    #[arg(long, env = "KILN_OUTPUT_RETENTION_SECS", default_value_t = 30 * 24 * 3600)]
+    pub output_retention_secs: u64,
     /// Largest accepted request body, in bytes; larger ones get 413.
     #[arg(long, env = "KILN_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
@@ -39,6 +43,7 @@ impl FunctionConfig {
         JobsConfig {
             queued_ttl: chrono::Duration::seconds(i64::from(self.queued_ttl_secs)),
             link_ttl: Duration::from_secs(u64::from(self.link_ttl_secs)),
+            output_retention: Duration::from_secs(self.output_retention_secs),
             webhook_policy: WebhookPolicy { allow_local: self.allow_local_webhooks },
             default_limits: TenantLimits {
                 max_active_jobs: self.default_max_active_jobs,
@@ -54,6 +59,7 @@ impl FunctionConfig {
             resources,
             queued_ttl_secs: 3600,
             link_ttl_secs: 3600,
+            output_retention_secs: 30 * 24 * 3600,
             max_body_bytes: 64 * 1024,
             allow_local_webhooks: false,
             default_max_active_jobs: TenantLimits::default().max_active_jobs,

@@ -30,6 +30,11 @@ pub struct StackOptions {
     pub api_addr: SocketAddr,
     /// Seconds a queued job waits for a runner before it expires.
     pub queued_ttl_secs: u32,
+    /// Seconds outputs are kept after their job ends (the bucket's lifecycle in a deployment;
+    /// moto does not run lifecycles, so locally it only decides what the cache still serves).
+    pub output_retention_secs: u64,
+    /// Seconds a download link stays valid.
+    pub link_ttl_secs: u32,
     /// Accept http:// and loopback webhook URLs (and deliver to them).
     pub allow_local_webhooks: bool,
     /// First webhook retry delay in seconds (the cap is 4× this); short locally so tests see
@@ -43,6 +48,8 @@ impl Default for StackOptions {
             prefix: "kiln".into(),
             api_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             queued_ttl_secs: 3600,
+            output_retention_secs: 30 * 24 * 3600,
+            link_ttl_secs: 3600,
             allow_local_webhooks: true,
             webhook_retry_base_secs: 1,
         }
@@ -71,6 +78,8 @@ impl LocalStack {
         let resources = provision(&clients, &options.prefix, Some(endpoint_url)).await.context("provisioning")?;
         let mut config = FunctionConfig::for_resources(resources.clone());
         config.queued_ttl_secs = options.queued_ttl_secs;
+        config.output_retention_secs = options.output_retention_secs;
+        config.link_ttl_secs = options.link_ttl_secs;
         config.allow_local_webhooks = options.allow_local_webhooks;
         Self::serve(clients, resources, config, options).await
     }
