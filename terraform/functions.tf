@@ -35,6 +35,17 @@ locals {
       }] : []
     )
   }
+
+  # Where Lambda sends what it gave up on (a stream batch after its retries, an asynchronous
+  # invocation after its retries): it sends with the function's role. `kiln-replay` replays it.
+  failure_statements = {
+    for name, f in local.functions : name => try(f.trigger.on_failure, null) == null ? [] : [{
+      Effect   = "Allow"
+      Action   = ["sqs:SendMessage"]
+      Resource = ["${local.arn.queue}${f.trigger.on_failure}"]
+    }]
+  }
+  failure_queues = toset([for name, f in local.functions : f.trigger.on_failure if try(f.trigger.on_failure, null) != null])
 }
 
 data "aws_iam_policy_document" "lambda_assume" {
@@ -68,6 +79,7 @@ resource "aws_iam_role_policy" "function" {
     Statement = concat(
       local.access_statements[each.key],
       local.trigger_statements[each.key],
+      local.failure_statements[each.key],
       [{
         Effect   = "Allow"
         Action   = ["logs:CreateLogStream", "logs:PutLogEvents"]
@@ -161,7 +173,18 @@ resource "aws_lambda_event_source_mapping" "stream" {
   maximum_retry_attempts         = try(each.value.trigger.maximum_retry_attempts, 10)
   bisect_batch_on_function_error = true
   function_response_types        = ["ReportBatchItemFailures"]
-  depends_on                     = [aws_iam_role_policy.function]
+
+  # After the retries (the failing record alone, by bisection), the batch's place in the
+  # stream goes to the failures queue instead of being dropped.
+  dynamic "destination_config" {
+    for_each = try(each.value.trigger.on_failure, null) == null ? [] : [each.value.trigger.on_failure]
+    content {
+      on_failure {
+        destination_arn = aws_sqs_queue.queue[destination_config.value].arn
+      }
+    }
+  }
+  depends_on = [aws_iam_role_policy.function]
 }
 
 # S3 triggers (objects dropped under a prefix, e.g. inbox/).
@@ -173,6 +196,21 @@ resource "aws_lambda_permission" "s3" {
   principal      = "s3.amazonaws.com"
   source_arn     = aws_s3_bucket.bucket[each.value.trigger.bucket].arn
   source_account = local.account
+}
+
+# S3 invokes asynchronously: after Lambda's retries the event goes to the failures queue (not
+# dropped), from which `kiln-replay inbox` starts the jobs.
+resource "aws_lambda_function_event_invoke_config" "s3" {
+  for_each                     = { for name, f in local.s3_functions : name => f if try(f.trigger.on_failure, null) != null }
+  function_name                = aws_lambda_function.function[each.key].function_name
+  maximum_retry_attempts       = 2
+  maximum_event_age_in_seconds = 6 * 3600
+  destination_config {
+    on_failure {
+      destination = aws_sqs_queue.queue[each.value.trigger.on_failure].arn
+    }
+  }
+  depends_on = [aws_iam_role_policy.function]
 }
 
 resource "aws_s3_bucket_notification" "bucket" {

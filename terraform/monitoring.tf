@@ -13,14 +13,22 @@ resource "aws_sns_topic_subscription" "alarm_email" {
   endpoint  = var.alarm_email
 }
 
-# Any message in a dead-letter queue is a job (or delivery) that failed every try.
-resource "aws_cloudwatch_metric_alarm" "dead_letters" {
-  for_each            = aws_sqs_queue.dead_letter
-  alarm_name          = "${each.value.name}-not-empty"
-  alarm_description   = "Messages reached ${each.value.name}: every delivery of them failed."
+# Any message in a dead-letter queue is a job (or delivery) that failed every try; any in a
+# failures queue is what Lambda gave up on (a stream batch, an inbox event), kept for kiln-replay.
+locals {
+  kept_queues = merge(
+    { for key, queue in aws_sqs_queue.dead_letter : queue.name => "Messages reached ${queue.name}: every delivery of them failed." },
+    { for key in local.failure_queues : aws_sqs_queue.queue[key].name => "Lambda gave up on events and kept them in ${aws_sqs_queue.queue[key].name}: fix the cause, then run kiln-replay (a stream batch within 24 hours)." },
+  )
+}
+
+resource "aws_cloudwatch_metric_alarm" "not_empty" {
+  for_each            = local.kept_queues
+  alarm_name          = "${each.key}-not-empty"
+  alarm_description   = each.value
   namespace           = "AWS/SQS"
   metric_name         = "ApproximateNumberOfMessagesVisible"
-  dimensions          = { QueueName = each.value.name }
+  dimensions          = { QueueName = each.key }
   statistic           = "Maximum"
   period              = 60
   evaluation_periods  = 1

@@ -204,19 +204,9 @@ async fn the_job_stream_event_queues_the_subscribed_webhook_events() {
     let changes = Arc::new(job_events::wire(&stack.aws));
     let response = job_events::handle(changes, lambda_event(event)).await.unwrap();
     assert!(response.batch_item_failures.is_empty());
-    let received = stack
-        .clients
-        .sqs()
-        .receive_message()
-        .queue_url(&stack.resources.webhook_queue_url)
-        .max_number_of_messages(10)
-        .wait_time_seconds(1)
-        .send()
-        .await
-        .unwrap();
-    let messages = received.messages.unwrap_or_default();
-    assert_eq!(messages.len(), 1, "the insert raises nothing; running → succeeded raises completed");
-    let queued: Value = serde_json::from_str(messages[0].body.as_deref().unwrap()).unwrap();
+    let events = queued_webhook_events(&stack).await;
+    assert_eq!(events.len(), 1, "the insert raises nothing; running → succeeded raises completed");
+    let queued = &events[0];
     assert_eq!(queued["type"], "completed");
     assert_eq!(queued["id"], format!("evt_{FIXTURE_JOB}_completed_3"));
 }
@@ -242,19 +232,17 @@ async fn the_webhook_queue_event_is_delivered_signed() {
     assert_eq!(seen[0].body["type"], "completed", "{:?}", seen[0].body);
 }
 
+/// The object the inbox fixtures announce, holding `spec`.
+async fn put_inbox_fixture_object(stack: &LocalStack, spec: &'static str) {
+    let put = stack.clients.s3().put_object().bucket(&stack.resources.artifacts_bucket);
+    let put = put.key("inbox/fixture-tenant/lighthouse-1/01JX3F8Z2M4N6P8R0T2V4W6Y8Z.json");
+    put.body(spec.as_bytes().to_vec().into()).send().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_s3_inbox_event_starts_a_job() {
     let stack = fixture_stack().await;
-    stack
-        .clients
-        .s3()
-        .put_object()
-        .bucket(&stack.resources.artifacts_bucket)
-        .key("inbox/fixture-tenant/lighthouse-1/01JX3F8Z2M4N6P8R0T2V4W6Y8Z.json")
-        .body(br#"{"model":"kiln-demo","prompt":"a lighthouse from the inbox"}"#.to_vec().into())
-        .send()
-        .await
-        .unwrap();
+    put_inbox_fixture_object(&stack, r#"{"model":"kiln-demo","prompt":"a lighthouse from the inbox"}"#).await;
     let event: aws_lambda_events::s3::S3Event = serde_json::from_str(INBOX_PUT).expect("an S3 event");
     let inbox = inbox_trigger::wire(&stack.aws, &stack.config);
     let outcomes = inbox_trigger::on_event(&inbox, &event).await.unwrap();
@@ -263,4 +251,104 @@ async fn the_s3_inbox_event_starts_a_job() {
     let job = client.get(&format!("/v1/jobs/{id}")).await;
     assert_eq!(job.body["input"]["prompt"], "a lighthouse from the inbox");
     assert_eq!(inbox_trigger::on_event(&inbox, &event).await.unwrap(), outcomes, "a repeated event is the same job");
+}
+
+/// Up to 10 events waiting on the webhook queue.
+async fn queued_webhook_events(stack: &LocalStack) -> Vec<Value> {
+    let received = stack
+        .clients
+        .sqs()
+        .receive_message()
+        .queue_url(&stack.resources.webhook_queue_url)
+        .max_number_of_messages(10)
+        .wait_time_seconds(1)
+        .send()
+        .await
+        .unwrap();
+    let messages = received.messages.unwrap_or_default();
+    messages.iter().map(|m| serde_json::from_str(m.body().unwrap()).unwrap()).collect()
+}
+
+const INBOX_FAILURE: &str = include_str!("../events/lambda-destination-inbox-failure.json");
+const STREAM_FAILURE: &str = include_str!("../events/lambda-destination-job-events-failure.json");
+
+async fn send(stack: &LocalStack, queue: &str, body: &str) {
+    stack.clients.sqs().send_message().queue_url(stack.queue_url(queue)).message_body(body).send().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_inbox_event_lambda_gave_up_on_is_replayed_from_its_failures_queue() {
+    let stack = fixture_stack().await;
+    // The upload happened while inbox-trigger kept failing: the object is there, no job.
+    put_inbox_fixture_object(&stack, r#"{"model":"kiln-demo","prompt":"kept through an outage"}"#).await;
+    send(&stack, "inbox-failures", INBOX_FAILURE).await;
+    send(&stack, "inbox-failures", "not a destination record").await;
+    let inbox = inbox_trigger::wire(&stack.aws, &stack.config);
+    let url = stack.queue_url("inbox-failures");
+    let replayed = kiln_events::replay::replay_inbox(stack.clients.sqs(), &url, &inbox).await.unwrap();
+    assert_eq!(replayed, kiln_events::replay::Replayed { replayed: 1, failed: 1 });
+    let client = Client::new(&stack.api_url, Some(FIXTURE_KEY));
+    let jobs = client.get("/v1/jobs").await.body;
+    let started: Vec<&Value> =
+        jobs["jobs"].as_array().unwrap().iter().filter(|j| j["input"]["prompt"] == "kept through an outage").collect();
+    assert_eq!(started.len(), 1, "the replay started the upload's job once: {jobs}");
+    assert_eq!(
+        kiln_tests::messages_on(&stack, &stack.queue_url("inbox-failures")).await,
+        1,
+        "the replayed failure is deleted, the bad one kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_batch_lambda_gave_up_on_is_read_back_and_its_events_queued() {
+    let stack = fixture_stack().await;
+    let client = Client::new(&stack.api_url, Some(FIXTURE_KEY));
+    let receiver = "https://hooks.example.com/kiln";
+    let body =
+        json!({"model": "kiln-demo", "prompt": "lost event", "webhook": {"url": receiver, "events": ["completed"]}});
+    let id = client.post_json("/v1/jobs", &body).await.job_id();
+    assert_eq!(client.post(&format!("/v1/jobs/{id}/cancel")).await.body["status"], "canceled");
+
+    // job-events failed on the cancel's record until Lambda gave up: find that record's place.
+    let sdk = kiln_aws::load_sdk_config(stack.resources.endpoint_url.as_deref()).await;
+    let streams = aws_sdk_dynamodbstreams::Client::new(&sdk);
+    let listed = streams.list_streams().table_name(&stack.resources.jobs_table).send().await.unwrap();
+    let arn = listed.streams.unwrap()[0].stream_arn.clone().unwrap();
+    let described = streams.describe_stream().stream_arn(&arn).send().await.unwrap();
+    let shard = described.stream_description.unwrap().shards.unwrap()[0].shard_id.clone().unwrap();
+    let iterator = streams
+        .get_shard_iterator()
+        .stream_arn(&arn)
+        .shard_id(&shard)
+        .shard_iterator_type(aws_sdk_dynamodbstreams::types::ShardIteratorType::TrimHorizon)
+        .send()
+        .await
+        .unwrap()
+        .shard_iterator
+        .unwrap();
+    let records = streams.get_records().shard_iterator(iterator).send().await.unwrap().records.unwrap();
+    let canceled = records
+        .iter()
+        .filter_map(|record| record.dynamodb.as_ref())
+        .find(|change| {
+            let new = change.new_image.as_ref();
+            let text = |name: &str| new.and_then(|image| image.get(name)).and_then(|v| v.as_s().ok()).cloned();
+            text("id").as_deref() == Some(id.as_str()) && text("status").as_deref() == Some("canceled")
+        })
+        .and_then(|change| change.sequence_number.clone())
+        .expect("the cancel's stream record");
+    let failure = STREAM_FAILURE
+        .replace("shardId-00000001763633700000-00000000", &shard)
+        .replace("100000000000000000001", &canceled)
+        .replace("arn:aws:dynamodb:us-east-1:123456789012:table/kiln-jobs/stream/2026-11-20T00:00:00.000", &arn);
+    send(&stack, "job-events-failures", &failure).await;
+
+    let changes = job_events::wire(&stack.aws);
+    let url = stack.queue_url("job-events-failures");
+    let replayed = kiln_events::replay::replay_job_events(stack.clients.sqs(), &streams, &url, &changes).await.unwrap();
+    assert_eq!(replayed, kiln_events::replay::Replayed { replayed: 1, failed: 0 });
+    let events = queued_webhook_events(&stack).await;
+    assert_eq!(events.len(), 1, "only the failed record's event: {events:?}");
+    assert_eq!((events[0]["type"].as_str(), events[0]["job"]["id"].as_str()), (Some("completed"), Some(id.as_str())));
+    assert_eq!(kiln_tests::messages_on(&stack, &stack.queue_url("job-events-failures")).await, 0);
 }

@@ -287,27 +287,14 @@ async fn a_job_sent_twice_is_rendered_by_one_runner_while_its_lease_holds() {
         "the render ({render_ms} ms) must outlast two leases for this test to mean anything"
     );
 
-    let count = |url: String| {
-        let sqs = sqs.clone();
-        async move {
-            let attributes = sqs
-                .get_queue_attributes()
-                .queue_url(url)
-                .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
-                .send()
-                .await
-                .unwrap()
-                .attributes
-                .unwrap_or_default();
-            let number = |name| attributes.get(&name).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
-            number(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
-                + number(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-        }
-    };
-    assert_eq!(count(stack.dead_letter_queue_url()).await, 0, "a message of the job was dead-lettered");
+    assert_eq!(
+        kiln_tests::messages_on(&stack, &stack.dead_letter_queue_url()).await,
+        0,
+        "a message of the job was dead-lettered"
+    );
     // Both messages are gone: the duplicate deleted on sight, the holder's at the end.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while count(stack.resources.job_queue_url.clone()).await > 0 {
+    while kiln_tests::messages_on(&stack, &stack.resources.job_queue_url).await > 0 {
         assert!(std::time::Instant::now() < deadline, "a message of the finished job stayed on the queue");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -100,6 +100,17 @@ fn functions_json_names_only_what_stack_json_creates() {
             }
             claimed.insert(event.to_owned(), name.clone());
         }
+        // What Lambda keeps of its failures (`on_failure`), as `kiln-replay` reads it.
+        let replay_events = spec["replay_events"].as_array().cloned().unwrap_or_default();
+        if spec["trigger"].get("on_failure").is_some() && replay_events.is_empty() {
+            problems.push(format!("{name}: an on_failure queue without a fixture of its records (\"replay_events\")"));
+        }
+        for event in replay_events.iter().filter_map(Value::as_str) {
+            if !root().join("events").join(event).exists() {
+                problems.push(format!("{name}: events/{event} does not exist"));
+            }
+            claimed.insert(event.to_owned(), name.clone());
+        }
     }
     for entry in std::fs::read_dir(root().join("events")).unwrap() {
         let file = entry.unwrap().file_name().into_string().unwrap();
@@ -189,6 +200,28 @@ fn the_hcl_parses_and_checkov_passes_with_every_skip_explained() {
         }
     }
     assert_eq!(parsed["locals"]["stack"].as_str(), Some("${jsondecode(file(\"${path.module}/stack.json\"))}"));
+
+    // What Lambda gives up on is kept: every stream and S3 (asynchronous) trigger names a
+    // failures queue, and terraform wires it (the stream mapping's destination, the function's
+    // event invoke config) with an alarm on it.
+    let deploy = Deploy::load();
+    for (name, spec) in deploy.functions() {
+        let kind = spec["trigger"]["type"].as_str().unwrap_or_default();
+        if ["dynamodb_stream", "s3"].contains(&kind) {
+            assert!(spec["trigger"]["on_failure"].is_string(), "{name}: a {kind} trigger without an on_failure queue");
+        }
+    }
+    let text = |value: &Value| value.to_string();
+    let stream = &parsed["resource"]["aws_lambda_event_source_mapping"]["stream"];
+    assert!(text(&stream["dynamic"]).contains("destination_config"), "the stream mapping keeps no failures: {stream}");
+    assert!(text(&stream["dynamic"]).contains("on_failure"), "{stream}");
+    assert_eq!(stream["bisect_batch_on_function_error"], json!(true), "{stream}");
+    let invoke = &parsed["resource"]["aws_lambda_function_event_invoke_config"]["s3"];
+    assert!(text(&invoke["destination_config"]).contains("on_failure"), "S3 invocations keep no failures: {invoke}");
+    let kept = parsed["locals"]["kept_queues"].to_string();
+    assert!(kept.contains("local.failure_queues"), "no alarm on the failures queues: {kept}");
+    let alarm = &parsed["resource"]["aws_cloudwatch_metric_alarm"]["not_empty"];
+    assert_eq!(alarm["for_each"].as_str(), Some("${local.kept_queues}"), "{alarm}");
 
     let skips = harness::checkov_skips();
     let unexplained: Vec<_> = skips.iter().filter(|(_, reason)| reason.trim().len() < 20).collect();

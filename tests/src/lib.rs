@@ -207,6 +207,26 @@ pub async fn download(url: &str) -> Vec<u8> {
     response.bytes().await.expect("body").to_vec()
 }
 
+/// Messages on a queue, visible or received and not yet deleted.
+pub async fn messages_on(stack: &LocalStack, queue_url: &str) -> usize {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    let attributes = stack
+        .clients
+        .sqs()
+        .get_queue_attributes()
+        .queue_url(queue_url)
+        .attribute_names(QueueAttributeName::All)
+        .send()
+        .await
+        .expect("queue attributes")
+        .attributes
+        .unwrap_or_default();
+    [QueueAttributeName::ApproximateNumberOfMessages, QueueAttributeName::ApproximateNumberOfMessagesNotVisible]
+        .iter()
+        .map(|name| attributes.get(name).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0))
+        .sum()
+}
+
 /// The keys in the artifacts bucket under `prefix`.
 pub async fn stored_keys(stack: &LocalStack, prefix: &str) -> Vec<String> {
     let listed = stack

@@ -147,6 +147,15 @@ impl Deploy {
             "s3" => problems.push("an s3 trigger needs a stack.json bucket and a prefix".into()),
             other => problems.push(format!("functions.tf wires no trigger of type `{other}` (for {name})")),
         }
+        if let Some(queue) = trigger.get("on_failure") {
+            let queue = queue.as_str().unwrap_or_default();
+            if !["dynamodb_stream", "s3"].contains(&text("type")) {
+                problems.push(format!("functions.tf sends only stream and s3 failures to a queue (for {name})"));
+            }
+            if !self.has_queue(queue) {
+                problems.push(format!("on_failure queue `{queue}` is not in stack.json"));
+            }
+        }
         problems
     }
 }

@@ -16,3 +16,4 @@ pub mod expire_jobs;
 pub mod inbox_trigger;
 pub mod job_dead_letters;
 pub mod job_events;
+pub mod replay;

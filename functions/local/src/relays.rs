@@ -11,7 +11,6 @@ use aws_lambda_events::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use aws_sdk_dynamodbstreams::types::ShardIteratorType;
 use chrono::Utc;
 use kiln_app::{changes::JobChanges, inbox::Inbox};
-use kiln_domain::Job;
 use kiln_lambda::LambdaEvent;
 use std::{future::Future, sync::Arc, time::Duration};
 use tokio::task::JoinHandle;
@@ -178,21 +177,9 @@ async fn poll_streams(
             };
             let records = streams.get_records().shard_iterator(&iterator).send().await?;
             for record in records.records.unwrap_or_default() {
-                let Some(change) = record.dynamodb else { continue };
-                let decode = |image: Option<
-                    std::collections::HashMap<String, aws_sdk_dynamodbstreams::types::AttributeValue>,
-                >| {
-                    image
-                        .filter(|i| !i.is_empty())
-                        .map(|i| serde_dynamo::from_item::<_, Job>(serde_dynamo::Item::from(i)))
-                        .transpose()
-                };
-                let (before, after) = match (decode(change.old_image), decode(change.new_image)) {
-                    (Ok(before), Ok(after)) => (before, after),
-                    _ => {
-                        warn!("unreadable job image in the stream; skipped");
-                        continue;
-                    }
+                let Some((before, after)) = kiln_events::replay::change_of(record) else {
+                    warn!("unreadable job image in the stream; skipped");
+                    continue;
                 };
                 // A failure is retried until it succeeds, as Lambda does with a stream.
                 while let Err(err) = events.on_change(before.as_ref(), after.as_ref(), Utc::now()).await {

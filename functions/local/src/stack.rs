@@ -145,6 +145,12 @@ impl LocalStack {
         Ok(())
     }
 
+    /// The URL of stack.json's queue `name` (`<prefix>-<name>`, beside the job queue).
+    pub fn queue_url(&self, name: &str) -> String {
+        let jobs = &self.resources.job_queue_url;
+        format!("{}{name}", jobs.strip_suffix("jobs").unwrap_or(jobs))
+    }
+
     /// The job queue's dead-letter queue (named `<job queue>-dlq`, as provisioning creates it).
     pub fn dead_letter_queue_url(&self) -> String {
         format!("{}-dlq", self.resources.job_queue_url)
