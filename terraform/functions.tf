@@ -115,6 +115,9 @@ resource "aws_lambda_function" "function" {
   source_code_hash = filebase64sha256("${local.package_dir}/${var.lambda_architecture}/${each.key}.zip")
   memory_size      = each.value.memory_mb
   timeout          = each.value.timeout_s
+  # The API's own share of the account's concurrency: a flood of webhook deliveries or inbox
+  # uploads cannot take the capacity the API needs.
+  reserved_concurrent_executions = var.reserve_api_concurrency ? try(each.value.reserved_concurrency, -1) : -1
 
   environment {
     variables = local.function_env[each.key]
@@ -160,7 +163,16 @@ resource "aws_lambda_event_source_mapping" "sqs" {
   event_source_arn        = "${local.arn.queue}${each.value.trigger.queue}"
   batch_size              = try(each.value.trigger.batch_size, 10)
   function_response_types = ["ReportBatchItemFailures"]
-  depends_on              = [aws_sqs_queue.queue, aws_sqs_queue.dead_letter, aws_iam_role_policy.function]
+
+  # At most this many invocations drain the queue at once (slow receivers cannot take the
+  # account's concurrency).
+  dynamic "scaling_config" {
+    for_each = try(each.value.trigger.max_concurrency, null) == null ? [] : [each.value.trigger.max_concurrency]
+    content {
+      maximum_concurrency = scaling_config.value
+    }
+  }
+  depends_on = [aws_sqs_queue.queue, aws_sqs_queue.dead_letter, aws_iam_role_policy.function]
 }
 
 # DynamoDB stream triggers (job events).

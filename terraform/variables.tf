@@ -143,3 +143,9 @@ variable "runner_env" {
   type        = map(string)
   default     = {}
 }
+
+variable "reserve_api_concurrency" {
+  description = "Reserve each API function's concurrency (functions.json `reserved_concurrency`, 155 in all) so no other function can take it. Needs an account concurrency limit well above that (the default 1,000); turn off on a new account still limited to 10."
+  type        = bool
+  default     = true
+}

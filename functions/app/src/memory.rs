@@ -17,9 +17,9 @@ use crate::{
     auth::Tenant,
     messages::JobMessage,
     ports::{
-        ArtifactLinks, ArtifactStore, CacheClaim, Delivery, IdempotencyRecord, InsertOutcome, JobPage, JobQueue,
-        JobStore, ModelCatalog, ObjectError, ObjectStore, PortError, PresignedUrl, SecretSet, SecretStore, StoredKey,
-        TenantDirectory, WebhookQueue, WorkQueue,
+        ArtifactLinks, ArtifactStore, CacheClaim, Delivery, EndpointCircuits, EndpointHealth, IdempotencyRecord,
+        InsertOutcome, JobPage, JobQueue, JobStore, ModelCatalog, ObjectError, ObjectStore, PortError, PresignedUrl,
+        SecretSet, SecretStore, StoredKey, TenantDirectory, WebhookQueue, WorkQueue,
     },
     wiring::Ports,
 };
@@ -293,6 +293,36 @@ impl TenantDirectory for MemoryTenants {
     }
 }
 
+/// Webhook endpoints' circuits in memory.
+#[derive(Default)]
+pub struct MemoryCircuits {
+    endpoints: Mutex<HashMap<String, EndpointHealth>>,
+}
+
+#[async_trait]
+impl EndpointCircuits for MemoryCircuits {
+    async fn health(&self, endpoint: &str) -> Result<EndpointHealth, PortError> {
+        Ok(lock(&self.endpoints).get(endpoint).copied().unwrap_or_default())
+    }
+
+    async fn failed(&self, endpoint: &str) -> Result<u32, PortError> {
+        let mut endpoints = lock(&self.endpoints);
+        let health = endpoints.entry(endpoint.to_owned()).or_default();
+        health.failures += 1;
+        Ok(health.failures)
+    }
+
+    async fn open(&self, endpoint: &str, until: DateTime<Utc>) -> Result<(), PortError> {
+        lock(&self.endpoints).entry(endpoint.to_owned()).or_default().open_until = Some(until);
+        Ok(())
+    }
+
+    async fn recovered(&self, endpoint: &str) -> Result<(), PortError> {
+        lock(&self.endpoints).remove(endpoint);
+        Ok(())
+    }
+}
+
 /// Links of the form `memory://<key>?expires=<unix>`.
 #[derive(Default)]
 pub struct MemoryLinks;
@@ -536,6 +566,7 @@ pub struct MemoryPorts {
     pub tenants: Arc<MemoryTenants>,
     pub secrets: Arc<MemorySecrets>,
     pub webhook_queue: Arc<MemoryWebhookQueue>,
+    pub circuits: Arc<MemoryCircuits>,
     pub links: Arc<MemoryLinks>,
     pub artifacts: Arc<MemoryArtifacts>,
 }
@@ -556,6 +587,7 @@ impl MemoryPorts {
             tenants: self.tenants.clone(),
             secrets: self.secrets.clone(),
             webhook_queue: self.webhook_queue.clone(),
+            circuits: self.circuits.clone(),
             links: self.links.clone(),
             artifacts: self.artifacts.clone(),
             objects: self.artifacts.clone(),

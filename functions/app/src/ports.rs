@@ -239,6 +239,26 @@ pub trait WebhookQueue: Send + Sync {
     async fn delay(&self, receipt: &str, delay: Duration) -> Result<(), PortError>;
 }
 
+/// How one webhook endpoint (a tenant's receiver origin) has been answering lately, shared by
+/// every deliverer: failures in a row, and until when its circuit is open (no attempts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointHealth {
+    pub failures: u32,
+    pub open_until: Option<DateTime<Utc>>,
+}
+
+/// The webhook endpoints' circuits.
+#[async_trait]
+pub trait EndpointCircuits: Send + Sync {
+    async fn health(&self, endpoint: &str) -> Result<EndpointHealth, PortError>;
+    /// Counts one more failure in a row; the count after it.
+    async fn failed(&self, endpoint: &str) -> Result<u32, PortError>;
+    /// Opens the circuit until `until`.
+    async fn open(&self, endpoint: &str, until: DateTime<Utc>) -> Result<(), PortError>;
+    /// The endpoint answered: failures back to none, circuit closed.
+    async fn recovered(&self, endpoint: &str) -> Result<(), PortError>;
+}
+
 /// Sends one webhook attempt over the network (signed, guarded, timed out) and says what came
 /// of it. Never fails: every problem is an [`Attempt`](kiln_webhooks::Attempt) with a failure.
 #[async_trait]

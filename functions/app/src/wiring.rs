@@ -14,9 +14,9 @@ use crate::{
     limits::TenantLimits,
     messages::JobMessage,
     ports::{
-        ArtifactLinks, ArtifactStore, CacheClaim, Delivery, IdempotencyRecord, InsertOutcome, JobPage, JobQueue,
-        JobStore, ModelCatalog, ObjectError, ObjectStore, PortError, PresignedUrl, SecretSet, SecretStore, StoredKey,
-        TenantDirectory, WebhookQueue, WorkQueue,
+        ArtifactLinks, ArtifactStore, CacheClaim, Delivery, EndpointCircuits, EndpointHealth, IdempotencyRecord,
+        InsertOutcome, JobPage, JobQueue, JobStore, ModelCatalog, ObjectError, ObjectStore, PortError, PresignedUrl,
+        SecretSet, SecretStore, StoredKey, TenantDirectory, WebhookQueue, WorkQueue,
     },
 };
 
@@ -33,6 +33,8 @@ pub struct Ports {
     pub tenants: Arc<dyn TenantDirectory>,
     pub secrets: Arc<dyn SecretStore>,
     pub webhook_queue: Arc<dyn WebhookQueue>,
+    /// Webhook endpoints' recent failures and open circuits.
+    pub circuits: Arc<dyn EndpointCircuits>,
     pub links: Arc<dyn ArtifactLinks>,
     pub artifacts: Arc<dyn ArtifactStore>,
     pub objects: Arc<dyn ObjectStore>,
@@ -50,6 +52,7 @@ impl Ports {
             tenants: unwired.clone(),
             secrets: unwired.clone(),
             webhook_queue: unwired.clone(),
+            circuits: unwired.clone(),
             links: unwired.clone(),
             artifacts: unwired.clone(),
             objects: unwired,
@@ -156,6 +159,22 @@ impl TenantDirectory for Unwired {
         unwired()
     }
     async fn set_limits(&self, _: &TenantId, _: Option<TenantLimits>) -> Result<bool, PortError> {
+        unwired()
+    }
+}
+
+#[async_trait]
+impl EndpointCircuits for Unwired {
+    async fn health(&self, _: &str) -> Result<EndpointHealth, PortError> {
+        unwired()
+    }
+    async fn failed(&self, _: &str) -> Result<u32, PortError> {
+        unwired()
+    }
+    async fn open(&self, _: &str, _: DateTime<Utc>) -> Result<(), PortError> {
+        unwired()
+    }
+    async fn recovered(&self, _: &str) -> Result<(), PortError> {
         unwired()
     }
 }

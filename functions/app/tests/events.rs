@@ -7,7 +7,7 @@ use chrono::Utc;
 use kiln_app::{
     Jobs, JobsConfig, Tenant,
     changes::JobChanges,
-    delivery::{Handled, WebhookDeliverer},
+    delivery::{CircuitPolicy, Handled, WebhookDeliverer},
     inbox::{Inbox, InboxOutcome},
     memory::MemoryPorts,
     ports::{ArtifactStore, Delivery, JobStore, TenantDirectory, WebhookTransport},
@@ -77,7 +77,13 @@ impl World {
     fn deliverer(&self, transport: Arc<ScriptedTransport>) -> WebhookDeliverer {
         let schedule =
             RetrySchedule::new(Duration::from_secs(30), Duration::from_secs(3600), ATTEMPTS, Jitter::Equal).unwrap();
-        WebhookDeliverer::new(&self.memory.ports(), JobsConfig::default(), transport, schedule)
+        WebhookDeliverer::new(
+            &self.memory.ports(),
+            JobsConfig::default(),
+            transport,
+            schedule,
+            CircuitPolicy::default(),
+        )
     }
 
     /// A job with a webhook that has just succeeded, and the queue message of its `completed` event.

@@ -4,6 +4,7 @@
 
 pub mod artifacts;
 pub mod catalog;
+pub mod circuits;
 pub mod config;
 pub mod counting;
 pub mod jobs;
@@ -15,6 +16,7 @@ pub mod wiring;
 
 pub use artifacts::S3ArtifactStore;
 pub use catalog::DynamoModelCatalog;
+pub use circuits::DynamoCircuits;
 pub use config::{AwsClients, Resources, load_sdk_config};
 pub use counting::{AwsCallCounters, CallCounter};
 pub use jobs::DynamoJobStore;

@@ -7,15 +7,15 @@
 use kiln_app::{
     Ports,
     ports::{
-        ArtifactLinks, ArtifactStore, JobQueue, JobStore, ModelCatalog, ObjectStore, SecretStore, TenantDirectory,
-        WebhookQueue, WorkQueue,
+        ArtifactLinks, ArtifactStore, EndpointCircuits, JobQueue, JobStore, ModelCatalog, ObjectStore, SecretStore,
+        TenantDirectory, WebhookQueue, WorkQueue,
     },
 };
 use std::sync::Arc;
 
 use crate::{
-    AwsClients, DynamoJobStore, DynamoModelCatalog, DynamoTenants, Resources, S3ArtifactLinks, S3ArtifactStore,
-    SqsJobQueue, SqsWebhookQueue, SqsWorkQueue,
+    AwsClients, DynamoCircuits, DynamoJobStore, DynamoModelCatalog, DynamoTenants, Resources, S3ArtifactLinks,
+    S3ArtifactStore, SqsJobQueue, SqsWebhookQueue, SqsWorkQueue,
 };
 
 /// The AWS adapters of every port, each built on demand.
@@ -55,6 +55,7 @@ impl AwsPorts {
             tenants: self.tenants(),
             secrets: self.secrets(),
             webhook_queue: self.webhook_queue(),
+            circuits: self.circuits(),
             links: self.links(),
             artifacts: self.artifacts(),
             objects: self.objects(),
@@ -100,6 +101,11 @@ impl AwsPorts {
     /// The webhook queue.
     pub fn webhook_queue(&self) -> Arc<dyn WebhookQueue> {
         Arc::new(SqsWebhookQueue::new(self.clients.sqs().clone(), &self.resources.webhook_queue_url))
+    }
+
+    /// Webhook endpoints' circuits: the requests table.
+    pub fn circuits(&self) -> Arc<dyn EndpointCircuits> {
+        Arc::new(DynamoCircuits::new(self.clients.dynamodb().clone(), &self.resources.requests_table))
     }
 
     /// Presigned links into the artifacts bucket.

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use aws_lambda_events::sqs::{SqsBatchResponse, SqsEvent};
 use kiln_app::{
     AppError, JobsConfig,
-    delivery::{Handled, WebhookDeliverer},
+    delivery::{CircuitPolicy, Handled, WebhookDeliverer},
     ports::{Delivery, WebhookTransport},
 };
 use kiln_aws::AwsPorts;
@@ -44,6 +44,14 @@ pub struct DeliveryConfig {
     /// Events of one batch sent at once (a batch is at most 10 messages).
     #[arg(long, env = "KILN_WEBHOOK_CONCURRENCY", default_value_t = 10)]
     pub concurrency: usize,
+    /// Failed attempts in a row (no answer, 5xx, 429) after which an endpoint's circuit opens:
+    /// its events are held back without attempts.
+    #[arg(long, env = "KILN_WEBHOOK_CIRCUIT_FAILURES", default_value_t = 5)]
+    pub circuit_failures: u32,
+    /// Seconds an endpoint's circuit first stays open (doubling while failures go on, up to an
+    /// hour).
+    #[arg(long, env = "KILN_WEBHOOK_CIRCUIT_OPEN_SECS", default_value_t = 60)]
+    pub circuit_open_secs: u64,
     /// Local development only: allow http:// and loopback receivers.
     #[arg(long, env = "KILN_WEBHOOK_ALLOW_LOOPBACK", default_value_t = false)]
     pub allow_loopback: bool,
@@ -59,6 +67,15 @@ impl DeliveryConfig {
             // Equal jitter keeps the whole schedule between about 13 and 26 hours.
             kiln_webhooks::Jitter::Equal,
         )?)
+    }
+
+    /// When endpoints' circuits open.
+    pub fn circuit(&self) -> CircuitPolicy {
+        CircuitPolicy {
+            failures: self.circuit_failures,
+            open_for: Duration::from_secs(self.circuit_open_secs),
+            ..CircuitPolicy::default()
+        }
     }
 
     /// How attempts are made.
@@ -89,19 +106,21 @@ pub struct Deliveries {
     pub limits: BatchLimits,
 }
 
-/// Secrets and attempts (the tenants and jobs tables), the webhook queue's visibility, links.
+/// Secrets and attempts (the tenants and jobs tables), endpoints' circuits (the requests
+/// table), the webhook queue's visibility, links.
 pub fn wire(aws: &AwsPorts, config: &DeliveryConfig) -> anyhow::Result<Deliveries> {
     let ports = kiln_app::Ports {
         store: aws.job_store(),
         secrets: aws.secrets(),
         webhook_queue: aws.webhook_queue(),
+        circuits: aws.circuits(),
         links: aws.links(),
         ..aws.none()
     };
     let jobs: JobsConfig = config.function.jobs_config();
     let transport = Arc::new(HttpTransport(WebhookSender::new(config.sender())));
     Ok(Deliveries {
-        deliverer: WebhookDeliverer::new(&ports, jobs, transport, config.schedule()?),
+        deliverer: WebhookDeliverer::new(&ports, jobs, transport, config.schedule()?, config.circuit()),
         limits: BatchLimits { concurrency: config.concurrency, ..BatchLimits::default() },
     })
 }

@@ -197,6 +197,8 @@ impl LocalStack {
             connect_timeout_secs: 2,
             timeout_secs: 5,
             concurrency: 10,
+            circuit_failures: 5,
+            circuit_open_secs: 30,
             allow_loopback: self.options.allow_local_webhooks,
         }
     }
