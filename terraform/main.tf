@@ -51,7 +51,9 @@ locals {
         # `leading_keys`: only items whose partition key matches (e.g. `webhook#*` in the tenants
         # table, so a function that keeps webhook secrets cannot write API keys).
         { for key, condition in {
-          Condition = { "ForAllValues:StringLike" = { "dynamodb:LeadingKeys" = try(statement.leading_keys, []) } }
+          Condition = { "ForAllValues:StringLike" = { "dynamodb:LeadingKeys" = flatten([
+            for key in try(statement.leading_keys, []) : key == "@served_models" ? var.served_models : [key]
+          ]) } }
         } : key => condition if length(try(statement.leading_keys, [])) > 0 }
       )
     ]

@@ -149,3 +149,9 @@ variable "reserve_api_concurrency" {
   type        = bool
   default     = true
 }
+
+variable "served_models" {
+  description = "The model packages in the runner image (their manifest names). The runner publishes their manifests at startup and may write only these items of the models table."
+  type        = list(string)
+  default     = ["kiln-demo", "kiln-tiny-sd"]
+}

@@ -47,7 +47,7 @@ fn every_lambda_binary_is_a_function_and_every_function_a_binary() {
 }
 
 #[test]
-fn no_function_nor_the_runner_may_write_api_keys_or_tenants() {
+fn no_function_nor_the_runner_may_write_api_keys_tenants_or_other_models() {
     // Only kiln-admin (an operator's own credentials) makes keys and tenants; a function that
     // keeps webhook secrets in the same table is held to its `webhook#` items.
     let deploy = Deploy::load();
@@ -56,7 +56,18 @@ fn no_function_nor_the_runner_may_write_api_keys_or_tenants() {
         for item in ["key#0123abcd", "tenant#acme"] {
             assert!(!access.may_write("tenants", item), "{name} may write `{item}` in the tenants table");
         }
+        // The runner publishes the manifests of the packages it serves, and no other model's.
+        assert!(!access.may_write("models", "a-model-it-does-not-serve"), "{name} may rewrite any model's limits");
     }
+}
+
+#[test]
+fn terraform_serves_the_repositorys_model_packages_by_default() {
+    let variables = std::fs::read_to_string(root().join("terraform/variables.tf")).unwrap();
+    let served = harness::served_models();
+    let default =
+        format!("default     = [{}]", served.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", "));
+    assert!(variables.contains(&default), "variables.tf's served_models default is not {served:?}");
 }
 
 #[test]

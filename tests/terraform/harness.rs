@@ -889,6 +889,21 @@ pub struct Access {
     statements: Vec<Statement>,
 }
 
+/// The names of the model packages the runner serves (`@served_models` in functions.json;
+/// terraform's `served_models`).
+pub fn served_models() -> Vec<String> {
+    let dir = root().join("gpu-runner/models");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|entry| {
+            let manifest = std::fs::read(entry.ok()?.path().join("manifest.json")).ok()?;
+            serde_json::from_slice::<Value>(&manifest).ok()?["name"].as_str().map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 /// `*` in an IAM action or ARN matches any run of characters.
 fn glob(pattern: &str, text: &str) -> bool {
     match pattern.split_once('*') {
@@ -919,7 +934,10 @@ impl Access {
             if actions.is_empty() || resources.is_empty() {
                 return Err(format!("a statement needs actions and resources: {statement}"));
             }
-            let leading_keys = strings("leading_keys");
+            let leading_keys = strings("leading_keys")
+                .into_iter()
+                .flat_map(|key| if key == "@served_models" { served_models() } else { vec![key] })
+                .collect();
             statements.push(Statement { actions, resources, leading_keys });
         }
         Ok(Self { statements })
