@@ -77,8 +77,8 @@ resource "aws_cloudwatch_metric_alarm" "api_5xx" {
     id = "errors"
     metric {
       namespace   = "AWS/ApiGateway"
-      metric_name = "5xx"
-      dimensions  = { ApiId = aws_apigatewayv2_api.http.id, Stage = "$default" }
+      metric_name = "5XXError"
+      dimensions  = { ApiName = aws_api_gateway_rest_api.api.name, Stage = aws_api_gateway_stage.api.stage_name }
       period      = 60
       stat        = "Sum"
     }
@@ -88,7 +88,7 @@ resource "aws_cloudwatch_metric_alarm" "api_5xx" {
     metric {
       namespace   = "AWS/ApiGateway"
       metric_name = "Count"
-      dimensions  = { ApiId = aws_apigatewayv2_api.http.id, Stage = "$default" }
+      dimensions  = { ApiName = aws_api_gateway_rest_api.api.name, Stage = aws_api_gateway_stage.api.stage_name }
       period      = 60
       stat        = "Sum"
     }
@@ -96,7 +96,7 @@ resource "aws_cloudwatch_metric_alarm" "api_5xx" {
 }
 
 locals {
-  api_dims       = ["ApiId", aws_apigatewayv2_api.http.id, "Stage", "$default"]
+  api_dims       = ["ApiName", aws_api_gateway_rest_api.api.name, "Stage", aws_api_gateway_stage.api.stage_name]
   function_names = [for name in keys(local.functions) : "${var.prefix}-${name}"]
   queue_names    = concat([for queue in aws_sqs_queue.queue : queue.name], [for queue in aws_sqs_queue.dead_letter : queue.name])
   group_dims     = ["AutoScalingGroupName", local.runner_group]
@@ -127,8 +127,8 @@ locals {
       title = "Errors: API 4xx/5xx, function errors and throttles, dead letters"
       metrics = concat(
         [
-          concat(["AWS/ApiGateway", "4xx"], local.api_dims, [{ stat = "Sum", label = "API 4xx" }]),
-          concat(["AWS/ApiGateway", "5xx"], local.api_dims, [{ stat = "Sum", label = "API 5xx" }]),
+          concat(["AWS/ApiGateway", "4XXError"], local.api_dims, [{ stat = "Sum", label = "API 4xx" }]),
+          concat(["AWS/ApiGateway", "5XXError"], local.api_dims, [{ stat = "Sum", label = "API 5xx" }]),
         ],
         [for name in local.function_names : ["AWS/Lambda", "Errors", "FunctionName", name, { stat = "Sum" }]],
         [for name in local.function_names : ["AWS/Lambda", "Throttles", "FunctionName", name, { stat = "Sum" }]],

@@ -22,7 +22,7 @@ python="$root/.venv/bin/python"
 
 work="$(mktemp -d)"
 port="$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-"$moto" -H 127.0.0.1 -p "$port" >"$work/moto.log" 2>&1 &
+MOTO_IAM_LOAD_MANAGED_POLICIES=true "$moto" -H 127.0.0.1 -p "$port" >"$work/moto.log" 2>&1 &
 moto_pid=$!
 trap 'kill $moto_pid 2>/dev/null; rm -rf "$work"' EXIT
 endpoint="http://127.0.0.1:$port"
@@ -30,7 +30,7 @@ for _ in $(seq 50); do curl -sf "$endpoint/moto-api/" >/dev/null 2>&1 && break; 
 
 cp -r "$here" "$work/terraform"
 rm -rf "$work/terraform/.terraform" "$work/terraform/.terraform.lock.hcl" "$work/terraform"/terraform.tfstate*
-services="apigatewayv2 autoscaling cloudwatch cloudwatchlogs dynamodb ec2 ecr events iam lambda s3 sns sqs ssm sts"
+services="apigateway wafv2 autoscaling cloudwatch cloudwatchlogs dynamodb ec2 ecr events iam lambda s3 sns sqs ssm sts"
 {
   echo 'provider "aws" {'
   echo '  region                      = "us-east-1"'

@@ -1,6 +1,6 @@
 output "api_url" {
-  description = "Base URL of the HTTP API (append /v1/jobs, /v1/models)."
-  value       = aws_apigatewayv2_stage.default.invoke_url
+  description = "Base URL of the API, its stage included (append /v1/jobs, /v1/models)."
+  value       = aws_api_gateway_stage.api.invoke_url
 }
 
 output "artifacts_bucket" {
@@ -46,4 +46,9 @@ output "runner_group" {
 output "alarm_topic_arn" {
   description = "SNS topic the alarms notify."
   value       = aws_sns_topic.alarms.arn
+}
+
+output "web_acl_arn" {
+  description = "The web ACL on the API stage (keyless requests, per-address and per-key rates)."
+  value       = aws_wafv2_web_acl.api.arn
 }

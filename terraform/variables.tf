@@ -155,3 +155,29 @@ variable "served_models" {
   type        = list(string)
   default     = ["kiln-demo", "kiln-tiny-sd"]
 }
+
+variable "edge_key_requests_per_minute" {
+  description = "Requests one API key may make per minute before the web ACL answers 429 (the per-tenant throttle; AWS WAF's minimum is 10)."
+  type        = number
+  default     = 600
+  validation {
+    condition     = var.edge_key_requests_per_minute >= 10 && var.edge_key_requests_per_minute <= 2000000000
+    error_message = "edge_key_requests_per_minute must be between 10 and 2,000,000,000 (AWS WAF's bounds)."
+  }
+}
+
+variable "edge_ip_requests_per_minute" {
+  description = "Requests one source address may make per minute, keyed or not, before the web ACL answers 429 (AWS WAF's minimum is 10)."
+  type        = number
+  default     = 1200
+  validation {
+    condition     = var.edge_ip_requests_per_minute >= 10 && var.edge_ip_requests_per_minute <= 2000000000
+    error_message = "edge_ip_requests_per_minute must be between 10 and 2,000,000,000 (AWS WAF's bounds)."
+  }
+}
+
+variable "manage_api_gateway_account" {
+  description = "Set API Gateway's account-wide CloudWatch role (REST APIs log through it). False where another stack of this account and region already sets it."
+  type        = bool
+  default     = true
+}

@@ -1,7 +1,7 @@
 //! The Lambda entry points fed with the real event payloads in `events/`, decoded the way the
 //! Lambda runtime decodes them.
 
-use aws_lambda_events::{apigw::ApiGatewayV2httpRequest, eventbridge::EventBridgeEvent};
+use aws_lambda_events::{apigw::ApiGatewayProxyRequest, eventbridge::EventBridgeEvent};
 use chrono::Utc;
 use kiln_api::{Api, Function};
 use kiln_app::ApiKey;
@@ -16,13 +16,13 @@ use std::{sync::Arc, time::Duration};
 const FIXTURE_KEY: &str = "kiln_fixture00000000000000000000000000000000000";
 const FIXTURE_JOB: &str = "01KAQ3Z8X9K2M3N4P5Q6R7S8T9";
 
-const SUBMIT: &str = include_str!("../events/apigw-v2-submit-job.json");
-const SUBMIT_BASE64: &str = include_str!("../events/apigw-v2-submit-job-base64.json");
-const GET: &str = include_str!("../events/apigw-v2-get-job.json");
-const LIST: &str = include_str!("../events/apigw-v2-list-jobs.json");
-const LIST_PAGE: &str = include_str!("../events/apigw-v2-list-jobs-page.json");
-const CANCEL: &str = include_str!("../events/apigw-v2-cancel-job.json");
-const MODELS: &str = include_str!("../events/apigw-v2-list-models.json");
+const SUBMIT: &str = include_str!("../events/apigw-rest-submit-job.json");
+const SUBMIT_BASE64: &str = include_str!("../events/apigw-rest-submit-job-base64.json");
+const GET: &str = include_str!("../events/apigw-rest-get-job.json");
+const LIST: &str = include_str!("../events/apigw-rest-list-jobs.json");
+const LIST_PAGE: &str = include_str!("../events/apigw-rest-list-jobs-page.json");
+const CANCEL: &str = include_str!("../events/apigw-rest-cancel-job.json");
+const MODELS: &str = include_str!("../events/apigw-rest-list-models.json");
 const SCHEDULE: &str = include_str!("../events/eventbridge-schedule-expire-jobs.json");
 const DEAD_LETTERS: &str = include_str!("../events/sqs-job-dead-letters.json");
 
@@ -60,10 +60,11 @@ async fn fixture_stack() -> LocalStack {
 #[test]
 fn api_events_round_trip_through_the_event_types() {
     for fixture in [SUBMIT, SUBMIT_BASE64, GET, LIST, LIST_PAGE, CANCEL, MODELS] {
-        let event: ApiGatewayV2httpRequest = serde_json::from_str(fixture).unwrap();
-        let again: ApiGatewayV2httpRequest = serde_json::from_value(serde_json::to_value(&event).unwrap()).unwrap();
-        assert_eq!(again.raw_path, event.raw_path);
-        assert_eq!(again.request_context.http.method, event.request_context.http.method);
+        let event: ApiGatewayProxyRequest = serde_json::from_str(fixture).unwrap();
+        let again: ApiGatewayProxyRequest = serde_json::from_value(serde_json::to_value(&event).unwrap()).unwrap();
+        assert_eq!(again.path, event.path);
+        assert_eq!(again.http_method, event.http_method);
+        assert_eq!(event.request_context.stage.as_deref(), Some("live"), "the REST API's stage");
         assert_eq!(again.body, event.body);
         assert_eq!(again.headers, event.headers);
     }
@@ -171,9 +172,9 @@ async fn the_dead_letter_function_fails_the_job_and_drops_unreadable_messages() 
     assert_eq!(client.get(&format!("/v1/jobs/{id}")).await.body["finished_at"], job["finished_at"]);
 }
 
-const WEBHOOK_SECRET: &str = include_str!("../events/apigw-v2-webhook-secret.json");
-const ROTATE_SECRET: &str = include_str!("../events/apigw-v2-rotate-webhook-secret.json");
-const CREATE_UPLOAD: &str = include_str!("../events/apigw-v2-create-upload.json");
+const WEBHOOK_SECRET: &str = include_str!("../events/apigw-rest-webhook-secret.json");
+const ROTATE_SECRET: &str = include_str!("../events/apigw-rest-rotate-webhook-secret.json");
+const CREATE_UPLOAD: &str = include_str!("../events/apigw-rest-create-upload.json");
 const JOB_STREAM: &str = include_str!("../events/dynamodb-stream-job-events.json");
 const WEBHOOK_MESSAGES: &str = include_str!("../events/sqs-deliver-webhooks.json");
 const INBOX_PUT: &str = include_str!("../events/s3-put-inbox.json");

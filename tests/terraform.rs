@@ -177,6 +177,80 @@ fn the_runner_settings_fit_its_queue_and_its_drain() {
     assert!(env.get("KILN_METRICS_ADDR").is_some_and(|a| a.contains(':')), "the agent reads the metrics port from it");
 }
 
+/// Keyless floods: API Gateway's throttle is shared by every caller and keys are checked in the
+/// functions, so requests without a key must be refused before they reach the stage. The API
+/// is a REST API (AWS WAF cannot sit on an HTTP API) behind a web ACL that refuses a request
+/// without a well-formed key (401) before its throttle, then limits each address and each key
+/// (the per-tenant throttle at the edge).
+#[test]
+fn a_web_acl_refuses_keyless_requests_and_limits_each_key_and_address_before_the_api() {
+    let python = harness::checkov_python();
+    let parsed = harness::parse_hcl(&python);
+    let resources = parsed["resource"].as_object().unwrap();
+    let http_apis: Vec<&String> = resources.keys().filter(|kind| kind.starts_with("aws_apigatewayv2")).collect();
+    assert!(http_apis.is_empty(), "an HTTP API cannot have a web ACL: {http_apis:?}");
+    let association = &parsed["resource"]["aws_wafv2_web_acl_association"]["api"];
+    assert_eq!(
+        association["resource_arn"], "${aws_api_gateway_stage.api.arn}",
+        "the web ACL is not on the API's stage"
+    );
+    assert_eq!(association["web_acl_arn"], "${aws_wafv2_web_acl.api.arn}");
+
+    let acl = &parsed["resource"]["aws_wafv2_web_acl"]["api"];
+    let rules = acl["rule"].as_array().expect("rules");
+    let order: Vec<(&str, u64)> =
+        rules.iter().map(|r| (r["name"].as_str().unwrap(), r["priority"].as_u64().unwrap())).collect();
+    assert_eq!(order, [("keyless", 0), ("per-ip", 1), ("per-key", 2)], "the keyless rule must come first");
+    for rule in rules {
+        assert!(rule["action"][0]["block"].is_array(), "{} does not block: {rule}", rule["name"]);
+    }
+    let status = |rule: &Value| rule["action"][0]["block"][0]["custom_response"][0]["response_code"].as_u64();
+    assert_eq!(rules.iter().map(status).collect::<Vec<_>>(), [Some(401), Some(429), Some(429)]);
+
+    // 1. Refused unless `Authorization` has the form of a key.
+    let keyless = &rules[0]["statement"][0]["not_statement"][0]["statement"][0]["regex_match_statement"][0];
+    assert_eq!(keyless["field_to_match"][0]["single_header"][0]["name"], "authorization", "{keyless}");
+    assert_eq!(keyless["regex_string"], "${local.edge_key_pattern}");
+    let pattern = parsed["locals"]["edge_key_pattern"].as_str().expect("the key pattern");
+    let keys: Vec<String> = (0..200).map(|_| format!("Bearer {}", ApiKey::generate().expose())).collect();
+    let refused = ["", "Bearer", "Bearer ", "Basic a2lsbjpwYXNz", "Bearer kiln_short", "Bearer sk_live_0123456789"];
+    let script = "import re, json, sys\npattern, cases = json.load(sys.stdin)\nprint(json.dumps([re.search(pattern, c) is not None for c in cases]))";
+    let cases: Vec<String> = keys.iter().cloned().chain(refused.iter().map(|s| s.to_string())).collect();
+    let mut child = std::process::Command::new(&python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), json!([pattern, cases]).to_string().as_bytes()).unwrap();
+    let matched: Vec<bool> = serde_json::from_slice(&child.wait_with_output().unwrap().stdout).unwrap();
+    assert!(matched[..keys.len()].iter().all(|m| *m), "a key the API issues would be refused at the edge");
+    assert!(matched[keys.len()..].iter().all(|m| !*m), "a keyless header passes the edge: {refused:?} {matched:?}");
+
+    // 2. and 3. Per address and per key (the tenant's throttle), within WAF's bounds.
+    let rate = |rule: &Value| rule["statement"][0]["rate_based_statement"][0].clone();
+    let (per_ip, per_key) = (rate(&rules[1]), rate(&rules[2]));
+    assert_eq!(per_ip["aggregate_key_type"], "IP");
+    assert_eq!(per_key["aggregate_key_type"], "CUSTOM_KEYS");
+    assert_eq!(per_key["custom_key"][0]["header"][0]["name"], "authorization", "{per_key}");
+    let default = |name: &str| parsed["variable"][name]["default"].as_u64().unwrap_or_else(|| panic!("{name}"));
+    let (ip_limit, key_limit) = (default("edge_ip_requests_per_minute"), default("edge_key_requests_per_minute"));
+    assert!(key_limit >= 10 && key_limit <= ip_limit, "per key {key_limit}/min, per address {ip_limit}/min");
+    for statement in [&per_ip, &per_key] {
+        assert!([60, 120, 300, 600].contains(&statement["evaluation_window_sec"].as_u64().unwrap()), "{statement}");
+    }
+    // The functions still check every key; WAF's logs never hold one.
+    let logging = &parsed["resource"]["aws_wafv2_web_acl_logging_configuration"]["api"];
+    assert_eq!(logging["redacted_fields"][0]["single_header"][0]["name"], "authorization", "{logging}");
+    let deploy = Deploy::load();
+    for (name, spec) in deploy.functions() {
+        for route in spec["trigger"]["routes"].as_array().into_iter().flatten() {
+            let path = route.as_str().unwrap().split_once(' ').unwrap().1;
+            assert!(path.starts_with("/v1/"), "{name}: {route} (every route is behind the keyless rule)");
+        }
+    }
+}
+
 #[test]
 fn the_hcl_parses_and_checkov_passes_with_every_skip_explained() {
     let python = harness::checkov_python();
