@@ -43,16 +43,7 @@ async fn the_answered_line_of_a_submit_carries_the_tenant_and_the_job() {
     let key = ApiKey::generate();
     memory.tenants.create_tenant(&tenant).await.unwrap();
     assert!(memory.tenants.add_key(&tenant.id, &key.stored(chrono::Utc::now())).await.unwrap());
-    let resources = kiln_aws::Resources {
-        jobs_table: "jobs".into(),
-        requests_table: "requests".into(),
-        tenants_table: "tenants".into(),
-        models_table: "models".into(),
-        job_queue_url: "jobs".into(),
-        webhook_queue_url: "webhooks".into(),
-        artifacts_bucket: "artifacts".into(),
-        endpoint_url: None,
-    };
+    let resources = kiln_aws::Resources::placeholder();
     let api = Api::new(&memory.ports(), &kiln_lambda::FunctionConfig::for_resources(resources));
 
     let request = http::Request::builder()

@@ -37,6 +37,21 @@ pub struct Resources {
 }
 
 impl Resources {
+    /// Names only (`<name>` for each table, queue and bucket, no endpoint): for entry points
+    /// built on in-memory ports, which never call AWS.
+    pub fn placeholder() -> Self {
+        Self {
+            jobs_table: "jobs".into(),
+            requests_table: "requests".into(),
+            tenants_table: "tenants".into(),
+            models_table: "models".into(),
+            job_queue_url: "jobs".into(),
+            webhook_queue_url: "webhooks".into(),
+            artifacts_bucket: "artifacts".into(),
+            endpoint_url: None,
+        }
+    }
+
     /// The environment variables that describe these resources, for starting child processes.
     pub fn to_env(&self) -> Vec<(&'static str, String)> {
         let mut env = vec![
