@@ -458,6 +458,20 @@ async fn queued_jobs_expire_after_their_time_to_live() {
     assert_ne!(again.body["id"].as_str(), Some(id.as_str()));
 }
 
+/// Found by the burst: a tenant created with limits lost them in DynamoDB (the in-memory fake
+/// kept them), so its jobs were held to the deployment's defaults.
+#[tokio::test]
+async fn a_tenant_created_with_limits_keeps_them() {
+    use kiln_app::{Tenant, TenantLimits, ports::TenantDirectory};
+    let stack = stack().await;
+    let tenants = stack.aws.tenants();
+    let limits = TenantLimits { max_active_jobs: 7, jobs_per_minute: 3 };
+    let id = kiln_domain::TenantId::parse("limited-from-birth").unwrap();
+    let tenant = Tenant { id: id.clone(), name: "Limited".into(), disabled: false, limits: Some(limits) };
+    assert!(tenants.create_tenant(&tenant).await.unwrap());
+    assert_eq!(tenants.tenant(&id).await.unwrap().expect("tenant").limits, Some(limits));
+}
+
 #[tokio::test]
 async fn tenants_limits_refuse_new_jobs_with_429_and_name_the_limit() {
     use kiln_app::{TenantLimits, ports::TenantDirectory};

@@ -73,10 +73,14 @@ impl TenantDirectory for DynamoTenants {
             .item("pk", AttributeValue::S(format!("tenant#{}", tenant.id)))
             .item("name", AttributeValue::S(tenant.name.clone()))
             .item("disabled", AttributeValue::Bool(tenant.disabled))
-            .item("created_at", AttributeValue::S(Utc::now().to_rfc3339()))
-            .condition_expression("attribute_not_exists(pk)")
-            .send()
-            .await;
+            .item("created_at", AttributeValue::S(Utc::now().to_rfc3339()));
+        let result = match tenant.limits {
+            Some(limits) => result
+                .item("max_active_jobs", AttributeValue::N(limits.max_active_jobs.to_string()))
+                .item("jobs_per_minute", AttributeValue::N(limits.jobs_per_minute.to_string())),
+            None => result,
+        };
+        let result = result.condition_expression("attribute_not_exists(pk)").send().await;
         written(result)
     }
 
