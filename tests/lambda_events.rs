@@ -311,22 +311,7 @@ async fn a_stream_batch_lambda_gave_up_on_is_read_back_and_its_events_queued() {
     assert_eq!(client.post(&format!("/v1/jobs/{id}/cancel")).await.body["status"], "canceled");
 
     // job-events failed on the cancel's record until Lambda gave up: find that record's place.
-    let sdk = kiln_aws::load_sdk_config(stack.resources.endpoint_url.as_deref()).await;
-    let streams = aws_sdk_dynamodbstreams::Client::new(&sdk);
-    let listed = streams.list_streams().table_name(&stack.resources.jobs_table).send().await.unwrap();
-    let arn = listed.streams.unwrap()[0].stream_arn.clone().unwrap();
-    let described = streams.describe_stream().stream_arn(&arn).send().await.unwrap();
-    let shard = described.stream_description.unwrap().shards.unwrap()[0].shard_id.clone().unwrap();
-    let iterator = streams
-        .get_shard_iterator()
-        .stream_arn(&arn)
-        .shard_id(&shard)
-        .shard_iterator_type(aws_sdk_dynamodbstreams::types::ShardIteratorType::TrimHorizon)
-        .send()
-        .await
-        .unwrap()
-        .shard_iterator
-        .unwrap();
+    let kiln_tests::StreamStart { streams, arn, shard, iterator } = kiln_tests::jobs_stream_from_start(&stack).await;
     let records = streams.get_records().shard_iterator(iterator).send().await.unwrap().records.unwrap();
     let canceled = records
         .iter()

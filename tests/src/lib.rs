@@ -1,13 +1,16 @@
 //! The harness of the end-to-end tests: one moto server per test process (or the one the test
 //! command started), a fresh set of resources per test, the API on a free port, HTTP helpers.
 
+pub mod burst;
+pub mod chaos;
+pub mod check;
 pub mod http;
 pub mod media;
 pub mod receiver;
 
 use kiln_local::{
-    LocalStack, MotoServer, RunnerOptions, RunnerProcess, StackOptions, Tools, ensure_moto, ensure_tools,
-    runner_binary, workspace_root,
+    LocalStack, MotoServer, RunnerOptions, RunnerProcess, StackOptions, Tools, ensure_tools, runner_binary,
+    workspace_root,
 };
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -29,7 +32,7 @@ pub fn moto_url() -> String {
         let (sender, receiver) = std::sync::mpsc::channel();
         // moto lives as long as this thread, which parks until the process exits.
         std::thread::spawn(move || {
-            let started = ensure_moto(&workspace_root()).and_then(|bin| MotoServer::start(&bin, 0));
+            let started = ensure_tools(&workspace_root()).and_then(|tools| MotoServer::start(&tools, 0));
             match started {
                 Ok(server) => {
                     let _ = sender.send(Ok(server.url.clone()));
@@ -174,6 +177,21 @@ pub fn start_runner(stack: &LocalStack, options: &RunnerOptions) -> RunnerProces
     RunnerProcess::start(binary, &tools(), &stack.resources, options).expect("starting the runner")
 }
 
+/// Starts `count` runners on the stack's resources, the `n`th with `options(n)`, from this
+/// thread (a runner dies with the thread that started it), without stalling the runtime's other
+/// tasks (a runner becomes healthy only once it has talked to the stack, maybe through its fault
+/// proxy, served by this runtime). Needs a multi-threaded runtime.
+pub fn start_runners(
+    stack: &LocalStack,
+    count: usize,
+    options: impl Fn(usize) -> RunnerOptions,
+) -> anyhow::Result<Vec<RunnerProcess>> {
+    tokio::task::block_in_place(|| {
+        let binary = runner_binary(&workspace_root())?;
+        (0..count).map(|n| RunnerProcess::start(&binary, &tools(), &stack.resources, &options(n))).collect()
+    })
+}
+
 impl Client {
     /// Polls `GET /v1/jobs/{id}` until `done` holds for the job, or panics after `limit`.
     pub async fn wait_for(&self, id: &str, limit: std::time::Duration, done: impl Fn(&Value) -> bool) -> Value {
@@ -207,11 +225,12 @@ pub async fn download(url: &str) -> Vec<u8> {
     response.bytes().await.expect("body").to_vec()
 }
 
-/// Messages on a queue, visible or received and not yet deleted.
+/// Messages on a queue, visible or received and not yet deleted (asked straight of the backend,
+/// past any fault proxy).
 pub async fn messages_on(stack: &LocalStack, queue_url: &str) -> usize {
     use aws_sdk_sqs::types::QueueAttributeName;
     let attributes = stack
-        .clients
+        .direct
         .sqs()
         .get_queue_attributes()
         .queue_url(queue_url)
@@ -239,4 +258,34 @@ pub async fn stored_keys(stack: &LocalStack, prefix: &str) -> Vec<String> {
         .await
         .expect("listing objects");
     listed.contents.unwrap_or_default().into_iter().filter_map(|object| object.key).collect()
+}
+
+/// The jobs table's stream, read straight from the backend from its start.
+pub struct StreamStart {
+    pub streams: aws_sdk_dynamodbstreams::Client,
+    pub arn: String,
+    pub shard: String,
+    /// An iterator at the shard's first record.
+    pub iterator: String,
+}
+
+pub async fn jobs_stream_from_start(stack: &LocalStack) -> StreamStart {
+    let sdk = kiln_aws::load_sdk_config(Some(&moto_url())).await;
+    let streams = aws_sdk_dynamodbstreams::Client::new(&sdk);
+    let listed = streams.list_streams().table_name(&stack.resources.jobs_table).send().await.expect("streams");
+    let arn = listed.streams.unwrap_or_default()[0].stream_arn.clone().expect("stream arn");
+    let described = streams.describe_stream().stream_arn(&arn).send().await.expect("stream");
+    let shards = described.stream_description.and_then(|d| d.shards).unwrap_or_default();
+    let shard = shards[0].shard_id.clone().expect("shard id");
+    let iterator = streams
+        .get_shard_iterator()
+        .stream_arn(&arn)
+        .shard_id(&shard)
+        .shard_iterator_type(aws_sdk_dynamodbstreams::types::ShardIteratorType::TrimHorizon)
+        .send()
+        .await
+        .expect("shard iterator")
+        .shard_iterator
+        .expect("shard iterator");
+    StreamStart { streams, arn, shard, iterator }
 }

@@ -139,7 +139,15 @@ impl JobStore for DynamoJobStore {
                 .map_err(unavailable("dynamodb"))?;
             items.push(TransactWriteItem::builder().put(put).build());
         }
-        let result = self.client.transact_write_items().set_transact_items(Some(items)).send().await;
+        // The token makes the SDK's retry of a transaction whose answer was lost idempotent in
+        // DynamoDB (for ten minutes); the job id is fresh, so it names this insert alone.
+        let result = self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .client_request_token(job.id.as_str())
+            .send()
+            .await;
         let err = match result {
             Ok(_) => return Ok(InsertOutcome::Inserted),
             Err(err) => err,
@@ -148,6 +156,11 @@ impl JobStore for DynamoJobStore {
             let failed = |index: usize| {
                 canceled.cancellation_reasons().get(index).and_then(|r| r.code()) == Some("ConditionalCheckFailed")
             };
+            // A retry whose first attempt landed fails on its own writes: the job exists, so
+            // this insert happened (no other request writes this fresh id).
+            if (0..canceled.cancellation_reasons().len()).any(failed) && self.get(&job.id).await?.is_some() {
+                return Ok(InsertOutcome::Inserted);
+            }
             if failed(2) {
                 return Ok(InsertOutcome::IdempotencyKeyTaken);
             }
@@ -188,7 +201,12 @@ impl JobStore for DynamoJobStore {
             .expression_attribute_values(":previous", n(previous))
             .send()
             .await;
-        written(result)
+        if written(result)? {
+            return Ok(true);
+        }
+        // The condition failed. When a retry's first attempt landed and its answer was lost,
+        // the stored job is this very write: report it written, not as a race lost to another.
+        Ok(self.get(&job.id).await?.is_some_and(|stored| stored == *job))
     }
 
     async fn list(

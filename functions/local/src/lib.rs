@@ -2,12 +2,14 @@
 //! project's `.venv` on first use), the data layer terraform creates, the model catalog, a dev
 //! tenant, and the API functions served over HTTP by the same handler code Lambda runs.
 
+pub mod faults;
 pub mod moto;
 pub mod relays;
 pub mod runner;
 pub mod server;
 pub mod stack;
 
-pub use moto::{MotoServer, Tools, ensure_moto, ensure_system_libraries, ensure_tools};
+pub use faults::{FaultCounts, FaultKind, FaultPlan, FaultProxy, Service};
+pub use moto::{MotoServer, Tools, ensure_system_libraries, ensure_tools};
 pub use runner::{RunnerOptions, RunnerProcess, runner_binary, wait_exit};
 pub use stack::{LocalStack, StackOptions, cargo_command, workspace_root};

@@ -9,8 +9,8 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kiln_local::{
-    LocalStack, MotoServer, RunnerOptions, RunnerProcess, StackOptions, ensure_system_libraries, ensure_tools,
-    runner_binary, workspace_root,
+    FaultKind, FaultPlan, LocalStack, MotoServer, RunnerOptions, RunnerProcess, StackOptions, ensure_system_libraries,
+    ensure_tools, runner_binary, workspace_root,
 };
 use serde_json::{Value, json};
 use std::{net::SocketAddr, path::Path, time::Duration};
@@ -53,6 +53,20 @@ struct StackArgs {
     /// moto's port on 127.0.0.1 (0 picks a free one).
     #[arg(long, env = "KILN_LOCAL_MOTO_PORT", default_value_t = 0)]
     moto_port: u16,
+    /// Inject faults into this fraction (0–1) of the AWS requests of the API, the functions and
+    /// the runner, through a proxy in front of moto (e.g. 0.05).
+    #[arg(long, value_name = "RATE", value_parser = fault_rate)]
+    faults: Option<f64>,
+    /// Which faults to inject (default: every kind).
+    #[arg(long, value_enum, value_delimiter = ',', requires = "faults")]
+    fault_kinds: Vec<FaultKind>,
+}
+
+fn fault_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if (0.0..=1.0).contains(&rate) => Ok(rate),
+        _ => Err(format!("`{text}` is not a fraction between 0 and 1")),
+    }
 }
 
 #[tokio::main]
@@ -90,8 +104,15 @@ impl Running {
         let root = workspace_root();
         let tools = ensure_tools(&root)?;
         let runner_bin = runner_binary(&root)?;
-        let moto = MotoServer::start(&tools.moto_server, args.moto_port)?;
-        let options = StackOptions { api_addr: args.api_addr, ..StackOptions::default() };
+        let moto = MotoServer::start(&tools, args.moto_port)?;
+        let faults = args.faults.map(|rate| {
+            let mut plan = FaultPlan::every_kind(rate);
+            if !args.fault_kinds.is_empty() {
+                plan.kinds = args.fault_kinds.clone();
+            }
+            plan
+        });
+        let options = StackOptions { api_addr: args.api_addr, faults, ..StackOptions::default() };
         let mut stack = LocalStack::start(&moto.url, options).await.context("starting the local stack")?;
         stack.start_relays().await?;
         let models = stack.publish_models(&root.join("gpu-runner/models")).await?;
@@ -110,6 +131,16 @@ impl Running {
             models.iter().map(|m| format!("{}@{}", m.name, m.version)).collect::<Vec<_>>().join(", ")
         );
         println!("  gpu-runner:  pid {}, metrics {}/metrics, log .kiln/runner.log", runner.id(), runner.metrics_url);
+        if let Some(proxy) = stack.faults() {
+            stack.start_faults();
+            let kinds: Vec<&str> = proxy.plan().kinds.iter().map(|k| k.as_str()).collect();
+            println!(
+                "  faults:      {:.1}% of AWS requests ({}) through {}",
+                proxy.plan().rate * 100.0,
+                kinds.join(", "),
+                proxy.url
+            );
+        }
         println!("  tenant:      dev");
         println!("  API key:     {}", key.expose());
         println!();
@@ -124,6 +155,9 @@ impl Running {
     async fn wait(self) {
         println!("Running; Ctrl-C stops it.");
         let _ = tokio::signal::ctrl_c().await;
+        if let Some(proxy) = self.stack.faults() {
+            println!("\nfaults injected:\n{}", proxy.counts());
+        }
         self.stack.stop().await;
     }
 }
@@ -286,7 +320,7 @@ fn test(cargo_args: Vec<String>) -> anyhow::Result<()> {
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), std::path::PathBuf::from);
     let runner_bin = target.join("debug/kiln-runner");
     anyhow::ensure!(runner_bin.exists(), "{} was not built", runner_bin.display());
-    let moto = MotoServer::start(&tools.moto_server, 0)?;
+    let moto = MotoServer::start(&tools, 0)?;
     let mut child = kiln_local::cargo_command()
         .current_dir(&root)
         .args(["test", "--workspace", "--lib", "--bins", "--tests", "--no-fail-fast"])

@@ -20,6 +20,7 @@ const SYSTEM_PACKAGES: &[&str] = &["libvpx-dev", "pkg-config"];
 /// Paths of the installed tools.
 #[derive(Debug, Clone)]
 pub struct Tools {
+    /// moto's server with kiln's fix (`functions/local/moto_server.py`), run by `python`.
     pub moto_server: PathBuf,
     /// ONNX Runtime's shared library, for `ORT_DYLIB_PATH`.
     pub ort_dylib: PathBuf,
@@ -45,15 +46,10 @@ pub fn ensure_tools(root: &Path) -> anyhow::Result<Tools> {
         }
     }
     Ok(Tools {
-        moto_server: venv.join("bin/moto_server"),
+        moto_server: root.join("functions/local/moto_server.py"),
         ort_dylib: find_ort_dylib(&venv)?,
         python: venv.join("bin/python"),
     })
-}
-
-/// The moto server's path (see [`ensure_tools`]).
-pub fn ensure_moto(root: &Path) -> anyhow::Result<PathBuf> {
-    Ok(ensure_tools(root)?.moto_server)
 }
 
 fn install(venv: &Path) -> anyhow::Result<()> {
@@ -147,7 +143,9 @@ pub(crate) fn wait_for_child(
 }
 
 /// Has the child killed when the thread that spawned it exits (Linux), so a crashed or killed
-/// test or demo never leaves servers behind.
+/// test or demo never leaves servers behind. The thread, not the process: start children from a
+/// thread that lives as long as they should (never from tokio's blocking pool, whose idle
+/// threads exit after ten seconds).
 pub(crate) fn die_with_parent(command: &mut Command) {
     #[cfg(target_os = "linux")]
     {
@@ -178,15 +176,19 @@ pub struct MotoServer {
 
 impl MotoServer {
     /// Starts moto on `127.0.0.1:port` (0 picks a free port) and waits until it answers.
-    pub fn start(moto_server: &Path, port: u16) -> anyhow::Result<Self> {
+    pub fn start(tools: &Tools, port: u16) -> anyhow::Result<Self> {
         let port = match port {
             0 => TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
             port => port,
         };
-        let mut command = Command::new(moto_server);
-        command.args(["-H", "127.0.0.1", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null());
+        let mut command = Command::new(&tools.python);
+        command
+            .arg(&tools.moto_server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
         die_with_parent(&mut command);
-        let child = command.spawn().with_context(|| format!("starting {}", moto_server.display()))?;
+        let child = command.spawn().with_context(|| format!("starting {}", tools.moto_server.display()))?;
         let mut server = Self { child, url: format!("http://127.0.0.1:{port}") };
         server.wait_ready(Duration::from_secs(30))?;
         Ok(server)

@@ -1,6 +1,7 @@
 //! One local deployment: the data layer on an AWS endpoint (moto), models published, the API
 //! served on 127.0.0.1.
 
+use crate::faults::{FaultPlan, FaultProxy};
 use anyhow::Context;
 use kiln_api::Api;
 use kiln_app::{ApiKey, Tenant};
@@ -40,6 +41,9 @@ pub struct StackOptions {
     /// First webhook retry delay in seconds (the cap is 4× this); short locally so tests see
     /// retries and the DLQ in seconds.
     pub webhook_retry_base_secs: u64,
+    /// Put a fault-injecting proxy between every client of the stack and moto (see
+    /// [`crate::faults`]); it injects nothing until [`LocalStack::start_faults`].
+    pub faults: Option<FaultPlan>,
 }
 
 impl Default for StackOptions {
@@ -52,14 +56,24 @@ impl Default for StackOptions {
             link_ttl_secs: 3600,
             allow_local_webhooks: true,
             webhook_retry_base_secs: 1,
+            faults: None,
         }
     }
 }
 
 /// A running local deployment. The API server stops when this is dropped or stopped.
 pub struct LocalStack {
+    /// The resources as the stack's functions and runners see them (with the fault proxy's
+    /// endpoint when there is one).
     pub resources: Resources,
+    /// The clients of the stack's functions (through the fault proxy when there is one).
     pub clients: AwsClients,
+    /// Clients straight to the backend, never faulted: what stands in for AWS's own machinery
+    /// (the relays' event sources), and what checks the stack from outside.
+    pub direct: AwsClients,
+    /// The endpoint of `direct` (moto's URL).
+    direct_endpoint: String,
+    fault_proxy: Option<FaultProxy>,
     /// Every port on the stack's resources (what `kiln-aws` wires for each function).
     pub aws: AwsPorts,
     pub api: Arc<Api>,
@@ -72,16 +86,46 @@ pub struct LocalStack {
 }
 
 impl LocalStack {
-    /// Creates the resources on `endpoint_url` and starts serving the API.
+    /// Creates the resources on `endpoint_url` and starts serving the API; with
+    /// `options.faults`, behind a fault proxy of its own.
     pub async fn start(endpoint_url: &str, options: StackOptions) -> anyhow::Result<Self> {
-        let clients = AwsClients::connect(Some(endpoint_url)).await;
-        let resources = provision(&clients, &options.prefix, Some(endpoint_url)).await.context("provisioning")?;
+        let direct = AwsClients::connect(Some(endpoint_url)).await;
+        let mut resources = provision(&direct, &options.prefix, Some(endpoint_url)).await.context("provisioning")?;
+        let fault_proxy = match &options.faults {
+            Some(plan) => {
+                Some(FaultProxy::start(endpoint_url, plan.clone()).await.context("starting the fault proxy")?)
+            }
+            None => None,
+        };
+        let clients = match &fault_proxy {
+            Some(proxy) => {
+                resources.endpoint_url = Some(proxy.url.clone());
+                AwsClients::connect(Some(&proxy.url)).await
+            }
+            None => direct.clone(),
+        };
         let mut config = FunctionConfig::for_resources(resources.clone());
         config.queued_ttl_secs = options.queued_ttl_secs;
         config.output_retention_secs = options.output_retention_secs;
         config.link_ttl_secs = options.link_ttl_secs;
         config.allow_local_webhooks = options.allow_local_webhooks;
-        Self::serve(clients, resources, config, options).await
+        let mut stack = Self::serve(clients, resources, config, options).await?;
+        stack.direct = direct;
+        stack.direct_endpoint = endpoint_url.to_owned();
+        stack.fault_proxy = fault_proxy;
+        Ok(stack)
+    }
+
+    /// Starts injecting the fault plan's faults (when the stack has a fault proxy).
+    pub fn start_faults(&self) {
+        if let Some(proxy) = &self.fault_proxy {
+            proxy.start_faults();
+        }
+    }
+
+    /// The fault proxy, when the stack runs behind one.
+    pub fn faults(&self) -> Option<&FaultProxy> {
+        self.fault_proxy.as_ref()
     }
 
     /// Serves the API with `config` on resources that already exist.
@@ -100,9 +144,13 @@ impl LocalStack {
         let server = tokio::spawn(crate::server::serve(listener, api.clone(), async {
             let _ = stopped.await;
         }));
+        let direct_endpoint = resources.endpoint_url.clone().unwrap_or_default();
         Ok(Self {
             resources,
+            direct: clients.clone(),
             clients,
+            direct_endpoint,
+            fault_proxy: None,
             aws,
             api,
             api_url,
@@ -161,7 +209,8 @@ impl LocalStack {
     /// the webhook queue, and `inbox-trigger` on the bucket's `inbox/` notifications (sent to an
     /// SQS queue here). Runs until the stack stops.
     pub async fn start_relays(&mut self) -> anyhow::Result<()> {
-        let sqs = self.clients.sqs().clone();
+        // Event sources are AWS's machinery: polled straight from the backend, never faulted.
+        let sqs = self.direct.sqs().clone();
         self.relays.push(crate::relays::relay_function(
             sqs.clone(),
             self.dead_letter_queue_url(),
@@ -169,7 +218,7 @@ impl LocalStack {
             Duration::from_secs(30),
             job_dead_letters::handle,
         ));
-        let endpoint = self.resources.endpoint_url.clone().unwrap_or_default();
+        let endpoint = self.direct_endpoint.clone();
         let changes = Arc::new(job_events::wire(&self.aws));
         self.relays.push(crate::relays::relay_job_stream(&endpoint, self.resources.jobs_table.clone(), changes));
         let deliveries = kiln_events::deliver_webhooks::wire(&self.aws, &self.delivery_config())?;
@@ -216,9 +265,9 @@ impl LocalStack {
             QueueConfiguration, S3KeyFilter,
         };
         let name = format!("{}-inbox-events", self.options.prefix);
-        let url = self.clients.sqs().create_queue().queue_name(&name).send().await?.queue_url.unwrap_or_default();
+        let url = self.direct.sqs().create_queue().queue_name(&name).send().await?.queue_url.unwrap_or_default();
         let attributes = self
-            .clients
+            .direct
             .sqs()
             .get_queue_attributes()
             .queue_url(&url)
@@ -241,7 +290,7 @@ impl LocalStack {
             .events(Event::from("s3:ObjectCreated:*"))
             .filter(filter)
             .build()?;
-        self.clients
+        self.direct
             .s3()
             .put_bucket_notification_configuration()
             .bucket(&self.resources.artifacts_bucket)
