@@ -154,7 +154,8 @@ async fn no_raw_http_request_gets_a_5xx_or_another_tenants_job() {
     let cases = ProptestConfig::default().cases.max(300);
     let statuses = tokio::task::spawn_blocking(move || {
         let statuses: std::cell::RefCell<BTreeMap<u16, u32>> = Default::default();
-        let mut runner = TestRunner::new(ProptestConfig { cases, ..ProptestConfig::default() });
+        let mut runner =
+            TestRunner::new(ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() });
         let result = runner.run(&request(a_job, keys.clone()), |request| {
             let (status, body) = send(&address, &request).map_err(TestCaseError::fail)?;
             *statuses.borrow_mut().entry(status).or_default() += 1;

@@ -134,7 +134,8 @@ impl World {
         let jobs = Jobs::new(&memory.ports(), config);
         runtime.block_on(async {
             for id in ["tenant-a", "tenant-b"] {
-                let tenant = Tenant { id: TenantId::parse(id).unwrap(), name: id.into(), disabled: false, limits: None };
+                let tenant =
+                    Tenant { id: TenantId::parse(id).unwrap(), name: id.into(), disabled: false, limits: None };
                 memory.tenants.create_tenant(&tenant).await.unwrap();
             }
         });
@@ -164,7 +165,8 @@ fn run<S: Strategy>(strategy: S, check: impl Fn(&World, u64, S::Value) -> Result
     while done < cases() {
         let world = World::new();
         let batch = (cases() - done).min(CASES_PER_WORLD);
-        let mut runner = TestRunner::new(ProptestConfig { cases: batch, ..ProptestConfig::default() });
+        let mut runner =
+            TestRunner::new(ProptestConfig { cases: batch, failure_persistence: None, ..ProptestConfig::default() });
         runner
             .run(&strategy, |value| {
                 n.set(n.get() + 1);
@@ -205,7 +207,8 @@ fn dead_letters_of_any_body_never_fail_the_function_and_a_readable_one_still_fai
         let answer = world.runtime.block_on(job_dead_letters::handle(runs, LambdaEvent::new(event, context())));
         let answer = answer.map_err(|err| TestCaseError::fail(format!("the function failed: {err}")))?;
         prop_assert!(answer.batch_item_failures.is_empty(), "records came back: {:?}", answer.batch_item_failures);
-        let readable = bodies.iter().any(|b| serde_json::from_str::<JobMessage>(b).is_ok_and(|m| m.job_id.as_str() == queued));
+        let readable =
+            bodies.iter().any(|b| serde_json::from_str::<JobMessage>(b).is_ok_and(|m| m.job_id.as_str() == queued));
         let id = kiln_domain::JobId::parse(&queued).unwrap();
         let job = world.runtime.block_on(world.memory.store.get(&id)).unwrap().unwrap();
         prop_assert_eq!(job.status == JobStatus::Failed, readable, "job {} is {}", queued, job.status);
@@ -242,7 +245,8 @@ fn stream_records_of_any_image_never_fail_job_events() {
         // What Lambda's runtime would refuse before our code runs is not a case.
         let Ok(event) = serde_json::from_value::<StreamEvent>(event) else { return Ok(()) };
         handled.fetch_add(1, Ordering::Relaxed);
-        let readable = event.records.iter().filter(|r| job_events::job_of(&r.change.new_image).is_ok_and(|j| j.is_some()));
+        let readable =
+            event.records.iter().filter(|r| job_events::job_of(&r.change.new_image).is_ok_and(|j| j.is_some()));
         decoded.fetch_add(readable.count(), Ordering::Relaxed);
         let answer = world.runtime.block_on(job_events::handle(changes, LambdaEvent::new(event, context())));
         let answer = answer.map_err(|err| TestCaseError::fail(format!("the function failed: {err}")))?;
@@ -291,5 +295,8 @@ fn s3_notifications_of_any_key_never_fail_inbox_trigger() {
     });
     let (handled, answered) = (handled.into_inner(), started.into_inner());
     eprintln!("{} cases: {handled} events reached inbox-trigger, {answered} objects answered (not ignored)", cases());
-    assert!(handled * 2 > cases() as usize && answered > 0, "the cases do not reach the handler: {handled}, {answered}");
+    assert!(
+        handled * 2 > cases() as usize && answered > 0,
+        "the cases do not reach the handler: {handled}, {answered}"
+    );
 }

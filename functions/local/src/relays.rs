@@ -135,15 +135,9 @@ pub fn relay_job_stream(endpoint_url: &str, table: String, events: Arc<JobChange
         let streams = aws_sdk_dynamodbstreams::Client::new(&sdk);
         let mut iterators: std::collections::BTreeMap<String, Option<String>> = Default::default();
         loop {
-            match tokio::time::timeout(Duration::from_secs(60), poll_streams(&streams, &table, &mut iterators, &events))
-                .await
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => {
-                    warn!(error = %err, "job stream relay");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(_) => warn!("job stream relay: a poll took over 60 s"),
+            if let Err(err) = poll_streams(&streams, &table, &mut iterators, &events).await {
+                warn!(error = %err, "job stream relay");
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -188,20 +182,10 @@ async fn poll_streams(
                     continue;
                 };
                 // A failure is retried until it succeeds, as Lambda does with a stream.
-                loop {
-                    let handled = tokio::time::timeout(
-                        Duration::from_secs(30),
-                        events.on_change(before.as_ref(), after.as_ref(), Utc::now()),
-                    )
-                    .await;
-                    match handled {
-                        Ok(Ok(_)) => break,
-                        Ok(Err(err)) => warn!(error = %err, "job change not handled; retrying"),
-                        Err(_) => warn!("job change handler still running after 30 s; retrying"),
-                    }
+                while let Err(err) = events.on_change(before.as_ref(), after.as_ref(), Utc::now()).await {
+                    warn!(error = %err, "job change not handled; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                tracing::debug!(job_id = ?after.as_ref().map(|j| j.id.to_string()), "job change handled");
             }
             iterators.insert(key, records.next_shard_iterator);
         }
