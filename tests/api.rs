@@ -462,7 +462,7 @@ async fn queued_jobs_expire_after_their_time_to_live() {
 /// kept them), so its jobs were held to the deployment's defaults.
 #[tokio::test]
 async fn a_tenant_created_with_limits_keeps_them() {
-    use kiln_app::{Tenant, TenantLimits, ports::TenantDirectory};
+    use kiln_app::{Tenant, TenantLimits};
     let stack = stack().await;
     let tenants = stack.aws.tenants();
     let limits = TenantLimits { max_active_jobs: 7, jobs_per_minute: 3 };

@@ -17,9 +17,12 @@ struct Args {
     /// Tenants sharing the jobs.
     #[arg(long, default_value_t = 8)]
     tenants: usize,
-    /// Jobs a minute of the one limited tenant (every 20th job is its).
+    /// Jobs a minute of the one limited tenant.
     #[arg(long, default_value_t = 20)]
     limited_per_minute: u32,
+    /// Every this many-th job is the limited tenant's.
+    #[arg(long, default_value_t = 20)]
+    limited_every: usize,
     #[arg(long, default_value_t = 3)]
     runners: usize,
     /// Seconds the runners may take to drain after the last submit.
@@ -35,6 +38,7 @@ async fn main() -> anyhow::Result<()> {
         clients: args.clients,
         tenants: args.tenants.max(1),
         limited_per_minute: args.limited_per_minute,
+        limited_every: args.limited_every,
         runners: args.runners,
         deadline: Duration::from_secs(args.deadline_secs),
     };

@@ -24,8 +24,10 @@ pub struct BurstOptions {
     pub clients: usize,
     /// Tenants sharing the jobs (limits far above the burst).
     pub tenants: usize,
-    /// One more tenant gets every 20th job with this many jobs a minute: it alone should see 429s.
+    /// One more tenant gets every `limited_every`th job with this many jobs a minute: it alone
+    /// should see 429s.
     pub limited_per_minute: u32,
+    pub limited_every: usize,
     pub runners: usize,
     /// How long the runners may take to drain once the last job was submitted.
     pub deadline: Duration,
@@ -33,11 +35,14 @@ pub struct BurstOptions {
 
 impl BurstOptions {
     pub fn reduced() -> Self {
+        // Every 4th job is the limited tenant's: past 5 a minute on any machine that submits more
+        // than one job every 3 s.
         Self {
             jobs: 300,
             clients: 16,
             tenants: 3,
             limited_per_minute: 5,
+            limited_every: 4,
             runners: 2,
             deadline: Duration::from_secs(240),
         }
@@ -126,8 +131,8 @@ impl std::fmt::Display for BurstReport {
         if let Some(o) = &self.options {
             writeln!(
                 f,
-                "burst: {} jobs from {} clients at once, {} tenants (+1 limited to {}/min), {} runners",
-                o.jobs, o.clients, o.tenants, o.limited_per_minute, o.runners
+                "burst: {} jobs from {} clients at once, {} tenants (+1 limited to {}/min, every {}th job), {} runners",
+                o.jobs, o.clients, o.tenants, o.limited_per_minute, o.limited_every, o.runners
             )?;
         }
         writeln!(
@@ -247,7 +252,8 @@ pub async fn run(moto_url: &str, options: BurstOptions) -> anyhow::Result<BurstR
                     *next += 1;
                     *next - 1
                 };
-                let tenant = if index % 20 == 19 { options.tenants } else { index % options.tenants };
+                let every = options.limited_every.max(2);
+                let tenant = if index % every == every - 1 { options.tenants } else { index % options.tenants };
                 let client = &clients[tenant];
                 let body = json!({"model": "kiln-demo", "prompt": format!("burst {index}"), "seed": index,
                     "width": 64, "height": 64, "steps": 1});
