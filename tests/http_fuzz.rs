@@ -6,7 +6,7 @@
 //!
 //! Held for every request: the server answers (it never drops the connection or stops), no 5xx,
 //! every 4xx of a request HTTP allows in the API's error shape, and tenant B's answers never carry tenant A's job (its
-//! prompt). The suite runs 300 cases; `PROPTEST_CASES=20000 cargo test -p kiln-tests --test
+//! prompt). The suite runs 300 cases; `PROPTEST_CASES=100000 cargo test -p kiln-tests --test
 //! http_fuzz -- --nocapture` is the long run (RELIABILITY.md).
 
 use kiln_tests::{Client, stack};
