@@ -154,8 +154,6 @@ pub struct Outcomes {
 pub struct Accepted {
     pub planned: PlannedJob,
     pub id: String,
-    pub cached: bool,
-    pub deduplicated: bool,
     /// When a cancel was answered 2xx (the job may still end otherwise if it was running).
     pub cancel_answered_at: Option<chrono::DateTime<chrono::Utc>>,
 }
@@ -277,13 +275,7 @@ async fn run_one(clients: &[Arc<ChaosClient>; 2], job: PlannedJob, outcomes: &Mu
             outcomes.lock().unwrap().idempotency_mismatches += 1;
         }
     }
-    let mut accepted = Accepted {
-        id: id.clone(),
-        cached: reply.body["cached"].as_bool().unwrap_or(false),
-        deduplicated: reply.body["deduplicated"].as_bool().unwrap_or(false),
-        cancel_answered_at: None,
-        planned: job.clone(),
-    };
+    let mut accepted = Accepted { id: id.clone(), cancel_answered_at: None, planned: job.clone() };
     if let Some(after) = job.cancel_after {
         tokio::time::sleep(after).await;
         let cancel = || client.client.request(reqwest::Method::POST, &format!("/v1/jobs/{id}/cancel"));

@@ -186,10 +186,6 @@ pub struct FaultCounts {
 }
 
 impl FaultCounts {
-    pub fn total_requests(&self) -> u64 {
-        self.requests.values().sum()
-    }
-
     pub fn total_faults(&self) -> u64 {
         self.faults.values().sum()
     }
