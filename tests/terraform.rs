@@ -390,6 +390,20 @@ async fn every_function_and_the_runner_call_only_what_their_roles_grant() {
         let job = client.wait_finished(id, Duration::from_secs(240)).await;
         assert_eq!(job["status"], "succeeded", "{job}");
     }
+    // A job canceled while it renders: the runner removes its artifact key before recording
+    // the cancel.
+    let canceled = client
+        .post_json(
+            "/v1/jobs",
+            &json!({"model": "kiln-demo", "prompt": "canceled", "width": 768, "height": 768, "steps": 40, "seed": 2}),
+        )
+        .await;
+    let canceled = canceled.body["id"].as_str().unwrap().to_owned();
+    client.wait_for(&canceled, Duration::from_secs(240), |job| job["status"] == "running").await;
+    let answer = client.post(&format!("/v1/jobs/{canceled}/cancel")).await;
+    assert!(answer.status.is_success(), "{:?}", answer.body);
+    let job = client.wait_finished(&canceled, Duration::from_secs(240)).await;
+    assert_eq!(job["status"], "canceled", "{job}");
     harness::stop_runner(&mut runner);
     calls.insert("runner".into(), runner_recorder.calls());
 

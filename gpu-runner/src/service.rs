@@ -6,14 +6,18 @@
 //! |--------------------------------------------|-----------------------|------------------------------|
 //! | unreadable message, missing or ended job   | untouched             | deleted                      |
 //! | succeeded / canceled / permanent failure   | succeeded / canceled / failed | deleted              |
+//! | canceled: its artifact cannot be removed   | stays running         | back after a growing delay   |
 //! | transient failure (AWS, IO, runtime)       | stays running         | back after a growing delay   |
 //! | transient failure on the last delivery     | failed                | deleted                      |
 //! | shutdown deadline passed                   | stays running         | back at once (visibility 0)  |
 //! | another runner took the job over           | theirs                | left alone                   |
 //!
 //! A job whose runner dies stays running until its lease ends; the next delivery restarts it
-//! (running → running, attempt + 1) and overwrites the same artifact key. A message that is
-//! never acknowledged goes to the dead-letter queue, whose handler fails the job.
+//! (running → running, attempt + 1) and overwrites the same artifact key; if the client
+//! canceled it meanwhile, the next delivery removes whatever artifact the dead run uploaded and
+//! then cancels it. A canceled job never keeps an artifact: a run whose upload loses the race
+//! with a cancel removes it before recording the cancel. A message that is never acknowledged
+//! goes to the dead-letter queue, whose handler fails the job.
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -110,6 +114,9 @@ pub enum TransientError {
     /// The job store refused the success record.
     #[error("recording success: {0}")]
     RecordSuccess(#[source] AppError),
+    /// The artifact store refused to remove a canceled job's artifact.
+    #[error("removing the canceled job's artifact: {0}")]
+    RemoveArtifact(#[source] PortError),
     /// The job store refused the cancel record.
     #[error("recording the cancel: {0}")]
     RecordCancel(#[source] AppError),
@@ -218,6 +225,10 @@ impl Runner {
         }
         let mut job = match self.runs.start(&message.job_id, &delivery.message_id, Utc::now()).await {
             Ok(Start::Render(job)) => job,
+            Ok(Start::Cancel(mut job)) => {
+                info!("the job's cancel was requested while no runner held it");
+                return self.cancel(&mut job, &delivery).await;
+            }
             Ok(Start::Skip(reason)) => {
                 info!(?reason, "nothing to render");
                 self.acknowledge(&delivery).await;
@@ -380,14 +391,7 @@ impl Runner {
     /// The render stopped before its end.
     async fn stopped(&self, job: &mut Job, delivery: &Delivery, reason: StopReason) -> Outcome {
         match reason {
-            StopReason::Canceled => match self.runs.cancel(job, Utc::now()).await {
-                Ok(_) => {
-                    info!("job canceled while running");
-                    self.acknowledge(delivery).await;
-                    Outcome::canceled
-                }
-                Err(err) => self.give_up(job, delivery, TransientError::RecordCancel(err).into()).await,
-            },
+            StopReason::Canceled => self.cancel(job, delivery).await,
             StopReason::HandedBack => {
                 info!("handing the job back");
                 self.release(delivery, Duration::ZERO).await;
@@ -398,6 +402,25 @@ impl Runner {
                 Outcome::lost
             }
             StopReason::TimedOut => unreachable!("a timed-out render is failed by `work`"),
+        }
+    }
+
+    /// Ends a job whose cancel was requested: first removes its artifact (this run's upload
+    /// that lost the race with the cancel, or an earlier run's that died before recording it),
+    /// then records the cancel, so a cancel answered to the client never leaves a file behind
+    /// even if this runner dies between the two.
+    async fn cancel(&self, job: &mut Job, delivery: &Delivery) -> Outcome {
+        let key = job.output_key(job.params.format.as_str());
+        if let Err(err) = self.ports.artifacts.delete(&key).await {
+            return self.give_up(job, delivery, TransientError::RemoveArtifact(err).into()).await;
+        }
+        match self.runs.cancel(job, Utc::now()).await {
+            Ok(_) => {
+                info!("job canceled while running");
+                self.acknowledge(delivery).await;
+                Outcome::canceled
+            }
+            Err(err) => self.give_up(job, delivery, TransientError::RecordCancel(err).into()).await,
         }
     }
 
@@ -548,9 +571,34 @@ mod tests {
     /// An artifact store that is down.
     struct DownArtifacts;
 
+    /// The in-memory artifact store, where the client's cancel lands while the upload is in
+    /// flight (after the render, before the success is recorded).
+    struct CancelDuringUpload {
+        inner: Arc<MemoryArtifacts>,
+        store: Arc<MemoryJobStore>,
+        job: JobId,
+    }
+
+    #[async_trait]
+    impl ArtifactStore for CancelDuringUpload {
+        async fn put(&self, key: &str, content_type: &str, body: Bytes) -> Result<(), PortError> {
+            self.inner.put(key, content_type, body).await?;
+            revise(&self.store, &self.job, |job| assert!(job.request_cancel(), "a running job")).await;
+            Ok(())
+        }
+
+        async fn delete(&self, key: &str) -> Result<(), PortError> {
+            self.inner.delete(key).await
+        }
+    }
+
     #[async_trait]
     impl ArtifactStore for DownArtifacts {
         async fn put(&self, _key: &str, _content_type: &str, _body: Bytes) -> Result<(), PortError> {
+            Err(PortError::unavailable("s3", std::io::Error::other("connection reset")))
+        }
+
+        async fn delete(&self, _key: &str) -> Result<(), PortError> {
             Err(PortError::unavailable("s3", std::io::Error::other("connection reset")))
         }
     }
@@ -610,6 +658,18 @@ mod tests {
         Queued { served: bool },
         /// A job canceled before it was delivered.
         Ended,
+        /// A job whose runner died after uploading its artifact (this message, back after its
+        /// lease), canceled by the client meanwhile.
+        CanceledWhileRunnerDead,
+    }
+
+    /// The artifact store the runner writes to.
+    #[derive(Debug, Clone, Copy)]
+    enum Artifacts {
+        Up,
+        Down,
+        /// The client's cancel arrives while the upload is in flight.
+        CancelDuringUpload,
     }
 
     /// What happens while the job renders.
@@ -629,7 +689,7 @@ mod tests {
         message: Message,
         render: Render,
         during: During,
-        artifacts_down: bool,
+        artifacts: Artifacts,
         /// The delivery's receive count (the last is 5).
         delivery: u32,
         outcome: Outcome,
@@ -646,7 +706,7 @@ mod tests {
             message,
             render,
             during: During::Nothing,
-            artifacts_down: false,
+            artifacts: Artifacts::Up,
             delivery: 1,
             outcome: Outcome::succeeded,
             status: Some(JobStatus::Succeeded),
@@ -681,6 +741,34 @@ mod tests {
             ..case("canceled while rendering: deleted", QUEUED, Render::UntilStopped)
         },
         Case {
+            artifacts: Artifacts::CancelDuringUpload,
+            outcome: Outcome::canceled,
+            status: Some(JobStatus::Canceled),
+            ..case("canceled while uploading: the artifact removed, canceled, deleted", QUEUED, Render::Frames)
+        },
+        Case {
+            delivery: 2,
+            outcome: Outcome::canceled,
+            status: Some(JobStatus::Canceled),
+            ..case(
+                "canceled while its runner was dead: the earlier run's artifact removed, canceled, deleted",
+                Message::CanceledWhileRunnerDead,
+                Render::Frames,
+            )
+        },
+        Case {
+            delivery: 2,
+            artifacts: Artifacts::Down,
+            outcome: Outcome::retried,
+            status: Some(JobStatus::Running),
+            fate: Fate::Released(Duration::from_secs(10)),
+            ..case(
+                "canceled, but its artifact cannot be removed: stays running, back after 10 s",
+                Message::CanceledWhileRunnerDead,
+                Render::Frames,
+            )
+        },
+        Case {
             outcome: Outcome::failed,
             status: Some(JobStatus::Failed),
             error: Some((JobErrorCode::InvalidForModel, "the prompt is not a picture")),
@@ -697,14 +785,14 @@ mod tests {
             )
         },
         Case {
-            artifacts_down: true,
+            artifacts: Artifacts::Down,
             outcome: Outcome::retried,
             status: Some(JobStatus::Running),
             fate: Fate::Released(Duration::from_secs(5)),
             ..case("transient failure (artifact store) on delivery 1: back after 5 s", QUEUED, Render::Frames)
         },
         Case {
-            artifacts_down: true,
+            artifacts: Artifacts::Down,
             delivery: 3,
             outcome: Outcome::retried,
             status: Some(JobStatus::Running),
@@ -719,7 +807,7 @@ mod tests {
             ..case("transient failure (the pipeline panicked) on delivery 2: back after 10 s", QUEUED, Render::Panics)
         },
         Case {
-            artifacts_down: true,
+            artifacts: Artifacts::Down,
             delivery: 5,
             outcome: Outcome::failed,
             status: Some(JobStatus::Failed),
@@ -815,15 +903,19 @@ mod tests {
         let model = demo_model();
         let store = Arc::new(MemoryJobStore::default());
         let queue = Arc::new(RecordingQueue::default());
-        let artifacts: Arc<dyn ArtifactStore> = match case.artifacts_down {
-            true => Arc::new(DownArtifacts),
-            false => Arc::new(MemoryArtifacts::default()),
-        };
         let mut job = new_job(&model);
+        let stored_artifacts = Arc::new(MemoryArtifacts::default());
+        let artifacts: Arc<dyn ArtifactStore> = match case.artifacts {
+            Artifacts::Up => stored_artifacts.clone(),
+            Artifacts::Down => Arc::new(DownArtifacts),
+            Artifacts::CancelDuringUpload => {
+                Arc::new(CancelDuringUpload { inner: stored_artifacts.clone(), store: store.clone(), job: job.id.clone() })
+            }
+        };
         if let Message::Ended = case.message {
             job.transition(JobStatus::Canceled, Utc::now()).unwrap();
         }
-        if let Message::Queued { .. } | Message::Ended = case.message {
+        if let Message::Queued { .. } | Message::Ended | Message::CanceledWhileRunnerDead = case.message {
             store.insert(&job, &CacheClaim { key: job.cache_key.clone(), replaces: None }, None).await.unwrap();
         }
         let inserted = store.get(&job.id).await.unwrap();
@@ -846,6 +938,15 @@ mod tests {
         let delivery = queue.inner.receive(1, Duration::ZERO, Duration::from_secs(60)).await.unwrap().remove(0);
         let delivery = Delivery { receive_count: case.delivery, ..delivery };
         let (receipt, message_id) = (delivery.receipt.clone(), delivery.message_id.clone());
+        if let Message::CanceledWhileRunnerDead = case.message {
+            // The first delivery of this message started the job and uploaded its artifact;
+            // then its runner died, and the client canceled.
+            let started = JobRuns::new(store.clone()).start(&job.id, &message_id, Utc::now()).await.unwrap();
+            assert!(matches!(started, Start::Render(_)));
+            let key = job.output_key(job.params.format.as_str());
+            stored_artifacts.put(&key, "image/png", Bytes::from_static(b"png")).await.unwrap();
+            revise(&store, &job.id, |job| assert!(job.request_cancel(), "a running job")).await;
+        }
         let intervene = async {
             if let During::Nothing = case.during {
                 return;
@@ -888,6 +989,17 @@ mod tests {
                 assert!(stored.timings.render_ms.is_some(), "{}: timings", case.name);
             }
             _ => {}
+        }
+        let left = stored_artifacts.keys();
+        match case.artifacts {
+            Artifacts::Down => {}
+            _ if case.status == Some(JobStatus::Succeeded) => {
+                assert_eq!(left.len(), 1, "{}: the artifact of a succeeded job", case.name);
+            }
+            // A canceled job's artifact is removed; a job still running may keep one until
+            // its cancel (or the next delivery's upload) comes.
+            _ if case.status == Some(JobStatus::Running) => {}
+            _ => assert_eq!(left, Vec::<String>::new(), "{}: artifacts of a job that did not succeed", case.name),
         }
         if let During::TakeOver = case.during {
             assert_eq!(stored.map(|job| job.attempts), Some(2), "{}: the other runner's attempt", case.name);

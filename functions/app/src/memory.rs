@@ -470,6 +470,12 @@ impl ArtifactStore for MemoryArtifacts {
         lock(&self.objects).insert(key.to_owned(), (content_type.to_owned(), body));
         Ok(())
     }
+
+    async fn delete(&self, key: &str) -> Result<(), PortError> {
+        self.check()?;
+        lock(&self.objects).remove(key);
+        Ok(())
+    }
 }
 
 #[async_trait]

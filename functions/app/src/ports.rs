@@ -228,6 +228,8 @@ pub trait WorkQueue: Send + Sync {
 pub trait ArtifactStore: Send + Sync {
     /// Writes (or overwrites) the object at `key`.
     async fn put(&self, key: &str, content_type: &str, body: bytes::Bytes) -> Result<(), PortError>;
+    /// Removes the object at `key`; one that is not there is not an error.
+    async fn delete(&self, key: &str) -> Result<(), PortError>;
 }
 
 /// Where webhook events wait for delivery (durably: each is delivered or dead-lettered).

@@ -20,6 +20,10 @@ use crate::{
 pub enum Start {
     /// It is now running under this runner; render it.
     Render(Job),
+    /// Its cancel was requested while no runner held it (the last one died): an earlier run
+    /// may have uploaded its artifact before dying. Remove that, then end it with
+    /// [`JobRuns::cancel`]; until then the job stays running, so a redelivery does this again.
+    Cancel(Job),
     /// Nothing to do: acknowledge the message.
     Skip(SkipReason),
 }
@@ -70,28 +74,33 @@ impl JobRuns {
     /// running → running when that same message came back because its runner stopped renewing
     /// its lease), counting an attempt. A running job held by another message is left to it
     /// ([`SkipReason::Duplicate`]): only a lapsed lease is taken over. A job whose cancel was
-    /// requested before its runner died is canceled here instead of started.
+    /// requested before its runner died is not started: [`Start::Cancel`].
     pub async fn start(&self, id: &JobId, message_id: &str, now: DateTime<Utc>) -> Result<Start, AppError> {
+        enum Decision {
+            Skip(SkipReason),
+            Cancel,
+            Render,
+        }
         let started = revise_stored(&*self.store, id, |job| {
             if job.status.is_terminal() {
-                return Ok(Change::Keep(Some(SkipReason::Ended(job.status))));
+                return Ok(Change::Keep(Decision::Skip(SkipReason::Ended(job.status))));
             }
             if job.status == JobStatus::Running && held_by_another(job, message_id) {
-                return Ok(Change::Keep(Some(SkipReason::Duplicate)));
+                return Ok(Change::Keep(Decision::Skip(SkipReason::Duplicate)));
             }
             if job.cancel_requested {
-                job.transition(JobStatus::Canceled, now)?;
-                return Ok(Change::Write(Some(SkipReason::Ended(JobStatus::Canceled))));
+                return Ok(Change::Keep(Decision::Cancel));
             }
             job.transition(JobStatus::Running, now)?;
             job.run_message = Some(message_id.to_owned());
-            Ok(Change::Write(None))
+            Ok(Change::Write(Decision::Render))
         })
         .await?;
         Ok(match started {
             None => Start::Skip(SkipReason::Missing),
-            Some((_, Some(skip))) => Start::Skip(skip),
-            Some((job, None)) => {
+            Some((_, Decision::Skip(skip))) => Start::Skip(skip),
+            Some((job, Decision::Cancel)) => Start::Cancel(job),
+            Some((job, Decision::Render)) => {
                 info!(job_id = %job.id, attempt = job.attempts, "job started");
                 Start::Render(job)
             }

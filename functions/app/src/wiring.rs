@@ -214,6 +214,9 @@ impl ArtifactStore for Unwired {
     async fn put(&self, _: &str, _: &str, _: bytes::Bytes) -> Result<(), PortError> {
         unwired()
     }
+    async fn delete(&self, _: &str) -> Result<(), PortError> {
+        unwired()
+    }
 }
 
 #[async_trait]

@@ -94,11 +94,20 @@ async fn a_job_canceled_while_its_runner_was_dead_is_not_restarted() {
     let (world, id) = world_with_job().await;
     started(&world, &id).await;
     world.jobs.cancel(&world.tenant, id.as_str()).await.unwrap();
+    let Start::Cancel(mut job) = world.runs.start(&id, MESSAGE, Utc::now()).await.unwrap() else {
+        panic!("a job whose cancel was requested is not started again")
+    };
+    assert_eq!(
+        world.store.get(&id).await.unwrap().unwrap().status,
+        JobStatus::Running,
+        "running until the runner has removed what an earlier run wrote"
+    );
+    assert_eq!(world.runs.cancel(&mut job, Utc::now()).await.unwrap(), Written::Done);
+    assert_eq!(world.store.get(&id).await.unwrap().unwrap().status, JobStatus::Canceled);
     assert_eq!(
         world.runs.start(&id, MESSAGE, Utc::now()).await.unwrap(),
         Start::Skip(SkipReason::Ended(JobStatus::Canceled))
     );
-    assert_eq!(world.store.get(&id).await.unwrap().unwrap().status, JobStatus::Canceled);
 }
 
 #[tokio::test]

@@ -32,6 +32,11 @@ impl ArtifactStore for S3ArtifactStore {
             .map_err(unavailable("s3"))?;
         Ok(())
     }
+
+    async fn delete(&self, key: &str) -> Result<(), PortError> {
+        self.client.delete_object().bucket(&self.bucket).key(key).send().await.map_err(unavailable("s3"))?;
+        Ok(())
+    }
 }
 
 /// Reading and copying objects in the bucket: the S3 inbox and the outbox.

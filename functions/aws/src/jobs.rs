@@ -8,8 +8,8 @@
 use async_trait::async_trait;
 use aws_sdk_dynamodb::{
     Client,
-    operation::transact_write_items::TransactWriteItemsError,
-    types::{AttributeValue, Put, TransactWriteItem},
+    operation::{put_item::PutItemError, transact_write_items::TransactWriteItemsError},
+    types::{AttributeValue, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem},
 };
 use chrono::{DateTime, Utc};
 use kiln_app::ports::{CacheClaim, IdempotencyRecord, InsertOutcome, JobPage, JobStore, PortError};
@@ -156,9 +156,10 @@ impl JobStore for DynamoJobStore {
             let failed = |index: usize| {
                 canceled.cancellation_reasons().get(index).and_then(|r| r.code()) == Some("ConditionalCheckFailed")
             };
-            // A retry whose first attempt landed fails on its own writes: the job exists, so
-            // this insert happened (no other request writes this fresh id).
-            if (0..canceled.cancellation_reasons().len()).any(failed) && self.get(&job.id).await?.is_some() {
+            // The job's id is fresh: no other request writes it. When its put fails its
+            // `attribute_not_exists(id)`, the job is there, so this is a retry whose first
+            // attempt landed (its answer lost) and failed on its own writes: inserted.
+            if failed(0) {
                 return Ok(InsertOutcome::Inserted);
             }
             if failed(2) {
@@ -199,14 +200,20 @@ impl JobStore for DynamoJobStore {
             .set_item(Some(job_item(job)?))
             .condition_expression("revision = :previous")
             .expression_attribute_values(":previous", n(previous))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
             .await;
-        if written(result)? {
-            return Ok(true);
-        }
-        // The condition failed. When a retry's first attempt landed and its answer was lost,
-        // the stored job is this very write: report it written, not as a race lost to another.
-        Ok(self.get(&job.id).await?.is_some_and(|stored| stored == *job))
+        let err = match result {
+            Ok(_) => return Ok(true),
+            Err(err) => err,
+        };
+        let Some(PutItemError::ConditionalCheckFailedException(failed)) = err.as_service_error() else {
+            return Err(PortError::unavailable("dynamodb", err));
+        };
+        // When a retry's first attempt landed and its answer was lost, the stored job (the
+        // failure carries it) is this very write: written, not a race lost to another writer.
+        let stored = failed.item.clone().map(job_from_item).transpose()?;
+        Ok(stored.is_some_and(|stored| stored == *job))
     }
 
     async fn list(

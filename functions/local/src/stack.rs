@@ -61,6 +61,15 @@ impl Default for StackOptions {
     }
 }
 
+/// What a stack's own machinery talks to: the backend itself, and the fault proxy in front of
+/// it (when there is one) that the stack's functions talk to instead.
+struct Backend {
+    direct: AwsClients,
+    /// The endpoint of `direct` (moto's URL).
+    endpoint: String,
+    fault_proxy: Option<FaultProxy>,
+}
+
 /// A running local deployment. The API server stops when this is dropped or stopped.
 pub struct LocalStack {
     /// The resources as the stack's functions and runners see them (with the fault proxy's
@@ -109,11 +118,8 @@ impl LocalStack {
         config.output_retention_secs = options.output_retention_secs;
         config.link_ttl_secs = options.link_ttl_secs;
         config.allow_local_webhooks = options.allow_local_webhooks;
-        let mut stack = Self::serve(clients, resources, config, options).await?;
-        stack.direct = direct;
-        stack.direct_endpoint = endpoint_url.to_owned();
-        stack.fault_proxy = fault_proxy;
-        Ok(stack)
+        let backend = Backend { direct, endpoint: endpoint_url.to_owned(), fault_proxy };
+        Self::serve_on(clients, backend, resources, config, options).await
     }
 
     /// Starts injecting the fault plan's faults (when the stack has a fault proxy).
@@ -128,9 +134,22 @@ impl LocalStack {
         self.fault_proxy.as_ref()
     }
 
-    /// Serves the API with `config` on resources that already exist.
+    /// Serves the API with `config` on resources that already exist, reached by `clients`
+    /// with no fault proxy between.
     pub async fn serve(
         clients: AwsClients,
+        resources: Resources,
+        config: FunctionConfig,
+        options: StackOptions,
+    ) -> anyhow::Result<Self> {
+        let endpoint = resources.endpoint_url.clone().unwrap_or_default();
+        let backend = Backend { direct: clients.clone(), endpoint, fault_proxy: None };
+        Self::serve_on(clients, backend, resources, config, options).await
+    }
+
+    async fn serve_on(
+        clients: AwsClients,
+        backend: Backend,
         resources: Resources,
         config: FunctionConfig,
         options: StackOptions,
@@ -144,13 +163,12 @@ impl LocalStack {
         let server = tokio::spawn(crate::server::serve(listener, api.clone(), async {
             let _ = stopped.await;
         }));
-        let direct_endpoint = resources.endpoint_url.clone().unwrap_or_default();
         Ok(Self {
             resources,
-            direct: clients.clone(),
             clients,
-            direct_endpoint,
-            fault_proxy: None,
+            direct: backend.direct,
+            direct_endpoint: backend.endpoint,
+            fault_proxy: backend.fault_proxy,
             aws,
             api,
             api_url,
