@@ -40,7 +40,7 @@ async fn every_format_renders_to_a_file_of_the_asked_size_and_length() {
         assert_eq!(job["status"], "succeeded", "{job}");
         assert_eq!(job["progress"], 1.0);
         assert_eq!(job["attempts"], 1);
-        for stage in ["queue_ms", "render_ms", "encode_ms", "upload_ms"] {
+        for stage in ["queue_ms", "batch_wait_ms", "render_ms", "encode_ms", "upload_ms"] {
             assert!(job["timings"][stage].is_u64(), "{stage} missing: {}", job["timings"]);
         }
         let output = &job["outputs"][0];

@@ -117,7 +117,7 @@ class TextEncoder(torch.nn.Module):
         return out[0], out[1]
 
 
-def build(preset, dtype, out, device, seed):
+def build(preset, dtype, out, device, seed, diffusers_dir=None):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -145,6 +145,8 @@ def build(preset, dtype, out, device, seed):
         export(TextEncoder(text), (ids,), out / "text_encoder/model.onnx", ["input_ids"],
                ["last_hidden_state", "pooler_output"], {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"},
                                                          "pooler_output": {0: "batch"}})
+    if diffusers_dir:
+        text.save_pretrained(diffusers_dir / "text_encoder")
     del text
 
     unet_spec = spec["unet"]
@@ -158,6 +160,8 @@ def build(preset, dtype, out, device, seed):
                ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
                {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "steps"},
                 "encoder_hidden_states": {0: "batch"}, "out_sample": {0: "batch", 2: "height", 3: "width"}})
+    if diffusers_dir:
+        unet.save_pretrained(diffusers_dir / "unet")
     del unet
 
     vae_spec = spec["vae"]
@@ -172,6 +176,8 @@ def build(preset, dtype, out, device, seed):
         export(VaeDecoder(vae), (latent,), out / "vae_decoder/model.onnx", ["latent_sample"], ["sample"],
                {"latent_sample": {0: "batch", 2: "height", 3: "width"}, "sample": {0: "batch", 2: "height", 3: "width"}})
     (out / "vae_decoder/config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "scaling_factor": 0.18215}))
+    if diffusers_dir:
+        save_diffusers_pipeline(diffusers_dir, vae, out / "tokenizer")
 
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler/scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2))
@@ -184,6 +190,30 @@ def build(preset, dtype, out, device, seed):
         "scheduler": ["diffusers", "EulerDiscreteScheduler"],
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_diffusers_pipeline(path, vae, tokenizer_dir):
+    """Completes a diffusers StableDiffusionPipeline folder of the same weights (the text encoder
+    and UNet were saved as they were exported): the peer that benchmarks run beside ours."""
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPTokenizer
+
+    vae.save_pretrained(path / "vae")
+    CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt")).save_pretrained(path / "tokenizer")
+    EulerDiscreteScheduler(**{k: v for k, v in SCHEDULER.items() if k != "_class_name"}).save_pretrained(path / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    print(f"wrote the diffusers pipeline {path}", flush=True)
 
 
 def scheduler_fixtures(path):
@@ -243,8 +273,10 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--manifest", type=Path, help="a kiln manifest.json to copy into the package")
     parser.add_argument("--schedulers", type=Path, help="also write diffusers' scheduler values here")
+    parser.add_argument("--diffusers", type=Path,
+                        help="also save the same weights as a diffusers StableDiffusionPipeline folder here (the peer)")
     args = parser.parse_args()
-    build(args.preset, args.dtype, args.out, args.device, args.seed)
+    build(args.preset, args.dtype, args.out, args.device, args.seed, args.diffusers)
     if args.manifest:
         (args.out / "manifest.json").write_text(args.manifest.read_text())
     if args.schedulers:

@@ -46,6 +46,12 @@ pub struct RunnerConfig {
     #[arg(long, env = "KILN_MAX_BATCH", default_value_t = 1)]
     pub max_batch: usize,
 
+    /// Longest the oldest job waiting in a session waits for compatible jobs to fill its batch,
+    /// in milliseconds (as Triton's `max_queue_delay`). A batch goes earlier when it is full,
+    /// when an incompatible job waits behind it, or when the runner is draining. 0: never wait.
+    #[arg(long, env = "KILN_MAX_QUEUE_DELAY_MS", default_value_t = 0)]
+    pub max_queue_delay_ms: u64,
+
     /// Latent diffusion: most UNet rows in one run, counted at 512x512 (smaller images fit
     /// proportionally more; with guidance each image is two rows). Bounds GPU memory whatever
     /// the batch or video length.
@@ -111,6 +117,14 @@ pub struct RunnerConfig {
 }
 
 impl RunnerConfig {
+    /// How each session fills its batches.
+    pub fn fill_policy(&self) -> crate::batching::FillPolicy {
+        crate::batching::FillPolicy {
+            max_batch: self.max_batch.max(1),
+            max_queue_delay: Duration::from_millis(self.max_queue_delay_ms),
+        }
+    }
+
     pub fn session_options(&self) -> SessionOptions {
         let io_binding = match self.io_binding {
             Toggle::Auto => matches!(self.device, Device::Cuda(_)),

@@ -42,7 +42,7 @@ pub fn start_sessions(
             model.spec.name.clone(),
             model.spec.version.clone(),
             model.pipeline,
-            config.max_batch,
+            config.fill_policy(),
             metrics.clone(),
         );
         handle.budget = model.spec.render_budget;

@@ -43,6 +43,11 @@ pub struct OutcomeLabels {
     pub outcome: Outcome,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BatchStopLabels {
+    pub stop: crate::batching::BatchStop,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub jobs: Family<OutcomeLabels, Counter>,
@@ -51,6 +56,10 @@ pub struct Metrics {
     pub encode: Histogram,
     pub upload: Histogram,
     pub batch_size: Histogram,
+    /// Batches, by why they went when they did (full, waited, incompatible, deadline).
+    pub batch_stops: Family<BatchStopLabels, Counter>,
+    /// Per job: from being handed to its session to its batch's render call.
+    pub batch_wait: Histogram,
     /// Time the session threads spent inside render calls, once per batch: its rate is how
     /// busy the runner keeps its device (1.0 = a render always running).
     pub render_busy: Counter<f64, AtomicU64>,
@@ -71,6 +80,8 @@ impl Default for Metrics {
         let jobs = Family::<OutcomeLabels, Counter>::default();
         let histogram = || Histogram::new(seconds_buckets());
         let (queue_wait, render, encode, upload) = (histogram(), histogram(), histogram(), histogram());
+        let batch_wait = Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0].into_iter());
+        let batch_stops = Family::<BatchStopLabels, Counter>::default();
         let batch_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0].into_iter());
         let in_flight = Gauge::default();
         let render_busy = Counter::<f64, AtomicU64>::default();
@@ -81,6 +92,12 @@ impl Default for Metrics {
         registry.register("encode_seconds", "Time encoding a job's frames", encode.clone());
         registry.register("upload_seconds", "Time writing a job's artifact", upload.clone());
         registry.register("batch_size", "Jobs per render call", batch_size.clone());
+        registry.register("batch_stops", "Render calls, by why the batch went when it did", batch_stops.clone());
+        registry.register(
+            "batch_wait_seconds",
+            "Per job: from its session taking it to its batch's render call",
+            batch_wait.clone(),
+        );
         registry.register(
             "render_busy_seconds",
             "Time in render calls, per batch (the device's busy time)",
@@ -96,6 +113,8 @@ impl Default for Metrics {
             encode,
             upload,
             batch_size,
+            batch_stops,
+            batch_wait,
             render_busy,
             batches,
             in_flight,

@@ -184,6 +184,9 @@ impl Runner {
             }
         }
         self.metrics.set_ready(false);
+        for session in self.sessions.values() {
+            session.drain();
+        }
         tracker.close();
         info!(in_flight = tracker.len(), deadline = ?self.settings.shutdown_deadline, "runner stopping");
         if tokio::time::timeout(self.settings.shutdown_deadline, tracker.wait()).await.is_err() {
@@ -312,6 +315,7 @@ impl Runner {
         let millis = |d: Duration| Some(d.as_millis() as u64);
         let timings = Timings {
             queue_ms: None,
+            batch_wait_ms: millis(rendered.batch_wait),
             render_ms: millis(rendered.render_time),
             encode_ms: millis(encode_time),
             upload_ms: millis(upload_time),
@@ -931,7 +935,8 @@ mod tests {
         let started = Arc::new(Notify::new());
         let pipeline = Box::new(FakePipeline { render: case.render, started: started.clone() });
         let metrics = Arc::new(Metrics::default());
-        let (session, _thread) = session::spawn(model.name.clone(), served_version, pipeline, 1, metrics.clone());
+        let policy = crate::batching::FillPolicy { max_batch: 1, max_queue_delay: Duration::ZERO };
+        let (session, _thread) = session::spawn(model.name.clone(), served_version, pipeline, policy, metrics.clone());
         let ports = Ports { store: store.clone(), queue: queue.clone(), artifacts };
         let runner = Runner::new(ports, vec![session], settings(), metrics);
 

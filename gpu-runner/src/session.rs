@@ -1,17 +1,21 @@
 //! One OS thread per loaded model: it takes render jobs from a bounded channel, groups them with
-//! the batching policy, renders, and hands each job its frames back. ONNX Runtime calls block,
-//! so they never run on the async runtime's threads.
+//! the batching policy (waiting up to the policy's `max_queue_delay` for a batch to fill),
+//! renders, and hands each job its frames back. ONNX Runtime calls block, so they never run on
+//! the async runtime's threads.
 
 use std::{
     collections::VecDeque,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{Span, debug, error, info, info_span};
 
 use crate::{
-    batching::{BatchKey, next_batch},
+    batching::{BatchKey, BatchStop, Decision, FillPolicy, Waiting, decide},
     metrics::Metrics,
     render::{Frames, Pipeline, RenderError, RenderRequest, RuntimeFailure},
 };
@@ -26,12 +30,14 @@ pub struct RenderJob {
     /// The caller's span (the job's): the batch that renders the job follows from it, and the
     /// session enters it while it hands the job its result.
     pub span: Span,
+    /// When it was handed to the session.
+    pub submitted: Instant,
 }
 
 impl RenderJob {
     /// A job for the session, carrying the current span.
     pub fn new(id: impl Into<String>, key: BatchKey, request: RenderRequest, reply: oneshot::Sender<Rendered>) -> Self {
-        Self { id: id.into(), key, request, reply, span: Span::current() }
+        Self { id: id.into(), key, request, reply, span: Span::current(), submitted: Instant::now() }
     }
 }
 
@@ -42,6 +48,11 @@ pub struct Rendered {
     /// Time in the render call (the whole batch's).
     pub render_time: Duration,
     pub batch_size: usize,
+    /// Time from being handed to the session to its batch's render call: waiting for the
+    /// session to be free, and for the batch to fill.
+    pub batch_wait: Duration,
+    /// Why its batch went when it did.
+    pub stop: BatchStop,
 }
 
 /// Where to send jobs for one model.
@@ -52,12 +63,26 @@ pub struct SessionHandle {
     /// How long a job's render may take (its model's manifest).
     pub budget: kiln_domain::RenderBudget,
     sender: mpsc::Sender<RenderJob>,
+    drain: Arc<Drain>,
+}
+
+/// Set when the runner starts shutting down; wakes a session waiting for its batch to fill.
+#[derive(Default)]
+struct Drain {
+    draining: AtomicBool,
+    wake: Notify,
 }
 
 impl SessionHandle {
     /// Queues a job; waits while the session's channel is full.
     pub async fn submit(&self, job: RenderJob) -> Result<(), RuntimeFailure> {
         self.sender.send(job).await.map_err(|_| RuntimeFailure::SessionStopped)
+    }
+
+    /// The runner is shutting down: from now on no batch waits to fill.
+    pub fn drain(&self) {
+        self.drain.draining.store(true, Ordering::SeqCst);
+        self.drain.wake.notify_one();
     }
 }
 
@@ -66,17 +91,25 @@ pub fn spawn(
     model: String,
     version: String,
     mut pipeline: Box<dyn Pipeline>,
-    max_batch: usize,
+    policy: FillPolicy,
     metrics: Arc<Metrics>,
 ) -> (SessionHandle, std::thread::JoinHandle<()>) {
-    let (sender, mut receiver) = mpsc::channel::<RenderJob>(max_batch.max(1) * 2);
+    let (sender, mut receiver) = mpsc::channel::<RenderJob>(policy.max_batch.max(1) * 2);
     let name = format!("session-{model}");
     let thread_model = model.clone();
+    let drain = Arc::new(Drain::default());
+    let thread_drain = drain.clone();
     let thread = std::thread::Builder::new()
         .name(name.clone())
         .spawn(move || {
             let model = thread_model;
+            // Times the wait for a batch to fill (this thread's own: it runs no tasks).
+            let clock = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("a timer for the session thread");
             let mut waiting: VecDeque<RenderJob> = VecDeque::new();
+            let mut closed = false;
             loop {
                 if waiting.is_empty() {
                     match receiver.blocking_recv() {
@@ -87,8 +120,31 @@ pub fn spawn(
                 while let Ok(job) = receiver.try_recv() {
                     waiting.push_back(job);
                 }
-                let keys: Vec<BatchKey> = waiting.iter().map(|job| job.key.clone()).collect();
-                let chosen = next_batch(&keys, max_batch);
+                let now = Instant::now();
+                let view: Vec<Waiting> = waiting
+                    .iter()
+                    .map(|job| Waiting { key: job.key.clone(), waited: now.saturating_duration_since(job.submitted) })
+                    .collect();
+                let draining = closed || thread_drain.draining.load(Ordering::SeqCst);
+                let (chosen, stop) = match decide(&view, policy, draining) {
+                    Decision::Render { jobs, stop } => (jobs, stop),
+                    Decision::Wait(wait) => {
+                        // A new job, the drain, or the end of the wait: then decide again.
+                        let arrived = clock.block_on(async {
+                            tokio::select! {
+                                job = receiver.recv() => Some(job),
+                                () = thread_drain.wake.notified() => None,
+                                () = tokio::time::sleep(wait) => None,
+                            }
+                        });
+                        match arrived {
+                            Some(Some(job)) => waiting.push_back(job),
+                            Some(None) => closed = true,
+                            None => {}
+                        }
+                        continue;
+                    }
+                };
                 let batch: Vec<RenderJob> = chosen
                     .iter()
                     .rev()
@@ -104,6 +160,7 @@ pub fn spawn(
                     span.follows_from(&job.span);
                 }
                 let started = Instant::now();
+                metrics.batch_stops.get_or_create(&crate::metrics::BatchStopLabels { stop }).inc();
                 let results = span.in_scope(|| {
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pipeline.render_batch(&requests)))
                         .unwrap_or_else(|panic| {
@@ -124,14 +181,22 @@ pub fn spawn(
                         ok = result.is_ok(),
                         "rendered"
                     );
-                    let rendered = Rendered { result: result.map(Arc::new), render_time, batch_size: requests.len() };
+                    let batch_wait = started.saturating_duration_since(job.submitted);
+                    metrics.batch_wait.observe(batch_wait.as_secs_f64());
+                    let rendered = Rendered {
+                        result: result.map(Arc::new),
+                        render_time,
+                        batch_size: requests.len(),
+                        batch_wait,
+                        stop,
+                    };
                     let _ = job.reply.send(rendered);
                 }
             }
             info!(thread = %name, "render session stopped");
         })
         .expect("spawning a session thread");
-    (SessionHandle { model, version, budget: kiln_domain::RenderBudget::default(), sender }, thread)
+    (SessionHandle { model, version, budget: kiln_domain::RenderBudget::default(), sender, drain }, thread)
 }
 
 /// What a caught panic said, when it said it with a string.
@@ -140,5 +205,98 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         (Some(message), _) => (*message).to_owned(),
         (_, Some(message)) => message.clone(),
         _ => "no message".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The session's batch filling, with a pipeline that only records the batches it is given.
+
+    use super::*;
+    use crate::render::RenderControl;
+    use kiln_domain::{ModelSpec, Submission, WebhookPolicy};
+    use std::{path::Path, sync::Mutex};
+
+    /// Renders grey frames at once and records each batch's size.
+    struct Recording(Arc<Mutex<Vec<usize>>>);
+
+    impl Pipeline for Recording {
+        fn render(&mut self, request: &RenderRequest) -> Result<Frames, RenderError> {
+            let p = &request.params;
+            Ok(Frames { width: p.width, height: p.height, frames: vec![vec![0; 3]], notes: Vec::new() })
+        }
+
+        fn render_batch(&mut self, batch: &[RenderRequest]) -> Vec<Result<Frames, RenderError>> {
+            self.0.lock().unwrap().push(batch.len());
+            batch.iter().map(|request| self.render(request)).collect()
+        }
+    }
+
+    fn job(width: u32) -> (RenderJob, oneshot::Receiver<Rendered>) {
+        let model = ModelSpec::read_manifest(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/kiln-demo")).unwrap();
+        let body = serde_json::json!({ "model": model.name, "prompt": "a lake", "width": width, "height": 64 });
+        let params = Submission::parse(body.to_string().as_bytes())
+            .unwrap()
+            .resolve(&model, WebhookPolicy::default(), || 0)
+            .unwrap()
+            .params;
+        let key = BatchKey::new(&model.name, &model.version, &params);
+        let (reply, rendered) = oneshot::channel();
+        let request = RenderRequest { params, control: Arc::new(RenderControl::default()) };
+        (RenderJob::new("job", key, request, reply), rendered)
+    }
+
+    fn session(max_queue_delay: Duration) -> (SessionHandle, Arc<Mutex<Vec<usize>>>, Arc<Metrics>) {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let metrics = Arc::new(Metrics::default());
+        let policy = FillPolicy { max_batch: 3, max_queue_delay };
+        let (handle, _thread) =
+            spawn("m".into(), "1".into(), Box::new(Recording(batches.clone())), policy, metrics.clone());
+        (handle, batches, metrics)
+    }
+
+    #[tokio::test]
+    async fn a_batch_waits_for_company_and_goes_when_full() {
+        let (session, batches, _) = session(Duration::from_secs(3600));
+        let mut replies = Vec::new();
+        for _ in 0..3 {
+            let (job, reply) = job(64);
+            session.submit(job).await.unwrap();
+            replies.push(reply);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for reply in replies {
+            let rendered = reply.await.unwrap();
+            assert_eq!((rendered.batch_size, rendered.stop), (3, BatchStop::full));
+        }
+        assert_eq!(*batches.lock().unwrap(), vec![3], "the first job waited for the other two");
+    }
+
+    #[tokio::test]
+    async fn a_lone_job_goes_after_the_delay_and_reports_its_wait() {
+        let (session, _, metrics) = session(Duration::from_millis(150));
+        let (job, reply) = job(64);
+        session.submit(job).await.unwrap();
+        let rendered = reply.await.unwrap();
+        assert_eq!((rendered.batch_size, rendered.stop), (1, BatchStop::waited));
+        assert!(rendered.batch_wait >= Duration::from_millis(150), "waited {:?}", rendered.batch_wait);
+        let stops = metrics.batch_stops.get_or_create(&crate::metrics::BatchStopLabels { stop: BatchStop::waited });
+        assert_eq!(stops.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_incompatible_job_behind_sends_the_batch_and_draining_sends_the_rest() {
+        let (session, batches, _) = session(Duration::from_secs(3600));
+        let (first, first_reply) = job(64);
+        let (other, other_reply) = job(128);
+        session.submit(first).await.unwrap();
+        session.submit(other).await.unwrap();
+        assert_eq!(first_reply.await.unwrap().stop, BatchStop::incompatible, "the 128 px job waits behind it");
+        // The 128 px job is alone now and would wait an hour; the runner starts draining.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        session.drain();
+        let rendered = other_reply.await.unwrap();
+        assert_eq!((rendered.batch_size, rendered.stop), (1, BatchStop::deadline));
+        assert_eq!(*batches.lock().unwrap(), vec![1, 1]);
     }
 }

@@ -52,7 +52,8 @@ async fn a_run_starts_reports_progress_and_succeeds() {
     assert_eq!((job.status, job.attempts), (JobStatus::Running, 1));
     assert_eq!(world.runs.checkpoint(&mut job, 0.5).await.unwrap(), Written::Done);
     assert_eq!(world.store.get(&id).await.unwrap().unwrap().progress, 0.5);
-    let timings = Timings { render_ms: Some(7), encode_ms: Some(2), upload_ms: Some(1), queue_ms: None };
+    let timings =
+        Timings { render_ms: Some(7), encode_ms: Some(2), upload_ms: Some(1), batch_wait_ms: Some(3), queue_ms: None };
     let outputs = output(&job);
     assert_eq!(
         world.runs.succeed(&mut job, outputs, timings, vec!["prompt truncated".into()], Utc::now()).await.unwrap(),

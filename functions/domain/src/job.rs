@@ -67,6 +67,10 @@ pub struct WebhookDelivery {
 pub struct Timings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_ms: Option<u64>,
+    /// From the runner handing the job to its model's session to the render call of its batch:
+    /// waiting for the session to be free and for the batch to fill.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_wait_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub render_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

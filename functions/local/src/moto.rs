@@ -10,9 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// What the project installs into `<workspace>/.venv`: moto's server (the local AWS) and ONNX
-/// Runtime's CPU build (its `libonnxruntime.so` is what the runner loads).
-pub const PYTHON_REQUIREMENTS: &[&str] = &["moto[server]==5.2.5", "onnxruntime==1.31.1"];
+/// What the project installs into `<workspace>/.venv`: moto's server (the local AWS), ONNX
+/// Runtime's CPU build (its `libonnxruntime.so` is what the runner loads; its Python package
+/// carries `onnxruntime.transformers`, the graph optimizer `gpu-runner/sd/prepare_sd.py` runs)
+/// and onnx, which that optimizer needs.
+pub const PYTHON_REQUIREMENTS: &[&str] = &["moto[server]==5.2.5", "onnxruntime==1.31.1", "onnx==1.23.2"];
 
 /// Debian packages the runner links against: libvpx for WebM (VP9), found through pkg-config.
 const SYSTEM_PACKAGES: &[&str] = &["libvpx-dev", "pkg-config"];

@@ -1,8 +1,9 @@
 //! `diffusion-bench`: how close the latent-diffusion pipeline comes to what its UNet allows.
 //!
 //! `speed` measures, for one package on one device:
-//! 1. raw ONNX Runtime: the UNet alone, `session.run` with host inputs, at batch 1, 2 and 4
-//!    (rows; an image with guidance is two rows): median ms per run;
+//! 1. raw ONNX Runtime: the UNet the device is served (a prepared package's CUDA graph on CUDA)
+//!    alone, `session.run` with host inputs, at `--rows` (an image with guidance is two rows):
+//!    median ms per run;
 //! 2. the pipeline (tokenizer, text encoder, every scheduler step, VAE decode, conversion to
 //!    RGB) rendering 4 and 25 steps, with and without guidance, one image or a full UNet batch
 //!    of them, with IO binding on and off: images/s, and that as a share of the images/s the raw
@@ -20,7 +21,7 @@ use clap::{Parser, Subcommand};
 use kiln_domain::{ModelSpec, Submission, WebhookPolicy};
 use kiln_runner::render::{
     Pipeline, RenderControl, RenderRequest,
-    diffusion::{DiffusionOptions, LatentDiffusion, float_tensor},
+    diffusion::{DiffusionOptions, LatentDiffusion, float_tensor, graphs::GraphFiles},
     runtime::{self, Device, SessionOptions},
 };
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
@@ -55,6 +56,15 @@ enum Command {
         repeats: usize,
         #[arg(long, default_value = "4,25", value_delimiter = ',')]
         steps: Vec<u32>,
+        /// UNet rows per raw run.
+        #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
+        rows: Vec<usize>,
+        /// Most UNet rows per pipeline run (`KILN_MAX_UNET_ROWS`); the full-batch cases fill it.
+        #[arg(long, default_value_t = 4)]
+        max_rows: usize,
+        /// IO binding in the pipeline cases: on, off, or both.
+        #[arg(long, default_value = "both")]
+        io_binding: String,
     },
     Render {
         #[arg(long)]
@@ -67,15 +77,17 @@ enum Command {
     },
 }
 
-const MAX_ROWS: usize = 4;
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let max_rows = match &cli.command {
+        Command::Speed { max_rows, .. } => *max_rows,
+        Command::Render { .. } => 4,
+    };
     let options = |io_binding: bool| SessionOptions {
         dylib: cli.ort_dylib.clone(),
         device: cli.device,
         intra_threads: 0,
-        diffusion: DiffusionOptions { max_unet_rows: MAX_ROWS, io_binding },
+        diffusion: DiffusionOptions { max_unet_rows: max_rows, io_binding },
     };
     match &cli.command {
         Command::Render { package, job, out } => {
@@ -90,10 +102,17 @@ fn main() -> anyhow::Result<()> {
                 out.display()
             );
         }
-        Command::Speed { package, size, runs, repeats, steps } => {
+        Command::Speed { package, size, runs, repeats, steps, rows, max_rows, io_binding } => {
             let spec = ModelSpec::read_manifest(package)?;
-            println!("package {} ({}), device {}, {size}x{size}", spec.name, package.display(), cli.device);
-            let raw = raw_unet(package, &options(false), *size, *runs)?;
+            let unet = GraphFiles::read(package)?.path(package, "unet", cli.device);
+            println!(
+                "package {} ({}), device {}, {size}x{size}, UNet graph {}",
+                spec.name,
+                package.display(),
+                cli.device,
+                unet.strip_prefix(package).unwrap_or(&unet).display()
+            );
+            let raw = raw_unet(&unet, &options(false), *size, *runs, rows)?;
             println!("\n| UNet rows per run | raw ms per run (median of {runs}) | ms per row |");
             println!("|---:|---:|---:|");
             for (rows, ms) in &raw {
@@ -104,10 +123,15 @@ fn main() -> anyhow::Result<()> {
                 "\n| guidance | images per batch | UNet rows per run | steps | IO binding | s per batch (median of {repeats}) | images/s | raw-step bound images/s | share of bound |"
             );
             println!("|---|---:|---:|---:|---|---:|---:|---:|---:|");
-            for io_binding in [true, false] {
+            let bindings = match io_binding.as_str() {
+                "on" => vec![true],
+                "off" => vec![false],
+                _ => vec![true, false],
+            };
+            for io_binding in bindings {
                 let mut pipeline = LatentDiffusion::load(package, &options(io_binding))?;
                 for &steps in steps {
-                    for (guidance, images) in [(7.5, 1), (7.5, MAX_ROWS / 2), (0.0, 1), (0.0, MAX_ROWS)] {
+                    for (guidance, images) in [(7.5, 1), (7.5, max_rows / 2), (0.0, 1), (0.0, *max_rows)] {
                         let rows = if guidance > 1.0 { images * 2 } else { images };
                         let jobs: Vec<String> = (0..images)
                             .map(|n| {
@@ -156,9 +180,15 @@ fn request(package: &Path, body: &str) -> anyhow::Result<RenderRequest> {
     Ok(RenderRequest { params, control: Arc::new(RenderControl::default()) })
 }
 
-/// The UNet alone at 1, 2 and 4 rows: median milliseconds of one `session.run`.
-fn raw_unet(package: &Path, options: &SessionOptions, size: u32, runs: usize) -> anyhow::Result<Vec<(usize, f64)>> {
-    let mut session = runtime::load(&package.join("unet/model.onnx"), options)?;
+/// The UNet graph `unet` alone at each of `row_counts`: median milliseconds of one `session.run`.
+fn raw_unet(
+    unet: &Path,
+    options: &SessionOptions,
+    size: u32,
+    runs: usize,
+    row_counts: &[usize],
+) -> anyhow::Result<Vec<(usize, f64)>> {
+    let mut session = runtime::load(unet, options)?;
     let inputs: Vec<(String, TensorElementType, Vec<i64>)> = session
         .inputs()
         .iter()
@@ -169,7 +199,7 @@ fn raw_unet(package: &Path, options: &SessionOptions, size: u32, runs: usize) ->
         .collect();
     let latent = (size / 8) as i64;
     let mut results = Vec::new();
-    for rows in [1usize, 2, 4] {
+    for &rows in row_counts {
         let make = |name: &str, ty: TensorElementType, declared: &[i64]| -> anyhow::Result<DynValue> {
             let shape: Vec<i64> = match name {
                 "sample" => vec![rows as i64, 4, latent, latent],

@@ -78,9 +78,9 @@ async fn main() -> anyhow::Result<()> {
         cli.runner.max_in_flight
     );
     println!(
-        "| format | frames | queue wait ms (p50) | render ms (p50) | encode ms (p50) | upload ms (p50) | jobs/s | jobs per batch | Σrender s | Σencode s | wall s | render busy |"
+        "| format | frames | queue wait ms (p50) | batch wait ms (p50) | render ms (p50) | encode ms (p50) | upload ms (p50) | jobs/s | jobs per batch | Σrender s | Σencode s | wall s | render busy |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for format in &cli.formats {
         measure(&cli, &model, &sessions, &metrics, format, cli.jobs).await?;
     }
@@ -164,11 +164,12 @@ async fn measure(
         (median, sum as f64 / 1000.0)
     };
     let (queue_p50, _) = stage(|j| j.timings.queue_ms);
+    let (batch_wait_p50, _) = stage(|j| j.timings.batch_wait_ms);
     let (render_p50, _) = stage(|j| j.timings.render_ms);
     let (encode_p50, encode_sum) = stage(|j| j.timings.encode_ms);
     let (upload_p50, _) = stage(|j| j.timings.upload_ms);
     println!(
-        "| {format} | {frames} | {queue_p50} | {render_p50} | {encode_p50} | {upload_p50} | {:.2} | {:.2} | {busy:.2} | {encode_sum:.2} | {wall:.2} | {:.0}% |",
+        "| {format} | {frames} | {queue_p50} | {batch_wait_p50} | {render_p50} | {encode_p50} | {upload_p50} | {:.2} | {:.2} | {busy:.2} | {encode_sum:.2} | {wall:.2} | {:.0}% |",
         count as f64 / wall,
         count as f64 / batches.max(1) as f64,
         100.0 * busy / wall

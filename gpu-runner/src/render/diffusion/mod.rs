@@ -2,7 +2,8 @@
 //! LCM) exported to ONNX in the layout Hugging Face optimum writes:
 //!
 //! ```text
-//! <package>/manifest.json               kiln's description (limits, defaults)
+//! <package>/manifest.json               kiln's description (limits, defaults; `graphs`: which
+//!                                       graph serves which device, see [`graphs`])
 //!           model_index.json            optimum's
 //!           tokenizer/                  vocab.json + merges.txt, or tokenizer.json
 //!           text_encoder/model.onnx     input_ids -> last_hidden_state
@@ -20,6 +21,7 @@
 //!
 //! `gpu-runner/sd/reference.py` is the same algorithm in numpy; a test holds the two together.
 
+pub mod graphs;
 pub mod plan;
 pub mod scheduler;
 pub mod tokenizer;
@@ -37,6 +39,7 @@ use super::{
     noise::{gaussian, slerp},
     runtime::{self, Device, RuntimeError, SessionOptions},
 };
+use graphs::GraphFiles;
 use plan::{JobShape, Lane, Row, UnetGuidance, plan};
 use scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
 use tokenizer::{PromptTokenizer, TokenizerError};
@@ -139,7 +142,8 @@ impl LatentDiffusion {
             true => read_json(&vae_config)?["scaling_factor"].as_f64().unwrap_or(0.18215),
             false => 0.18215,
         };
-        let graph = |name: &str, output: &str| Graph::load(&package.join(name).join("model.onnx"), options, output);
+        let files = GraphFiles::read(package)?;
+        let graph = |name: &str, output: &str| Graph::load(&files.path(package, name, options.device), options, output);
         let pipeline = Self {
             tokenizer: PromptTokenizer::load(&package.join("tokenizer"))?,
             text_encoder: graph("text_encoder", "last_hidden_state")?,
@@ -157,7 +161,10 @@ impl LatentDiffusion {
             (&pipeline.unet, "unet", "encoder_hidden_states"),
             (&pipeline.vae_decoder, "vae_decoder", "latent_sample"),
         ] {
-            graph.input(input, &package.join(name).join("model.onnx"))?;
+            graph.input(input, &files.path(package, name, options.device))?;
+        }
+        if files.prepared_for(options.device) {
+            tracing::info!(device = %options.device, "serving the package's prepared graphs");
         }
         Ok(pipeline)
     }

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Prepared (optimized fp16) graphs on the lent GPU machine, against the plain ones and against
+# diffusers on the same weights. BENCHMARKS.md ("Prepared graphs on the H200") has the commands
+# that fill .gpu/ here and the three device calls, which must follow each other while the
+# machine is warm (/tmp survives; `measure` rebuilds the packages if it does not find them).
+# ONNX Runtime's CUDA libraries and the rest do not fit in one call's 64 MiB, hence `unpack`:
+#
+#   bash gpu-runner/sd/gpu-prepare.sh unpack    # carrying .gpu/ort, .gpu/unpack-ort-cuda: to /tmp/ort
+#   bash gpu-runner/sd/gpu-prepare.sh build     # carrying .gpu/diffusion-bench.xz, .gpu/diffusers.tar.xz:
+#                                               # the tiny check, the SD-1.5-sized package + its prepared copy
+#   bash gpu-runner/sd/gpu-prepare.sh measure   # carrying the same: diffusion-bench on both, the diffusers peer
+#
+# .gpu/ort + .gpu/unpack-ort-cuda: ../shared/gpu/README.md; .gpu/diffusion-bench.xz: the lean
+# release binary; .gpu/diffusers.tar.xz: the diffusers package (the machine has torch and
+# transformers, not diffusers). Everything it reports lands in $OUT.
+set -euo pipefail
+step=${1:?usage: gpu-prepare.sh unpack|build|measure}
+if [ "$step" = unpack ]; then
+    eval "$(bash .gpu/unpack-ort-cuda .gpu/ort)"
+    ls -la /tmp/ort
+    exit 0
+fi
+ort=/tmp/ort
+[ -e "$ort/libonnxruntime.so" ] || { echo "no $ort: run 'gpu-prepare.sh unpack' first, on the same warm machine" >&2; exit 3; }
+cuda=$(ls -d /usr/local/cuda*/targets/x86_64-linux/lib | head -1)
+export ORT_DYLIB_PATH=$ort/libonnxruntime.so LD_LIBRARY_PATH=$ort:$cuda:/usr/lib/x86_64-linux-gnu
+OUT=${OUT:?set OUT to a folder for the results}
+work=/tmp/kiln-prep
+sd=$work/sd15
+mkdir -p "$work/py"
+[ -d "$work/py/diffusers" ] || tar xJf .gpu/diffusers.tar.xz -C "$work/py"
+xz -dc .gpu/diffusion-bench.xz > "$work/diffusion-bench" && chmod +x "$work/diffusion-bench"
+export PYTHONPATH="$work/py" HF_HUB_OFFLINE=1
+bench=$work/diffusion-bench
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+
+# Frames of the same jobs from two packages on CUDA, compared value by value.
+compare() { # <label> <plain package> <prepared package> <model name> <jobs...>
+    local label=$1 plain=$2 prepared=$3 model=$4
+    shift 4
+    for job in "$@"; do
+        body=$(echo "$job" | sed "s/MODEL/$model/")
+        "$bench" --device cuda render --package "$plain" --job "$body" --out "$work/plain.rgb" 2>/dev/null
+        "$bench" --device cuda render --package "$prepared" --job "$body" --out "$work/prepared.rgb" 2>/dev/null
+        python3 - "$work/plain.rgb" "$work/prepared.rgb" "$label $body" <<'EOF'
+import sys, numpy as np
+a, b = (np.frombuffer(open(p, "rb").read(), dtype=np.uint8).astype(int) for p in sys.argv[1:3])
+d = np.abs(a - b)
+print(f"{sys.argv[3]}: prepared vs plain on CUDA: max |diff| {d.max()} of 255, mean {d.mean():.3f}, "
+      f"{(d > 0).mean() * 100:.1f}% of values differ, {(d > 4).mean() * 100:.2f}% by more than 4; "
+      f"plain mean {a.mean():.1f} spread {np.abs(a - a.mean()).mean():.1f}")
+EOF
+    done
+}
+
+build_sd15() {
+    sed 's/"kiln-tiny-sd"/"sd15-random"/' gpu-runner/models/kiln-tiny-sd/manifest.json \
+        | sed 's/"max": 512 }/"max": 1024 }/g; s/"max_total_pixels": [0-9]*/"max_total_pixels": 16777216/' > "$work/manifest-sd15.json"
+    rm -rf "$sd" "$work/sd15-diffusers"
+    start=$(date +%s)
+    python3 gpu-runner/sd/build_sd.py --preset sd15 --dtype fp16 --out "$sd" --manifest "$work/manifest-sd15.json" \
+        --diffusers "$work/sd15-diffusers" 2>&1 | grep -E "^wrote|Error|error" || true
+    echo "build_sd.py sd15 fp16: $(( $(date +%s) - start )) s" | tee -a "$OUT/timings.txt"
+    start=$(date +%s)
+    python3 gpu-runner/sd/prepare_sd.py --package "$sd" --out "$sd-prepared" > "$OUT/sd15-prepare.json"
+    echo "prepare_sd.py sd15: $(( $(date +%s) - start )) s" | tee -a "$OUT/timings.txt"
+}
+
+if [ "$step" = build ]; then
+    python3 -c "import numpy, onnx, onnxruntime, torch; print('numpy', numpy.__version__, 'onnx', onnx.__version__, 'onnxruntime', onnxruntime.__version__, 'torch', torch.__version__)" | tee "$OUT/python.txt"
+    # The tiny package, plain and prepared, on CUDA.
+    python3 gpu-runner/sd/prepare_sd.py --package gpu-runner/models/kiln-tiny-sd --out "$work/tiny-prepared" > "$OUT/tiny-prepare.json"
+    compare tiny gpu-runner/models/kiln-tiny-sd "$work/tiny-prepared" kiln-tiny-sd \
+        '{"model":"MODEL","prompt":"a red car","width":128,"height":128,"steps":8,"guidance":7.5,"seed":11}' \
+        '{"model":"MODEL","prompt":"a lighthouse","width":256,"height":192,"steps":4,"guidance":0,"seed":3}' \
+        '{"model":"MODEL","prompt":"waves","width":128,"height":128,"steps":6,"guidance":5,"num_frames":8,"seed":5}' \
+        | tee "$OUT/tiny-check.txt"
+    build_sd15
+    compare sd15 "$sd" "$sd-prepared" sd15-random \
+        '{"model":"MODEL","prompt":"a red car","width":512,"height":512,"steps":25,"guidance":7.5,"seed":11}' \
+        | tee "$OUT/sd15-check.txt"
+    exit 0
+fi
+
+[ -f "$sd-prepared/unet/model.cuda.onnx" ] || build_sd15
+speed() { # <package> <label>
+    "$bench" --device cuda speed --package "$1" --size 512 --runs 30 --repeats 3 --rows 1,2,8,16 \
+        --steps 1,4,25,50 --max-rows 16 --io-binding on 2>>"$OUT/bench.log" | tee "$OUT/speed-$2.md"
+}
+speed "$sd" plain
+speed "$sd-prepared" prepared
+python3 gpu-runner/sd/peer_diffusers.py --pipeline "$work/sd15-diffusers" --size 512 \
+    --cases 50:7.5:1,50:7.5:8,25:7.5:1,25:7.5:8,1:0:1,1:0:8 2>>"$OUT/peer.log" | tee "$OUT/peer.md"

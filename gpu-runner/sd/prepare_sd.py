@@ -1,0 +1,176 @@
+"""Prepares a latent-diffusion package for CUDA: beside each plain graph (what the CPU runs) it
+writes an optimized fp16 graph, and records in manifest.json which graph serves which device.
+
+    python3 gpu-runner/sd/prepare_sd.py --package DIR [--out DIR] [--components unet,vae_decoder,text_encoder]
+
+The input is an optimum / diffusers ONNX export in the layout gpu-runner/sd/build_sd.py writes
+(`<component>/model.onnx`), fp32 or fp16. For each component this runs ONNX Runtime's own Stable
+Diffusion recipe (onnxruntime.transformers, as its `optimize_pipeline.py --float16` does):
+
+    fp16 graphs are first widened to fp32 (the fusions match fp32 exports)
+    optimize_model(model_type=unet|vae|clip, opt_level=0, FusionOptions(model_type), use_gpu=True)
+        MultiHeadAttention (packed QKV / KV), GroupNorm / SkipGroupNorm, NhwcConv, BiasSplitGelu,
+        BiasAdd, LayerNorm / SkipLayerNorm fusions: contrib operators with CUDA kernels
+    convert_float_to_float16(keep_io_types=False)
+
+and writes `<component>/model.cuda.onnx`. manifest.json gains
+
+    "graphs": {"cuda": {"unet": "unet/model.cuda.onnx", ...}}
+
+and the runner, on a CUDA device, loads those; on the CPU it keeps loading `<component>/model.onnx`
+(the fused operators have no CPU kernels). Without --out the package is prepared in place.
+
+Needs numpy, onnx and onnxruntime (whose package carries onnxruntime.transformers): the local
+venv has them (`cargo run -p kiln-local -- test` installs them); no GPU is needed.
+"""
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+# Component directory -> the optimizer's model type.
+MODEL_TYPES = {"unet": "unet", "vae_decoder": "vae", "text_encoder": "clip"}
+CUDA_GRAPH = "model.cuda.onnx"
+# Operators the recipe fuses; counted in what this prints.
+FUSED = (
+    "MultiHeadAttention", "Attention", "GroupNorm", "SkipGroupNorm", "NhwcConv", "BiasSplitGelu",
+    "BiasAdd", "BiasGelu", "FastGelu", "LayerNormalization", "SkipLayerNormalization", "QuickGelu",
+)
+
+
+def widen_to_fp32(model: onnx.ModelProto) -> int:
+    """Turns an fp16 graph into the fp32 graph it was made from: fp16 initializers, constants,
+    casts and declared types become fp32. Returns how many tensors changed."""
+    changed = 0
+    graph = model.graph
+    for index, tensor in enumerate(graph.initializer):
+        if tensor.data_type == TensorProto.FLOAT16:
+            wide = numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name)
+            graph.initializer[index].CopyFrom(wide)
+            changed += 1
+    for node in graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "Cast" and attribute.name == "to" and attribute.i == TensorProto.FLOAT16:
+                attribute.i = TensorProto.FLOAT
+                changed += 1
+            if attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type == TensorProto.FLOAT16:
+                wide = numpy_helper.from_array(numpy_helper.to_array(attribute.t).astype(np.float32), attribute.t.name)
+                attribute.t.CopyFrom(wide)
+                changed += 1
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        tensor_type = value.type.tensor_type
+        if tensor_type.elem_type == TensorProto.FLOAT16:
+            tensor_type.elem_type = TensorProto.FLOAT
+            changed += 1
+    return changed
+
+
+def is_fp16(model: onnx.ModelProto) -> bool:
+    return any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer)
+
+
+def numpy_24_compatible():
+    """ONNX Runtime 1.31.1's UNet attention fusion reads the head count of a PyTorch 2 export
+    with `int()` of a one-element array, an error from numpy 2.4 on (the fusion then crashes).
+    Reads it with `.item()` instead; the rest of the method is ONNX Runtime's. (The optimizer
+    imports its modules by their bare names: onnxruntime.transformers puts its folder on the
+    path, so `fusion_attention_unet` is the module the optimizer uses.)"""
+    import onnxruntime.transformers  # noqa: F401  (puts its folder on sys.path)
+    from fusion_attention_unet import FusionAttentionUnet
+
+    original = FusionAttentionUnet.get_num_heads
+
+    def get_num_heads(self, reshape_q, is_torch2=False):
+        if is_torch2:
+            parent = self.model.get_parent(reshape_q, 1)
+            if parent is not None and parent.op_type == "Concat" and len(parent.input) == 4:
+                value = self.model.get_constant_value(parent.input[2])
+                if isinstance(value, np.ndarray) and list(value.shape) == [1] and value.item() > 0:
+                    return int(value.item())
+        return original(self, reshape_q, is_torch2)
+
+    FusionAttentionUnet.get_num_heads = get_num_heads
+
+
+def optimize(source: Path, target: Path, model_type: str) -> dict:
+    """One component through ORT's recipe; returns what the graph became."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    numpy_24_compatible()
+
+    model = onnx.load(str(source))
+    nodes_before = len(model.graph.node)
+    widened = 0
+    if is_fp16(model):
+        widened = widen_to_fp32(model)
+    options = FusionOptions(model_type)
+    if model_type == "unet":
+        # What optimize_pipeline.py turns on with --float16 (ONNX Runtime >= 1.15).
+        options.enable_packed_kv = True
+        options.enable_packed_qkv = True
+        options.enable_bias_add = True
+    optimized = optimize_model(
+        model, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+        optimization_options=options, use_gpu=True,
+    )
+    optimized.convert_float_to_float16(keep_io_types=False)
+    optimized.save_model_to_file(str(target))
+    ops = Counter(node.op_type for node in optimized.model.graph.node)
+    return {
+        "from": "fp16 (widened to fp32 first)" if widened else "fp32",
+        "nodes before": nodes_before,
+        "nodes after": sum(ops.values()),
+        "fused": {op: ops[op] for op in FUSED if ops[op]},
+        "MB": round(target.stat().st_size / 1e6, 1),
+    }
+
+
+def prepare(package: Path, out: Path, components: list[str]) -> dict:
+    if out != package:
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(package, out)
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("pipeline") != "latent-diffusion":
+        raise SystemExit(f"{manifest_path}: pipeline {manifest.get('pipeline')!r}; only latent-diffusion packages are prepared")
+    report, cuda = {}, {}
+    for component in components:
+        source = out / component / "model.onnx"
+        if not source.exists():
+            raise SystemExit(f"{source}: no such graph")
+        report[component] = optimize(source, out / component / CUDA_GRAPH, MODEL_TYPES[component])
+        cuda[component] = f"{component}/{CUDA_GRAPH}"
+    manifest["graphs"] = dict(manifest.get("graphs", {}), cuda=cuda)
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return report
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--package", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="write the prepared package here (default: in place)")
+    parser.add_argument("--components", default="unet,vae_decoder,text_encoder",
+                        help="which graphs to optimize (comma-separated; default all three)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    components = [c for c in args.components.split(",") if c]
+    unknown = [c for c in components if c not in MODEL_TYPES]
+    if unknown:
+        raise SystemExit(f"--components: {unknown} not among {list(MODEL_TYPES)}")
+    report = prepare(args.package, args.out or args.package, components)
+    json.dump(report, sys.stdout, indent=1)
+    print()
+
+
+if __name__ == "__main__":
+    main()
