@@ -6,12 +6,12 @@
 # ONNX Runtime's CUDA libraries and the rest do not fit in one call's 64 MiB, hence `unpack`:
 #
 #   bash gpu-runner/sd/gpu-prepare.sh unpack    # carrying .gpu/ort, .gpu/unpack-ort-cuda: to /tmp/ort
-#   bash gpu-runner/sd/gpu-prepare.sh build     # carrying .gpu/diffusion-bench.xz, .gpu/diffusers.tar.xz:
+#   bash gpu-runner/sd/gpu-prepare.sh build     # carrying .gpu/{diffusion,render}-bench.xz, .gpu/diffusers.tar.xz:
 #                                               # the tiny check, the SD-1.5-sized package + its prepared copy
 #   bash gpu-runner/sd/gpu-prepare.sh measure   # carrying the same: diffusion-bench on both, the diffusers peer
 #
-# .gpu/ort + .gpu/unpack-ort-cuda: ../shared/gpu/README.md; .gpu/diffusion-bench.xz: the lean
-# release binary; .gpu/diffusers.tar.xz: the diffusers package (the machine has torch and
+# .gpu/ort + .gpu/unpack-ort-cuda: ../shared/gpu/README.md; .gpu/diffusion-bench.xz and
+# .gpu/render-bench.xz: the lean release binaries; .gpu/diffusers.tar.xz: the diffusers package (the machine has torch and
 # transformers, not diffusers). Everything it reports lands in $OUT.
 set -euo pipefail
 step=${1:?usage: gpu-prepare.sh unpack|build|measure}
@@ -29,7 +29,9 @@ work=/tmp/kiln-prep
 sd=$work/sd15
 mkdir -p "$work/py"
 [ -d "$work/py/diffusers" ] || tar xJf .gpu/diffusers.tar.xz -C "$work/py"
-xz -dc .gpu/diffusion-bench.xz > "$work/diffusion-bench" && chmod +x "$work/diffusion-bench"
+for binary in diffusion-bench render-bench; do
+    xz -dc ".gpu/$binary.xz" > "$work/$binary" && chmod +x "$work/$binary"
+done
 export PYTHONPATH="$work/py" HF_HUB_OFFLINE=1
 bench=$work/diffusion-bench
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
@@ -40,8 +42,8 @@ compare() { # <label> <plain package> <prepared package> <model name> <jobs...>
     shift 4
     for job in "$@"; do
         body=$(echo "$job" | sed "s/MODEL/$model/")
-        "$bench" --device cuda render --package "$plain" --job "$body" --out "$work/plain.rgb" 2>/dev/null
-        "$bench" --device cuda render --package "$prepared" --job "$body" --out "$work/prepared.rgb" 2>/dev/null
+        "$bench" --device cuda render --package "$plain" --job "$body" --out "$work/plain.rgb" 2>>"$OUT/render.log" || { echo "render failed: $body"; continue; }
+        "$bench" --device cuda render --package "$prepared" --job "$body" --out "$work/prepared.rgb" 2>>"$OUT/render.log" || { echo "render failed: $body"; continue; }
         python3 - "$work/plain.rgb" "$work/prepared.rgb" "$label $body" <<'EOF'
 import sys, numpy as np
 a, b = (np.frombuffer(open(p, "rb").read(), dtype=np.uint8).astype(int) for p in sys.argv[1:3])
@@ -83,11 +85,29 @@ if [ "$step" = build ]; then
 fi
 
 [ -f "$sd-prepared/unet/model.cuda.onnx" ] || build_sd15
-speed() { # <package> <label>
-    "$bench" --device cuda speed --package "$1" --size 512 --runs 30 --repeats 3 --rows 1,2,8,16 \
-        --steps 1,4,25,50 --max-rows 16 --io-binding on 2>>"$OUT/bench.log" | tee "$OUT/speed-$2.md"
+# The runner's service (render-bench: queue loop, session, encoders, in-memory ports): startup to
+# ready, then 16 PNG jobs queued at once, one batch of 1 and of 8 (16 UNet rows with guidance).
+service() { # <package> <label> <render-bench args...>
+    local package=$1 label=$2
+    shift 2
+    mkdir -p "$work/models-$label" && ln -sfn "$package" "$work/models-$label/sd15-random"
+    echo "## $label $*" | tee -a "$OUT/service.md"
+    "$work/render-bench" --device cuda --models-dir "$work/models-$label" --max-unet-rows 16 --max-in-flight 16 \
+        --max-queue-delay-ms 100 --formats png --width 512 --height 512 "$@" 2>>"$OUT/service.log" | tee -a "$OUT/service.md" \
+        || echo "render-bench exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/service.md"
 }
-speed "$sd" plain
-speed "$sd-prepared" prepared
+for label in plain prepared; do
+    package=$sd; [ $label = prepared ] && package=$sd-prepared
+    service "$package" $label --jobs 16 --steps 50 --max-batch 1
+    service "$package" $label --jobs 16 --steps 50 --max-batch 8
+    service "$package" $label --jobs 16 --steps 1 --guidance 0 --max-batch 1
+    service "$package" $label --jobs 16 --steps 1 --guidance 0 --max-batch 8
+done
 python3 gpu-runner/sd/peer_diffusers.py --pipeline "$work/sd15-diffusers" --size 512 \
     --cases 50:7.5:1,50:7.5:8,25:7.5:1,25:7.5:8,1:0:1,1:0:8 2>>"$OUT/peer.log" | tee "$OUT/peer.md"
+speed() { # <package> <label>
+    "$bench" --device cuda speed --package "$1" --size 512 --runs 20 --repeats 3 --rows 1,2,8,16 \
+        --steps 4,25,50 --max-rows 16 --io-binding on 2>>"$OUT/bench.log" | tee "$OUT/speed-$2.md"
+}
+speed "$sd-prepared" prepared
+speed "$sd" plain

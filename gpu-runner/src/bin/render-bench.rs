@@ -42,18 +42,31 @@ struct Cli {
     frames: u32,
     #[arg(long, default_value_t = 4)]
     steps: u32,
+    /// Classifier-free guidance of every job (the model's default if not given; 0: one UNet
+    /// row per image, as turbo-style models run).
+    #[arg(long)]
+    guidance: Option<f64>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let metrics = Arc::new(Metrics::default());
+    let started = Instant::now();
     let (models, sessions, _threads) = start_sessions(&cli.runner, &metrics)?;
+    let loaded = started.elapsed();
     let model = models.first().ok_or_else(|| anyhow::anyhow!("no models"))?.clone();
     // The runner's own warm-up (one image at the model's defaults), twice: the first render on a
     // fresh session against one that finds the device warm is what the warm-up saves a job.
     let cold = warm_up(&models[..1], &sessions).await?.remove(0);
+    let ready = started.elapsed();
     let warm = warm_up(&models[..1], &sessions).await?.remove(0);
+    println!(
+        "startup: every package loaded in {} ms, the warm-up rendered in {} ms: ready for jobs {} ms after the start",
+        loaded.as_millis(),
+        cold.elapsed.as_millis(),
+        ready.as_millis()
+    );
     println!(
         "warm-up render at the model's defaults ({}x{}, {} steps): first {} ms, second {} ms",
         model.defaults.width,
@@ -107,6 +120,13 @@ async fn measure(
             "width": cli.width, "height": cli.height, "num_frames": frames, "steps": cli.steps,
             "format": format, "fps": if frames > 1 { Some(8) } else { None },
         });
+        let body = match cli.guidance {
+            Some(guidance) => serde_json::json!(body.as_object().cloned().map(|mut fields| {
+                fields.insert("guidance".into(), guidance.into());
+                fields
+            })),
+            None => body,
+        };
         let resolved = Submission::parse(body.to_string().as_bytes())?
             .resolve(model, WebhookPolicy::default(), || 0)
             .map_err(|err| anyhow::anyhow!("{err}"))?;
