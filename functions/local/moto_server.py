@@ -1,4 +1,4 @@
-"""moto's server, as `moto_server` starts it, with one fix kiln's fault suite needs.
+"""moto's server, as `moto_server` starts it, with the fixes kiln's fault suite needs.
 
 moto 5.2.5 undoes a failed TransactWriteItems by putting back a deep copy of every table the
 transaction named, taken before it ran. Two things go wrong when other requests run at the same
@@ -14,17 +14,22 @@ DynamoDB does neither. Here the item writes (put, update, delete, transactions) 
 a transaction and its undo are atomic with respect to the other writes, and an undone
 transaction leaves the table with its original stream shard, cut back to where it was.
 
-The copy also took the whole stream history every transaction, so moto's memory grew with the
-square of the jobs table's history (3 GB after 600 jobs' writes, OOM near 900 jobs in the chaos
-run; `moto_memory_check.py`). A table's copy now shares its stream shard (the undo above puts the
-original back anyway): 355 MB after 600.
+The copies themselves were the other problem: a copy of every named table, whole, per
+transaction (every submit), so a transaction's time and moto's memory grew with the tables.
+Garbage after each transaction, but cyclic garbage freed late into fragmented arenas: moto's
+resident memory grew by about 1.6 GB a minute under the 10,000-job burst (7 GB after 5 minutes,
+headed for the machine's 24 GiB). Here no table is copied: before the transaction runs, the
+items it names are saved (one deep copy each), and a failed transaction puts exactly those back.
 """
 
+import copy
 import sys
 import threading
 
+import moto.dynamodb.models as dynamodb_models
 from moto.dynamodb.models import DynamoDBBackend
-from moto.dynamodb.models.table import StreamShard
+from moto.dynamodb.models.dynamo_type import DynamoType
+from moto.dynamodb.models.table import Table
 from moto.server import main
 
 _writes = threading.RLock()
@@ -42,32 +47,78 @@ def _one_at_a_time(method):
 for _name in ("put_item", "update_item", "delete_item"):
     setattr(DynamoDBBackend, _name, _one_at_a_time(getattr(DynamoDBBackend, _name)))
 
+
+class _NoTableCopies:
+    """The `copy` module as moto's DynamoDB backend sees it, except that a table is not copied:
+    its transaction's "backup" is the table itself, so moto's own undo changes nothing and the
+    item-level undo below does the work."""
+
+    def __getattr__(self, name):
+        return getattr(copy, name)
+
+    @staticmethod
+    def deepcopy(value, memo=None):
+        if isinstance(value, Table):
+            return value
+        return copy.deepcopy(value, memo)
+
+
+dynamodb_models.copy = _NoTableCopies()
+
+
+def _saved_items(backend, transact_items):
+    """(table, hash key, range key, a copy of the item or None) for each item a transaction names."""
+    saved = []
+    for entry in transact_items:
+        _, op = next(iter(entry.items()))
+        table = backend.tables.get(op.get("TableName"))
+        if table is None:
+            continue
+        attributes = op.get("Key") or op.get("Item") or {}
+        try:
+            hash_value = DynamoType(attributes[table.hash_key_attr])
+            range_value = DynamoType(attributes[table.range_key_attr]) if table.range_key_attr else None
+            current = table.get_item(hash_value, range_value)
+        except Exception:  # a malformed item: moto refuses the transaction before writing it
+            continue
+        saved.append((table, hash_value, range_value, copy.deepcopy(current)))
+    return saved
+
+
+def _put_back(saved):
+    for table, hash_value, range_value, item in reversed(saved):
+        if range_value is None:
+            if item is None:
+                table.items.pop(hash_value, None)
+            else:
+                table.items[hash_value] = item
+        elif item is None:
+            table.items[hash_value].pop(range_value, None)
+        else:
+            table.items[hash_value][range_value] = item
+
+
 _transact_write_items = DynamoDBBackend.transact_write_items
 
 
-def _transact_keeping_streams(self, transact_items):
+def _transact_with_item_undo(self, transact_items):
     with _writes:
-        before = dict(self.tables)
-        shards = {
-            name: (table.stream_shard, len(table.stream_shard.items))
-            for name, table in before.items()
+        saved = _saved_items(self, transact_items)
+        streams = {
+            id(table): (table.stream_shard, len(table.stream_shard.items))
+            for table, _, _, _ in saved
             if table.stream_shard is not None
         }
         try:
             return _transact_write_items(self, transact_items)
         except Exception:
-            for name, (shard, length) in shards.items():
-                restored = self.tables.get(name)
-                if restored is not None and restored is not before[name]:
-                    del shard.items[length:]
-                    shard.table = restored
-                    restored.stream_shard = shard
+            _put_back(saved)
+            for shard, length in streams.values():
+                del shard.items[length:]
             raise
 
 
-DynamoDBBackend.transact_write_items = _transact_keeping_streams
-# The snapshot of a table shares its stream shard instead of copying the whole history.
-StreamShard.__deepcopy__ = lambda self, memo: self
+DynamoDBBackend.transact_write_items = _transact_with_item_undo
 
 if __name__ == "__main__":
     sys.exit(main())
