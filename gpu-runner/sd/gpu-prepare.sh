@@ -85,8 +85,19 @@ if [ "$step" = build ]; then
 fi
 
 [ -f "$sd-prepared/unet/model.cuda.onnx" ] || build_sd15
+# The prepared package without its step graphs: the fused graphs with the host loop.
+fused=$work/sd15-fused
+rm -rf "$fused" && mkdir -p "$fused"
+for entry in "$sd-prepared"/*; do [ "$(basename "$entry")" = manifest.json ] || ln -s "$entry" "$fused/"; done
+python3 -c '
+import json, sys
+manifest = json.load(open(sys.argv[1]))
+for name in ("unet_step", "vae_decoder_rgb"):
+    manifest["graphs"]["cuda"].pop(name, None)
+json.dump(manifest, open(sys.argv[2], "w"))
+' "$sd-prepared/manifest.json" "$fused/manifest.json"
 # The runner's service (render-bench: queue loop, session, encoders, in-memory ports): startup to
-# ready, then 16 PNG jobs queued at once, one batch of 1 and of 8 (16 UNet rows with guidance).
+# ready, then 16 PNG jobs queued at once, in batches of 1 and of 8 (16 UNet rows with guidance).
 service() { # <package> <label> <render-bench args...>
     local package=$1 label=$2
     shift 2
@@ -96,18 +107,18 @@ service() { # <package> <label> <render-bench args...>
         --max-queue-delay-ms 100 --formats png --width 512 --height 512 "$@" 2>>"$OUT/service.log" | tee -a "$OUT/service.md" \
         || echo "render-bench exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/service.md"
 }
-for label in plain prepared; do
-    package=$sd; [ $label = prepared ] && package=$sd-prepared
-    service "$package" $label --jobs 16 --steps 50 --max-batch 1
-    service "$package" $label --jobs 16 --steps 50 --max-batch 8
-    service "$package" $label --jobs 16 --steps 1 --guidance 0 --max-batch 1
-    service "$package" $label --jobs 16 --steps 1 --guidance 0 --max-batch 8
-done
 python3 gpu-runner/sd/peer_diffusers.py --pipeline "$work/sd15-diffusers" --size 512 \
-    --cases 50:7.5:1,50:7.5:8,25:7.5:1,25:7.5:8,1:0:1,1:0:8 2>>"$OUT/peer.log" | tee "$OUT/peer.md"
+    --cases 50:7.5:1,50:7.5:8,1:0:1,1:0:8 2>>"$OUT/peer.log" | tee "$OUT/peer.md"
+service "$sd-prepared" stepped --jobs 16 --steps 50 --max-batch 1
+service "$sd-prepared" stepped --jobs 16 --steps 50 --max-batch 8
+service "$sd-prepared" stepped --jobs 16 --steps 1 --guidance 0 --max-batch 1
+service "$sd-prepared" stepped --jobs 16 --steps 1 --guidance 0 --max-batch 8
+service "$fused" fused --jobs 16 --steps 50 --max-batch 8
+service "$sd" plain --jobs 16 --steps 50 --max-batch 1
+service "$sd" plain --jobs 16 --steps 50 --max-batch 8
 speed() { # <package> <label>
     "$bench" --device cuda speed --package "$1" --size 512 --runs 20 --repeats 3 --rows 1,2,8,16 \
         --steps 4,25,50 --max-rows 16 --io-binding on 2>>"$OUT/bench.log" | tee "$OUT/speed-$2.md"
 }
-speed "$sd-prepared" prepared
+speed "$sd-prepared" stepped
 speed "$sd" plain

@@ -2,6 +2,7 @@
 writes an optimized fp16 graph, and records in manifest.json which graph serves which device.
 
     python3 gpu-runner/sd/prepare_sd.py --package DIR [--out DIR] [--components unet,vae_decoder,text_encoder]
+                                        [--steps-for cuda]
 
 The input is an optimum / diffusers ONNX export in the layout gpu-runner/sd/build_sd.py writes
 (`<component>/model.onnx`), fp32 or fp16. For each component this runs ONNX Runtime's own Stable
@@ -19,6 +20,12 @@ and writes `<component>/model.cuda.onnx`. manifest.json gains
 
 and the runner, on a CUDA device, loads those; on the CPU it keeps loading `<component>/model.onnx`
 (the fused operators have no CPU kernels). Without --out the package is prepared in place.
+
+For each device of --steps-for (default cuda) it also writes the step graphs of step_graph.py
+around that device's UNet and decoder: `unet/step[.cuda].onnx` (one whole denoising step: the
+latents stay on the device) and `vae_decoder/rgb[.cuda].onnx` (decoder to RGB bytes), named
+`unet_step` and `vae_decoder_rgb` in the device's `graphs` entry. (`--steps-for cpu,cuda` gives
+the CPU step graphs of the plain graphs too: what the tests hold against the CPU's host loop.)
 
 Needs numpy, onnx and onnxruntime (whose package carries onnxruntime.transformers): the local
 venv has them (`cargo run -p kiln-local -- test` installs them); no GPU is needed.
@@ -134,7 +141,23 @@ def optimize(source: Path, target: Path, model_type: str) -> dict:
     }
 
 
-def prepare(package: Path, out: Path, components: list[str]) -> dict:
+def write_step_graphs(out: Path, device: str, graphs: dict) -> dict:
+    """The step and RGB decoder graphs around `device`'s UNet and decoder; returns their files."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from step_graph import rgb_graph, step_graph
+
+    suffix = ".cuda" if device == "cuda" else ""
+    unet = graphs.get("unet", "unet/model.onnx")
+    decoder = graphs.get("vae_decoder", "vae_decoder/model.onnx")
+    config = out / "vae_decoder" / "config.json"
+    scaling = json.loads(config.read_text()).get("scaling_factor", 0.18215) if config.exists() else 0.18215
+    files = {"unet_step": f"unet/step{suffix}.onnx", "vae_decoder_rgb": f"vae_decoder/rgb{suffix}.onnx"}
+    onnx.save(step_graph(onnx.load(str(out / unet))), str(out / files["unet_step"]))
+    onnx.save(rgb_graph(onnx.load(str(out / decoder)), scaling), str(out / files["vae_decoder_rgb"]))
+    return files
+
+
+def prepare(package: Path, out: Path, components: list[str], steps_for: list[str] | None = None) -> dict:
     if out != package:
         if out.exists():
             shutil.rmtree(out)
@@ -150,7 +173,12 @@ def prepare(package: Path, out: Path, components: list[str]) -> dict:
             raise SystemExit(f"{source}: no such graph")
         report[component] = optimize(source, out / component / CUDA_GRAPH, MODEL_TYPES[component])
         cuda[component] = f"{component}/{CUDA_GRAPH}"
-    manifest["graphs"] = dict(manifest.get("graphs", {}), cuda=cuda)
+    graphs = dict(manifest.get("graphs", {}), cuda=cuda)
+    for device in steps_for if steps_for is not None else ["cuda"]:
+        files = write_step_graphs(out, device, graphs.get(device, {}))
+        graphs[device] = dict(graphs.get(device, {}), **files)
+        report[f"step graphs ({device})"] = files
+    manifest["graphs"] = graphs
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return report
 
@@ -161,13 +189,18 @@ def main():
     parser.add_argument("--out", type=Path, help="write the prepared package here (default: in place)")
     parser.add_argument("--components", default="unet,vae_decoder,text_encoder",
                         help="which graphs to optimize (comma-separated; default all three)")
+    parser.add_argument("--steps-for", default="cuda",
+                        help="devices (cpu, cuda; comma-separated, or empty) to write step graphs for (default cuda)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     components = [c for c in args.components.split(",") if c]
     unknown = [c for c in components if c not in MODEL_TYPES]
     if unknown:
         raise SystemExit(f"--components: {unknown} not among {list(MODEL_TYPES)}")
-    report = prepare(args.package, args.out or args.package, components)
+    steps_for = [d for d in args.steps_for.split(",") if d]
+    if any(d not in ("cpu", "cuda") for d in steps_for):
+        raise SystemExit(f"--steps-for: {steps_for}: devices are cpu and cuda")
+    report = prepare(args.package, args.out or args.package, components, steps_for)
     json.dump(report, sys.stdout, indent=1)
     print()
 

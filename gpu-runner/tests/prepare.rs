@@ -1,8 +1,10 @@
 //! `gpu-runner/sd/prepare_sd.py` on the tiny packages, on the CPU: ONNX Runtime's Stable
 //! Diffusion recipe fuses what it should into the CUDA graphs, the manifest names them, and the
-//! CPU keeps rendering the plain graphs, byte for byte as before. (That the prepared graphs
-//! render on CUDA within fp16 tolerance of the plain ones is checked on the GPU machine:
-//! `gpu-runner/sd/gpu-bench.sh`, BENCHMARKS.md.)
+//! CPU keeps rendering the plain graphs, byte for byte as before. The step graphs (a whole
+//! denoising step, and the decoder to RGB bytes, so latents stay on the device) are held to the
+//! host loop on the CPU, where both can run. (That the prepared graphs render on CUDA within
+//! fp16 tolerance of the plain ones is checked on the GPU machine: `gpu-runner/sd/gpu-prepare.sh`,
+//! BENCHMARKS.md.)
 
 use kiln_domain::{ModelSpec, Submission, WebhookPolicy};
 use kiln_local::{Tools, ensure_tools, workspace_root};
@@ -27,14 +29,15 @@ fn scratch(name: &str) -> PathBuf {
     path
 }
 
-/// Prepares `package` into `out`; returns the tool's report.
-fn prepare(package: &Path, out: &Path) -> Value {
+/// Prepares `package` into `out` (`extra` arguments after); returns the tool's report.
+fn prepare(package: &Path, out: &Path, extra: &[&str]) -> Value {
     let output = Command::new(tools().python)
         .arg(workspace_root().join("gpu-runner/sd/prepare_sd.py"))
         .arg("--package")
         .arg(package)
         .arg("--out")
         .arg(out)
+        .args(extra)
         .output()
         .expect("running prepare_sd.py");
     assert!(output.status.success(), "prepare_sd.py failed: {}", String::from_utf8_lossy(&output.stderr));
@@ -46,20 +49,54 @@ fn fused(report: &Value, component: &str, op: &str) -> u64 {
 }
 
 fn render_on_cpu(dir: &Path, body: &str) -> Vec<u8> {
+    render_batch_on_cpu(dir, &[body]).concat()
+}
+
+/// The jobs `bodies` rendered together on the CPU; each job's frames, concatenated.
+fn render_batch_on_cpu(dir: &Path, bodies: &[&str]) -> Vec<Vec<u8>> {
     let options = SessionOptions { intra_threads: 1, ..SessionOptions::cpu(tools().ort_dylib) };
     let spec = ModelSpec::read_manifest(dir).unwrap();
-    let params =
-        Submission::parse(body.as_bytes()).unwrap().resolve(&spec, WebhookPolicy::default(), || 0).unwrap().params;
+    let requests: Vec<RenderRequest> = bodies
+        .iter()
+        .map(|body| {
+            let params = Submission::parse(body.as_bytes())
+                .unwrap()
+                .resolve(&spec, WebhookPolicy::default(), || 0)
+                .unwrap()
+                .params;
+            RenderRequest { params, control: Arc::new(RenderControl::default()) }
+        })
+        .collect();
     let mut pipeline = packages::load(dir, spec, &options).expect("loading the package").pipeline;
-    let request = RenderRequest { params, control: Arc::new(RenderControl::default()) };
-    pipeline.render(&request).expect("render").frames.concat()
+    pipeline
+        .render_batch(&requests)
+        .into_iter()
+        .map(|frames| frames.expect("render").frames.concat())
+        .collect()
+}
+
+/// A copy of `dir` whose scheduler is `class` (model files linked, not copied).
+fn with_scheduler(dir: &Path, class: &str, name: &str) -> PathBuf {
+    let copy = scratch(name);
+    std::fs::create_dir_all(copy.join("scheduler")).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "scheduler" {
+            std::os::unix::fs::symlink(entry.path(), copy.join(entry.file_name())).unwrap();
+        }
+    }
+    let config = std::fs::read_to_string(dir.join("scheduler/scheduler_config.json")).unwrap();
+    let mut config: Value = serde_json::from_str(&config).unwrap();
+    config["_class_name"] = class.into();
+    std::fs::write(copy.join("scheduler/scheduler_config.json"), config.to_string()).unwrap();
+    copy
 }
 
 #[test]
 fn preparing_fuses_the_cuda_graphs_and_leaves_the_cpu_its_plain_ones() {
     let plain = workspace_root().join("gpu-runner/models/kiln-tiny-sd");
     let prepared = scratch("kiln-tiny-sd");
-    let report = prepare(&plain, &prepared);
+    let report = prepare(&plain, &prepared, &[]);
     eprintln!("{report:#}");
 
     // The UNet's attention, norms and convolutions, the VAE's norms and convolutions.
@@ -94,8 +131,64 @@ fn preparing_fuses_the_cuda_graphs_and_leaves_the_cpu_its_plain_ones() {
 fn an_fp16_export_is_widened_then_prepared() {
     let plain = workspace_root().join("gpu-runner/tests/fixtures/kiln-tiny-sd-fp16");
     let prepared = scratch("kiln-tiny-sd-fp16");
-    let report = prepare(&plain, &prepared);
+    let report = prepare(&plain, &prepared, &[]);
     assert_eq!(report["unet"]["from"], "fp16 (widened to fp32 first)", "{report}");
     assert!(fused(&report, "unet", "MultiHeadAttention") > 0, "{report}");
     assert!(fused(&report, "vae_decoder", "GroupNorm") > 0, "{report}");
+}
+
+#[test]
+fn the_step_graphs_render_what_the_host_loop_renders() {
+    let plain = workspace_root().join("gpu-runner/models/kiln-tiny-sd");
+    let prepared = scratch("kiln-tiny-sd-steps");
+    let report = prepare(&plain, &prepared, &["--components", "unet", "--steps-for", "cpu,cuda"]);
+    assert_eq!(report["step graphs (cpu)"]["unet_step"], "unet/step.onnx", "{report}");
+    let job = |prompt: &str, guidance: f64, frames: u32, seed: u32| {
+        format!(
+            r#"{{"model":"kiln-tiny-sd","prompt":"{prompt}","width":96,"height":64,"steps":4,"guidance":{guidance},"num_frames":{frames},"format":"{}","seed":{seed}}}"#,
+            if frames > 1 { "gif" } else { "png" }
+        )
+    };
+    let cases: Vec<(&str, PathBuf, Vec<String>)> = vec![
+        ("guided image", prepared.clone(), vec![job("a red car", 7.5, 1, 3)]),
+        ("unguided image", prepared.clone(), vec![job("a red car", 0.0, 1, 3)]),
+        ("guided video", prepared.clone(), vec![job("waves", 5.0, 3, 4)]),
+        ("a batch of two guidance scales", prepared.clone(), vec![job("a", 7.5, 1, 1), job("b", 3.0, 1, 2)]),
+        (
+            "Euler-a (fresh noise each step)",
+            with_scheduler(&prepared, "EulerAncestralDiscreteScheduler", "euler-a"),
+            vec![job("a lighthouse", 6.0, 1, 9)],
+        ),
+    ];
+    for (name, dir, bodies) in cases {
+        let bodies: Vec<&str> = bodies.iter().map(String::as_str).collect();
+        let host = render_batch_on_cpu(&with_graphs_off(&dir), &bodies);
+        let stepped = render_batch_on_cpu(&dir, &bodies);
+        for (ours, theirs) in stepped.iter().zip(&host) {
+            assert_eq!(ours.len(), theirs.len(), "{name}");
+            let worst = ours.iter().zip(theirs).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+            let differing = ours.iter().zip(theirs).filter(|(a, b)| a != b).count();
+            eprintln!("{name}: max |Δ| {worst}, {differing} of {} values differ", ours.len());
+            assert!(worst <= 2, "{name}: a value differs by {worst}");
+            assert!(differing * 100 <= ours.len(), "{name}: {differing} of {} values differ", ours.len());
+        }
+    }
+}
+
+/// A copy of the package whose manifest names no graphs (the host loop on the plain graphs).
+fn with_graphs_off(dir: &Path) -> PathBuf {
+    let copy = scratch(&format!("plain-{}", dir.file_name().unwrap().to_string_lossy()));
+    std::fs::create_dir_all(&copy).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "manifest.json" {
+            std::os::unix::fs::symlink(std::fs::canonicalize(entry.path()).unwrap(), copy.join(entry.file_name()))
+                .unwrap();
+        }
+    }
+    let mut manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    manifest.as_object_mut().unwrap().remove("graphs");
+    std::fs::write(copy.join("manifest.json"), manifest.to_string()).unwrap();
+    copy
 }

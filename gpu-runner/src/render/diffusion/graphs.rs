@@ -9,7 +9,10 @@
 //! "graphs": { "cuda": { "unet": "unet/model.cuda.onnx", "vae_decoder": "vae_decoder/model.cuda.onnx" } }
 //! ```
 //!
-//! A component a device's entry does not name keeps its plain graph.
+//! A component a device's entry does not name keeps its plain graph. An entry may also name
+//! graphs beyond the components: `unet_step` (one whole denoising step, so the latents stay on
+//! the device) and `vae_decoder_rgb` (the decoder with the scaling and the conversion to RGB
+//! bytes), both made by `gpu-runner/sd/step_graph.py`.
 
 use serde::Deserialize;
 use std::{
@@ -57,6 +60,12 @@ impl GraphFiles {
             Some(file) => package.join(file),
             None => package.join(component).join("model.onnx"),
         }
+    }
+
+    /// The graph `name` serves on `device`, when the manifest names one: the graphs a package
+    /// may add beside its components (`unet_step`, `vae_decoder_rgb`: see `step_graph.py`).
+    pub fn extra(&self, package: &Path, name: &str, device: Device) -> Option<PathBuf> {
+        self.graphs.get(kind(device)).and_then(|graphs| graphs.get(name)).map(|file| package.join(file))
     }
 
     /// Whether any component has a graph of its own on `device`.

@@ -24,6 +24,7 @@
 pub mod graphs;
 pub mod plan;
 pub mod scheduler;
+mod stepped;
 pub mod tokenizer;
 
 use half::f16;
@@ -41,6 +42,7 @@ use super::{
 };
 use graphs::GraphFiles;
 use plan::{JobShape, Lane, Row, UnetGuidance, plan};
+use stepped::StepCall;
 use scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
 use tokenizer::{PromptTokenizer, TokenizerError};
 
@@ -114,12 +116,17 @@ impl Graph {
 pub struct LatentDiffusion {
     tokenizer: PromptTokenizer,
     text_encoder: Graph,
+    /// The UNet, or (`stepped`) the package's step graph for this device around it.
     unet: Graph,
+    stepped: bool,
+    /// The VAE decoder, or (`rgb`) the package's decoder graph that ends in RGB bytes.
     vae_decoder: Graph,
+    rgb: bool,
     scheduler: SchedulerConfig,
     kind: SchedulerKind,
     scaling_factor: f64,
     options: DiffusionOptions,
+    device: Device,
 }
 
 impl LatentDiffusion {
@@ -143,25 +150,38 @@ impl LatentDiffusion {
             false => 0.18215,
         };
         let files = GraphFiles::read(package)?;
-        let graph = |name: &str, output: &str| Graph::load(&files.path(package, name, options.device), options, output);
+        let device = options.device;
+        // A step graph and an RGB decoder graph, where the package has them for this device,
+        // serve in place of the UNet and the decoder.
+        let step = files.extra(package, "unet_step", device);
+        let rgb = files.extra(package, "vae_decoder_rgb", device);
+        let unet_path = step.clone().unwrap_or_else(|| files.path(package, "unet", device));
+        let decoder_path = rgb.clone().unwrap_or_else(|| files.path(package, "vae_decoder", device));
+        let text_path = files.path(package, "text_encoder", device);
         let pipeline = Self {
             tokenizer: PromptTokenizer::load(&package.join("tokenizer"))?,
-            text_encoder: graph("text_encoder", "last_hidden_state")?,
-            unet: graph("unet", "out_sample")?,
-            vae_decoder: graph("vae_decoder", "sample")?,
+            text_encoder: Graph::load(&text_path, options, "last_hidden_state")?,
+            unet: Graph::load(&unet_path, options, if step.is_some() { "latents_next" } else { "out_sample" })?,
+            stepped: step.is_some(),
+            vae_decoder: Graph::load(&decoder_path, options, if rgb.is_some() { "rgb" } else { "sample" })?,
+            rgb: rgb.is_some(),
             scheduler,
             kind,
             scaling_factor,
             options: options.diffusion,
+            device,
         };
-        for (graph, name, input) in [
-            (&pipeline.text_encoder, "text_encoder", "input_ids"),
-            (&pipeline.unet, "unet", "sample"),
-            (&pipeline.unet, "unet", "timestep"),
-            (&pipeline.unet, "unet", "encoder_hidden_states"),
-            (&pipeline.vae_decoder, "vae_decoder", "latent_sample"),
-        ] {
-            graph.input(input, &files.path(package, name, options.device))?;
+        let unet_inputs: &[&str] = match pipeline.stepped {
+            true => &["latents", "timestep", "hidden", "scale", "guidance", "coefficients", "noise"],
+            false => &["sample", "timestep", "encoder_hidden_states"],
+        };
+        pipeline.text_encoder.input("input_ids", &text_path)?;
+        for input in unet_inputs {
+            pipeline.unet.input(input, &unet_path)?;
+        }
+        pipeline.vae_decoder.input(if pipeline.rgb { "latents" } else { "latent_sample" }, &decoder_path)?;
+        if pipeline.stepped {
+            tracing::info!(device = %device, "denoising with the package's step graph: latents stay on the device");
         }
         if files.prepared_for(options.device) {
             tracing::info!(device = %options.device, "serving the package's prepared graphs");
@@ -190,6 +210,28 @@ impl LatentDiffusion {
         let (_, hidden) = extract_floats(&outputs[self.text_encoder.output.as_str()])?;
         let per_prompt = hidden.len() / prompts.len();
         Ok((hidden.chunks_exact(per_prompt).map(<[f32]>::to_vec).collect(), truncated))
+    }
+
+    fn decode_latents(
+        &mut self,
+        latents: &[Vec<f32>],
+        latent_height: usize,
+        latent_width: usize,
+    ) -> Result<Vec<Vec<u8>>, RenderError> {
+        let views: Vec<&[f32]> = latents.iter().map(Vec::as_slice).collect();
+        self.decode(&views, latent_height, latent_width)
+    }
+
+    /// Host latents through the decoder graph that ends in RGB bytes.
+    fn decode_rgb_host(
+        &mut self,
+        latents: &[Vec<f32>],
+        latent_height: usize,
+        latent_width: usize,
+    ) -> Result<Vec<Vec<u8>>, RenderError> {
+        let shape = vec![latents.len() as i64, LATENT_CHANNELS as i64, latent_height as i64, latent_width as i64];
+        let data: Vec<f32> = latents.iter().flat_map(|latent| latent.iter().copied()).collect();
+        stepped::decode_rgb(&mut self.vae_decoder, &Tensor::from_array((shape, data))?)
     }
 
     fn decode(
@@ -289,32 +331,16 @@ impl LatentDiffusion {
                     live = LiveLanes::default();
                     break;
                 };
-                live.narrow(&run.lanes);
-                let call = match &mut live.call {
-                    Some(call) => call,
-                    None => {
-                        let rows: Vec<&[f32]> = run
-                            .rows
-                            .iter()
-                            .map(|row| match *row {
-                                Row::Unconditional(job) => &uncond[job][..],
-                                Row::Conditional(job) => &cond[job][..],
-                            })
-                            .collect();
-                        let guidance: Vec<f64> = run.lanes.iter().map(|l| batch[l.job].params.guidance).collect();
-                        let embedding = timestep_cond.map(|dim| (dim, guidance));
-                        live.call.insert(UnetCall::new(&self.unet, &rows, embedding, self.options)?)
-                    }
+                live.narrow(&run.lanes)?;
+                let rows = || -> Vec<&[f32]> {
+                    run.rows
+                        .iter()
+                        .map(|row| match *row {
+                            Row::Unconditional(job) => &uncond[job][..],
+                            Row::Conditional(job) => &cond[job][..],
+                        })
+                        .collect()
                 };
-                let scale = scheduler.input_scale(step);
-                let mut sample = Vec::with_capacity(run.rows.len() * latent_len);
-                for _ in 0..plan.rows_per_lane() {
-                    for latent in &live.latents {
-                        sample.extend(latent.iter().map(|v| (f64::from(*v) * scale) as f32));
-                    }
-                }
-                let shape = [run.rows.len() as i64, LATENT_CHANNELS as i64, latent_height as i64, latent_width as i64];
-                let output = call.run(&mut self.unet, &sample, shape, scheduler.timesteps()[step])?;
                 // Euler-a and LCM add fresh noise each step: one draw per job, the same for all
                 // its frames so a video stays coherent.
                 let step_noise: HashMap<usize, Vec<f32>> = match scheduler.needs_noise(step) {
@@ -328,6 +354,54 @@ impl LatentDiffusion {
                         .collect(),
                     false => HashMap::new(),
                 };
+                if self.stepped {
+                    if live.stepping.is_none() {
+                        let guidance: Vec<f64> = run.lanes.iter().map(|l| plan.scales[l.job].unwrap_or(1.0)).collect();
+                        let embedding = timestep_cond
+                            .map(|dim| (dim, run.lanes.iter().map(|l| batch[l.job].params.guidance).collect()));
+                        live.stepping = Some(StepCall::new(
+                            &self.unet,
+                            &rows(),
+                            &live.latents,
+                            &guidance,
+                            embedding,
+                            (latent_height, latent_width),
+                            self.device,
+                        )?);
+                    }
+                    let noise = (!step_noise.is_empty())
+                        .then(|| run.lanes.iter().flat_map(|lane| step_noise[&lane.job].iter().copied()).collect());
+                    let call = live.stepping.as_mut().expect("bound above");
+                    call.run(
+                        &mut self.unet,
+                        scheduler.input_scale(step),
+                        scheduler.timesteps()[step],
+                        scheduler.coefficients(step),
+                        noise,
+                    )?;
+                    for &job in &run.jobs {
+                        done[job] += 1;
+                        batch[job].control.report(done[job], plan.totals[job]);
+                    }
+                    continue;
+                }
+                let call = match &mut live.call {
+                    Some(call) => call,
+                    None => {
+                        let guidance: Vec<f64> = run.lanes.iter().map(|l| batch[l.job].params.guidance).collect();
+                        let embedding = timestep_cond.map(|dim| (dim, guidance));
+                        live.call.insert(UnetCall::new(&self.unet, &rows(), embedding, self.options)?)
+                    }
+                };
+                let scale = scheduler.input_scale(step);
+                let mut sample = Vec::with_capacity(run.rows.len() * latent_len);
+                for _ in 0..plan.rows_per_lane() {
+                    for latent in &live.latents {
+                        sample.extend(latent.iter().map(|v| (f64::from(*v) * scale) as f32));
+                    }
+                }
+                let shape = [run.rows.len() as i64, LATENT_CHANNELS as i64, latent_height as i64, latent_width as i64];
+                let output = call.run(&mut self.unet, &sample, shape, scheduler.timesteps()[step])?;
                 for (k, lane) in run.lanes.iter().enumerate() {
                     let (cond_row, uncond_row) = plan.prediction_rows(k, run.lanes.len());
                     let cond_row = &output[cond_row * latent_len..][..latent_len];
@@ -355,8 +429,19 @@ impl LatentDiffusion {
             if live.lanes.is_empty() {
                 continue;
             }
-            let views: Vec<&[f32]> = live.latents.iter().map(Vec::as_slice).collect();
-            for (lane, image) in live.lanes.iter().zip(self.decode(&views, latent_height, latent_width)?) {
+            let images = match (live.stepping.take(), self.rgb) {
+                (Some(call), true) => match call.latents() {
+                    Some(latents) => stepped::decode_rgb(&mut self.vae_decoder, latents)?,
+                    None => self.decode_rgb_host(&live.latents, latent_height, latent_width)?,
+                },
+                (Some(call), false) => {
+                    live.latents = call.download(std::mem::take(&mut live.latents))?;
+                    self.decode_latents(&live.latents, latent_height, latent_width)?
+                }
+                (None, true) => self.decode_rgb_host(&live.latents, latent_height, latent_width)?,
+                (None, false) => self.decode_latents(&live.latents, latent_height, latent_width)?,
+            };
+            for (lane, image) in live.lanes.iter().zip(images) {
                 frames[lane.job][lane.frame] = image;
             }
         }
@@ -395,19 +480,25 @@ struct LiveLanes {
     latents: Vec<Vec<f32>>,
     /// Bound for exactly `lanes`; dropped when a lane leaves.
     call: Option<UnetCall>,
+    /// With a step graph: the lanes' latents on the device (`latents` is then where they
+    /// started); brought back to the host when a lane leaves.
+    stepping: Option<StepCall>,
 }
 
 impl LiveLanes {
     /// `lanes`, each starting from the latent `start` draws for it.
     fn start(lanes: Vec<Lane>, start: impl Fn(Lane) -> Vec<f32>) -> Self {
         let latents = lanes.iter().map(|lane| start(*lane)).collect();
-        Self { lanes, latents, call: None }
+        Self { lanes, latents, call: None, stepping: None }
     }
 
     /// Keeps only `lanes` (some of the live lanes, in their order) and their latents.
-    fn narrow(&mut self, lanes: &[Lane]) {
+    fn narrow(&mut self, lanes: &[Lane]) -> Result<(), RenderError> {
         if self.lanes == lanes {
-            return;
+            return Ok(());
+        }
+        if let Some(stepping) = self.stepping.take() {
+            self.latents = stepping.download(std::mem::take(&mut self.latents))?;
         }
         let mut kept = lanes.iter().peekable();
         let mut latents = std::mem::take(&mut self.latents).into_iter();
@@ -421,6 +512,7 @@ impl LiveLanes {
             .collect();
         self.lanes = lanes.to_vec();
         self.call = None;
+        Ok(())
     }
 }
 

@@ -222,6 +222,33 @@ impl Scheduler {
     /// step `i`. `noise` (standard normal, as long as `sample`) is used where
     /// [`Scheduler::needs_noise`] says so.
     pub fn step(&self, i: usize, output: &[f32], sample: &mut [f32], noise: Option<&[f32]>) {
+        let StepCoefficients { latents: a, prediction: b, noise: c } = self.coefficients(i);
+        for (index, (x, e)) in sample.iter_mut().zip(output).enumerate() {
+            let mut value = a * f64::from(*x) + b * f64::from(*e);
+            if let Some(noise) = noise {
+                value += c * f64::from(noise[index]);
+            }
+            *x = value as f32;
+        }
+    }
+
+    /// Step `i` as one linear update, `next = A·latents + B·prediction + C·noise`, which every
+    /// scheduler here is: what a step graph on the device applies with the host's A, B, C
+    /// ([`Scheduler::step`] applies it on the host).
+    pub fn coefficients(&self, i: usize) -> StepCoefficients {
+        // The prediction's estimate of the clean latents, `p·x + q·prediction`, in the
+        // parameterisation of the sample (Euler's sigma, LCM's alphas).
+        let clean = |sigma: f64, alpha: f64| -> (f64, f64) {
+            match (self.kind, self.prediction) {
+                (SchedulerKind::Lcm, Prediction::Epsilon) => (1.0 / alpha.sqrt(), -(1.0 - alpha).sqrt() / alpha.sqrt()),
+                (SchedulerKind::Lcm, Prediction::VPrediction) => (alpha.sqrt(), -(1.0 - alpha).sqrt()),
+                (_, Prediction::Epsilon) => (1.0, -sigma),
+                (_, Prediction::VPrediction) => {
+                    (1.0 / (sigma * sigma + 1.0), -sigma / (sigma * sigma + 1.0).sqrt())
+                }
+                (_, Prediction::Sample) => (0.0, 1.0),
+            }
+        };
         match self.kind {
             SchedulerKind::Euler | SchedulerKind::EulerAncestral => {
                 let sigma = self.sigmas[i];
@@ -232,23 +259,10 @@ impl Scheduler {
                 } else {
                     (next, 0.0)
                 };
+                // derivative = (x - denoised) / sigma; next = x + derivative · (sigma_down - sigma).
+                let (p, q) = clean(sigma, 0.0);
                 let dt = sigma_down - sigma;
-                for (index, (x, e)) in sample.iter_mut().zip(output).enumerate() {
-                    let (x64, e64) = (f64::from(*x), f64::from(*e));
-                    let denoised = match self.prediction {
-                        Prediction::Epsilon => x64 - sigma * e64,
-                        Prediction::VPrediction => {
-                            e64 * (-sigma / (sigma * sigma + 1.0).sqrt()) + x64 / (sigma * sigma + 1.0)
-                        }
-                        Prediction::Sample => e64,
-                    };
-                    let derivative = (x64 - denoised) / sigma;
-                    let mut value = x64 + derivative * dt;
-                    if let (true, Some(noise)) = (sigma_up > 0.0, noise) {
-                        value += f64::from(noise[index]) * sigma_up;
-                    }
-                    *x = value as f32;
-                }
+                StepCoefficients { latents: 1.0 + dt * (1.0 - p) / sigma, prediction: -dt * q / sigma, noise: sigma_up }
             }
             SchedulerKind::Lcm => {
                 let t = self.timesteps[i];
@@ -257,30 +271,31 @@ impl Scheduler {
                     Some(prev) => self.alphas_cumprod[*prev as usize],
                     None => self.final_alpha_cumprod,
                 };
-                let (beta, beta_prev) = (1.0 - alpha, 1.0 - alpha_prev);
                 let scaled = t * self.timestep_scaling;
                 let sigma_data2 = 0.25; // sigma_data = 0.5
                 let c_skip = sigma_data2 / (scaled * scaled + sigma_data2);
                 let c_out = scaled / (scaled * scaled + sigma_data2).sqrt();
-                let last = i + 1 == self.timesteps.len();
-                for (index, (x, e)) in sample.iter_mut().zip(output).enumerate() {
-                    let (x64, e64) = (f64::from(*x), f64::from(*e));
-                    let original = match self.prediction {
-                        Prediction::Epsilon => (x64 - beta.sqrt() * e64) / alpha.sqrt(),
-                        Prediction::VPrediction => alpha.sqrt() * x64 - beta.sqrt() * e64,
-                        Prediction::Sample => e64,
-                    };
-                    let denoised = c_out * original + c_skip * x64;
-                    *x = match (last, noise) {
-                        (false, Some(noise)) => {
-                            alpha_prev.sqrt() * denoised + beta_prev.sqrt() * f64::from(noise[index])
-                        }
-                        _ => denoised,
-                    } as f32;
+                // denoised = c_out · clean + c_skip · x; then, but on the last step, re-noised.
+                let (p, q) = clean(0.0, alpha);
+                let (a, b) = (c_out * p + c_skip, c_out * q);
+                match i + 1 == self.timesteps.len() {
+                    true => StepCoefficients { latents: a, prediction: b, noise: 0.0 },
+                    false => {
+                        let keep = alpha_prev.sqrt();
+                        StepCoefficients { latents: keep * a, prediction: keep * b, noise: (1.0 - alpha_prev).sqrt() }
+                    }
                 }
             }
         }
     }
+}
+
+/// One scheduler step as `next = latents·x + prediction·model output + noise·fresh noise`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepCoefficients {
+    pub latents: f64,
+    pub prediction: f64,
+    pub noise: f64,
 }
 
 fn alphas_cumprod(config: &SchedulerConfig) -> Result<Vec<f64>, SchedulerError> {
