@@ -85,7 +85,7 @@ variable "alarm_email" {
 }
 
 variable "runner_instance_types" {
-  description = "GPU instance types the runner group may launch, in order of preference (x86_64 with NVIDIA GPUs; CUDA 13 needs driver 580 or newer)."
+  description = "GPU instance types the runner group may launch, in order of preference (x86_64 with NVIDIA GPUs; CUDA 13 needs driver 580 or newer). Types with several GPUs (g6.12xlarge: 4, p4d.24xlarge: 8, p5.48xlarge: 8) work: the one runner of an instance serves every GPU (KILN_DEVICE=cuda:all, a session per model and GPU, each job on the least loaded), holding KILN_MAX_IN_FLIGHT jobs per GPU. The scaling target counts instances, so mix types with the same number of GPUs."
   type        = list(string)
   default     = ["g6.xlarge", "g5.xlarge", "g6e.xlarge"]
 }

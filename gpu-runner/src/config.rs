@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::render::{
     diffusion::DiffusionOptions,
-    runtime::{Device, SessionOptions},
+    runtime::{Device, Devices, SessionOptions},
 };
 
 /// A setting that is on, off, or decided by the device.
@@ -26,10 +26,12 @@ pub struct RunnerConfig {
     #[arg(long, env = "ORT_DYLIB_PATH")]
     pub ort_dylib: PathBuf,
 
-    /// Where models run: `cpu`, or `cuda` / `cuda:<device id>`. With CUDA a broken GPU setup
-    /// stops the runner at startup rather than falling back to the CPU.
+    /// Where models run: `cpu`, `cuda` / `cuda:<device id>`, a comma-separated list of them, or
+    /// `cuda:all` (every GPU of the machine): one render session per model on each, each batch
+    /// placed on the least loaded. With CUDA a broken GPU setup stops the runner at startup
+    /// rather than falling back to the CPU.
     #[arg(long, env = "KILN_DEVICE", default_value = "cpu")]
-    pub device: Device,
+    pub device: Devices,
 
     /// Threads ONNX Runtime uses inside one operator (0: its default, one per core).
     #[arg(long, env = "KILN_INTRA_THREADS", default_value_t = 0)]
@@ -63,8 +65,9 @@ pub struct RunnerConfig {
     #[arg(long, env = "KILN_IO_BINDING", default_value = "auto")]
     pub io_binding: Toggle,
 
-    /// Most jobs held at once (rendering, waiting to render, encoding or uploading). The runner
-    /// takes messages from the queue only while below this, so other runners get the rest.
+    /// Most jobs held at once per device (rendering, waiting to render, encoding or uploading).
+    /// The runner takes messages from the queue only while below this times its devices, so
+    /// other runners get the rest.
     #[arg(long, env = "KILN_MAX_IN_FLIGHT", default_value_t = 4)]
     pub max_in_flight: usize,
 
@@ -125,15 +128,16 @@ impl RunnerConfig {
         }
     }
 
-    pub fn session_options(&self) -> SessionOptions {
+    /// How models are loaded on `device` (one of [`RunnerConfig::device`]).
+    pub fn session_options(&self, device: Device) -> SessionOptions {
         let io_binding = match self.io_binding {
-            Toggle::Auto => matches!(self.device, Device::Cuda(_)),
+            Toggle::Auto => matches!(device, Device::Cuda(_)),
             Toggle::On => true,
             Toggle::Off => false,
         };
         SessionOptions {
             dylib: self.ort_dylib.clone(),
-            device: self.device,
+            device,
             intra_threads: self.intra_threads,
             diffusion: DiffusionOptions { max_unet_rows: self.max_unet_rows.max(1), io_binding },
         }
@@ -141,7 +145,7 @@ impl RunnerConfig {
 
     pub fn settings(&self) -> Settings {
         Settings {
-            max_in_flight: self.max_in_flight.max(1),
+            max_in_flight: self.max_in_flight.max(1) * self.device.0.len().max(1),
             poll_wait: Duration::from_secs(self.poll_wait_secs.min(20)),
             lease: Duration::from_secs(self.lease_secs.max(1)),
             heartbeat: Duration::from_secs(self.heartbeat_secs.clamp(1, self.lease_secs.max(2) / 2)),
@@ -204,6 +208,6 @@ mod tests {
         assert_eq!(cli.config.settings().heartbeat, Duration::from_secs(3));
         assert!(Cli::try_parse_from(["runner", "--ort-dylib", "x", "--device", "gpu"]).is_err());
         let cuda = Cli::parse_from(["runner", "--ort-dylib", "x", "--device", "cuda:1"]);
-        assert_eq!(cuda.config.device, Device::Cuda(1));
+        assert_eq!(cuda.config.device, Devices(vec![Device::Cuda(1)]));
     }
 }

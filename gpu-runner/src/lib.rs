@@ -2,7 +2,8 @@
 //! encodes the frames, stores the artifact and records the result.
 //!
 //! - [`service`]: the queue loop and one job's life (start, heartbeat, progress, cancel, end).
-//! - [`session`]: one OS thread per loaded model; [`batching`] picks what renders together.
+//! - [`session`]: one OS thread per loaded model and device; [`batching`] picks what renders
+//!   together, [`placement`] which device's session a job goes to.
 //! - [`render`]: ONNX Runtime and the pipelines; [`packages`] loads model packages.
 //! - [`encode`]: PNG, GIF, MP4 (H.264) and WebM (VP9), on the blocking pool.
 //! - [`metrics`]: Prometheus metrics, `/healthz` and `/metrics`.
@@ -13,6 +14,7 @@ pub mod config;
 pub mod encode;
 pub mod metrics;
 pub mod packages;
+pub mod placement;
 pub mod render;
 pub mod service;
 pub mod session;
@@ -25,7 +27,7 @@ pub use warm_up::{WarmedUp, warm_up};
 
 use std::sync::Arc;
 
-/// Loads every model package and starts a session thread for each.
+/// Loads every model package on every device and starts a session thread for each pair.
 pub fn start_sessions(
     config: &RunnerConfig,
     metrics: &Arc<Metrics>,
@@ -33,22 +35,26 @@ pub fn start_sessions(
     (Vec<kiln_domain::ModelSpec>, Vec<session::SessionHandle>, Vec<std::thread::JoinHandle<()>>),
     packages::PackageError,
 > {
-    let loaded = packages::load_all(&config.models_dir, &config.session_options())?;
     let mut specs = Vec::new();
     let mut handles = Vec::new();
     let mut threads = Vec::new();
-    for model in loaded {
-        let (mut handle, thread) = session::spawn(
-            model.spec.name.clone(),
-            model.spec.version.clone(),
-            model.pipeline,
-            config.fill_policy(),
-            metrics.clone(),
-        );
-        handle.budget = model.spec.render_budget;
-        specs.push(model.spec);
-        handles.push(handle);
-        threads.push(thread);
+    for (index, device) in config.device.0.iter().enumerate() {
+        for model in packages::load_all(&config.models_dir, &config.session_options(*device))? {
+            let (mut handle, thread) = session::spawn(
+                model.spec.name.clone(),
+                model.spec.version.clone(),
+                *device,
+                model.pipeline,
+                config.fill_policy(),
+                metrics.clone(),
+            );
+            handle.budget = model.spec.render_budget;
+            if index == 0 {
+                specs.push(model.spec);
+            }
+            handles.push(handle);
+            threads.push(thread);
+        }
     }
     Ok((specs, handles, threads))
 }

@@ -36,7 +36,7 @@ async fn main() -> anyhow::Result<()> {
     info!(device = %cli.runner.device, models = ?models.iter().map(|m| format!("{}@{}", m.name, m.version)).collect::<Vec<_>>(), "models loaded");
     if cli.runner.warm_up {
         for warmed in warm_up(&models, &sessions).await.context("warming up")? {
-            info!(model = %warmed.model, version = %warmed.version, render_ms = warmed.render_time.as_millis() as u64, "warm-up render done");
+            info!(model = %warmed.model, version = %warmed.version, device = %warmed.device, render_ms = warmed.render_time.as_millis() as u64, "warm-up render done");
         }
     }
 

@@ -44,6 +44,11 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabels {
+    pub device: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BatchStopLabels {
     pub stop: crate::batching::BatchStop,
 }
@@ -63,6 +68,10 @@ pub struct Metrics {
     /// Time the session threads spent inside render calls, once per batch: its rate is how
     /// busy the runner keeps its device (1.0 = a render always running).
     pub render_busy: Counter<f64, AtomicU64>,
+    /// `render_busy` per device (`cpu`, `cuda:0`, …).
+    pub device_render_busy: Family<DeviceLabels, Counter<f64, AtomicU64>>,
+    /// Jobs handed to each device's sessions and not answered yet.
+    pub device_queued: Family<DeviceLabels, Gauge>,
     /// Render calls (batches); with `batch_size`'s sum, the mean batch.
     pub batches: Counter,
     pub in_flight: Gauge,
@@ -82,6 +91,8 @@ impl Default for Metrics {
         let (queue_wait, render, encode, upload) = (histogram(), histogram(), histogram(), histogram());
         let batch_wait = Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0].into_iter());
         let batch_stops = Family::<BatchStopLabels, Counter>::default();
+        let device_render_busy = Family::<DeviceLabels, Counter<f64, AtomicU64>>::default();
+        let device_queued = Family::<DeviceLabels, Gauge>::default();
         let batch_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0].into_iter());
         let in_flight = Gauge::default();
         let render_busy = Counter::<f64, AtomicU64>::default();
@@ -104,6 +115,12 @@ impl Default for Metrics {
             render_busy.clone(),
         );
         registry.register("batches", "Render calls", batches.clone());
+        registry.register(
+            "device_render_busy_seconds",
+            "Time in render calls, per batch, by device",
+            device_render_busy.clone(),
+        );
+        registry.register("device_queued", "Jobs handed to a device's sessions, not answered yet", device_queued.clone());
         registry.register("in_flight", "Jobs held by this runner", in_flight.clone());
         Self {
             registry,
@@ -116,6 +133,8 @@ impl Default for Metrics {
             batch_stops,
             batch_wait,
             render_busy,
+            device_render_busy,
+            device_queued,
             batches,
             in_flight,
             ready: AtomicBool::new(false),

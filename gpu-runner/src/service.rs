@@ -55,7 +55,8 @@ pub struct Ports {
 pub struct Runner {
     ports: Ports,
     runs: JobRuns,
-    sessions: HashMap<String, SessionHandle>,
+    /// Each model's sessions, one per device.
+    sessions: HashMap<String, Vec<SessionHandle>>,
     settings: Settings,
     metrics: Arc<Metrics>,
     /// Fires when the shutdown deadline has passed: renders stop and hand their jobs back.
@@ -127,7 +128,10 @@ impl Runner {
         Self {
             runs: JobRuns::new(ports.store.clone()),
             ports,
-            sessions: sessions.into_iter().map(|s| (s.model.clone(), s)).collect(),
+            sessions: sessions.into_iter().fold(HashMap::new(), |mut by_model, session| {
+                by_model.entry(session.model.clone()).or_insert_with(Vec::new).push(session);
+                by_model
+            }),
             settings,
             metrics,
             hand_back: CancellationToken::new(),
@@ -184,7 +188,7 @@ impl Runner {
             }
         }
         self.metrics.set_ready(false);
-        for session in self.sessions.values() {
+        for session in self.sessions.values().flatten() {
             session.drain();
         }
         tracker.close();
@@ -205,6 +209,7 @@ impl Runner {
             job_id = field::Empty,
             attempt = field::Empty,
             model = field::Empty,
+            device = field::Empty,
             delivery = delivery.receive_count
         );
         self.handle_in_span(delivery).instrument(span).await
@@ -256,10 +261,18 @@ impl Runner {
 
     /// Renders, encodes, uploads and records the result of a started job.
     async fn work(&self, job: &mut Job, delivery: &Delivery) -> Outcome {
-        let session = match self.sessions.get(&job.model) {
-            Some(session) if session.version == job.model_version => session,
+        let served = self.sessions.get(&job.model).filter(|sessions| !sessions.is_empty());
+        let session = match served {
+            Some(sessions) if sessions[0].version == job.model_version => {
+                // The least loaded device's session (see `placement`).
+                let loads: Vec<_> = sessions.iter().map(SessionHandle::load).collect();
+                let session = &sessions[crate::placement::least_loaded(&loads).unwrap_or(0)];
+                Span::current().record("device", field::display(session.device));
+                session
+            }
             served => {
-                let serving = served.map_or_else(|| "not at all".to_owned(), |s| format!("at version {}", s.version));
+                let serving =
+                    served.map_or_else(|| "not at all".to_owned(), |s| format!("at version {}", s[0].version));
                 let failure =
                     PermanentError::NotServed { model: job.model.clone(), version: job.model_version.clone(), serving };
                 return self.give_up(job, delivery, failure.into()).await;
@@ -618,6 +631,8 @@ mod tests {
         Panics,
         /// Reports progress step after step until it is asked to stop.
         UntilStopped,
+        /// Grey frames after 300 ms.
+        Slowly,
     }
 
     struct FakePipeline {
@@ -631,6 +646,15 @@ mod tests {
             self.started.notify_one();
             let params = &request.params;
             match self.render {
+                Render::Slowly => {
+                    std::thread::sleep(Duration::from_millis(300));
+                    Ok(Frames {
+                        width: params.width,
+                        height: params.height,
+                        frames: vec![vec![128; (params.width * params.height * 3) as usize]],
+                        notes: Vec::new(),
+                    })
+                }
                 Render::Frames => Ok(Frames {
                     width: params.width,
                     height: params.height,
@@ -867,7 +891,11 @@ mod tests {
     }
 
     fn new_job(model: &ModelSpec) -> Job {
-        let body = serde_json::json!({ "model": model.name, "prompt": "a lake", "width": 64, "height": 64, "seed": 1 });
+        job_with_seed(model, 1)
+    }
+
+    fn job_with_seed(model: &ModelSpec, seed: u32) -> Job {
+        let body = serde_json::json!({ "model": model.name, "prompt": "a lake", "width": 64, "height": 64, "seed": seed });
         let params = Submission::parse(body.to_string().as_bytes())
             .unwrap()
             .resolve(model, WebhookPolicy::default(), || 0)
@@ -936,7 +964,9 @@ mod tests {
         let pipeline = Box::new(FakePipeline { render: case.render, started: started.clone() });
         let metrics = Arc::new(Metrics::default());
         let policy = crate::batching::FillPolicy { max_batch: 1, max_queue_delay: Duration::ZERO };
-        let (session, _thread) = session::spawn(model.name.clone(), served_version, pipeline, policy, metrics.clone());
+        let device = crate::render::runtime::Device::Cpu;
+        let (session, _thread) =
+            session::spawn(model.name.clone(), served_version, device, pipeline, policy, metrics.clone());
         let ports = Ports { store: store.clone(), queue: queue.clone(), artifacts };
         let runner = Runner::new(ports, vec![session], settings(), metrics);
 
@@ -1008,6 +1038,54 @@ mod tests {
         }
         if let During::TakeOver = case.during {
             assert_eq!(stored.map(|job| job.attempts), Some(2), "{}: the other runner's attempt", case.name);
+        }
+    }
+
+    /// Two devices' sessions of one model: four jobs at once go two to each (the least loaded
+    /// session takes the next job), and all succeed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_spread_over_the_devices_sessions() {
+        let model = demo_model();
+        let store = Arc::new(MemoryJobStore::default());
+        let queue = Arc::new(RecordingQueue::default());
+        let metrics = Arc::new(Metrics::default());
+        let policy = crate::batching::FillPolicy { max_batch: 1, max_queue_delay: Duration::ZERO };
+        let mut sessions = Vec::new();
+        for device in [crate::render::runtime::Device::Cpu, crate::render::runtime::Device::Cuda(7)] {
+            let pipeline = Box::new(FakePipeline { render: Render::Slowly, started: Arc::new(Notify::new()) });
+            let (session, _thread) =
+                session::spawn(model.name.clone(), model.version.clone(), device, pipeline, policy, metrics.clone());
+            sessions.push(session);
+        }
+        let artifacts = Arc::new(MemoryArtifacts::default());
+        let ports = Ports { store: store.clone(), queue: queue.clone(), artifacts };
+        let runner = Arc::new(Runner::new(ports, sessions, settings(), metrics.clone()));
+        let mut jobs = Vec::new();
+        for seed in 0..4 {
+            let job = job_with_seed(&model, seed);
+            store.insert(&job, &CacheClaim { key: job.cache_key.clone(), replaces: None }, None).await.unwrap();
+            queue.inner.push(serde_json::to_string(&JobMessage::for_job(&job)).unwrap());
+            jobs.push(job);
+        }
+        let deliveries = queue.inner.receive(4, Duration::ZERO, Duration::from_secs(60)).await.unwrap();
+        let handled: Vec<_> = deliveries
+            .into_iter()
+            .map(|delivery| {
+                let runner = runner.clone();
+                tokio::spawn(async move { runner.handle(delivery).await })
+            })
+            .collect();
+        for handle in handled {
+            assert_eq!(handle.await.unwrap(), Outcome::succeeded);
+        }
+        let rendered = |device: &str| {
+            let busy = metrics.device_render_busy.get_or_create(&crate::metrics::DeviceLabels { device: device.into() });
+            // Each render takes 300 ms: the busy time says how many each device did.
+            (busy.get() / 0.3).round() as u64
+        };
+        assert_eq!((rendered("cpu"), rendered("cuda:7")), (2, 2), "two jobs on each device");
+        for job in &jobs {
+            assert_eq!(store.get(&job.id).await.unwrap().unwrap().status, JobStatus::Succeeded);
         }
     }
 

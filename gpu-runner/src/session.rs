@@ -7,7 +7,7 @@ use std::{
     collections::VecDeque,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -17,7 +17,8 @@ use tracing::{Span, debug, error, info, info_span};
 use crate::{
     batching::{BatchKey, BatchStop, Decision, FillPolicy, Waiting, decide},
     metrics::Metrics,
-    render::{Frames, Pipeline, RenderError, RenderRequest, RuntimeFailure},
+    placement::Load,
+    render::{Frames, Pipeline, RenderError, RenderRequest, RuntimeFailure, runtime::Device},
 };
 
 /// A job handed to a session.
@@ -55,15 +56,19 @@ pub struct Rendered {
     pub stop: BatchStop,
 }
 
-/// Where to send jobs for one model.
+/// Where to send jobs for one model on one device.
 #[derive(Clone)]
 pub struct SessionHandle {
     pub model: String,
     pub version: String,
+    pub device: Device,
     /// How long a job's render may take (its model's manifest).
     pub budget: kiln_domain::RenderBudget,
     sender: mpsc::Sender<RenderJob>,
     drain: Arc<Drain>,
+    /// Jobs handed to the session and not answered yet (and their device's gauge of them).
+    queued: Arc<AtomicUsize>,
+    queued_gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 /// Set when the runner starts shutting down; wakes a session waiting for its batch to fill.
@@ -76,7 +81,18 @@ struct Drain {
 impl SessionHandle {
     /// Queues a job; waits while the session's channel is full.
     pub async fn submit(&self, job: RenderJob) -> Result<(), RuntimeFailure> {
-        self.sender.send(job).await.map_err(|_| RuntimeFailure::SessionStopped)
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        self.queued_gauge.inc();
+        self.sender.send(job).await.map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.queued_gauge.dec();
+            RuntimeFailure::SessionStopped
+        })
+    }
+
+    /// How loaded its device is, for [`crate::placement`].
+    pub fn load(&self) -> Load {
+        Load { queued: self.queued.load(Ordering::SeqCst), free_memory: None }
     }
 
     /// The runner is shutting down: from now on no batch waits to fill.
@@ -86,16 +102,22 @@ impl SessionHandle {
     }
 }
 
-/// Starts the session thread for one model. It ends when every handle is dropped.
+/// Starts the session thread for one model on one device. It ends when every handle is dropped.
 pub fn spawn(
     model: String,
     version: String,
+    device: Device,
     mut pipeline: Box<dyn Pipeline>,
     policy: FillPolicy,
     metrics: Arc<Metrics>,
 ) -> (SessionHandle, std::thread::JoinHandle<()>) {
     let (sender, mut receiver) = mpsc::channel::<RenderJob>(policy.max_batch.max(1) * 2);
-    let name = format!("session-{model}");
+    let name = format!("session-{model}-{device}");
+    let queued = Arc::new(AtomicUsize::new(0));
+    let thread_queued = queued.clone();
+    let device_label = crate::metrics::DeviceLabels { device: device.to_string() };
+    let queued_gauge = metrics.device_queued.get_or_create(&device_label).clone();
+    let thread_gauge = queued_gauge.clone();
     let thread_model = model.clone();
     let drain = Arc::new(Drain::default());
     let thread_drain = drain.clone();
@@ -172,6 +194,7 @@ pub fn spawn(
                 let render_time = started.elapsed();
                 metrics.batch_size.observe(batch.len() as f64);
                 metrics.render_busy.inc_by(render_time.as_secs_f64());
+                metrics.device_render_busy.get_or_create(&device_label).inc_by(render_time.as_secs_f64());
                 metrics.batches.inc();
                 for (job, result) in batch.into_iter().zip(results) {
                     let _job = job.span.enter();
@@ -191,12 +214,16 @@ pub fn spawn(
                         stop,
                     };
                     let _ = job.reply.send(rendered);
+                    thread_queued.fetch_sub(1, Ordering::SeqCst);
+                    thread_gauge.dec();
                 }
             }
             info!(thread = %name, "render session stopped");
         })
         .expect("spawning a session thread");
-    (SessionHandle { model, version, budget: kiln_domain::RenderBudget::default(), sender, drain }, thread)
+    let handle =
+        SessionHandle { model, version, device, budget: Default::default(), sender, drain, queued, queued_gauge };
+    (handle, thread)
 }
 
 /// What a caught panic said, when it said it with a string.
@@ -251,7 +278,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let policy = FillPolicy { max_batch: 3, max_queue_delay };
         let (handle, _thread) =
-            spawn("m".into(), "1".into(), Box::new(Recording(batches.clone())), policy, metrics.clone());
+            spawn("m".into(), "1".into(), Device::Cpu, Box::new(Recording(batches.clone())), policy, metrics.clone());
         (handle, batches, metrics)
     }
 

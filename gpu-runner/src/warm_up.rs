@@ -22,11 +22,12 @@ use crate::{
     session::{RenderJob, SessionHandle},
 };
 
-/// One model's warm-up.
+/// One model's warm-up on one device.
 #[derive(Debug, Clone)]
 pub struct WarmedUp {
     pub model: String,
     pub version: String,
+    pub device: crate::render::runtime::Device,
     /// Time in the render call, as the session measured it.
     pub render_time: Duration,
     /// From handing the job over to its frames coming back.
@@ -47,17 +48,20 @@ pub enum WarmUpError {
     },
 }
 
-/// Renders one image of each model with its defaults through its session, in turn, each in a
-/// `warm_up` span.
+/// Renders one image of each model with its defaults through each of its sessions (one per
+/// device), in turn, each in a `warm_up` span.
 pub async fn warm_up(models: &[ModelSpec], sessions: &[SessionHandle]) -> Result<Vec<WarmedUp>, WarmUpError> {
     let mut warmed = Vec::with_capacity(models.len());
     for model in models {
-        let session = sessions
-            .iter()
-            .find(|s| s.model == model.name && s.version == model.version)
-            .ok_or_else(|| WarmUpError::NoSession { model: model.name.clone() })?;
-        let span = tracing::info_span!("warm_up", model = %model.name, version = %model.version);
-        warmed.push(warm_up_one(model, session).instrument(span).await?);
+        let serving: Vec<&SessionHandle> =
+            sessions.iter().filter(|s| s.model == model.name && s.version == model.version).collect();
+        if serving.is_empty() {
+            return Err(WarmUpError::NoSession { model: model.name.clone() });
+        }
+        for session in serving {
+            let span = tracing::info_span!("warm_up", model = %model.name, version = %model.version, device = %session.device);
+            warmed.push(warm_up_one(model, session).instrument(span).await?);
+        }
     }
     Ok(warmed)
 }
@@ -80,6 +84,7 @@ async fn warm_up_one(model: &ModelSpec, session: &SessionHandle) -> Result<Warme
     Ok(WarmedUp {
         model: model.name.clone(),
         version: model.version.clone(),
+        device: session.device,
         render_time: rendered.render_time,
         elapsed: started.elapsed(),
     })

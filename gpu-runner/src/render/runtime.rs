@@ -34,6 +34,66 @@ impl FromStr for Device {
     }
 }
 
+/// The devices a runner serves, one render session per model on each: `KILN_DEVICE` as a
+/// comma-separated list (`cuda:0,cuda:1`; `cpu,cpu` gives two CPU sessions per model), or
+/// `cuda:all` for every GPU of the machine (its `/dev/nvidia<N>` device files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Devices(pub Vec<Device>);
+
+impl Devices {
+    /// `text` with `cuda:all` meaning `gpus` GPUs.
+    pub fn parse_with(text: &str, gpus: usize) -> Result<Self, String> {
+        let mut devices = Vec::new();
+        for part in text.split(',').map(str::trim) {
+            if part == "cuda:all" {
+                if gpus == 0 {
+                    return Err("`cuda:all`: this machine has no NVIDIA GPU (no /dev/nvidia<N>)".into());
+                }
+                devices.extend((0..gpus as i32).map(Device::Cuda));
+            } else {
+                devices.push(part.parse()?);
+            }
+        }
+        let mut cuda: Vec<i32> = devices.iter().filter_map(|d| if let Device::Cuda(id) = d { Some(*id) } else { None }).collect();
+        let count = cuda.len();
+        cuda.sort_unstable();
+        cuda.dedup();
+        if cuda.len() != count {
+            return Err(format!("`{text}` names a GPU twice"));
+        }
+        Ok(Self(devices))
+    }
+}
+
+impl FromStr for Devices {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::parse_with(text, gpu_count())
+    }
+}
+
+impl fmt::Display for Devices {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+/// NVIDIA GPUs of this machine: its `/dev/nvidia<N>` device files.
+fn gpu_count() -> usize {
+    std::fs::read_dir("/dev").map_or(0, |entries| {
+        entries
+            .filter_map(Result::ok)
+            .filter(|entry| {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                name.strip_prefix("nvidia").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            })
+            .count()
+    })
+}
+
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -102,4 +162,24 @@ pub fn load(model: &Path, options: &SessionOptions) -> Result<Session, RuntimeEr
         builder = builder.with_execution_providers([cuda]).map_err(|err| fail(err.into()))?;
     }
     builder.commit_from_file(model).map_err(fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_are_a_list_or_every_gpu() {
+        let parse = |text: &str, gpus| Devices::parse_with(text, gpus).map(|d| d.0);
+        assert_eq!(parse("cpu", 0), Ok(vec![Device::Cpu]));
+        assert_eq!(parse("cuda", 1), Ok(vec![Device::Cuda(0)]));
+        assert_eq!(parse("cuda:0, cuda:2", 4), Ok(vec![Device::Cuda(0), Device::Cuda(2)]));
+        assert_eq!(parse("cuda:all", 4), Ok((0..4).map(Device::Cuda).collect()));
+        assert_eq!(parse("cpu,cpu", 0), Ok(vec![Device::Cpu, Device::Cpu]), "two CPU sessions per model");
+        assert!(parse("cuda:all", 0).unwrap_err().contains("no NVIDIA GPU"));
+        assert!(parse("cuda:1,cuda:1", 2).unwrap_err().contains("names a GPU twice"));
+        assert!(parse("cuda:all,cuda:0", 2).unwrap_err().contains("names a GPU twice"));
+        assert!(parse("gpu", 1).unwrap_err().contains("`gpu` is not a device"));
+        assert_eq!(Devices(vec![Device::Cuda(0), Device::Cuda(1)]).to_string(), "cuda:0,cuda:1");
+    }
 }
