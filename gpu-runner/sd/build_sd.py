@@ -199,7 +199,9 @@ def save_diffusers_pipeline(path, vae, tokenizer_dir):
     from transformers import CLIPTokenizer
 
     vae.save_pretrained(path / "vae")
-    CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt")).save_pretrained(path / "tokenizer")
+    tokenizer = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
+                              model_max_length=clip_bpe.CONTEXT)
+    tokenizer.save_pretrained(path / "tokenizer")
     EulerDiscreteScheduler(**{k: v for k, v in SCHEDULER.items() if k != "_class_name"}).save_pretrained(path / "scheduler")
     index = {
         "_class_name": "StableDiffusionPipeline",

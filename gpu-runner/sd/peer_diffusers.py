@@ -31,6 +31,9 @@ def main():
         requires_safety_checker=False,
     ).to(args.device)
     pipe.set_progress_bar_config(disable=True)
+    # CLIP reads 77 tokens; a tokenizer saved without model_max_length says "no limit".
+    if pipe.tokenizer.model_max_length > 77:
+        pipe.tokenizer.model_max_length = 77
     print(f"diffusers StableDiffusionPipeline (fp16, {type(pipe.scheduler).__name__}, "
           f"attention: {type(next(iter(pipe.unet.attn_processors.values()))).__name__}), {args.size}x{args.size}, "
           f"{torch.cuda.get_device_name()}")

@@ -99,18 +99,23 @@ fn preparing_fuses_the_cuda_graphs_and_leaves_the_cpu_its_plain_ones() {
     let report = prepare(&plain, &prepared, &[]);
     eprintln!("{report:#}");
 
-    // The UNet's attention, norms and convolutions, the VAE's norms and convolutions.
+    // The UNet's attention and convolutions, the VAE's convolutions, the text encoder's norms.
     for (component, op) in [
         ("unet", "MultiHeadAttention"),
-        ("unet", "GroupNorm"),
-        ("unet", "SkipGroupNorm"),
         ("unet", "NhwcConv"),
         ("unet", "BiasSplitGelu"),
-        ("vae_decoder", "GroupNorm"),
         ("vae_decoder", "NhwcConv"),
         ("text_encoder", "SkipLayerNormalization"),
     ] {
         assert!(fused(&report, component, op) > 0, "{component}: no {op} fused: {report}");
+    }
+    // The tiny model's group norms (32 channels in 32 groups) are ones ONNX Runtime's CUDA
+    // GroupNorm kernel refuses at run time (seen on the H100): they stay unfused, and say so.
+    // (SD-1.5's are fused: BENCHMARKS.md.)
+    for component in ["unet", "vae_decoder"] {
+        assert_eq!(fused(&report, component, "GroupNorm") + fused(&report, component, "SkipGroupNorm"), 0);
+        let note = report[component]["group norm left unfused"].as_str().unwrap_or_default();
+        assert!(note.contains("[1"), "{component}: {report}");
     }
     let manifest: Value =
         serde_json::from_str(&std::fs::read_to_string(prepared.join("manifest.json")).unwrap()).unwrap();
@@ -134,7 +139,7 @@ fn an_fp16_export_is_widened_then_prepared() {
     let report = prepare(&plain, &prepared, &[]);
     assert_eq!(report["unet"]["from"], "fp16 (widened to fp32 first)", "{report}");
     assert!(fused(&report, "unet", "MultiHeadAttention") > 0, "{report}");
-    assert!(fused(&report, "vae_decoder", "GroupNorm") > 0, "{report}");
+    assert!(fused(&report, "vae_decoder", "NhwcConv") > 0, "{report}");
 }
 
 #[test]
