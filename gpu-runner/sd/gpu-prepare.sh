@@ -57,7 +57,8 @@ EOF
 
 build_sd15() {
     sed 's/"kiln-tiny-sd"/"sd15-random"/' gpu-runner/models/kiln-tiny-sd/manifest.json \
-        | sed 's/"max": 512 }/"max": 1024 }/g; s/"max_total_pixels": [0-9]*/"max_total_pixels": 16777216/' > "$work/manifest-sd15.json"
+        | sed 's/"max": 512 }/"max": 1024 }/g; s/"max_total_pixels": [0-9]*/"max_total_pixels": 16777216/' \
+        | sed 's/"width": 128,/"width": 512,/; s/"height": 128,/"height": 512,/; s/"steps": 8,/"steps": 25,/' > "$work/manifest-sd15.json"
     rm -rf "$sd" "$work/sd15-diffusers"
     start=$(date +%s)
     python3 gpu-runner/sd/build_sd.py --preset sd15 --dtype fp16 --out "$sd" --manifest "$work/manifest-sd15.json" \
