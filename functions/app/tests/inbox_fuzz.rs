@@ -90,7 +90,7 @@ fn run_cases(cases: u32, counts: &std::cell::RefCell<[usize; 3]>) {
         ..JobsConfig::default()
     };
     let inbox = Inbox::new(&memory.ports(), config, 64 * 1024);
-    let mut runner = TestRunner::new(ProptestConfig { cases, ..ProptestConfig::default() });
+    let mut runner = TestRunner::new(ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() });
     let result = runner.run(&(key(), spec()), |(key, spec)| {
         runtime.block_on(async {
             memory.artifacts.put(&key, "application/json", Bytes::from(spec)).await.unwrap();
