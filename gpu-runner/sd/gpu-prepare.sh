@@ -119,7 +119,7 @@ service "$sd" plain --jobs 16 --steps 50 --max-batch 1
 service "$sd" plain --jobs 16 --steps 50 --max-batch 8
 speed() { # <package> <label>
     "$bench" --device cuda speed --package "$1" --size 512 --runs 20 --repeats 3 --rows 1,2,8,16 \
-        --steps 4,25,50 --max-rows 16 --io-binding on 2>>"$OUT/bench.log" | tee "$OUT/speed-$2.md"
+        --steps 1,4,25,50 --max-rows 16 --io-binding on 2>>"$OUT/bench.log" | tee "$OUT/speed-$2.md"
 }
 speed "$sd-prepared" stepped
 speed "$sd" plain
