@@ -207,7 +207,8 @@ async fn a_failed_transaction_leaves_the_tables_stream_flowing() {
         .build()
         .unwrap();
     let other = Put::builder().table_name(&table).item("id", id("rolled-back")).build().unwrap();
-    let changed = Put::builder().table_name(&table).item("id", id("first")).item("note", id("changed")).build().unwrap();
+    let changed =
+        Put::builder().table_name(&table).item("id", id("first")).item("note", id("changed")).build().unwrap();
     let transaction = dynamodb
         .transact_write_items()
         .transact_items(TransactWriteItem::builder().put(other).build())
@@ -220,7 +221,8 @@ async fn a_failed_transaction_leaves_the_tables_stream_flowing() {
     let (keys, _) = stream_keys(&streams, &iterator).await;
     assert_eq!(keys, ["after"], "the write after the failed transaction, and nothing of it");
     // And the table holds nothing of it either: the new item is gone, the changed one as it was.
-    let get = |key: &'static str| dynamodb.get_item().table_name(&table).key("id", id(key)).consistent_read(true).send();
+    let get =
+        |key: &'static str| dynamodb.get_item().table_name(&table).key("id", id(key)).consistent_read(true).send();
     assert_eq!(get("rolled-back").await.unwrap().item, None);
     let first = get("first").await.unwrap().item.expect("the first item");
     assert_eq!(first.get("note"), None, "the transaction's change to an existing item is undone: {first:?}");

@@ -89,7 +89,8 @@ impl Default for Metrics {
         let jobs = Family::<OutcomeLabels, Counter>::default();
         let histogram = || Histogram::new(seconds_buckets());
         let (queue_wait, render, encode, upload) = (histogram(), histogram(), histogram(), histogram());
-        let batch_wait = Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0].into_iter());
+        let batch_wait =
+            Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0].into_iter());
         let batch_stops = Family::<BatchStopLabels, Counter>::default();
         let device_render_busy = Family::<DeviceLabels, Counter<f64, AtomicU64>>::default();
         let device_queued = Family::<DeviceLabels, Gauge>::default();
@@ -120,7 +121,11 @@ impl Default for Metrics {
             "Time in render calls, per batch, by device",
             device_render_busy.clone(),
         );
-        registry.register("device_queued", "Jobs handed to a device's sessions, not answered yet", device_queued.clone());
+        registry.register(
+            "device_queued",
+            "Jobs handed to a device's sessions, not answered yet",
+            device_queued.clone(),
+        );
         registry.register("in_flight", "Jobs held by this runner", in_flight.clone());
         Self {
             registry,

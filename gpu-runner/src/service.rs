@@ -895,7 +895,8 @@ mod tests {
     }
 
     fn job_with_seed(model: &ModelSpec, seed: u32) -> Job {
-        let body = serde_json::json!({ "model": model.name, "prompt": "a lake", "width": 64, "height": 64, "seed": seed });
+        let body =
+            serde_json::json!({ "model": model.name, "prompt": "a lake", "width": 64, "height": 64, "seed": seed });
         let params = Submission::parse(body.to_string().as_bytes())
             .unwrap()
             .resolve(model, WebhookPolicy::default(), || 0)
@@ -940,9 +941,11 @@ mod tests {
         let artifacts: Arc<dyn ArtifactStore> = match case.artifacts {
             Artifacts::Up => stored_artifacts.clone(),
             Artifacts::Down => Arc::new(DownArtifacts),
-            Artifacts::CancelDuringUpload => {
-                Arc::new(CancelDuringUpload { inner: stored_artifacts.clone(), store: store.clone(), job: job.id.clone() })
-            }
+            Artifacts::CancelDuringUpload => Arc::new(CancelDuringUpload {
+                inner: stored_artifacts.clone(),
+                store: store.clone(),
+                job: job.id.clone(),
+            }),
         };
         if let Message::Ended = case.message {
             job.transition(JobStatus::Canceled, Utc::now()).unwrap();
@@ -1079,7 +1082,8 @@ mod tests {
             assert_eq!(handle.await.unwrap(), Outcome::succeeded);
         }
         let rendered = |device: &str| {
-            let busy = metrics.device_render_busy.get_or_create(&crate::metrics::DeviceLabels { device: device.into() });
+            let busy =
+                metrics.device_render_busy.get_or_create(&crate::metrics::DeviceLabels { device: device.into() });
             // Each render takes 300 ms: the busy time says how many each device did.
             (busy.get() / 0.3).round() as u64
         };

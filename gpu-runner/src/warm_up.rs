@@ -59,7 +59,8 @@ pub async fn warm_up(models: &[ModelSpec], sessions: &[SessionHandle]) -> Result
             return Err(WarmUpError::NoSession { model: model.name.clone() });
         }
         for session in serving {
-            let span = tracing::info_span!("warm_up", model = %model.name, version = %model.version, device = %session.device);
+            let span =
+                tracing::info_span!("warm_up", model = %model.name, version = %model.version, device = %session.device);
             warmed.push(warm_up_one(model, session).instrument(span).await?);
         }
     }

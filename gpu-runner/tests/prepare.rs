@@ -68,11 +68,7 @@ fn render_batch_on_cpu(dir: &Path, bodies: &[&str]) -> Vec<Vec<u8>> {
         })
         .collect();
     let mut pipeline = packages::load(dir, spec, &options).expect("loading the package").pipeline;
-    pipeline
-        .render_batch(&requests)
-        .into_iter()
-        .map(|frames| frames.expect("render").frames.concat())
-        .collect()
+    pipeline.render_batch(&requests).into_iter().map(|frames| frames.expect("render").frames.concat()).collect()
 }
 
 /// A copy of `dir` whose scheduler is `class` (model files linked, not copied).

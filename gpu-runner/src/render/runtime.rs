@@ -54,7 +54,8 @@ impl Devices {
                 devices.push(part.parse()?);
             }
         }
-        let mut cuda: Vec<i32> = devices.iter().filter_map(|d| if let Device::Cuda(id) = d { Some(*id) } else { None }).collect();
+        let mut cuda: Vec<i32> =
+            devices.iter().filter_map(|d| if let Device::Cuda(id) = d { Some(*id) } else { None }).collect();
         let count = cuda.len();
         cuda.sort_unstable();
         cuda.dedup();

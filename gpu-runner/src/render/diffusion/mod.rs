@@ -42,8 +42,8 @@ use super::{
 };
 use graphs::GraphFiles;
 use plan::{JobShape, Lane, Row, UnetGuidance, plan};
-use stepped::StepCall;
 use scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
+use stepped::StepCall;
 use tokenizer::{PromptTokenizer, TokenizerError};
 
 /// Latent channels and the VAE's downsampling, as in every Stable Diffusion 1.x/2.x model.

@@ -243,9 +243,7 @@ impl Scheduler {
                 (SchedulerKind::Lcm, Prediction::Epsilon) => (1.0 / alpha.sqrt(), -(1.0 - alpha).sqrt() / alpha.sqrt()),
                 (SchedulerKind::Lcm, Prediction::VPrediction) => (alpha.sqrt(), -(1.0 - alpha).sqrt()),
                 (_, Prediction::Epsilon) => (1.0, -sigma),
-                (_, Prediction::VPrediction) => {
-                    (1.0 / (sigma * sigma + 1.0), -sigma / (sigma * sigma + 1.0).sqrt())
-                }
+                (_, Prediction::VPrediction) => (1.0 / (sigma * sigma + 1.0), -sigma / (sigma * sigma + 1.0).sqrt()),
                 (_, Prediction::Sample) => (0.0, 1.0),
             }
         };

@@ -10,7 +10,9 @@ use ort::{
     value::{Tensor, TensorElementType, Value, ValueTypeMarker},
 };
 
-use super::{Graph, LATENT_CHANNELS, float_tensor, guidance_scale_embedding, scheduler::StepCoefficients, timestep_tensor};
+use super::{
+    Graph, LATENT_CHANNELS, float_tensor, guidance_scale_embedding, scheduler::StepCoefficients, timestep_tensor,
+};
 use crate::render::{RenderError, runtime::Device};
 
 /// Where a device's tensors live, for binding outputs and allocating buffers.
@@ -58,7 +60,8 @@ impl StepCall {
         )?;
         if let Some((dim, embedded)) = embedding {
             let (ty, _) = graph.inputs["timestep_cond"].clone();
-            let data: Vec<f32> = embedded.iter().flat_map(|g| guidance_scale_embedding(*g - 1.0, dim as usize)).collect();
+            let data: Vec<f32> =
+                embedded.iter().flat_map(|g| guidance_scale_embedding(*g - 1.0, dim as usize)).collect();
             binding.bind_input("timestep_cond", &float_tensor(ty, vec![lanes as i64, dim], &data)?)?;
         }
         let scales: Vec<f32> = guidance.iter().map(|g| *g as f32).collect();
