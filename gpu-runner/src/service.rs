@@ -314,7 +314,7 @@ impl Runner {
         self.metrics.encode.observe(encode_time.as_secs_f64());
 
         let output = Output {
-            key: job.output_key(params.format.as_str()),
+            key: job.artifact_key(),
             content_type: params.format.content_type().to_owned(),
             bytes: bytes.len() as u64,
         };
@@ -427,7 +427,7 @@ impl Runner {
     /// then records the cancel, so a cancel answered to the client never leaves a file behind
     /// even if this runner dies between the two.
     async fn cancel(&self, job: &mut Job, delivery: &Delivery) -> Outcome {
-        let key = job.output_key(job.params.format.as_str());
+        let key = job.artifact_key();
         if let Err(err) = self.ports.artifacts.delete(&key).await {
             return self.give_up(job, delivery, TransientError::RemoveArtifact(err).into()).await;
         }
@@ -646,8 +646,10 @@ mod tests {
             self.started.notify_one();
             let params = &request.params;
             match self.render {
-                Render::Slowly => {
-                    std::thread::sleep(Duration::from_millis(300));
+                Render::Frames | Render::Slowly => {
+                    if let Render::Slowly = self.render {
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
                     Ok(Frames {
                         width: params.width,
                         height: params.height,
@@ -655,12 +657,6 @@ mod tests {
                         notes: Vec::new(),
                     })
                 }
-                Render::Frames => Ok(Frames {
-                    width: params.width,
-                    height: params.height,
-                    frames: vec![vec![128; (params.width * params.height * 3) as usize]],
-                    notes: Vec::new(),
-                }),
                 Render::Invalid => Err(RenderError::Invalid("the prompt is not a picture".into())),
                 Render::Panics => panic!("a bug in the pipeline"),
                 Render::UntilStopped => {
@@ -981,7 +977,7 @@ mod tests {
             // then its runner died, and the client canceled.
             let started = JobRuns::new(store.clone()).start(&job.id, &message_id, Utc::now()).await.unwrap();
             assert!(matches!(started, Start::Render(_)));
-            let key = job.output_key(job.params.format.as_str());
+            let key = job.artifact_key();
             stored_artifacts.put(&key, "image/png", Bytes::from_static(b"png")).await.unwrap();
             revise(&store, &job.id, |job| assert!(job.request_cancel(), "a running job")).await;
         }

@@ -316,6 +316,12 @@ impl Job {
     pub fn output_key(&self, extension: &str) -> String {
         format!("jobs/{}/{}/output.{extension}", self.tenant_id, self.id)
     }
+
+    /// The key of the artifact a run of the job writes (in its requested format): what a
+    /// success links and what a cancel removes.
+    pub fn artifact_key(&self) -> String {
+        self.output_key(self.params.format.as_str())
+    }
 }
 
 fn millis_between(start: DateTime<Utc>, end: DateTime<Utc>) -> u64 {

@@ -379,47 +379,44 @@ impl LatentDiffusion {
                         scheduler.coefficients(step),
                         noise,
                     )?;
-                    for &job in &run.jobs {
-                        done[job] += 1;
-                        batch[job].control.report(done[job], plan.totals[job]);
-                    }
-                    continue;
-                }
-                let call = match &mut live.call {
-                    Some(call) => call,
-                    None => {
-                        let guidance: Vec<f64> = run.lanes.iter().map(|l| batch[l.job].params.guidance).collect();
-                        let embedding = timestep_cond.map(|dim| (dim, guidance));
-                        live.call.insert(UnetCall::new(&self.unet, &rows(), embedding, self.options)?)
-                    }
-                };
-                let scale = scheduler.input_scale(step);
-                let mut sample = Vec::with_capacity(run.rows.len() * latent_len);
-                for _ in 0..plan.rows_per_lane() {
-                    for latent in &live.latents {
-                        sample.extend(latent.iter().map(|v| (f64::from(*v) * scale) as f32));
-                    }
-                }
-                let shape = [run.rows.len() as i64, LATENT_CHANNELS as i64, latent_height as i64, latent_width as i64];
-                let output = call.run(&mut self.unet, &sample, shape, scheduler.timesteps()[step])?;
-                for (k, lane) in run.lanes.iter().enumerate() {
-                    let (cond_row, uncond_row) = plan.prediction_rows(k, run.lanes.len());
-                    let cond_row = &output[cond_row * latent_len..][..latent_len];
-                    let eps: Cow<[f32]> = match (plan.scales[lane.job], uncond_row) {
-                        (Some(g), Some(uncond_row)) => {
-                            let uncond_row = &output[uncond_row * latent_len..][..latent_len];
-                            Cow::Owned(
-                                uncond_row
-                                    .iter()
-                                    .zip(cond_row)
-                                    .map(|(u, c)| (f64::from(*u) + g * (f64::from(*c) - f64::from(*u))) as f32)
-                                    .collect(),
-                            )
+                } else {
+                    let call = match &mut live.call {
+                        Some(call) => call,
+                        None => {
+                            let guidance: Vec<f64> = run.lanes.iter().map(|l| batch[l.job].params.guidance).collect();
+                            let embedding = timestep_cond.map(|dim| (dim, guidance));
+                            live.call.insert(UnetCall::new(&self.unet, &rows(), embedding, self.options)?)
                         }
-                        _ => Cow::Borrowed(cond_row),
                     };
-                    let noise = step_noise.get(&lane.job).map(Vec::as_slice);
-                    scheduler.step(step, &eps, &mut live.latents[k], noise);
+                    let scale = scheduler.input_scale(step);
+                    let mut sample = Vec::with_capacity(run.rows.len() * latent_len);
+                    for _ in 0..plan.rows_per_lane() {
+                        for latent in &live.latents {
+                            sample.extend(latent.iter().map(|v| (f64::from(*v) * scale) as f32));
+                        }
+                    }
+                    let shape =
+                        [run.rows.len() as i64, LATENT_CHANNELS as i64, latent_height as i64, latent_width as i64];
+                    let output = call.run(&mut self.unet, &sample, shape, scheduler.timesteps()[step])?;
+                    for (k, lane) in run.lanes.iter().enumerate() {
+                        let (cond_row, uncond_row) = plan.prediction_rows(k, run.lanes.len());
+                        let cond_row = &output[cond_row * latent_len..][..latent_len];
+                        let eps: Cow<[f32]> = match (plan.scales[lane.job], uncond_row) {
+                            (Some(g), Some(uncond_row)) => {
+                                let uncond_row = &output[uncond_row * latent_len..][..latent_len];
+                                Cow::Owned(
+                                    uncond_row
+                                        .iter()
+                                        .zip(cond_row)
+                                        .map(|(u, c)| (f64::from(*u) + g * (f64::from(*c) - f64::from(*u))) as f32)
+                                        .collect(),
+                                )
+                            }
+                            _ => Cow::Borrowed(cond_row),
+                        };
+                        let noise = step_noise.get(&lane.job).map(Vec::as_slice);
+                        scheduler.step(step, &eps, &mut live.latents[k], noise);
+                    }
                 }
                 for &job in &run.jobs {
                     done[job] += 1;
