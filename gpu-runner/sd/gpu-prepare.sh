@@ -55,6 +55,27 @@ EOF
     done
 }
 
+# The same jobs on one package with CUDA graphs (each rendered 3 times in one pipeline: the
+# later renders replay the graphs the first captured) and without, compared value by value.
+compare_graphs() { # <label> <package> <model name> <jobs...>
+    local label=$1 package=$2 model=$3
+    shift 3
+    for job in "$@"; do
+        body=$(echo "$job" | sed "s/MODEL/$model/")
+        "$bench" --device cuda render --package "$package" --job "$body" --cuda-graphs 0 --out "$work/uncaptured.rgb" 2>>"$OUT/render.log" || { echo "render failed: $body"; continue; }
+        "$bench" --device cuda render --package "$package" --job "$body" --cuda-graphs 8 --times 3 --out "$work/captured.rgb" 2>"$work/captured.log" || { cat "$work/captured.log" >> "$OUT/render.log"; echo "render failed: $body"; continue; }
+        cat "$work/captured.log" >> "$OUT/render.log"
+        grep -E "max \|diff\||CUDA graph runs" "$work/captured.log" | sed "s/^/  /"
+        python3 - "$work/uncaptured.rgb" "$work/captured.rgb" "$label $body" <<'EOF'
+import sys, numpy as np
+a, b = (np.frombuffer(open(p, "rb").read(), dtype=np.uint8).astype(int) for p in sys.argv[1:3])
+d = np.abs(a - b)
+print(f"{sys.argv[3]}: CUDA graphs (third render) vs none: max |diff| {d.max()} of 255, mean {d.mean():.3f}, "
+      f"{(d > 0).mean() * 100:.1f}% of values differ")
+EOF
+    done
+}
+
 build_sd15() {
     sed 's/"kiln-tiny-sd"/"sd15-random"/' gpu-runner/models/kiln-tiny-sd/manifest.json \
         | sed 's/"max": 512 }/"max": 1024 }/g; s/"max_total_pixels": [0-9]*/"max_total_pixels": 16777216/' \
@@ -82,6 +103,11 @@ if [ "$step" = build ]; then
     compare sd15 "$sd" "$sd-prepared" sd15-random \
         '{"model":"MODEL","prompt":"a red car","width":512,"height":512,"steps":25,"guidance":7.5,"seed":11}' \
         | tee "$OUT/sd15-check.txt"
+    compare_graphs sd15 "$sd-prepared" sd15-random \
+        '{"model":"MODEL","prompt":"a red car","width":512,"height":512,"steps":25,"guidance":7.5,"seed":11}' \
+        '{"model":"MODEL","prompt":"a lighthouse","width":512,"height":512,"steps":4,"guidance":0,"seed":3}' \
+        '{"model":"MODEL","prompt":"waves","width":512,"height":512,"steps":8,"guidance":5,"num_frames":6,"seed":5}' \
+        | tee "$OUT/sd15-graphs.txt"
     exit 0
 fi
 
@@ -112,14 +138,18 @@ python3 gpu-runner/sd/peer_diffusers.py --pipeline "$work/sd15-diffusers" --size
     --cases 50:7.5:1,50:7.5:8,1:0:1,1:0:8 2>>"$OUT/peer.log" | tee "$OUT/peer.md"
 service "$sd-prepared" stepped --jobs 16 --steps 50 --max-batch 1
 service "$sd-prepared" stepped --jobs 16 --steps 50 --max-batch 8
+service "$sd-prepared" stepped-no-cuda-graphs --jobs 16 --steps 50 --max-batch 1 --cuda-graphs 0
+service "$sd-prepared" stepped-no-cuda-graphs --jobs 16 --steps 50 --max-batch 8 --cuda-graphs 0
 service "$sd-prepared" stepped --jobs 16 --steps 1 --guidance 0 --max-batch 1
 service "$sd-prepared" stepped --jobs 16 --steps 1 --guidance 0 --max-batch 8
 service "$fused" fused --jobs 16 --steps 50 --max-batch 8
 service "$sd" plain --jobs 16 --steps 50 --max-batch 1
 service "$sd" plain --jobs 16 --steps 50 --max-batch 8
-speed() { # <package> <label>
-    "$bench" --device cuda speed --package "$1" --size 512 --runs 20 --repeats 3 --rows 1,2,8,16 \
-        --steps 1,4,25,50 --max-rows 16 --io-binding on 2>>"$OUT/bench.log" | tee "$OUT/speed-$2.md"
+speed() { # <package> <label> <more diffusion-bench speed args...>
+    local package=$1 label=$2
+    shift 2
+    "$bench" --device cuda speed --package "$package" --size 512 --runs 20 --repeats 3 --rows 1,2,8,16 \
+        --steps 1,4,25,50 --max-rows 16 --io-binding on "$@" 2>>"$OUT/bench.log" | tee "$OUT/speed-$label.md"
 }
-speed "$sd-prepared" stepped
+speed "$sd-prepared" stepped --cuda-graphs 8,0
 speed "$sd" plain

@@ -65,6 +65,13 @@ pub struct RunnerConfig {
     #[arg(long, env = "KILN_IO_BINDING", default_value = "auto")]
     pub io_binding: Toggle,
 
+    /// Latent diffusion on CUDA with a package's step graph: most chunk shapes (lanes, UNet rows,
+    /// size) per session whose steps are captured as CUDA graphs and replayed. A shape seen when
+    /// all are taken pads up to a larger graph of its size, or runs uncaptured; the metric
+    /// `kiln_runner_step_runs_total{run}` counts which. 0: no CUDA graphs.
+    #[arg(long, env = "KILN_CUDA_GRAPHS", default_value_t = crate::render::diffusion::DEFAULT_CUDA_GRAPHS)]
+    pub cuda_graphs: usize,
+
     /// Most jobs held at once per device (rendering, waiting to render, encoding or uploading).
     /// The runner takes messages from the queue only while below this times its devices, so
     /// other runners get the rest.
@@ -139,7 +146,11 @@ impl RunnerConfig {
             dylib: self.ort_dylib.clone(),
             device,
             intra_threads: self.intra_threads,
-            diffusion: DiffusionOptions { max_unet_rows: self.max_unet_rows.max(1), io_binding },
+            diffusion: DiffusionOptions {
+                max_unet_rows: self.max_unet_rows.max(1),
+                io_binding,
+                cuda_graphs: if matches!(device, Device::Cuda(_)) { self.cuda_graphs } else { 0 },
+            },
         }
     }
 

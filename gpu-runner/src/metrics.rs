@@ -53,6 +53,42 @@ pub struct BatchStopLabels {
     pub stop: crate::batching::BatchStop,
 }
 
+/// How denoising steps ran on a session that captures CUDA graphs.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum GraphStep {
+    /// Replayed a captured graph.
+    replayed,
+    /// A graph's first two runs (a plain one, then the capture).
+    capturing,
+    /// Captured or replayed in a graph of more lanes than the chunk had (also counted above).
+    padded,
+    /// Ran without a graph: the fallback.
+    uncaptured,
+}
+
+/// Why a chunk ran without a CUDA graph.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum GraphFallback {
+    /// Every graph was taken by other shapes, and none of its size was larger.
+    no_graph,
+    /// A capture failed; the session stopped using graphs.
+    capture_failed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GraphStepLabels {
+    pub device: String,
+    pub run: GraphStep,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GraphFallbackLabels {
+    pub device: String,
+    pub reason: GraphFallback,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub jobs: Family<OutcomeLabels, Counter>,
@@ -74,6 +110,10 @@ pub struct Metrics {
     pub device_queued: Family<DeviceLabels, Gauge>,
     /// Render calls (batches); with `batch_size`'s sum, the mean batch.
     pub batches: Counter,
+    /// Denoising steps on sessions that capture CUDA graphs, by how they ran.
+    pub graph_steps: Family<GraphStepLabels, Counter>,
+    /// Chunks (or captures) that fell back to running without a CUDA graph, by why.
+    pub graph_fallbacks: Family<GraphFallbackLabels, Counter>,
     pub in_flight: Gauge,
     ready: AtomicBool,
     stuck: AtomicBool,
@@ -89,15 +129,26 @@ impl Default for Metrics {
         let jobs = Family::<OutcomeLabels, Counter>::default();
         let histogram = || Histogram::new(seconds_buckets());
         let (queue_wait, render, encode, upload) = (histogram(), histogram(), histogram(), histogram());
-        let batch_wait =
-            Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0].into_iter());
+        let batch_wait = Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
         let batch_stops = Family::<BatchStopLabels, Counter>::default();
         let device_render_busy = Family::<DeviceLabels, Counter<f64, AtomicU64>>::default();
         let device_queued = Family::<DeviceLabels, Gauge>::default();
-        let batch_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0].into_iter());
+        let batch_size = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0]);
         let in_flight = Gauge::default();
         let render_busy = Counter::<f64, AtomicU64>::default();
         let batches = Counter::default();
+        let graph_steps = Family::<GraphStepLabels, Counter>::default();
+        let graph_fallbacks = Family::<GraphFallbackLabels, Counter>::default();
+        registry.register(
+            "cuda_graph_steps",
+            "Denoising steps on sessions that capture CUDA graphs, by how they ran",
+            graph_steps.clone(),
+        );
+        registry.register(
+            "cuda_graph_fallbacks",
+            "Chunks that ran without a CUDA graph, and failed captures",
+            graph_fallbacks.clone(),
+        );
         registry.register("jobs", "Jobs handled, by outcome", jobs.clone());
         registry.register("queue_wait_seconds", "Time from submission to start", queue_wait.clone());
         registry.register("render_seconds", "Time in the render call, per job", render.clone());
@@ -141,6 +192,8 @@ impl Default for Metrics {
             device_render_busy,
             device_queued,
             batches,
+            graph_steps,
+            graph_fallbacks,
             in_flight,
             ready: AtomicBool::new(false),
             stuck: AtomicBool::new(false),
@@ -151,6 +204,25 @@ impl Default for Metrics {
 impl Metrics {
     pub fn count(&self, outcome: Outcome) {
         self.jobs.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// Adds a pipeline's CUDA graph runs on `device`.
+    pub fn count_graph_runs(&self, device: &str, runs: crate::render::GraphRuns) {
+        let steps = [
+            (GraphStep::replayed, runs.replayed),
+            (GraphStep::capturing, runs.capturing),
+            (GraphStep::padded, runs.padded),
+            (GraphStep::uncaptured, runs.uncaptured),
+        ];
+        for (run, count) in steps.into_iter().filter(|(_, count)| *count > 0) {
+            self.graph_steps.get_or_create(&GraphStepLabels { device: device.to_owned(), run }).inc_by(count);
+        }
+        let fallbacks = [(GraphFallback::no_graph, runs.no_graph_chunks), (GraphFallback::capture_failed, runs.failed)];
+        for (reason, count) in fallbacks.into_iter().filter(|(_, count)| *count > 0) {
+            self.graph_fallbacks
+                .get_or_create(&GraphFallbackLabels { device: device.to_owned(), reason })
+                .inc_by(count);
+        }
     }
 
     /// Healthy once the models are loaded; unhealthy again while shutting down.

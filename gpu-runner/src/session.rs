@@ -196,6 +196,7 @@ pub fn spawn(
                 metrics.render_busy.inc_by(render_time.as_secs_f64());
                 metrics.device_render_busy.get_or_create(&device_label).inc_by(render_time.as_secs_f64());
                 metrics.batches.inc();
+                metrics.count_graph_runs(&device_label.device, pipeline.take_graph_runs());
                 for (job, result) in batch.into_iter().zip(results) {
                     let _job = job.span.enter();
                     debug!(

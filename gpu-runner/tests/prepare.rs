@@ -10,7 +10,7 @@ use kiln_domain::{ModelSpec, Submission, WebhookPolicy};
 use kiln_local::{Tools, ensure_tools, workspace_root};
 use kiln_runner::{
     packages,
-    render::{RenderControl, RenderRequest, runtime::SessionOptions},
+    render::{GraphRuns, RenderControl, RenderRequest, runtime::SessionOptions},
 };
 use serde_json::Value;
 use std::{
@@ -54,21 +54,38 @@ fn render_on_cpu(dir: &Path, body: &str) -> Vec<u8> {
 
 /// The jobs `bodies` rendered together on the CPU; each job's frames, concatenated.
 fn render_batch_on_cpu(dir: &Path, bodies: &[&str]) -> Vec<Vec<u8>> {
-    let options = SessionOptions { intra_threads: 1, ..SessionOptions::cpu(tools().ort_dylib) };
+    let (mut rendered, _) = render_batches_on_cpu(dir, &[bodies], 0);
+    rendered.remove(0)
+}
+
+/// Batches of jobs rendered one after another by one pipeline on the CPU, with `cuda_graphs`
+/// fixed-buffer graph shapes (the path CUDA graphs take; nothing is captured on the CPU): each
+/// batch's jobs' frames, and the pipeline's graph runs.
+fn render_batches_on_cpu(dir: &Path, batches: &[&[&str]], cuda_graphs: usize) -> (Vec<Vec<Vec<u8>>>, GraphRuns) {
+    let mut options = SessionOptions { intra_threads: 1, ..SessionOptions::cpu(tools().ort_dylib) };
+    options.diffusion.cuda_graphs = cuda_graphs;
     let spec = ModelSpec::read_manifest(dir).unwrap();
-    let requests: Vec<RenderRequest> = bodies
+    let request = |body: &&str| {
+        let params =
+            Submission::parse(body.as_bytes()).unwrap().resolve(&spec, WebhookPolicy::default(), || 0).unwrap().params;
+        RenderRequest { params, control: Arc::new(RenderControl::default()) }
+    };
+    let mut pipeline = packages::load(dir, spec.clone(), &options).expect("loading the package").pipeline;
+    let rendered = batches
         .iter()
-        .map(|body| {
-            let params = Submission::parse(body.as_bytes())
-                .unwrap()
-                .resolve(&spec, WebhookPolicy::default(), || 0)
-                .unwrap()
-                .params;
-            RenderRequest { params, control: Arc::new(RenderControl::default()) }
+        .map(|bodies| {
+            let requests: Vec<RenderRequest> = bodies.iter().map(request).collect();
+            pipeline.render_batch(&requests).into_iter().map(|frames| frames.expect("render").frames.concat()).collect()
         })
         .collect();
-    let mut pipeline = packages::load(dir, spec, &options).expect("loading the package").pipeline;
-    pipeline.render_batch(&requests).into_iter().map(|frames| frames.expect("render").frames.concat()).collect()
+    (rendered, pipeline.take_graph_runs())
+}
+
+/// The largest difference between two renders, and how many values differ.
+fn difference(ours: &[u8], theirs: &[u8]) -> (u8, usize) {
+    assert_eq!(ours.len(), theirs.len());
+    let worst = ours.iter().zip(theirs).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
+    (worst, ours.iter().zip(theirs).filter(|(a, b)| a != b).count())
 }
 
 /// A copy of `dir` whose scheduler is `class` (model files linked, not copied).
@@ -173,6 +190,57 @@ fn the_step_graphs_render_what_the_host_loop_renders() {
             assert!(worst <= 2, "{name}: a value differs by {worst}");
             assert!(differing * 100 <= ours.len(), "{name}: {differing} of {} values differ", ours.len());
         }
+    }
+}
+
+/// The path CUDA graphs take (every input in a device buffer that never moves, each step's
+/// values written into them, a chunk padded up to a larger graph of its size when no graph of
+/// its own is left, the rest uncaptured) renders what the bound step graph renders. On the CPU
+/// nothing is captured, so this holds the buffers, the padding and the counting; the GPU run
+/// (`gpu-prepare.sh`) holds the captured graphs to the same renders.
+#[test]
+fn the_fixed_buffers_of_cuda_graphs_render_what_the_bound_step_graph_renders() {
+    let plain = workspace_root().join("gpu-runner/models/kiln-tiny-sd");
+    let prepared = scratch("kiln-tiny-sd-graphs");
+    prepare(&plain, &prepared, &["--components", "unet", "--steps-for", "cpu"]);
+    let job = |prompt: &str, guidance: f64, seed: u32| {
+        format!(
+            r#"{{"model":"kiln-tiny-sd","prompt":"{prompt}","width":96,"height":64,"steps":4,"guidance":{guidance},"seed":{seed}}}"#
+        )
+    };
+    let (two, one, unguided) =
+        ([job("a", 7.5, 1), job("b", 3.0, 2)], [job("a lighthouse", 6.0, 9)], [job("a red car", 0.0, 3)]);
+    let batches: Vec<Vec<&str>> = vec![
+        two.iter().map(String::as_str).collect(),
+        // No graph left for one guided lane: it pads into the two-lane graph.
+        one.iter().map(String::as_str).collect(),
+        // Nor for an unguided one, and no graph has its rows per lane: uncaptured.
+        unguided.iter().map(String::as_str).collect(),
+    ];
+    let batches: Vec<&[&str]> = batches.iter().map(Vec::as_slice).collect();
+    let (bound, runs) = render_batches_on_cpu(&prepared, &batches, 0);
+    assert_eq!(runs, GraphRuns::default(), "no graphs asked for, none used");
+    let (fixed, runs) = render_batches_on_cpu(&prepared, &batches, 1);
+    for (batch, (ours, theirs)) in fixed.iter().zip(&bound).enumerate() {
+        for (job, (ours, theirs)) in ours.iter().zip(theirs).enumerate() {
+            let (worst, differing) = difference(ours, theirs);
+            eprintln!("batch {batch} job {job}: max |Δ| {worst}, {differing} of {} values differ", ours.len());
+            assert!(worst <= 2, "batch {batch} job {job}: a value differs by {worst}");
+        }
+    }
+    let expected = GraphRuns { capturing: 2, replayed: 2 + 4, padded: 4, uncaptured: 4, no_graph_chunks: 1, failed: 0 };
+    assert_eq!(runs, expected);
+
+    // Euler-a's fresh noise each step goes through the noise buffer.
+    let euler_a = with_scheduler(&prepared, "EulerAncestralDiscreteScheduler", "graphs-euler-a");
+    let batch = [job("a lighthouse", 6.0, 9)];
+    let batch: Vec<&str> = batch.iter().map(String::as_str).collect();
+    let (bound, _) = render_batches_on_cpu(&euler_a, &[&batch, &batch], 0);
+    let (fixed, runs) = render_batches_on_cpu(&euler_a, &[&batch, &batch], 8);
+    assert_eq!((runs.capturing, runs.replayed, runs.uncaptured), (2, 6, 0));
+    for (ours, theirs) in fixed.iter().flatten().zip(bound.iter().flatten()) {
+        let (worst, _) = difference(ours, theirs);
+        assert!(worst <= 2, "Euler-a: a value differs by {worst}");
     }
 }
 

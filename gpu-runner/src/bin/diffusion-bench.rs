@@ -24,7 +24,11 @@ use kiln_runner::render::{
     diffusion::{DiffusionOptions, LatentDiffusion, float_tensor, graphs::GraphFiles},
     runtime::{self, Device, SessionOptions},
 };
-use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use ort::{
+    memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType},
+    session::RunOptions,
+    value::{DynTensor, DynValue, Tensor, TensorElementType, ValueType},
+};
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
@@ -65,6 +69,10 @@ enum Command {
         /// IO binding in the pipeline cases: on, off, or both.
         #[arg(long, default_value = "both")]
         io_binding: String,
+        /// CUDA graph shapes per step graph session in the pipeline cases (`KILN_CUDA_GRAPHS`),
+        /// one pipeline per value: e.g. `8,0` for with and without.
+        #[arg(long, default_value = "8", value_delimiter = ',')]
+        cuda_graphs: Vec<usize>,
     },
     Render {
         #[arg(long)]
@@ -74,6 +82,14 @@ enum Command {
         job: String,
         #[arg(long)]
         out: PathBuf,
+        /// CUDA graph shapes (`KILN_CUDA_GRAPHS`); 0: none.
+        #[arg(long, default_value_t = kiln_runner::render::diffusion::DEFAULT_CUDA_GRAPHS)]
+        cuda_graphs: usize,
+        /// Render the job this many times in one pipeline (a CUDA graph is captured on its
+        /// shape's second run: the third replays it); the frames written are the last render's,
+        /// and each render's are compared with the first's.
+        #[arg(long, default_value_t = 1)]
+        times: usize,
     },
 }
 
@@ -83,16 +99,32 @@ fn main() -> anyhow::Result<()> {
         Command::Speed { max_rows, .. } => *max_rows,
         Command::Render { .. } => 4,
     };
-    let options = |io_binding: bool| SessionOptions {
+    let options = |io_binding: bool, cuda_graphs: usize| SessionOptions {
         dylib: cli.ort_dylib.clone(),
         device: cli.device,
         intra_threads: 0,
-        diffusion: DiffusionOptions { max_unet_rows: max_rows, io_binding },
+        diffusion: DiffusionOptions { max_unet_rows: max_rows, io_binding, cuda_graphs },
     };
     match &cli.command {
-        Command::Render { package, job, out } => {
-            let mut pipeline = LatentDiffusion::load(package, &options(matches!(cli.device, Device::Cuda(_))))?;
-            let frames = pipeline.render(&request(package, job)?)?;
+        Command::Render { package, job, out, cuda_graphs, times } => {
+            let mut pipeline =
+                LatentDiffusion::load(package, &options(matches!(cli.device, Device::Cuda(_)), *cuda_graphs))?;
+            let mut first: Option<Vec<u8>> = None;
+            let mut frames = None;
+            for time in 0..(*times).max(1) {
+                let rendered = pipeline.render(&request(package, job)?)?;
+                let bytes = rendered.frames.concat();
+                match &first {
+                    None => first = Some(bytes),
+                    Some(first) => {
+                        let differ = first.iter().zip(&bytes).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
+                        eprintln!("render {}: max |diff| from the first render {differ} of 255", time + 1);
+                    }
+                }
+                frames = Some(rendered);
+            }
+            let frames = frames.expect("rendered at least once");
+            eprintln!("CUDA graph runs: {:?}", pipeline.take_graph_runs());
             std::fs::write(out, frames.frames.concat())?;
             eprintln!(
                 "wrote {} frames of {}x{} to {}",
@@ -102,7 +134,7 @@ fn main() -> anyhow::Result<()> {
                 out.display()
             );
         }
-        Command::Speed { package, size, runs, repeats, steps, rows, max_rows, io_binding } => {
+        Command::Speed { package, size, runs, repeats, steps, rows, max_rows, io_binding, cuda_graphs } => {
             let spec = ModelSpec::read_manifest(package)?;
             let unet = GraphFiles::read(package)?.path(package, "unet", cli.device);
             println!(
@@ -112,24 +144,45 @@ fn main() -> anyhow::Result<()> {
                 cli.device,
                 unet.strip_prefix(package).unwrap_or(&unet).display()
             );
-            let raw = raw_unet(&unet, &options(false), *size, *runs, rows)?;
-            println!("\n| UNet rows per run | raw ms per run (median of {runs}) | ms per row |");
-            println!("|---:|---:|---:|");
-            for (rows, ms) in &raw {
-                println!("| {rows} | {ms:.2} | {:.2} |", ms / *rows as f64);
+            let raw = raw_unet(&unet, &options(false, 0), *size, *runs, rows)?;
+            // A graph ONNX Runtime cannot capture (CPU nodes between CUDA ones) says why in its column.
+            let bound = |graph: bool| -> Vec<String> {
+                match raw_unet_bound(&unet, &options(false, 0), *size, *runs, rows, graph) {
+                    Ok(times) => times.iter().map(|(_, ms)| format!("{ms:.2}")).collect(),
+                    Err(err) => {
+                        eprintln!("raw UNet with device inputs (CUDA graph: {graph}): {err:#}");
+                        vec!["failed (bench.log)".into(); rows.len()]
+                    }
+                }
+            };
+            let device_inputs = match cli.device {
+                Device::Cuda(_) => Some((bound(false), bound(true))),
+                Device::Cpu => None,
+            };
+            println!(
+                "\n| UNet rows per run | raw ms per run (median of {runs}) | ms per row | inputs on the device | + CUDA graph |"
+            );
+            println!("|---:|---:|---:|---:|---:|");
+            for (index, (rows, ms)) in raw.iter().enumerate() {
+                let (bound, graph) = match &device_inputs {
+                    Some((bound, graph)) => (bound[index].clone(), graph[index].clone()),
+                    None => ("-".into(), "-".into()),
+                };
+                println!("| {rows} | {ms:.2} | {:.2} | {bound} | {graph} |", ms / *rows as f64);
             }
             let raw_ms = |rows: usize| raw.iter().find(|(r, _)| *r == rows).map(|(_, ms)| *ms).unwrap_or(f64::NAN);
             println!(
-                "\n| guidance | images per batch | UNet rows per run | steps | IO binding | s per batch (median of {repeats}) | images/s | raw-step bound images/s | share of bound |"
+                "\n| guidance | images per batch | UNet rows per run | steps | IO binding | CUDA graphs | s per batch (median of {repeats}) | images/s | raw-step bound images/s | share of bound |"
             );
-            println!("|---|---:|---:|---:|---|---:|---:|---:|---:|");
+            println!("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|");
             let bindings = match io_binding.as_str() {
                 "on" => vec![true],
                 "off" => vec![false],
                 _ => vec![true, false],
             };
-            for io_binding in bindings {
-                let mut pipeline = LatentDiffusion::load(package, &options(io_binding))?;
+            let cases = bindings.iter().flat_map(|binding| cuda_graphs.iter().map(move |graphs| (*binding, *graphs)));
+            for (io_binding, graphs) in cases {
+                let mut pipeline = LatentDiffusion::load(package, &options(io_binding, graphs))?;
                 for &steps in steps {
                     for (guidance, images) in [(7.5, 1), (7.5, max_rows / 2), (0.0, 1), (0.0, *max_rows)] {
                         let rows = if guidance > 1.0 { images * 2 } else { images };
@@ -145,7 +198,10 @@ fn main() -> anyhow::Result<()> {
                         let batch = || -> anyhow::Result<Vec<RenderRequest>> {
                             jobs.iter().map(|j| request(package, j)).collect()
                         };
-                        pipeline.render_batch(&batch()?).into_iter().collect::<Result<Vec<_>, _>>()?; // warm-up
+                        // Warm-up: two renders, so a CUDA graph is captured before the timed ones.
+                        for _ in 0..2 {
+                            pipeline.render_batch(&batch()?).into_iter().collect::<Result<Vec<_>, _>>()?;
+                        }
                         let mut times = Vec::new();
                         for _ in 0..*repeats {
                             let batch = batch()?;
@@ -158,7 +214,7 @@ fn main() -> anyhow::Result<()> {
                         let rate = images as f64 / seconds;
                         let bound = images as f64 / (steps as f64 * raw_ms(rows) / 1000.0);
                         println!(
-                            "| {guidance} | {images} | {rows} | {steps} | {} | {seconds:.3} | {rate:.2} | {bound:.2} | {:.0}% |",
+                            "| {guidance} | {images} | {rows} | {steps} | {} | {graphs} | {seconds:.3} | {rate:.2} | {bound:.2} | {:.0}% |",
                             if io_binding { "on" } else { "off" },
                             100.0 * rate / bound
                         );
@@ -189,31 +245,11 @@ fn raw_unet(
     row_counts: &[usize],
 ) -> anyhow::Result<Vec<(usize, f64)>> {
     let mut session = runtime::load(unet, options)?;
-    let inputs: Vec<(String, TensorElementType, Vec<i64>)> = session
-        .inputs()
-        .iter()
-        .filter_map(|input| match input.dtype() {
-            ValueType::Tensor { ty, shape, .. } => Some((input.name().to_owned(), *ty, shape.to_vec())),
-            _ => None,
-        })
-        .collect();
+    let inputs = tensor_inputs(&session);
     let latent = (size / 8) as i64;
     let mut results = Vec::new();
     for &rows in row_counts {
-        let make = |name: &str, ty: TensorElementType, declared: &[i64]| -> anyhow::Result<DynValue> {
-            let shape: Vec<i64> = match name {
-                "sample" => vec![rows as i64, 4, latent, latent],
-                "timestep" if declared.first() == Some(&1) => vec![1],
-                "timestep" => vec![rows as i64],
-                _ => declared.iter().enumerate().map(|(i, d)| if i == 0 { rows as i64 } else { *d }).collect(),
-            };
-            let count = shape.iter().product::<i64>() as usize;
-            let values: Vec<f32> = (0..count).map(|i| ((i % 97) as f32 / 97.0) - 0.5).collect();
-            Ok(match ty {
-                TensorElementType::Int64 => Tensor::from_array((shape, vec![500i64; count]))?.into_dyn(),
-                other => float_tensor(other, shape, &values).map_err(|err| anyhow::anyhow!("input {name}: {err}"))?,
-            })
-        };
+        let make = |name: &str, ty: TensorElementType, declared: &[i64]| raw_input(name, ty, declared, rows, latent);
         let mut times = Vec::new();
         for run in 0..runs + 3 {
             let values: Vec<(String, DynValue)> = inputs
@@ -236,4 +272,99 @@ fn raw_unet(
         results.push((rows, times[times.len() / 2]));
     }
     Ok(results)
+}
+
+/// The UNet graph `unet` alone with every input and the output in device buffers bound once (no
+/// copies between runs), at each of `row_counts`: median milliseconds of one run; with `graph`,
+/// on a session that captures each row count as a CUDA graph and replays it.
+fn raw_unet_bound(
+    unet: &Path,
+    options: &SessionOptions,
+    size: u32,
+    runs: usize,
+    row_counts: &[usize],
+    graph: bool,
+) -> anyhow::Result<Vec<(usize, f64)>> {
+    let mut session = match graph {
+        true => runtime::load_for_cuda_graphs(unet, options)?,
+        false => runtime::load(unet, options)?,
+    };
+    let Device::Cuda(id) = options.device else { anyhow::bail!("device buffers need a CUDA device") };
+    let memory = MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default)?;
+    let allocator = Allocator::new(&session, memory)?;
+    let inputs = tensor_inputs(&session);
+    let (output_name, output_ty) = match session.outputs().first().map(|o| (o.name().to_owned(), o.dtype().clone())) {
+        Some((name, ValueType::Tensor { ty, .. })) => (name, ty),
+        _ => anyhow::bail!("the UNet has no tensor output"),
+    };
+    let latent = (size / 8) as i64;
+    let mut results = Vec::new();
+    // Buffers of every row count stay alive: a replayed graph reads the addresses it captured.
+    let mut kept = Vec::new();
+    for (index, &rows) in row_counts.iter().enumerate() {
+        let mut binding = session.create_binding()?;
+        for (name, ty, declared) in &inputs {
+            let host = raw_input(name, *ty, declared, rows, latent)?;
+            let shape = match host.dtype() {
+                ValueType::Tensor { shape, .. } => shape.to_vec(),
+                _ => unreachable!("raw_input makes tensors"),
+            };
+            let mut buffer = DynTensor::new(&allocator, *ty, shape)?;
+            host.downcast::<ort::value::DynTensorValueType>()?.copy_into(&mut buffer)?;
+            binding.bind_input(name.as_str(), &buffer)?;
+            kept.push(buffer);
+        }
+        let mut output = DynTensor::new(&allocator, output_ty, vec![rows as i64, 4, latent, latent])?;
+        binding.bind_output(output_name.as_str(), &mut output)?;
+        let mut run_options = RunOptions::new()?;
+        if graph {
+            run_options.set("gpu_graph_id", (index + 1).to_string())?;
+        }
+        let mut times = Vec::new();
+        for run in 0..runs + 3 {
+            let started = Instant::now();
+            session.run_binding_with_options(&binding, &run_options)?;
+            if run >= 3 {
+                times.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        kept.push(output);
+        times.sort_by(f64::total_cmp);
+        results.push((rows, times[times.len() / 2]));
+    }
+    Ok(results)
+}
+
+/// A session's tensor inputs: name, element type, declared shape.
+fn tensor_inputs(session: &ort::session::Session) -> Vec<(String, TensorElementType, Vec<i64>)> {
+    session
+        .inputs()
+        .iter()
+        .filter_map(|input| match input.dtype() {
+            ValueType::Tensor { ty, shape, .. } => Some((input.name().to_owned(), *ty, shape.to_vec())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A UNet input of `rows` rows at `latent`² latents, filled with a fixed pattern.
+fn raw_input(
+    name: &str,
+    ty: TensorElementType,
+    declared: &[i64],
+    rows: usize,
+    latent: i64,
+) -> anyhow::Result<DynValue> {
+    let shape: Vec<i64> = match name {
+        "sample" => vec![rows as i64, 4, latent, latent],
+        "timestep" if declared.first() == Some(&1) => vec![1],
+        "timestep" => vec![rows as i64],
+        _ => declared.iter().enumerate().map(|(i, d)| if i == 0 { rows as i64 } else { *d }).collect(),
+    };
+    let count = shape.iter().product::<i64>() as usize;
+    let values: Vec<f32> = (0..count).map(|i| ((i % 97) as f32 / 97.0) - 0.5).collect();
+    Ok(match ty {
+        TensorElementType::Int64 => Tensor::from_array((shape, vec![500i64; count]))?.into_dyn(),
+        other => float_tensor(other, shape, &values).map_err(|err| anyhow::anyhow!("input {name}: {err}"))?,
+    })
 }

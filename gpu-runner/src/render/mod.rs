@@ -26,6 +26,23 @@ pub struct Frames {
     pub notes: Vec<String>,
 }
 
+/// Denoising steps by how they ran on a session that captures CUDA graphs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraphRuns {
+    /// Steps that replayed a captured graph.
+    pub replayed: u64,
+    /// A graph's first two runs: ONNX Runtime runs a new graph id once plainly, then captures it.
+    pub capturing: u64,
+    /// Captured steps (either of the above) whose graph has more lanes than the chunk: padding.
+    pub padded: u64,
+    /// Steps run without a graph.
+    pub uncaptured: u64,
+    /// Chunks that found no graph: every graph taken by other shapes, none larger of theirs.
+    pub no_graph_chunks: u64,
+    /// Captures that failed; the session then stops using graphs.
+    pub failed: u64,
+}
+
 /// Why a render stopped before its last step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
@@ -136,6 +153,12 @@ pub struct RenderRequest {
 /// A model's render path, loaded once per model and device.
 pub trait Pipeline: Send {
     fn render(&mut self, request: &RenderRequest) -> Result<Frames, RenderError>;
+
+    /// How its denoising steps ran on CUDA graphs since the last call (none, for a pipeline
+    /// that captures none). The session thread adds them to the metrics after each batch.
+    fn take_graph_runs(&mut self) -> GraphRuns {
+        GraphRuns::default()
+    }
 
     /// Renders compatible jobs (same model, version, size and steps, all guided or none: see
     /// [`crate::batching::BatchKey`]) together. Pipelines that can fuse them into one run

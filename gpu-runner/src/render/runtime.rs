@@ -149,6 +149,17 @@ impl SessionOptions {
 /// Loads a model file. On CUDA the provider is registered with `error_on_failure`, so a broken
 /// GPU setup fails here, loudly, instead of quietly running on the CPU.
 pub fn load(model: &Path, options: &SessionOptions) -> Result<Session, RuntimeError> {
+    build(model, options, false)
+}
+
+/// [`load`], with the CUDA provider's graph capture on (ignored on the CPU): every run must then
+/// say which captured graph it is (`gpu_graph_id`, -1 for none) and bind its inputs and outputs
+/// at the same device addresses as the run that captured that graph.
+pub fn load_for_cuda_graphs(model: &Path, options: &SessionOptions) -> Result<Session, RuntimeError> {
+    build(model, options, true)
+}
+
+fn build(model: &Path, options: &SessionOptions, cuda_graph: bool) -> Result<Session, RuntimeError> {
     let environment = environment(&options.dylib)?;
     let fail = |source: ort::Error| RuntimeError::Session { path: model.to_owned(), device: options.device, source };
     let mut builder = Session::builder(environment)
@@ -159,7 +170,7 @@ pub fn load(model: &Path, options: &SessionOptions) -> Result<Session, RuntimeEr
         builder = builder.with_intra_threads(options.intra_threads).map_err(|err| fail(err.into()))?;
     }
     if let Device::Cuda(id) = options.device {
-        let cuda = ort::ep::CUDA::default().with_device_id(id).build().error_on_failure();
+        let cuda = ort::ep::CUDA::default().with_device_id(id).with_cuda_graph(cuda_graph).build().error_on_failure();
         builder = builder.with_execution_providers([cuda]).map_err(|err| fail(err.into()))?;
     }
     builder.commit_from_file(model).map_err(fail)

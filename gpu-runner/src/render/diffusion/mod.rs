@@ -43,7 +43,7 @@ use super::{
 use graphs::GraphFiles;
 use plan::{JobShape, Lane, Row, UnetGuidance, plan};
 use scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
-use stepped::StepCall;
+use stepped::{CapturedGraphs, StepCall};
 use tokenizer::{PromptTokenizer, TokenizerError};
 
 /// Latent channels and the VAE's downsampling, as in every Stable Diffusion 1.x/2.x model.
@@ -74,11 +74,20 @@ pub struct DiffusionOptions {
     /// Bind the prompt embeddings to the device once per batch and rebind only the latents each
     /// step (ONNX Runtime IO binding), instead of copying every input every step.
     pub io_binding: bool,
+    /// With a package's step graph: most chunk shapes (lanes × rows × size) whose steps are
+    /// captured as CUDA graphs and replayed ([`stepped::CapturedGraphs`]); 0 captures none. On
+    /// the CPU nothing is captured but the graphs' fixed buffers are used (for tests).
+    pub cuda_graphs: usize,
 }
+
+/// Chunk shapes captured per step graph session by default: every lane count of the default
+/// `max_unet_rows` at one size, guided and not, and a few more sizes.
+pub const DEFAULT_CUDA_GRAPHS: usize = 8;
 
 impl DiffusionOptions {
     pub fn for_device(device: Device) -> Self {
-        Self { max_unet_rows: 4, io_binding: matches!(device, Device::Cuda(_)) }
+        let cuda = matches!(device, Device::Cuda(_));
+        Self { max_unet_rows: 4, io_binding: cuda, cuda_graphs: if cuda { DEFAULT_CUDA_GRAPHS } else { 0 } }
     }
 }
 
@@ -91,7 +100,10 @@ struct Graph {
 
 impl Graph {
     fn load(path: &Path, options: &SessionOptions, output: &str) -> Result<Self, DiffusionLoadError> {
-        let session = runtime::load(path, options)?;
+        Self::from_session(runtime::load(path, options)?, output)
+    }
+
+    fn from_session(session: Session, output: &str) -> Result<Self, DiffusionLoadError> {
         let inputs = session
             .inputs()
             .iter()
@@ -119,6 +131,8 @@ pub struct LatentDiffusion {
     /// The UNet, or (`stepped`) the package's step graph for this device around it.
     unet: Graph,
     stepped: bool,
+    /// The step graph's CUDA graphs, when its session captures them.
+    captured: Option<CapturedGraphs>,
     /// The VAE decoder, or (`rgb`) the package's decoder graph that ends in RGB bytes.
     vae_decoder: Graph,
     rgb: bool,
@@ -158,11 +172,26 @@ impl LatentDiffusion {
         let unet_path = step.clone().unwrap_or_else(|| files.path(package, "unet", device));
         let decoder_path = rgb.clone().unwrap_or_else(|| files.path(package, "vae_decoder", device));
         let text_path = files.path(package, "text_encoder", device);
+        // On the CPU nothing is captured, but the same fixed buffers run when asked: the tests
+        // hold that path to the bound one there.
+        let capture = step.is_some() && options.diffusion.cuda_graphs > 0;
+        let unet = match capture {
+            true => Graph::from_session(runtime::load_for_cuda_graphs(&unet_path, options)?, "latents_next")?,
+            false => Graph::load(&unet_path, options, if step.is_some() { "latents_next" } else { "out_sample" })?,
+        };
+        let captured = match capture {
+            true => Some(
+                CapturedGraphs::new(options.diffusion.cuda_graphs)
+                    .map_err(|err| invalid(&unet_path, err.to_string()))?,
+            ),
+            false => None,
+        };
         let pipeline = Self {
             tokenizer: PromptTokenizer::load(&package.join("tokenizer"))?,
             text_encoder: Graph::load(&text_path, options, "last_hidden_state")?,
-            unet: Graph::load(&unet_path, options, if step.is_some() { "latents_next" } else { "out_sample" })?,
+            unet,
             stepped: step.is_some(),
+            captured,
             vae_decoder: Graph::load(&decoder_path, options, if rgb.is_some() { "rgb" } else { "sample" })?,
             rgb: rgb.is_some(),
             scheduler,
@@ -181,7 +210,11 @@ impl LatentDiffusion {
         }
         pipeline.vae_decoder.input(if pipeline.rgb { "latents" } else { "latent_sample" }, &decoder_path)?;
         if pipeline.stepped {
-            tracing::info!(device = %device, "denoising with the package's step graph: latents stay on the device");
+            tracing::info!(
+                device = %device,
+                cuda_graphs = pipeline.captured.as_ref().map_or(0, |_| options.diffusion.cuda_graphs),
+                "denoising with the package's step graph: latents stay on the device"
+            );
         }
         if files.prepared_for(options.device) {
             tracing::info!(device = %options.device, "serving the package's prepared graphs");
@@ -265,6 +298,10 @@ impl Pipeline for LatentDiffusion {
             Err(err) => batch.iter().map(|_| Err(err.clone())).collect(),
         }
     }
+
+    fn take_graph_runs(&mut self) -> super::GraphRuns {
+        self.captured.as_mut().map(CapturedGraphs::take_runs).unwrap_or_default()
+    }
 }
 
 impl LatentDiffusion {
@@ -331,7 +368,7 @@ impl LatentDiffusion {
                     live = LiveLanes::default();
                     break;
                 };
-                live.narrow(&run.lanes)?;
+                live.narrow(&run.lanes, self.captured.as_ref())?;
                 let rows = || -> Vec<&[f32]> {
                     run.rows
                         .iter()
@@ -361,6 +398,7 @@ impl LatentDiffusion {
                             .map(|dim| (dim, run.lanes.iter().map(|l| batch[l.job].params.guidance).collect()));
                         live.stepping = Some(StepCall::new(
                             &self.unet,
+                            self.captured.as_mut(),
                             &rows(),
                             &live.latents,
                             &guidance,
@@ -374,6 +412,7 @@ impl LatentDiffusion {
                     let call = live.stepping.as_mut().expect("bound above");
                     call.run(
                         &mut self.unet,
+                        self.captured.as_mut(),
                         scheduler.input_scale(step),
                         scheduler.timesteps()[step],
                         scheduler.coefficients(step),
@@ -427,12 +466,12 @@ impl LatentDiffusion {
                 continue;
             }
             let images = match (live.stepping.take(), self.rgb) {
-                (Some(call), true) => match call.latents() {
+                (Some(call), true) => match call.latents(self.captured.as_ref()) {
                     Some(latents) => stepped::decode_rgb(&mut self.vae_decoder, latents)?,
                     None => self.decode_rgb_host(&live.latents, latent_height, latent_width)?,
                 },
                 (Some(call), false) => {
-                    live.latents = call.download(std::mem::take(&mut live.latents))?;
+                    live.latents = call.download(self.captured.as_ref(), std::mem::take(&mut live.latents))?;
                     self.decode_latents(&live.latents, latent_height, latent_width)?
                 }
                 (None, true) => self.decode_rgb_host(&live.latents, latent_height, latent_width)?,
@@ -490,12 +529,12 @@ impl LiveLanes {
     }
 
     /// Keeps only `lanes` (some of the live lanes, in their order) and their latents.
-    fn narrow(&mut self, lanes: &[Lane]) -> Result<(), RenderError> {
+    fn narrow(&mut self, lanes: &[Lane], captured: Option<&CapturedGraphs>) -> Result<(), RenderError> {
         if self.lanes == lanes {
             return Ok(());
         }
         if let Some(stepping) = self.stepping.take() {
-            self.latents = stepping.download(std::mem::take(&mut self.latents))?;
+            self.latents = stepping.download(captured, std::mem::take(&mut self.latents))?;
         }
         let mut kept = lanes.iter().peekable();
         let mut latents = std::mem::take(&mut self.latents).into_iter();
