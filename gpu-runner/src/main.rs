@@ -34,6 +34,11 @@ async fn main() -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let (models, sessions, threads) = start_sessions(&cli.runner, &metrics).context("loading model packages")?;
     info!(device = %cli.runner.device, models = ?models.iter().map(|m| format!("{}@{}", m.name, m.version)).collect::<Vec<_>>(), "models loaded");
+    for device in &cli.runner.device.0 {
+        if let Some((free, total)) = kiln_runner::render::device_memory::memory(*device) {
+            info!(device = %device, free_mib = free >> 20, total_mib = total >> 20, "device memory after loading");
+        }
+    }
     if cli.runner.warm_up {
         for warmed in warm_up(&models, &sessions).await.context("warming up")? {
             info!(model = %warmed.model, version = %warmed.version, device = %warmed.device, render_ms = warmed.render_time.as_millis() as u64, "warm-up render done");

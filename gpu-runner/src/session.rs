@@ -92,7 +92,10 @@ impl SessionHandle {
 
     /// How loaded its device is, for [`crate::placement`].
     pub fn load(&self) -> Load {
-        Load { queued: self.queued.load(Ordering::SeqCst), free_memory: None }
+        Load {
+            queued: self.queued.load(Ordering::SeqCst),
+            free_memory: crate::render::device_memory::free(self.device),
+        }
     }
 
     /// The runner is shutting down: from now on no batch waits to fill.

@@ -19,7 +19,7 @@ use kiln_app::{
     ports::{CacheClaim, JobStore},
 };
 use kiln_domain::{Job, JobId, JobStatus, ModelSpec, Submission, TenantId, WebhookPolicy};
-use kiln_runner::{Metrics, Ports, Runner, RunnerConfig, start_sessions, warm_up};
+use kiln_runner::{Metrics, Ports, Runner, RunnerConfig, render::device_memory, start_sessions, warm_up};
 use std::{sync::Arc, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -52,8 +52,16 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let metrics = Arc::new(Metrics::default());
+    let devices = cli.runner.device.0.clone();
+    // Device memory in use (NVML, all processes), in GiB per device: "-" where unknown.
+    let used = || -> String {
+        let gib = |(free, total): (u64, u64)| format!("{:.2}", (total - free) as f64 / (1u64 << 30) as f64);
+        devices.iter().map(|d| device_memory::memory(*d).map_or("-".into(), gib)).collect::<Vec<_>>().join(" / ")
+    };
+    let used_at_start = used();
     let started = Instant::now();
     let (models, sessions, _threads) = start_sessions(&cli.runner, &metrics)?;
+    let used_loaded = used();
     let loaded = started.elapsed();
     let model = models.first().ok_or_else(|| anyhow::anyhow!("no models"))?.clone();
     // The runner's own warm-up (one image at the model's defaults), twice: the first render on a
@@ -61,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
     let cold = warm_up(&models[..1], &sessions).await?.remove(0);
     let ready = started.elapsed();
     let warm = warm_up(&models[..1], &sessions).await?.remove(0);
+    let used_warm = used();
     println!(
         "startup: every package loaded in {} ms, the warm-up rendered in {} ms: ready for jobs {} ms after the start",
         loaded.as_millis(),
@@ -97,6 +106,11 @@ async fn main() -> anyhow::Result<()> {
     for format in &cli.formats {
         measure(&cli, &model, &sessions, &metrics, format, cli.jobs).await?;
     }
+    println!(
+        "device memory in use, GiB: {used_at_start} at the start, {used_loaded} with the packages loaded, {used_warm} after the warm-up, {} after the jobs; CUDA graph steps: {}",
+        used(),
+        graph_steps(&metrics)
+    );
     Ok(())
 }
 
@@ -195,4 +209,12 @@ async fn measure(
         100.0 * busy / wall
     );
     Ok(())
+}
+
+/// The `kiln_runner_cuda_graph_*` series of the metrics, on one line.
+fn graph_steps(metrics: &Metrics) -> String {
+    let text = metrics.render_text();
+    let lines: Vec<&str> =
+        text.lines().filter(|line| line.starts_with("kiln_runner_cuda_graph_") && !line.starts_with('#')).collect();
+    if lines.is_empty() { "none".into() } else { lines.join(", ") }
 }

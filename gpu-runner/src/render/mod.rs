@@ -4,6 +4,7 @@
 //! each finished step to the job's [`RenderControl`] and checks it between steps, so progress is
 //! real and a cancel stops the render at the next step.
 
+pub mod device_memory;
 pub mod diffusion;
 pub mod noise;
 pub mod procedural;
