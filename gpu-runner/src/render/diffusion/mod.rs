@@ -174,17 +174,23 @@ impl LatentDiffusion {
         let text_path = files.path(package, "text_encoder", device);
         // On the CPU nothing is captured, but the same fixed buffers run when asked: the tests
         // hold that path to the bound one there.
-        let capture = step.is_some() && options.diffusion.cuda_graphs > 0;
-        let unet = match capture {
-            true => Graph::from_session(runtime::load_for_cuda_graphs(&unet_path, options)?, "latents_next")?,
-            false => Graph::load(&unet_path, options, if step.is_some() { "latents_next" } else { "out_sample" })?,
-        };
-        let captured = match capture {
-            true => Some(
-                CapturedGraphs::new(options.diffusion.cuda_graphs)
-                    .map_err(|err| invalid(&unet_path, err.to_string()))?,
-            ),
+        // A step graph ONNX Runtime refuses to capture (a node only the CPU runs, so a copy
+        // between devices) is served uncaptured, with a warning.
+        let captured_session = match step.is_some() && options.diffusion.cuda_graphs > 0 {
+            true => runtime::load_for_cuda_graphs(&unet_path, options)
+                .inspect_err(|err| tracing::warn!(error = %err, "the step graph cannot be captured as CUDA graphs; running it without"))
+                .ok(),
             false => None,
+        };
+        let (unet, captured) = match captured_session {
+            Some(session) => {
+                let graphs = CapturedGraphs::new(options.diffusion.cuda_graphs)
+                    .map_err(|err| invalid(&unet_path, err.to_string()))?;
+                (Graph::from_session(session, "latents_next")?, Some(graphs))
+            }
+            None => {
+                (Graph::load(&unet_path, options, if step.is_some() { "latents_next" } else { "out_sample" })?, None)
+            }
         };
         let pipeline = Self {
             tokenizer: PromptTokenizer::load(&package.join("tokenizer"))?,
