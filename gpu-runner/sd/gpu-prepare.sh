@@ -8,13 +8,17 @@
 #   bash gpu-runner/sd/gpu-prepare.sh unpack    # carrying .gpu/ort, .gpu/unpack-ort-cuda: to /tmp/ort
 #   bash gpu-runner/sd/gpu-prepare.sh build     # carrying .gpu/{diffusion,render}-bench.xz, .gpu/diffusers.tar.xz:
 #                                               # the tiny check, the SD-1.5-sized package + its prepared copy
-#   bash gpu-runner/sd/gpu-prepare.sh measure   # carrying the same: diffusion-bench on both, the diffusers peer
+#   bash gpu-runner/sd/gpu-prepare.sh measure [service|speed]
+#                                               # carrying the same: the diffusers peer and the runner's
+#                                               # service (render-bench), then diffusion-bench on both
+#                                               # packages; one part per call keeps each under 10 minutes
 #
 # .gpu/ort + .gpu/unpack-ort-cuda: ../shared/gpu/README.md; .gpu/diffusion-bench.xz and
 # .gpu/render-bench.xz: the lean release binaries; .gpu/diffusers.tar.xz: the diffusers package (the machine has torch and
 # transformers, not diffusers). Everything it reports lands in $OUT.
 set -euo pipefail
-step=${1:?usage: gpu-prepare.sh unpack|build|measure}
+step=${1:?usage: gpu-prepare.sh unpack|build|measure [service|speed]}
+part=${2:-all}
 if [ "$step" = unpack ]; then
     eval "$(bash .gpu/unpack-ort-cuda .gpu/ort)"
     ls -la /tmp/ort
@@ -134,6 +138,7 @@ service() { # <package> <label> <render-bench args...>
         --max-queue-delay-ms 100 --formats png --width 512 --height 512 "$@" 2>>"$OUT/service.log" | tee -a "$OUT/service.md" \
         || echo "render-bench exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/service.md"
 }
+if [ "$part" != speed ]; then
 python3 gpu-runner/sd/peer_diffusers.py --pipeline "$work/sd15-diffusers" --size 512 \
     --cases 50:7.5:1,50:7.5:8,1:0:1,1:0:8 2>>"$OUT/peer.log" | tee "$OUT/peer.md"
 service "$sd-prepared" stepped --jobs 16 --steps 50 --max-batch 1
@@ -145,6 +150,8 @@ service "$sd-prepared" stepped --jobs 16 --steps 1 --guidance 0 --max-batch 8
 service "$fused" fused --jobs 16 --steps 50 --max-batch 8
 service "$sd" plain --jobs 16 --steps 50 --max-batch 1
 service "$sd" plain --jobs 16 --steps 50 --max-batch 8
+fi
+[ "$part" = service ] && exit 0
 speed() { # <package> <label> <more diffusion-bench speed args...>
     local package=$1 label=$2
     shift 2
