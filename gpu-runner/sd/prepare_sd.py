@@ -107,20 +107,31 @@ def numpy_24_compatible():
     FusionAttentionUnet.get_num_heads = get_num_heads
 
 
-def unsupported_group_norms(model: onnx.ModelProto) -> list[int]:
-    """Channels per group of the fused GroupNorm / SkipGroupNorm nodes that ONNX Runtime's CUDA
-    kernel refuses at run time ("GroupNorm in CUDA does not support the input"): it takes groups
-    of a multiple of its channels per thread, which SD's 128-1280 channels in 32 groups are and a
-    tiny model's 32 channels in 32 groups are not. (4 and up, even, is what the SD shapes use.)"""
+# The hidden sizes ONNX Runtime's CUDA BiasSplitGelu kernel takes (SD's 320-1280 channels, and
+# SDXL's); any other it refuses at run time ("hidden size should be 2560, 5120, ...").
+BIAS_SPLIT_GELU_SIZES = {2560, 5120, 6144, 10240, 12288}
+
+
+def unsupported_fusions(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """The fused nodes whose shapes ONNX Runtime's CUDA kernels refuse at run time, by kind:
+    - "group norm": channels per group of GroupNorm / SkipGroupNorm ("GroupNorm in CUDA does not
+      support the input"): it takes groups of a multiple of its channels per thread, which SD's
+      128-1280 channels in 32 groups are and a tiny model's 32 channels in 32 groups are not
+      (4 and up, even, is what the SD shapes use);
+    - "bias split gelu": BiasSplitGelu's hidden size (the bias), one of BIAS_SPLIT_GELU_SIZES.
+    Seen on the H100 with the tiny package; the SD-1.5 shapes pass both."""
     sizes = {tensor.name: tensor.dims[0] for tensor in model.graph.initializer if len(tensor.dims) == 1}
-    refused = []
+    refused: dict[str, list[int]] = {}
     for node in model.graph.node:
-        if node.op_type not in ("GroupNorm", "SkipGroupNorm"):
-            continue
-        groups = next((a.i for a in node.attribute if a.name == "groups"), 0)
-        per_group = sizes.get(node.input[1], 0) // groups if groups else 0
-        if per_group < 4 or per_group % 2:
-            refused.append(per_group)
+        if node.op_type in ("GroupNorm", "SkipGroupNorm"):
+            groups = next((a.i for a in node.attribute if a.name == "groups"), 0)
+            per_group = sizes.get(node.input[1], 0) // groups if groups else 0
+            if per_group < 4 or per_group % 2:
+                refused.setdefault("group norm", []).append(per_group)
+        elif node.op_type == "BiasSplitGelu":
+            hidden = sizes.get(node.input[1], 0)
+            if hidden not in BIAS_SPLIT_GELU_SIZES:
+                refused.setdefault("bias split gelu", []).append(hidden)
     return refused
 
 
@@ -135,15 +146,16 @@ def optimize(source: Path, target: Path, model_type: str) -> dict:
         model = onnx.load(str(source))
         return model, widen_to_fp32(model) if is_fp16(model) else 0
 
-    def fuse(model, group_norm=True):
+    def fuse(model, refused=()):
         options = FusionOptions(model_type)
         if model_type == "unet":
             # What optimize_pipeline.py turns on with --float16 (ONNX Runtime >= 1.15).
             options.enable_packed_kv = True
             options.enable_packed_qkv = True
             options.enable_bias_add = True
-        options.enable_group_norm = group_norm
-        options.enable_skip_group_norm = group_norm
+        options.enable_group_norm = "group norm" not in refused
+        options.enable_skip_group_norm = "group norm" not in refused
+        options.enable_bias_splitgelu = "bias split gelu" not in refused
         return optimize_model(
             model, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
             optimization_options=options, use_gpu=True,
@@ -152,10 +164,10 @@ def optimize(source: Path, target: Path, model_type: str) -> dict:
     model, widened = load()
     nodes_before = len(model.graph.node)
     optimized = fuse(model)
-    refused = unsupported_group_norms(optimized.model)
+    refused = unsupported_fusions(optimized.model)
     if refused:
         model, _ = load()
-        optimized = fuse(model, group_norm=False)
+        optimized = fuse(model, refused)
     optimized.convert_float_to_float16(keep_io_types=False)
     optimized.save_model_to_file(str(target))
     ops = Counter(node.op_type for node in optimized.model.graph.node)
@@ -166,9 +178,14 @@ def optimize(source: Path, target: Path, model_type: str) -> dict:
         "fused": {op: ops[op] for op in FUSED if ops[op]},
         "MB": round(target.stat().st_size / 1e6, 1),
     }
-    if refused:
+    if "group norm" in refused:
         report["group norm left unfused"] = (
-            f"groups of {sorted(set(refused))} channels, which ONNX Runtime's CUDA GroupNorm kernel does not take")
+            f"groups of {sorted(set(refused['group norm']))} channels, which ONNX Runtime's CUDA GroupNorm kernel "
+            "does not take")
+    if "bias split gelu" in refused:
+        report["bias split gelu left unfused"] = (
+            f"hidden sizes {sorted(set(refused['bias split gelu']))}; ONNX Runtime's CUDA BiasSplitGelu kernel "
+            f"takes {sorted(BIAS_SPLIT_GELU_SIZES)}")
     return report
 
 

@@ -116,12 +116,16 @@ fn preparing_fuses_the_cuda_graphs_and_leaves_the_cpu_its_plain_ones() {
     for (component, op) in [
         ("unet", "MultiHeadAttention"),
         ("unet", "NhwcConv"),
-        ("unet", "BiasSplitGelu"),
         ("vae_decoder", "NhwcConv"),
         ("text_encoder", "SkipLayerNormalization"),
     ] {
         assert!(fused(&report, component, op) > 0, "{component}: no {op} fused: {report}");
     }
+    // The tiny UNet's GEGLU (hidden size 256) is one ONNX Runtime's CUDA BiasSplitGelu kernel
+    // refuses at run time (seen on the H100): left unfused, and said. (SD-1.5's 2560-10240 fuse.)
+    assert_eq!(fused(&report, "unet", "BiasSplitGelu"), 0, "{report}");
+    let note = report["unet"]["bias split gelu left unfused"].as_str().unwrap_or_default();
+    assert!(note.contains("[256]"), "{report}");
     // The tiny model's group norms (32 channels in 32 groups) are ones ONNX Runtime's CUDA
     // GroupNorm kernel refuses at run time (seen on the H100): they stay unfused, and say so.
     // (SD-1.5's are fused: BENCHMARKS.md.)

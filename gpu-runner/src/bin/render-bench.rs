@@ -60,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let used_at_start = used();
     let started = Instant::now();
-    let (models, sessions, _threads) = start_sessions(&cli.runner, &metrics)?;
+    let (models, sessions, threads) = start_sessions(&cli.runner, &metrics)?;
     let used_loaded = used();
     let loaded = started.elapsed();
     let model = models.first().ok_or_else(|| anyhow::anyhow!("no models"))?.clone();
@@ -111,6 +111,12 @@ async fn main() -> anyhow::Result<()> {
         used(),
         graph_steps(&metrics)
     );
+    // The session threads drop their pipelines (ONNX Runtime sessions, captured CUDA graphs)
+    // before the process exits: left to exit, CUDA shuts down under them and the process aborts.
+    drop(sessions);
+    for thread in threads {
+        let _ = thread.join();
+    }
     Ok(())
 }
 
