@@ -6,6 +6,7 @@
 # ONNX Runtime's CUDA libraries and the rest do not fit in one call's 64 MiB, hence `unpack`:
 #
 #   bash gpu-runner/sd/gpu-prepare.sh unpack    # carrying .gpu/ort, .gpu/unpack-ort-cuda: to /tmp/ort
+#   bash gpu-runner/sd/gpu-prepare.sh tiny      # carrying the same as build: the tiny checks alone
 #   bash gpu-runner/sd/gpu-prepare.sh build     # carrying .gpu/{diffusion,render}-bench.xz, .gpu/diffusers.tar.xz:
 #                                               # the tiny check, the SD-1.5-sized package + its prepared copy
 #   bash gpu-runner/sd/gpu-prepare.sh measure [service|speed]
@@ -17,7 +18,7 @@
 # .gpu/render-bench.xz: the lean release binaries; .gpu/diffusers.tar.xz: the diffusers package (the machine has torch and
 # transformers, not diffusers). Everything it reports lands in $OUT.
 set -euo pipefail
-step=${1:?usage: gpu-prepare.sh unpack|build|measure [service|speed]}
+step=${1:?usage: gpu-prepare.sh unpack|tiny|build|measure [service|speed]}
 part=${2:-all}
 if [ "$step" = unpack ]; then
     eval "$(bash .gpu/unpack-ort-cuda .gpu/ort)"
@@ -94,15 +95,35 @@ build_sd15() {
     echo "prepare_sd.py sd15: $(( $(date +%s) - start )) s" | tee -a "$OUT/timings.txt"
 }
 
-if [ "$step" = build ]; then
-    python3 -c "import numpy, onnx, onnxruntime, torch; print('numpy', numpy.__version__, 'onnx', onnx.__version__, 'onnxruntime', onnxruntime.__version__, 'torch', torch.__version__)" | tee "$OUT/python.txt"
-    # The tiny package, plain and prepared, on CUDA.
+# The tiny package, plain and prepared, on CUDA; then a job that a companion leaves midway
+# (its chunk of two lanes goes on as one: latents brought back from a captured graph's buffer)
+# against the job alone.
+tiny_checks() {
     python3 gpu-runner/sd/prepare_sd.py --package gpu-runner/models/kiln-tiny-sd --out "$work/tiny-prepared" > "$OUT/tiny-prepare.json"
     compare tiny gpu-runner/models/kiln-tiny-sd "$work/tiny-prepared" kiln-tiny-sd \
         '{"model":"MODEL","prompt":"a red car","width":128,"height":128,"steps":8,"guidance":7.5,"seed":11}' \
         '{"model":"MODEL","prompt":"a lighthouse","width":256,"height":192,"steps":4,"guidance":0,"seed":3}' \
         '{"model":"MODEL","prompt":"waves","width":128,"height":128,"steps":6,"guidance":5,"num_frames":8,"seed":5}' \
         | tee "$OUT/tiny-check.txt"
+    local job='{"model":"kiln-tiny-sd","prompt":"a red car","width":128,"height":128,"steps":40,"guidance":7.5,"seed":11}'
+    "$bench" --device cuda render --package "$work/tiny-prepared" --job "$job" --out "$work/alone.rgb" 2>>"$OUT/render.log"
+    "$bench" --device cuda render --package "$work/tiny-prepared" --job "$job" --companion-leaves-at 0.5 --times 2 \
+        --out "$work/left.rgb" 2>&1 | grep -E "companion|CUDA graph runs|max" | tee -a "$OUT/tiny-check.txt"
+    python3 - "$work/alone.rgb" "$work/left.rgb" <<'EOF' | tee -a "$OUT/tiny-check.txt"
+import sys, numpy as np
+a, b = (np.frombuffer(open(p, "rb").read(), dtype=np.uint8).astype(int) for p in sys.argv[1:3])
+print(f"a job whose companion left midway vs the job alone: max |diff| {np.abs(a - b).max()} of 255")
+EOF
+}
+
+if [ "$step" = tiny ]; then
+    tiny_checks
+    exit 0
+fi
+
+if [ "$step" = build ]; then
+    python3 -c "import numpy, onnx, onnxruntime, torch; print('numpy', numpy.__version__, 'onnx', onnx.__version__, 'onnxruntime', onnxruntime.__version__, 'torch', torch.__version__)" | tee "$OUT/python.txt"
+    tiny_checks
     build_sd15
     compare sd15 "$sd" "$sd-prepared" sd15-random \
         '{"model":"MODEL","prompt":"a red car","width":512,"height":512,"steps":25,"guidance":7.5,"seed":11}' \

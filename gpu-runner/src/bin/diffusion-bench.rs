@@ -90,6 +90,11 @@ enum Command {
         /// and each render's are compared with the first's.
         #[arg(long, default_value_t = 1)]
         times: usize,
+        /// Render the job beside a companion (the same job, seed + 1) that is canceled once it
+        /// has done this share of its steps (0 to 1), so the job leaves a chunk of two lanes
+        /// midway and goes on alone: its frames should be those it renders alone.
+        #[arg(long)]
+        companion_leaves_at: Option<f32>,
     },
 }
 
@@ -106,13 +111,16 @@ fn main() -> anyhow::Result<()> {
         diffusion: DiffusionOptions { max_unet_rows: max_rows, io_binding, cuda_graphs },
     };
     match &cli.command {
-        Command::Render { package, job, out, cuda_graphs, times } => {
+        Command::Render { package, job, out, cuda_graphs, times, companion_leaves_at } => {
             let mut pipeline =
                 LatentDiffusion::load(package, &options(matches!(cli.device, Device::Cuda(_)), *cuda_graphs))?;
             let mut first: Option<Vec<u8>> = None;
             let mut frames = None;
             for time in 0..(*times).max(1) {
-                let rendered = pipeline.render(&request(package, job)?)?;
+                let rendered = match companion_leaves_at {
+                    None => pipeline.render(&request(package, job)?)?,
+                    Some(share) => render_beside_a_leaver(&mut pipeline, package, job, *share)?,
+                };
                 let bytes = rendered.frames.concat();
                 match &first {
                     None => first = Some(bytes),
@@ -224,6 +232,47 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `job` rendered in one batch with a companion (seed + 1) canceled once it has done `share` of
+/// its steps; `job`'s frames.
+fn render_beside_a_leaver(
+    pipeline: &mut LatentDiffusion,
+    package: &Path,
+    job: &str,
+    share: f32,
+) -> anyhow::Result<kiln_runner::render::Frames> {
+    let main = request(package, job)?;
+    let mut companion = request(package, job)?;
+    companion.params.seed = companion.params.seed.wrapping_add(1);
+    let control = companion.control.clone();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watching = done.clone();
+    let watcher = std::thread::spawn(move || {
+        while !watching.load(std::sync::atomic::Ordering::Relaxed) {
+            if control.progress() >= share {
+                control.stop(kiln_runner::render::StopReason::Canceled);
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(50));
+        }
+        false
+    });
+    let mut results = pipeline.render_batch(&[main, companion]);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let canceled = watcher.join().expect("the watcher thread");
+    let companion = results.pop().expect("two results");
+    let main = results.pop().expect("two results")?;
+    eprintln!(
+        "the companion was canceled at {:.0}% of its steps: {}",
+        100.0 * share,
+        match (canceled, companion) {
+            (true, Err(err)) => format!("it stopped ({err}); the job went on alone"),
+            (_, Ok(_)) => "it finished anyway (the job never rendered alone)".into(),
+            (false, Err(err)) => format!("it failed: {err}"),
+        }
+    );
+    Ok(main)
 }
 
 fn request(package: &Path, body: &str) -> anyhow::Result<RenderRequest> {
