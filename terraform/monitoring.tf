@@ -146,6 +146,7 @@ locals {
       title = "Saturation: runners and the jobs they hold"
       metrics = [
         concat(["AWS/AutoScaling", "GroupInServiceInstances"], local.group_dims, [{ stat = "Maximum", label = "in service" }]),
+        concat(["AWS/AutoScaling", "GroupInServiceCapacity"], local.group_dims, [{ stat = "Maximum", label = "GPUs in service" }]),
         concat(["AWS/AutoScaling", "GroupDesiredCapacity"], local.group_dims, [{ stat = "Maximum", label = "desired" }]),
         concat(["kiln", "RunnerJobsInFlight"], local.group_dims, [{ stat = "Sum", label = "jobs held by runners" }]),
       ]

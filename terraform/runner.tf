@@ -7,10 +7,11 @@
 # most 120 s (stopTimeout) after SIGTERM, while a render may run longer. An ASG termination
 # lifecycle hook holds an instance for as long as the drain needs (the hook's timeout below).
 #
-# Scaling: target tracking on backlog per instance, computed with metric math from the job
-# queue's visible messages over the group's in-service instances. Target tracking sizes the
-# group in proportion to its current size and so cannot leave zero; a step policy on a
-# "backlog while no instance runs" alarm adds the first one.
+# Scaling: the group's capacity is counted in GPUs (each instance type weighted by its GPUs,
+# runner_instance_gpus), so types with 1, 4 and 8 GPUs mix. Target tracking on backlog per GPU,
+# computed with metric math from the job queue's visible messages over the group's in-service
+# capacity. Target tracking sizes the group in proportion to its current size and so cannot
+# leave zero; a step policy on a "backlog while no instance runs" alarm adds the first one.
 #
 # A render is never killed by scale-in: the agent on each instance (runner-agent.sh) turns on
 # the instance's scale-in protection while the runner holds a job (kiln_runner_in_flight > 0
@@ -28,7 +29,7 @@ locals {
   )
   runner_drain_seconds = tonumber(local.runner_env["KILN_SHUTDOWN_DEADLINE_SECS"])
   runner_image         = "${aws_ecr_repository.runner.repository_url}:${var.runner_image_tag}"
-  runner_max_instances = var.runner_image_tag == "" ? 0 : var.runner_max_instances
+  runner_max_gpus      = var.runner_image_tag == "" ? 0 : var.runner_max_gpus
   runner_subnets       = length(var.runner_subnet_ids) > 0 ? var.runner_subnet_ids : data.aws_subnets.default[0].ids
   runner_vpc           = length(var.runner_subnet_ids) > 0 ? data.aws_subnet.first[0].vpc_id : data.aws_vpc.default[0].id
   job_queue_name       = aws_sqs_queue.queue["jobs"].name
@@ -236,8 +237,8 @@ resource "aws_launch_template" "runner" {
 resource "aws_autoscaling_group" "runner" {
   #checkov:skip=CKV_AWS_153:Tags reach instances through the launch template's tag_specifications and the provider's default_tags.
   name                      = local.runner_group
-  min_size                  = min(var.runner_min_instances, local.runner_max_instances)
-  max_size                  = local.runner_max_instances
+  min_size                  = min(var.runner_min_gpus, local.runner_max_gpus)
+  max_size                  = local.runner_max_gpus
   vpc_zone_identifier       = local.runner_subnets
   health_check_type         = "EC2"
   health_check_grace_period = 600
@@ -245,7 +246,7 @@ resource "aws_autoscaling_group" "runner" {
   protect_from_scale_in     = false
   capacity_rebalance        = false
   metrics_granularity       = "1Minute"
-  enabled_metrics           = ["GroupInServiceInstances", "GroupDesiredCapacity", "GroupPendingInstances", "GroupTerminatingInstances"]
+  enabled_metrics           = ["GroupInServiceInstances", "GroupInServiceCapacity", "GroupDesiredCapacity", "GroupPendingInstances", "GroupTerminatingInstances"]
 
   mixed_instances_policy {
     instances_distribution {
@@ -261,7 +262,8 @@ resource "aws_autoscaling_group" "runner" {
       dynamic "override" {
         for_each = var.runner_instance_types
         content {
-          instance_type = override.value
+          instance_type     = override.value
+          weighted_capacity = tostring(var.runner_instance_gpus[override.value])
         }
       }
     }
@@ -288,18 +290,22 @@ resource "aws_autoscaling_group" "runner" {
   # The scaling policies own the desired capacity.
   lifecycle {
     ignore_changes = [desired_capacity]
+    precondition {
+      condition     = alltrue([for type in var.runner_instance_types : contains(keys(var.runner_instance_gpus), type)])
+      error_message = "Every type of runner_instance_types needs its GPU count in runner_instance_gpus."
+    }
   }
 }
 
-# Backlog per instance: visible job messages over in-service instances (over 1 when none).
+# Backlog per GPU: visible job messages over in-service capacity (GPUs; over 1 when none).
 resource "aws_autoscaling_policy" "runner_backlog" {
-  name                      = "${var.prefix}-backlog-per-instance"
+  name                      = "${var.prefix}-backlog-per-gpu"
   autoscaling_group_name    = aws_autoscaling_group.runner.name
   policy_type               = "TargetTrackingScaling"
   estimated_instance_warmup = 300
 
   target_tracking_configuration {
-    target_value = var.runner_backlog_per_instance
+    target_value = var.runner_backlog_per_gpu
     customized_metric_specification {
       metrics {
         id          = "visible"
@@ -323,7 +329,7 @@ resource "aws_autoscaling_policy" "runner_backlog" {
           stat = "Average"
           metric {
             namespace   = "AWS/AutoScaling"
-            metric_name = "GroupInServiceInstances"
+            metric_name = "GroupInServiceCapacity"
             dimensions {
               name  = "AutoScalingGroupName"
               value = local.runner_group
@@ -333,7 +339,7 @@ resource "aws_autoscaling_policy" "runner_backlog" {
       }
       metrics {
         id          = "backlog"
-        label       = "Visible job messages per in-service runner"
+        label       = "Visible job messages per in-service runner GPU"
         expression  = "visible / IF(running > 0, running, 1)"
         return_data = true
       }

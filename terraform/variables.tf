@@ -85,9 +85,24 @@ variable "alarm_email" {
 }
 
 variable "runner_instance_types" {
-  description = "GPU instance types the runner group may launch, in order of preference (x86_64 with NVIDIA GPUs; CUDA 13 needs driver 580 or newer). Types with several GPUs (g6.12xlarge: 4, p4d.24xlarge: 8, p5.48xlarge: 8) work: the one runner of an instance serves every GPU (KILN_DEVICE=cuda:all, a session per model and GPU, each job on the least loaded), holding KILN_MAX_IN_FLIGHT jobs per GPU. The scaling target counts instances, so mix types with the same number of GPUs."
+  description = "GPU instance types the runner group may launch, in order of preference (x86_64 with NVIDIA GPUs; CUDA 13 needs driver 580 or newer). Types with several GPUs (g6.12xlarge: 4, p4d.24xlarge: 8, p5.48xlarge: 8) work and mix: the one runner of an instance serves every GPU (KILN_DEVICE=cuda:all, a session per model and GPU, each job on the least loaded), holding KILN_MAX_IN_FLIGHT jobs per GPU; the group counts its capacity in GPUs (each type weighted by runner_instance_gpus)."
   type        = list(string)
   default     = ["g6.xlarge", "g5.xlarge", "g6e.xlarge"]
+}
+
+variable "runner_instance_gpus" {
+  description = "GPUs of each instance type: the type's weight in the runner group, whose sizes, bounds and backlog target count GPUs. Every type of runner_instance_types must be here."
+  type        = map(number)
+  default = {
+    "g5.xlarge"    = 1, "g5.2xlarge" = 1, "g5.4xlarge" = 1, "g5.8xlarge" = 1, "g5.16xlarge" = 1,
+    "g5.12xlarge"  = 4, "g5.24xlarge" = 4, "g5.48xlarge" = 8,
+    "g6.xlarge"    = 1, "g6.2xlarge" = 1, "g6.4xlarge" = 1, "g6.8xlarge" = 1, "g6.16xlarge" = 1,
+    "g6.12xlarge"  = 4, "g6.24xlarge" = 4, "g6.48xlarge" = 8,
+    "g6e.xlarge"   = 1, "g6e.2xlarge" = 1, "g6e.4xlarge" = 1, "g6e.8xlarge" = 1, "g6e.16xlarge" = 1,
+    "g6e.12xlarge" = 4, "g6e.24xlarge" = 4, "g6e.48xlarge" = 8,
+    "p4d.24xlarge" = 8, "p4de.24xlarge" = 8,
+    "p5.48xlarge"  = 8, "p5e.48xlarge" = 8, "p5en.48xlarge" = 8,
+  }
 }
 
 variable "runner_ami_ssm_parameter" {
@@ -102,20 +117,20 @@ variable "runner_image_tag" {
   default     = ""
 }
 
-variable "runner_min_instances" {
-  description = "Fewest runner instances; 0 lets the group scale to zero when the queue is empty."
+variable "runner_min_gpus" {
+  description = "Fewest runner GPUs (instances weighted by runner_instance_gpus); 0 lets the group scale to zero when the queue is empty."
   type        = number
   default     = 0
 }
 
-variable "runner_max_instances" {
-  description = "Most runner instances."
+variable "runner_max_gpus" {
+  description = "Most runner GPUs (instances weighted by runner_instance_gpus). The group may overshoot by one instance's GPUs less one, as Auto Scaling does with weights."
   type        = number
   default     = 4
 }
 
-variable "runner_backlog_per_instance" {
-  description = "Target of the scaling policy: visible job messages per running instance. About KILN_MAX_IN_FLIGHT keeps every runner full without a long wait."
+variable "runner_backlog_per_gpu" {
+  description = "Target of the scaling policy: visible job messages per in-service GPU. About KILN_MAX_IN_FLIGHT (jobs held per GPU) keeps every GPU full without a long wait."
   type        = number
   default     = 4
 }

@@ -177,6 +177,40 @@ fn the_runner_settings_fit_its_queue_and_its_drain() {
     assert!(env.get("KILN_METRICS_ADDR").is_some_and(|a| a.contains(':')), "the agent reads the metrics port from it");
 }
 
+/// Instance types of 1, 4 and 8 GPUs mix in one runner group: each type weighs its GPUs, so the
+/// group's bounds and backlog target count GPUs, and the backlog is divided by the GPUs in
+/// service (a metric the group must publish), not by instances.
+#[test]
+fn the_runner_group_counts_gpus_so_instance_types_with_several_mix() {
+    let python = harness::checkov_python();
+    let parsed = harness::parse_hcl(&python);
+    let variables = &parsed["variable"];
+    let gpus = variables["runner_instance_gpus"]["default"][0].as_object().expect("runner_instance_gpus' default");
+    for (kind, count) in [("g6.xlarge", 1), ("g6.12xlarge", 4), ("p4d.24xlarge", 8), ("p5.48xlarge", 8)] {
+        assert_eq!(gpus[kind].as_u64(), Some(count), "{kind}");
+    }
+    for kind in variables["runner_instance_types"]["default"].as_array().unwrap() {
+        assert!(gpus.contains_key(kind.as_str().unwrap()), "{kind} has no GPU count");
+    }
+    let group = &parsed["resource"]["aws_autoscaling_group"]["runner"];
+    let template = &group["mixed_instances_policy"][0]["launch_template"][0];
+    let override_ = &template["dynamic"][0]["override"]["content"][0];
+    assert_eq!(override_["weighted_capacity"], "${tostring(var.runner_instance_gpus[override.value])}", "{template}");
+    let metrics: Vec<&str> = group["enabled_metrics"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert!(metrics.contains(&"GroupInServiceCapacity"), "{metrics:?}");
+    assert_eq!(group["max_size"], "${local.runner_max_gpus}");
+    let policy = &parsed["resource"]["aws_autoscaling_policy"]["runner_backlog"]["target_tracking_configuration"][0];
+    assert_eq!(policy["target_value"], "${var.runner_backlog_per_gpu}");
+    let spec = &policy["customized_metric_specification"][0]["metrics"];
+    let names: Vec<&str> = spec
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["metric_stat"][0]["metric"][0]["metric_name"].as_str())
+        .collect();
+    assert_eq!(names, ["ApproximateNumberOfMessagesVisible", "GroupInServiceCapacity"]);
+}
+
 /// Keyless floods: API Gateway's throttle is shared by every caller and keys are checked in the
 /// functions, so requests without a key must be refused before they reach the stage. The API
 /// is a REST API (AWS WAF cannot sit on an HTTP API) behind a web ACL that refuses a request
