@@ -415,6 +415,13 @@ async fn every_function_and_the_runner_call_only_what_their_roles_grant() {
         )
         .await;
     submitted.push(slow.body["id"].as_str().unwrap().to_owned());
+    // More of one tenant's jobs than the runner's slots: its fair intake sends some back to the
+    // end of the queue (sqs:SendMessage) while it holds the tenant's share.
+    for seed in 0..5 {
+        let queued =
+            client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "one of many", "seed": seed})).await;
+        submitted.push(queued.body["id"].as_str().unwrap().to_owned());
+    }
 
     // 2. The runner renders them; a short lease makes its heartbeat run; then SIGTERM.
     let runner_recorder = Recorder::start(&moto, &prefix).await;

@@ -78,6 +78,23 @@ pub struct RunnerConfig {
     #[arg(long, env = "KILN_MAX_IN_FLIGHT", default_value_t = 4)]
     pub max_in_flight: usize,
 
+    /// Fair share across tenants at the intake (`gpu-runner/src/fairness.rs`): a received job
+    /// whose tenant already has its share of this runner's slots running or held goes back to
+    /// the end of the queue, so the runner reads past one tenant's backlog to the others' jobs.
+    /// `false`: jobs start in the order received.
+    #[arg(long, env = "KILN_FAIR_SHARE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fair_share: bool,
+
+    /// Most messages sent back to the end of the queue per 10 seconds while reading past a
+    /// backlog (in batches of up to 10: a batch send and a batch delete each; 400 is at most 8
+    /// SQS calls a second).
+    #[arg(long, env = "KILN_SCAN_BUDGET", default_value_t = 400)]
+    pub scan_budget: usize,
+
+    /// How long a message sent back to the end of the queue stays invisible, in seconds.
+    #[arg(long, env = "KILN_DEFER_SECS", default_value_t = 2)]
+    pub defer_secs: u64,
+
     /// Long-poll wait of one receive, in seconds (SQS allows 0 to 20).
     #[arg(long, env = "KILN_POLL_WAIT_SECS", default_value_t = 20)]
     pub poll_wait_secs: u64,
@@ -155,8 +172,12 @@ impl RunnerConfig {
     }
 
     pub fn settings(&self) -> Settings {
+        let slots = self.max_in_flight.max(1) * self.device.0.len().max(1);
         Settings {
-            max_in_flight: self.max_in_flight.max(1) * self.device.0.len().max(1),
+            max_in_flight: slots,
+            intake: crate::fairness::IntakeLimits { slots, hold: 2 * slots, fair: self.fair_share },
+            scan_budget: self.scan_budget,
+            defer_delay: Duration::from_secs(self.defer_secs),
             poll_wait: Duration::from_secs(self.poll_wait_secs.min(20)),
             lease: Duration::from_secs(self.lease_secs.max(1)),
             heartbeat: Duration::from_secs(self.heartbeat_secs.clamp(1, self.lease_secs.max(2) / 2)),
@@ -174,6 +195,12 @@ impl RunnerConfig {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub max_in_flight: usize,
+    /// The fair intake: slots (`max_in_flight`) and how many received messages it holds.
+    pub intake: crate::fairness::IntakeLimits,
+    /// Most messages sent back to the end of the queue per 10 s while reading past a backlog.
+    pub scan_budget: usize,
+    /// How long a message sent back stays invisible.
+    pub defer_delay: Duration,
     pub poll_wait: Duration,
     pub lease: Duration,
     pub heartbeat: Duration,

@@ -12,6 +12,7 @@
 pub mod batching;
 pub mod config;
 pub mod encode;
+pub mod fairness;
 pub mod metrics;
 pub mod packages;
 pub mod placement;

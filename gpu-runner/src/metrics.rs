@@ -115,6 +115,10 @@ pub struct Metrics {
     /// Chunks (or captures) that fell back to running without a CUDA graph, by why.
     pub graph_fallbacks: Family<GraphFallbackLabels, Counter>,
     pub in_flight: Gauge,
+    /// Messages received and held by the fair intake, not yet started.
+    pub held: Gauge,
+    /// Messages the fair intake sent back to the end of the queue (their tenant had its share).
+    pub deferred: Counter,
     ready: AtomicBool,
     stuck: AtomicBool,
 }
@@ -178,6 +182,13 @@ impl Default for Metrics {
             device_queued.clone(),
         );
         registry.register("in_flight", "Jobs held by this runner", in_flight.clone());
+        let (held, deferred) = (Gauge::default(), Counter::default());
+        registry.register("held", "Messages received, waiting for a slot and their tenant's turn", held.clone());
+        registry.register(
+            "deferred",
+            "Messages sent back to the end of the queue: their tenant had its share",
+            deferred.clone(),
+        );
         Self {
             registry,
             jobs,
@@ -195,6 +206,8 @@ impl Default for Metrics {
             graph_steps,
             graph_fallbacks,
             in_flight,
+            held,
+            deferred,
             ready: AtomicBool::new(false),
             stuck: AtomicBool::new(false),
         }

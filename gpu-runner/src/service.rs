@@ -39,6 +39,7 @@ use crate::{
     batching::BatchKey,
     config::Settings,
     encode::{self, EncodeError},
+    fairness::{Intake, Offer, ScanBudget},
     metrics::{Metrics, Outcome},
     render::{RenderControl, RenderError, RenderRequest, RuntimeFailure, StopReason},
     session::{RenderJob, Rendered, SessionHandle},
@@ -123,6 +124,9 @@ pub enum TransientError {
     RecordCancel(#[source] AppError),
 }
 
+/// The window of the intake's deferral budget (`Settings::scan_budget` messages per window).
+const SCAN_WINDOW: Duration = Duration::from_secs(10);
+
 impl Runner {
     pub fn new(ports: Ports, sessions: Vec<SessionHandle>, settings: Settings, metrics: Arc<Metrics>) -> Self {
         Self {
@@ -140,9 +144,18 @@ impl Runner {
 
     /// Runs until `shutdown`, then lets in-flight jobs finish within the deadline, hands back
     /// those still rendering, and returns once every job task has ended.
+    ///
+    /// What it receives goes through the fair intake ([`crate::fairness`]): held until a slot
+    /// frees and its tenant's turn comes, or sent back to the end of the queue while its tenant
+    /// has its share of the slots. A receive is always in flight while the runner may hold more,
+    /// so a tenant's jobs behind another's backlog are found while the slots are busy.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
-        let room = Arc::new(Semaphore::new(self.settings.max_in_flight));
+        let slots = Arc::new(Semaphore::new(self.settings.max_in_flight));
+        let mut intake: Intake<(Delivery, CancellationToken)> = Intake::new(self.settings.intake);
+        let mut scan = ScanBudget::new(self.settings.scan_budget, SCAN_WINDOW);
+        let (ended, mut endings) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let mut receiving: Option<tokio::task::JoinHandle<Result<Vec<Delivery>, PortError>>> = None;
         self.metrics.set_ready(true);
         info!(max_in_flight = self.settings.max_in_flight, "runner polling");
         while !shutdown.is_cancelled() {
@@ -152,42 +165,62 @@ impl Runner {
                 shutdown.cancelled().await;
                 break;
             }
-            let first = tokio::select! {
-                permit = room.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                () = shutdown.cancelled() => break,
-            };
-            let mut permits = vec![first];
-            while permits.len() < 10 {
-                match room.clone().try_acquire_owned() {
-                    Ok(permit) => permits.push(permit),
-                    Err(_) => break,
-                }
-            }
-            let receive = self.ports.queue.receive(permits.len() as u32, self.settings.poll_wait, self.settings.lease);
-            let deliveries = tokio::select! {
-                received = receive => received,
-                () = shutdown.cancelled() => break,
-            };
-            let deliveries = match deliveries {
-                Ok(deliveries) => deliveries,
-                Err(err) => {
-                    warn!(error = %err, "receiving from the job queue failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            for (delivery, permit) in deliveries.into_iter().zip(permits.drain(..)) {
-                let runner = self.clone();
+            // Start held jobs while slots are free.
+            while let Ok(permit) = slots.clone().try_acquire_owned() {
+                let Some((tenant, (delivery, hold))) = intake.start_next() else { break };
+                hold.cancel();
+                let (runner, ended) = (self.clone(), ended.clone());
                 tracker.spawn(async move {
                     runner.metrics.in_flight.inc();
                     let outcome = runner.handle(delivery).await;
                     runner.metrics.count(outcome);
                     runner.metrics.in_flight.dec();
                     drop(permit);
+                    let _ = ended.send(tenant);
                 });
+            }
+            self.metrics.held.set(intake.held() as i64);
+            // A receive for a free slot no held message will take is never put off; one that
+            // only looks ahead waits while the deferral budget is spent.
+            let for_a_slot = slots.available_permits() > intake.held();
+            let pause = if for_a_slot { Duration::ZERO } else { scan.wait(Instant::now()) };
+            let look_ahead = self.settings.intake.fair;
+            if receiving.is_none() && intake.room() > 0 && pause.is_zero() && (for_a_slot || look_ahead) {
+                let (queue, wait, lease) = (self.ports.queue.clone(), self.settings.poll_wait, self.settings.lease);
+                // Looking ahead takes a full batch: what it may not hold goes back.
+                let max = if for_a_slot { intake.room().min(10) } else { 10 } as u32;
+                receiving = Some(tokio::spawn(async move { queue.receive(max, wait, lease).await }));
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                Some(tenant) = endings.recv() => intake.finished(&tenant),
+                received = async { receiving.as_mut().expect("guarded").await }, if receiving.is_some() => {
+                    receiving = None;
+                    match received {
+                        Ok(Ok(deliveries)) => {
+                            let deferred = self.take_in(&mut intake, deliveries);
+                            scan.spend(deferred, Instant::now());
+                        }
+                        Ok(Err(err)) => {
+                            warn!(error = %err, "receiving from the job queue failed; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        Err(err) => warn!(error = %err, "the receive task ended abnormally"),
+                    }
+                }
+                () = tokio::time::sleep(pause), if receiving.is_none() && !pause.is_zero() => {}
             }
         }
         self.metrics.set_ready(false);
+        if let Some(receiving) = receiving {
+            // Messages it would have brought come back when their lease ends.
+            receiving.abort();
+        }
+        for (delivery, hold) in intake.drain() {
+            hold.cancel();
+            self.release(&delivery, Duration::ZERO).await;
+        }
+        self.metrics.held.set(0);
         for session in self.sessions.values().flatten() {
             session.drain();
         }
@@ -199,6 +232,40 @@ impl Runner {
             tracker.wait().await;
         }
         info!("runner stopped");
+    }
+
+    /// Offers received messages to the intake: each is held (its lease kept by a heartbeat
+    /// until it starts) or sent back to the end of the queue. Returns how many went back.
+    fn take_in(&self, intake: &mut Intake<(Delivery, CancellationToken)>, deliveries: Vec<Delivery>) -> usize {
+        let mut deferred = Vec::new();
+        for delivery in deliveries {
+            // An unreadable message is held under no tenant: its task deletes it.
+            let (tenant, weight) = match serde_json::from_str::<JobMessage>(&delivery.body) {
+                Ok(message) => (message.tenant_id.to_string(), message.weight.unwrap_or(1)),
+                Err(_) => (String::new(), 1),
+            };
+            let hold = self.heartbeat(&delivery);
+            match intake.offer(&tenant, weight, (delivery, hold)) {
+                Offer::Held => {}
+                Offer::Defer((delivery, hold)) => {
+                    hold.cancel();
+                    deferred.push((delivery, tenant));
+                }
+            }
+        }
+        let count = deferred.len();
+        if count > 0 {
+            self.metrics.deferred.inc_by(count as u64);
+            // Sent back while the runner reads on.
+            let (queue, delay) = (self.ports.queue.clone(), self.settings.defer_delay);
+            tokio::spawn(async move {
+                if let Err(err) = queue.requeue(&deferred, delay).await {
+                    // Their leases run out and they come back by themselves.
+                    warn!(error = %err, "sending deferred jobs' messages back failed");
+                }
+            });
+        }
+        count
     }
 
     /// One delivery, start to end, in the job's span (`job_id`, `attempt` and `model` recorded
@@ -543,6 +610,7 @@ mod tests {
         Untouched,
         Deleted,
         Released(Duration),
+        Requeued,
     }
 
     /// The in-memory work queue, recording what became of each receipt.
@@ -582,6 +650,13 @@ mod tests {
         async fn delete(&self, receipt: &str) -> Result<(), PortError> {
             self.record(receipt, Fate::Deleted);
             self.inner.delete(receipt).await
+        }
+
+        async fn requeue(&self, deliveries: &[(Delivery, String)], delay: Duration) -> Result<(), PortError> {
+            for (delivery, _) in deliveries {
+                self.record(&delivery.receipt, Fate::Requeued);
+            }
+            self.inner.requeue(deliveries, delay).await
         }
     }
 
@@ -633,6 +708,8 @@ mod tests {
         UntilStopped,
         /// Grey frames after 300 ms.
         Slowly,
+        /// Grey frames after 20 ms.
+        Briefly,
     }
 
     struct FakePipeline {
@@ -646,9 +723,11 @@ mod tests {
             self.started.notify_one();
             let params = &request.params;
             match self.render {
-                Render::Frames | Render::Slowly => {
-                    if let Render::Slowly = self.render {
-                        std::thread::sleep(Duration::from_millis(300));
+                Render::Frames | Render::Slowly | Render::Briefly => {
+                    match self.render {
+                        Render::Slowly => std::thread::sleep(Duration::from_millis(300)),
+                        Render::Briefly => std::thread::sleep(Duration::from_millis(20)),
+                        _ => {}
                     }
                     Ok(Frames {
                         width: params.width,
@@ -870,6 +949,9 @@ mod tests {
     fn settings() -> Settings {
         Settings {
             max_in_flight: 4,
+            intake: crate::fairness::IntakeLimits { slots: 4, hold: 4, fair: true },
+            scan_budget: 400,
+            defer_delay: Duration::ZERO,
             poll_wait: Duration::ZERO,
             lease: Duration::from_secs(60),
             heartbeat: Duration::from_secs(3600),
@@ -1087,6 +1169,79 @@ mod tests {
         for job in &jobs {
             assert_eq!(store.get(&job.id).await.unwrap().unwrap().status, JobStatus::Succeeded);
         }
+    }
+
+    /// Tenant a's backlog of 40 is in the queue before tenant b's 5 jobs (the in-memory queue
+    /// delivers in order, like moto): with fair share, b's jobs start within the first batch of
+    /// starts after the runner's slots fill; without, after a's whole backlog. Starts are read
+    /// from the jobs' `started_at`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tenant_behind_anothers_backlog_starts_within_a_batch() {
+        async fn b_positions(fair: bool) -> (Vec<usize>, u64) {
+            let model = demo_model();
+            let store = Arc::new(MemoryJobStore::default());
+            let queue = Arc::new(RecordingQueue::default());
+            let metrics = Arc::new(Metrics::default());
+            let policy = crate::batching::FillPolicy { max_batch: 1, max_queue_delay: Duration::ZERO };
+            let pipeline = Box::new(FakePipeline { render: Render::Briefly, started: Arc::new(Notify::new()) });
+            let (session, _thread) = session::spawn(
+                model.name.clone(),
+                model.version.clone(),
+                crate::render::runtime::Device::Cpu,
+                pipeline,
+                policy,
+                metrics.clone(),
+            );
+            let ports =
+                Ports { store: store.clone(), queue: queue.clone(), artifacts: Arc::new(MemoryArtifacts::default()) };
+            let mut settings = settings();
+            settings.intake.fair = fair;
+            let runner = Arc::new(Runner::new(ports, vec![session], settings, metrics.clone()));
+            let mut jobs = Vec::new();
+            for (tenant, count) in [("a", 40), ("b", 5)] {
+                for seed in 0..count {
+                    let mut job = job_with_seed(&model, seed);
+                    job.tenant_id = TenantId::parse(tenant).unwrap();
+                    store.insert(&job, &CacheClaim { key: job.cache_key.clone(), replaces: None }, None).await.unwrap();
+                    queue.inner.push(serde_json::to_string(&JobMessage::for_job(&job)).unwrap());
+                    jobs.push(job);
+                }
+            }
+            let shutdown = CancellationToken::new();
+            let running = tokio::spawn(runner.clone().run(shutdown.clone()));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let mut done = 0;
+                for job in &jobs {
+                    done += usize::from(store.get(&job.id).await.unwrap().unwrap().status == JobStatus::Succeeded);
+                }
+                if done == jobs.len() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{done} of {} jobs done in a minute", jobs.len());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            shutdown.cancel();
+            running.await.unwrap();
+            let mut starts = Vec::new();
+            for job in &jobs {
+                let stored = store.get(&job.id).await.unwrap().unwrap();
+                starts.push((stored.started_at.expect("started"), stored.tenant_id.to_string()));
+            }
+            starts.sort();
+            let positions = starts.iter().enumerate().filter(|(_, (_, t))| t == "b").map(|(i, _)| i).collect();
+            (positions, metrics.deferred.get())
+        }
+
+        let (fair, deferred) = b_positions(true).await;
+        eprintln!("fair share: b's jobs started {fair:?} of 45; {deferred} of a's messages deferred");
+        // The first 4 starts are a's (the slots fill before b is read); b's 5 come within the
+        // next batch of starts: at most one more of a's between them.
+        assert!(fair.iter().all(|&p| p < 4 + 5 + 4), "b's jobs started at {fair:?} of 45");
+        assert!(deferred > 0, "a's backlog was read past");
+        let (unfair, deferred) = b_positions(false).await;
+        assert_eq!(unfair, [40, 41, 42, 43, 44], "without fair share b waits for a's whole backlog");
+        assert_eq!(deferred, 0);
     }
 
     #[tokio::test]

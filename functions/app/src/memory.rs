@@ -429,6 +429,18 @@ impl WorkQueue for MemoryWorkQueue {
         }
         Ok(())
     }
+
+    async fn requeue(&self, deliveries: &[(Delivery, String)], delay: Duration) -> Result<(), PortError> {
+        for (delivery, _group) in deliveries {
+            if lock(&self.leased).remove(&delivery.receipt).is_some() {
+                let id = format!("m{}", self.next_id.fetch_add(1, Ordering::SeqCst));
+                let visible_at = Instant::now() + delay;
+                let message = QueuedMessage { id, body: delivery.body.clone(), receive_count: 0, visible_at };
+                lock(&self.waiting).push_back(message);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Artifacts (and any other objects of the bucket, such as inbox uploads) in a map.

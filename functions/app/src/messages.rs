@@ -14,6 +14,9 @@ pub struct JobMessage {
     pub tenant_id: TenantId,
     pub model: String,
     pub model_version: String,
+    /// The tenant's weight in fair share across tenants (absent: 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
 }
 
 impl JobMessage {
@@ -26,6 +29,7 @@ impl JobMessage {
             tenant_id: job.tenant_id.clone(),
             model: job.model.clone(),
             model_version: job.model_version.clone(),
+            weight: None,
         }
     }
 }

@@ -219,6 +219,13 @@ pub trait WorkQueue: Send + Sync {
     async fn extend(&self, receipt: &str, lease: Duration) -> Result<(), PortError>;
     /// Hands a message back: visible to every consumer again after `delay` (zero: at once).
     async fn release(&self, receipt: &str, delay: Duration) -> Result<(), PortError>;
+    /// Sends delivered messages again, each in its message group (the `String`), to the end of
+    /// the queue and visible after `delay`, then deletes those deliveries: new messages whose
+    /// receive counts start again (deferring is not a failed attempt). Up to 10 at a time (one
+    /// batch each way). A message whose send failed keeps its lease and comes back when it ends;
+    /// one whose delete failed is in the queue twice, which the runner's conditional start
+    /// makes harmless.
+    async fn requeue(&self, deliveries: &[(Delivery, String)], delay: Duration) -> Result<(), PortError>;
     /// Acknowledges a message: it is never delivered again.
     async fn delete(&self, receipt: &str) -> Result<(), PortError>;
 }

@@ -123,6 +123,9 @@ impl WorkQueue for Unwired {
     async fn release(&self, _: &str, _: Duration) -> Result<(), PortError> {
         unwired()
     }
+    async fn requeue(&self, _: &[(Delivery, String)], _: Duration) -> Result<(), PortError> {
+        unwired()
+    }
     async fn delete(&self, _: &str) -> Result<(), PortError> {
         unwired()
     }

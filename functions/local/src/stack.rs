@@ -202,12 +202,27 @@ impl LocalStack {
         Ok(key)
     }
 
+    /// Creates a tenant (if new) with its own `limits`, and a fresh API key; returns the key.
+    pub async fn create_tenant_with_limits(&self, id: &str, limits: kiln_app::TenantLimits) -> anyhow::Result<ApiKey> {
+        let key = ApiKey::generate();
+        self.add_key_to(
+            Tenant { id: TenantId::parse(id)?, name: id.into(), disabled: false, limits: Some(limits) },
+            &key,
+        )
+        .await?;
+        Ok(key)
+    }
+
     /// Creates a tenant (if new) and gives it `key`.
     pub async fn add_tenant_key(&self, id: &str, name: &str, key: &ApiKey) -> anyhow::Result<()> {
+        self.add_key_to(Tenant { id: TenantId::parse(id)?, name: name.into(), disabled: false, limits: None }, key)
+            .await
+    }
+
+    async fn add_key_to(&self, tenant: Tenant, key: &ApiKey) -> anyhow::Result<()> {
         let tenants = self.aws.tenants();
-        let tenant = Tenant { id: TenantId::parse(id)?, name: name.into(), disabled: false, limits: None };
         tenants.create_tenant(&tenant).await?;
-        anyhow::ensure!(tenants.add_key(&tenant.id, &key.stored(chrono::Utc::now())).await?, "no tenant {id}");
+        anyhow::ensure!(tenants.add_key(&tenant.id, &key.stored(chrono::Utc::now())).await?, "no tenant {}", tenant.id);
         Ok(())
     }
 

@@ -1,0 +1,293 @@
+//! Fair share across tenants at a runner's intake: which received messages the runner holds,
+//! which it sends back to the end of the queue, and which held one starts when a job slot frees.
+//! A pure policy over the runner's own view.
+//!
+//! A runner has `slots` job slots (`KILN_MAX_IN_FLIGHT` × devices) and holds up to `hold`
+//! received messages it has not started. While other tenants have messages held (waiting for a
+//! slot), a tenant's share of the slots is in proportion to its weight among them and itself, at
+//! least one slot; with none waiting, its share is every slot (nothing idles while work waits).
+//! A received message whose tenant already has its share running or held is deferred: sent again
+//! to the end of the queue, so the runner reads past one tenant's backlog to the other tenants'
+//! jobs behind it; the others' messages are held. When a slot frees, the held message that
+//! starts is the one whose tenant has the fewest jobs running for its weight (the longest held
+//! first among equals).
+//!
+//! Reading past a backlog costs a send and a delete per deferred message, so the receives that
+//! only look ahead (every slot busy or spoken for) are budgeted ([`ScanBudget`]): past `budget`
+//! deferrals in a window the runner looks again only when a slot frees.
+//!
+//! On AWS the job queue's messages also carry the tenant as their message group: SQS fair queues
+//! then deliver a quiet tenant's messages ahead of a noisy one's backlog by themselves.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+/// A runner's slots and how much it holds beyond them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntakeLimits {
+    /// Jobs running at once.
+    pub slots: usize,
+    /// Most messages held at once (received, not yet started).
+    pub hold: usize,
+    /// Fair share on; off, messages start in the order received and none is deferred (the
+    /// runner then receives only for its free slots).
+    pub fair: bool,
+}
+
+/// A message held by the runner.
+#[derive(Debug)]
+struct Held<T> {
+    tenant: String,
+    item: T,
+}
+
+/// The runner's held messages and running jobs, by tenant.
+#[derive(Debug)]
+pub struct Intake<T> {
+    limits: IntakeLimits,
+    /// In the order they were received.
+    held: Vec<Held<T>>,
+    running: HashMap<String, usize>,
+    weights: HashMap<String, u32>,
+}
+
+/// What became of an offered message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Offer<T> {
+    /// Held, to start when a slot frees and its turn comes.
+    Held,
+    /// Its tenant has its share of the slots running or held already, or the runner holds all it
+    /// may: send it back to the end of the queue.
+    Defer(T),
+}
+
+impl<T> Intake<T> {
+    pub fn new(limits: IntakeLimits) -> Self {
+        Self { limits, held: Vec::new(), running: HashMap::new(), weights: HashMap::new() }
+    }
+
+    /// How many more messages the runner may hold.
+    pub fn room(&self) -> usize {
+        self.limits.hold.max(1).saturating_sub(self.held.len())
+    }
+
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    fn running(&self, tenant: &str) -> usize {
+        self.running.get(tenant).copied().unwrap_or(0)
+    }
+
+    fn weight(&self, tenant: &str) -> u64 {
+        u64::from(self.weights.get(tenant).copied().unwrap_or(1))
+    }
+
+    /// `tenant`'s share of the slots among itself and the tenants with messages held: in
+    /// proportion to the weights, rounded up, at least one.
+    pub fn share(&self, tenant: &str) -> usize {
+        let mut present: Vec<&str> = self.held.iter().map(|held| held.tenant.as_str()).collect();
+        present.push(tenant);
+        present.sort_unstable();
+        present.dedup();
+        let total: u64 = present.iter().map(|t| self.weight(t)).sum();
+        let slots = self.limits.slots.max(1) as u64;
+        (slots * self.weight(tenant)).div_ceil(total.max(1)).max(1) as usize
+    }
+
+    /// A received message of `tenant`, whose share weighs `weight` (at least 1).
+    pub fn offer(&mut self, tenant: &str, weight: u32, item: T) -> Offer<T> {
+        self.weights.insert(tenant.to_owned(), weight.max(1));
+        let held = self.held.iter().filter(|held| held.tenant == tenant).count();
+        let over_share = self.limits.fair && self.running(tenant) + held >= self.share(tenant);
+        if self.room() == 0 || over_share {
+            if self.running(tenant) + held == 0 {
+                self.weights.remove(tenant);
+            }
+            return Offer::Defer(item);
+        }
+        self.held.push(Held { tenant: tenant.to_owned(), item });
+        Offer::Held
+    }
+
+    /// The held message to start now (its tenant's running count goes up), if any: the tenant
+    /// with the fewest running jobs for its weight, its longest-held message.
+    pub fn start_next(&mut self) -> Option<(String, T)> {
+        let index = (0..self.held.len()).filter(|_| self.limits.fair).min_by(|&a, &b| {
+            let (ta, tb) = (&self.held[a].tenant, &self.held[b].tenant);
+            // running / weight compared as fractions.
+            let (ra, rb) = (self.running(ta) as u64 * self.weight(tb), self.running(tb) as u64 * self.weight(ta));
+            ra.cmp(&rb).then(a.cmp(&b))
+        });
+        let index = match index {
+            Some(index) => index,
+            None if self.held.is_empty() => return None,
+            None => 0,
+        };
+        let Held { tenant, item } = self.held.remove(index);
+        *self.running.entry(tenant.clone()).or_default() += 1;
+        Some((tenant, item))
+    }
+
+    /// A job of `tenant` started by [`Intake::start_next`] ended.
+    pub fn finished(&mut self, tenant: &str) {
+        if let Some(running) = self.running.get_mut(tenant) {
+            *running = running.saturating_sub(1);
+            if *running == 0 {
+                self.running.remove(tenant);
+                if !self.held.iter().any(|held| held.tenant == tenant) {
+                    self.weights.remove(tenant);
+                }
+            }
+        }
+    }
+
+    /// Every held message, emptied (at shutdown: each goes back to the queue).
+    pub fn drain(&mut self) -> Vec<T> {
+        self.held.drain(..).map(|held| held.item).collect()
+    }
+}
+
+/// At most `budget` deferred messages per `window`: past it, how long to wait before receiving
+/// again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScanBudget {
+    budget: usize,
+    window: Duration,
+    started: Option<Instant>,
+    spent: usize,
+}
+
+impl ScanBudget {
+    pub fn new(budget: usize, window: Duration) -> Self {
+        Self { budget, window, started: None, spent: 0 }
+    }
+
+    /// `deferred` messages were deferred at `now`.
+    pub fn spend(&mut self, deferred: usize, now: Instant) {
+        if deferred == 0 {
+            return;
+        }
+        match self.started {
+            Some(started) if now < started + self.window => self.spent += deferred,
+            _ => {
+                self.started = Some(now);
+                self.spent = deferred;
+            }
+        }
+    }
+
+    /// How long to wait before the next receive, from `now`: zero while budget is left.
+    pub fn wait(&self, now: Instant) -> Duration {
+        match self.started {
+            Some(started) if self.spent >= self.budget => (started + self.window).saturating_duration_since(now),
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn intake(slots: usize, hold: usize) -> Intake<u32> {
+        Intake::new(IntakeLimits { slots, hold, fair: true })
+    }
+
+    #[test]
+    fn a_tenant_alone_takes_every_slot_and_nothing_of_its_waits() {
+        let mut intake = intake(4, 4);
+        for n in 0..4 {
+            assert_eq!(intake.offer("a", 1, n), Offer::Held, "{n}");
+        }
+        assert_eq!(intake.offer("a", 1, 4), Offer::Defer(4), "a fifth: more than the slots");
+        let started: Vec<u32> = (0..4).map(|_| intake.start_next().unwrap().1).collect();
+        assert_eq!(started, [0, 1, 2, 3], "in the order received");
+        assert_eq!(intake.offer("a", 1, 5), Offer::Defer(5), "its share is running");
+        intake.finished("a");
+        assert_eq!(intake.offer("a", 1, 6), Offer::Held, "a slot freed");
+    }
+
+    #[test]
+    fn a_second_tenant_is_held_past_the_first_ones_backlog_and_starts_first() {
+        let mut intake = intake(4, 4);
+        for n in 0..4 {
+            intake.offer("a", 1, n);
+        }
+        for _ in 0..4 {
+            intake.start_next();
+        }
+        // a runs 4 of 4 slots; its backlog is deferred, b's job behind it held.
+        assert_eq!(intake.offer("a", 1, 10), Offer::Defer(10));
+        assert_eq!(intake.offer("b", 1, 20), Offer::Held);
+        assert_eq!(intake.share("a"), 2, "b waits: two slots each");
+        assert_eq!(intake.offer("b", 1, 21), Offer::Held, "b, the only one waiting, may claim every slot");
+        intake.finished("a");
+        assert_eq!(intake.start_next(), Some(("b".into(), 20)));
+        // a's messages are deferred while b waits and a has its share.
+        intake.finished("a");
+        assert_eq!(intake.offer("a", 1, 11), Offer::Defer(11), "a still runs 2 while b waits");
+        assert_eq!(intake.start_next(), Some(("b".into(), 21)));
+        // Nobody waits: a may take every slot again as b's jobs end.
+        assert_eq!(intake.share("a"), 4);
+        assert_eq!(intake.offer("a", 1, 12), Offer::Held, "a runs 2, b 2: held for the next free slot");
+        intake.finished("b");
+        assert_eq!(intake.start_next(), Some(("a".into(), 12)));
+        assert_eq!(intake.offer("a", 1, 13), Offer::Held, "a runs 3: one more may wait for a slot");
+        assert_eq!(intake.offer("a", 1, 14), Offer::Defer(14), "a runs 3 and holds 1: its four");
+    }
+
+    #[test]
+    fn slots_follow_the_weights() {
+        let mut intake = intake(8, 64);
+        assert_eq!(intake.offer("a", 3, 0), Offer::Held);
+        assert_eq!(intake.offer("b", 1, 1), Offer::Held);
+        assert_eq!((intake.share("a"), intake.share("b")), (6, 2));
+        let mut offered = 2;
+        for _ in 0..20 {
+            intake.offer("a", 3, offered);
+            intake.offer("b", 1, offered + 1);
+            offered += 2;
+        }
+        let started: Vec<String> = std::iter::from_fn(|| intake.start_next().map(|(tenant, _)| tenant)).collect();
+        assert_eq!(started.iter().filter(|t| *t == "a").count(), 6, "{started:?}");
+        assert_eq!(started.iter().filter(|t| *t == "b").count(), 2, "{started:?}");
+    }
+
+    #[test]
+    fn the_longest_held_goes_first_among_equals_and_a_drain_empties_the_hold() {
+        let mut intake = intake(4, 2);
+        assert_eq!(intake.offer("b", 1, 1), Offer::Held);
+        assert_eq!(intake.offer("a", 1, 2), Offer::Held);
+        assert_eq!(intake.offer("c", 1, 3), Offer::Defer(3), "the hold is full");
+        assert_eq!(intake.start_next().unwrap().0, "b");
+        assert_eq!(intake.drain(), vec![2]);
+        assert_eq!(intake.room(), 2);
+    }
+
+    #[test]
+    fn without_fair_share_everything_is_held_and_starts_in_order() {
+        let mut intake = Intake::new(IntakeLimits { slots: 1, hold: 3, fair: false });
+        for (tenant, n) in [("a", 1), ("a", 2), ("b", 3)] {
+            assert_eq!(intake.offer(tenant, 1, n), Offer::Held);
+        }
+        assert_eq!(intake.offer("c", 1, 4), Offer::Defer(4), "only a full hold refuses");
+        let order: Vec<u32> = std::iter::from_fn(|| intake.start_next().map(|(_, n)| n)).collect();
+        assert_eq!(order, [1, 2, 3]);
+    }
+
+    #[test]
+    fn deferrals_past_the_budget_wait_for_the_window_to_end() {
+        let start = Instant::now();
+        let mut scan = ScanBudget::new(20, Duration::from_secs(10));
+        scan.spend(10, start);
+        assert_eq!(scan.wait(start), Duration::ZERO);
+        scan.spend(10, start + Duration::from_secs(2));
+        assert_eq!(scan.wait(start + Duration::from_secs(3)), Duration::from_secs(7));
+        // A new window.
+        scan.spend(5, start + Duration::from_secs(11));
+        assert_eq!(scan.wait(start + Duration::from_secs(11)), Duration::ZERO);
+    }
+}
