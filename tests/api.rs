@@ -467,9 +467,45 @@ async fn a_tenant_created_with_limits_keeps_them() {
     let tenants = stack.aws.tenants();
     let limits = TenantLimits { max_active_jobs: 7, jobs_per_minute: 3 };
     let id = kiln_domain::TenantId::parse("limited-from-birth").unwrap();
-    let tenant = Tenant { id: id.clone(), name: "Limited".into(), disabled: false, limits: Some(limits) };
+    let tenant =
+        Tenant { id: id.clone(), name: "Limited".into(), disabled: false, limits: Some(limits), share_weight: None };
     assert!(tenants.create_tenant(&tenant).await.unwrap());
     assert_eq!(tenants.tenant(&id).await.unwrap().expect("tenant").limits, Some(limits));
+}
+
+/// `kiln-admin tenant-weight` sets a tenant's fair-share weight in DynamoDB (created with one,
+/// set, back to the default), refuses an unknown tenant and a weight of 0, and the weight rides
+/// on the next job's message.
+#[tokio::test(flavor = "multi_thread")]
+async fn kiln_admin_sets_a_tenants_share_weight_and_its_jobs_carry_it() {
+    let stack = stack().await;
+    let tenants = stack.aws.tenants();
+    let id = kiln_domain::TenantId::parse("weighty").unwrap();
+    let key = admin(&stack, &["tenant-create", "--id", "weighty", "--name", "Weighty"]).await.unwrap();
+    assert_eq!(tenants.tenant(&id).await.unwrap().unwrap().share_weight, None);
+    assert_eq!(
+        admin(&stack, &["tenant-weight", "--tenant", "weighty", "--weight", "3"]).await.unwrap().trim(),
+        "share weight 3"
+    );
+    assert_eq!(tenants.tenant(&id).await.unwrap().unwrap().share_weight, Some(3));
+    let unknown = admin(&stack, &["tenant-weight", "--tenant", "nobody", "--weight", "2"]).await.unwrap_err();
+    assert!(unknown.to_string().contains("no tenant `nobody`"), "{unknown}");
+    assert!(admin(&stack, &["tenant-weight", "--tenant", "weighty", "--weight", "0"]).await.is_err(), "weight 0");
+    let born = kiln_app::Tenant { share_weight: Some(5), ..tenants.tenant(&id).await.unwrap().unwrap() };
+    let born = kiln_app::Tenant { id: kiln_domain::TenantId::parse("born-weighty").unwrap(), ..born };
+    assert!(tenants.create_tenant(&born).await.unwrap());
+    assert_eq!(tenants.tenant(&born.id).await.unwrap().unwrap().share_weight, Some(5));
+
+    // The API reads tenants through a short cache: a job submitted now carries weight 3.
+    let client = Client::new(&stack.api_url, Some(key.trim()));
+    let submitted = client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "heavy"})).await;
+    assert!(submitted.status.is_success(), "{:?}", submitted.body);
+    let delivered = queued_messages(&stack).await;
+    let message: Value = serde_json::from_str(delivered[0].body().unwrap()).unwrap();
+    assert_eq!(message["weight"], 3, "{message}");
+
+    admin(&stack, &["tenant-weight", "--tenant", "weighty", "--default"]).await.unwrap();
+    assert_eq!(tenants.tenant(&id).await.unwrap().unwrap().share_weight, None);
 }
 
 #[tokio::test]

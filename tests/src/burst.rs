@@ -225,7 +225,13 @@ pub async fn run(moto_url: &str, options: BurstOptions) -> anyhow::Result<BurstR
             TenantLimits { max_active_jobs: 1_000_000, jobs_per_minute: 1_000_000 }
         };
         let id = if limited { "burst-limited".to_owned() } else { format!("burst-{index}") };
-        let tenant = Tenant { id: TenantId::parse(&id)?, name: id.clone(), disabled: false, limits: Some(limits) };
+        let tenant = Tenant {
+            id: TenantId::parse(&id)?,
+            name: id.clone(),
+            disabled: false,
+            limits: Some(limits),
+            share_weight: None,
+        };
         stack.aws.tenants().create_tenant(&tenant).await?;
         let key = kiln_app::ApiKey::generate();
         stack.aws.tenants().add_key(&tenant.id, &key.stored(chrono::Utc::now())).await?;

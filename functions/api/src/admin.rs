@@ -63,6 +63,17 @@ enum Command {
         #[arg(long)]
         default: bool,
     },
+    /// Set a tenant's weight in fair share across tenants on the GPUs (a tenant of weight 3 gets
+    /// three times the GPU slots of one of weight 1 while both have jobs waiting), or with
+    /// --default go back to 1. Applies to jobs submitted from then on (within 30 seconds).
+    TenantWeight {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, required_unless_present = "default", conflicts_with = "default", value_parser = clap::value_parser!(u32).range(1..=1000))]
+        weight: Option<u32>,
+        #[arg(long)]
+        default: bool,
+    },
     /// Publish every model package's manifest under a directory.
     ModelsPublish { dir: PathBuf },
 }
@@ -99,7 +110,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
     let keys = TenantKeys::new(tenants.clone());
     match cli.command {
         Command::TenantCreate { id, name } => {
-            let tenant = Tenant { id: TenantId::parse(&id)?, name, disabled: false, limits: None };
+            let tenant = Tenant { id: TenantId::parse(&id)?, name, disabled: false, limits: None, share_weight: None };
             writeln!(out, "{}", keys.create_tenant(&tenant).await?.expose())?;
         }
         Command::Keys(Keys::Create { tenant }) => {
@@ -129,6 +140,12 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
                 bail!("no tenant `{tenant}`");
             }
             writeln!(out, "{}", limits.map_or("deployment defaults".to_owned(), |l| format!("{l:?}")))?;
+        }
+        Command::TenantWeight { tenant, weight, default: _ } => {
+            if !tenants.set_share_weight(&TenantId::parse(&tenant)?, weight).await? {
+                bail!("no tenant `{tenant}`");
+            }
+            writeln!(out, "share weight {}", weight.unwrap_or(1))?;
         }
         Command::ModelsPublish { dir } => {
             let catalog = DynamoModelCatalog::new(clients.dynamodb().clone(), &cli.models_table);

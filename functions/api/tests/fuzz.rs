@@ -38,7 +38,7 @@ fn world() -> World {
     let (a_key, b_key) = (ApiKey::generate(), ApiKey::generate());
     let a_job = runtime.block_on(async {
         for (id, key) in [("tenant-a", &a_key), ("tenant-b", &b_key)] {
-            let tenant = Tenant { id: TenantId::parse(id).unwrap(), name: id.into(), disabled: false, limits: None };
+            let tenant = Tenant::new(TenantId::parse(id).unwrap(), id);
             memory.tenants.create_tenant(&tenant).await.unwrap();
             assert!(memory.tenants.add_key(&tenant.id, &key.stored(chrono::Utc::now())).await.unwrap());
         }

@@ -39,7 +39,7 @@ async fn the_answered_line_of_a_submit_carries_the_tenant_and_the_job() {
         ModelSpec::read_packages(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../gpu-runner/models"))
             .unwrap();
     let memory = MemoryPorts::with_models(models.into_iter().map(|(_, model)| model).collect());
-    let tenant = Tenant { id: TenantId::parse("acme").unwrap(), name: "Acme".into(), disabled: false, limits: None };
+    let tenant = Tenant::new(TenantId::parse("acme").unwrap(), "Acme");
     let key = ApiKey::generate();
     memory.tenants.create_tenant(&tenant).await.unwrap();
     assert!(memory.tenants.add_key(&tenant.id, &key.stored(chrono::Utc::now())).await.unwrap());

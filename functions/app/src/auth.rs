@@ -25,6 +25,16 @@ pub struct Tenant {
     /// Its own limits on new jobs; None: the deployment's defaults (`JobsConfig`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<crate::limits::TenantLimits>,
+    /// Its weight in fair share across tenants on the GPUs (`kiln-admin tenant-weight`); None: 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_weight: Option<u32>,
+}
+
+impl Tenant {
+    /// An enabled tenant with the deployment's limits and weight 1.
+    pub fn new(id: TenantId, name: impl Into<String>) -> Self {
+        Self { id, name: name.into(), disabled: false, limits: None, share_weight: None }
+    }
 }
 
 /// A freshly made API key. Its text is shown once and never stored.
@@ -140,7 +150,7 @@ mod tests {
     #[tokio::test]
     async fn keys_authenticate_their_tenant_only() {
         let tenants = Arc::new(MemoryTenants::default());
-        let acme = Tenant { id: TenantId::parse("acme").unwrap(), name: "Acme".into(), disabled: false, limits: None };
+        let acme = Tenant::new(TenantId::parse("acme").unwrap(), "Acme");
         tenants.create_tenant(&acme).await.unwrap();
         let key = ApiKey::generate();
         assert!(tenants.add_key(&acme.id, &key.stored(chrono::Utc::now())).await.unwrap());

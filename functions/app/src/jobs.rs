@@ -219,7 +219,7 @@ impl Jobs {
             job.retention_secs = Some(self.config.output_retention.as_secs());
             let claim = CacheClaim { key: cache_key.clone(), replaces };
             match self.store.insert(&job, &claim, idempotency.as_ref()).await? {
-                InsertOutcome::Inserted => return self.enqueue(job, idempotency.as_ref()).await,
+                InsertOutcome::Inserted => return self.enqueue(job, idempotency.as_ref(), tenant.share_weight).await,
                 InsertOutcome::CacheKeyTaken => continue,
                 // The other write (most likely this request's twin) is committing: look again
                 // once it has; the next round finds its job by the cache key, and its
@@ -289,8 +289,15 @@ impl Jobs {
 
     /// Puts a stored job on the queue. If that fails, the job is failed and its keys released at
     /// once, so it never sits queued with no message; the client gets a 503 and may resubmit.
-    async fn enqueue(&self, mut job: Job, idempotency: Option<&IdempotencyRecord>) -> Result<Submitted, AppError> {
-        let Err(error) = self.queue.enqueue(&JobMessage::for_job(&job)).await else {
+    /// `weight`: the tenant's in fair share, carried by the message to the runners.
+    async fn enqueue(
+        &self,
+        mut job: Job,
+        idempotency: Option<&IdempotencyRecord>,
+        weight: Option<u32>,
+    ) -> Result<Submitted, AppError> {
+        let message = JobMessage { weight: weight.filter(|weight| *weight != 1), ..JobMessage::for_job(&job) };
+        let Err(error) = self.queue.enqueue(&message).await else {
             info!(job_id = %job.id, tenant_id = %job.tenant_id, model = %job.model, "job queued");
             return Ok(Submitted { job, disposition: Disposition::Created });
         };

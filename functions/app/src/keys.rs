@@ -103,7 +103,7 @@ mod tests {
     use crate::{Authenticator, memory::MemoryTenants};
 
     fn tenant(id: &str) -> Tenant {
-        Tenant { id: TenantId::parse(id).unwrap(), name: id.into(), disabled: false, limits: None }
+        Tenant::new(TenantId::parse(id).unwrap(), id)
     }
 
     fn bearer(key: &ApiKey) -> String {

@@ -291,6 +291,10 @@ impl TenantDirectory for MemoryTenants {
     ) -> Result<bool, PortError> {
         Ok(lock(&self.tenants).get_mut(tenant).map(|stored| stored.limits = limits).is_some())
     }
+
+    async fn set_share_weight(&self, tenant: &TenantId, weight: Option<u32>) -> Result<bool, PortError> {
+        Ok(lock(&self.tenants).get_mut(tenant).map(|stored| stored.share_weight = weight).is_some())
+    }
 }
 
 /// Webhook endpoints' circuits in memory.

@@ -147,6 +147,8 @@ pub trait TenantDirectory: Send + Sync {
         tenant: &TenantId,
         limits: Option<crate::limits::TenantLimits>,
     ) -> Result<bool, PortError>;
+    /// Sets (None: removes) a tenant's weight in fair share; false when there is no such tenant.
+    async fn set_share_weight(&self, tenant: &TenantId, weight: Option<u32>) -> Result<bool, PortError>;
 }
 
 /// An API key as stored: its hash (never the key), the key's last characters to tell keys

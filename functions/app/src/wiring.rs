@@ -164,6 +164,9 @@ impl TenantDirectory for Unwired {
     async fn set_limits(&self, _: &TenantId, _: Option<TenantLimits>) -> Result<bool, PortError> {
         unwired()
     }
+    async fn set_share_weight(&self, _: &TenantId, _: Option<u32>) -> Result<bool, PortError> {
+        unwired()
+    }
 }
 
 #[async_trait]

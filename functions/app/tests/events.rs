@@ -25,7 +25,7 @@ fn demo_model() -> ModelSpec {
 }
 
 fn tenant() -> Tenant {
-    Tenant { id: TenantId::parse("acme").unwrap(), name: "Acme".into(), disabled: false, limits: None }
+    Tenant::new(TenantId::parse("acme").unwrap(), "Acme")
 }
 
 const WITH_WEBHOOK: &[u8] = br#"{"model":"kiln-demo","prompt":"a fox","seed":1,

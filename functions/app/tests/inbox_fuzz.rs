@@ -81,7 +81,7 @@ fn run_cases(cases: u32, counts: &std::cell::RefCell<[usize; 3]>) {
     let memory = MemoryPorts::with_models(models);
     runtime.block_on(async {
         for id in ["tenant-a", "tenant-b"] {
-            let tenant = Tenant { id: TenantId::parse(id).unwrap(), name: id.into(), disabled: false, limits: None };
+            let tenant = Tenant::new(TenantId::parse(id).unwrap(), id);
             memory.tenants.create_tenant(&tenant).await.unwrap();
         }
     });

@@ -35,7 +35,7 @@ fn world() -> World {
 }
 
 fn tenant(id: &str) -> Tenant {
-    Tenant { id: TenantId::parse(id).unwrap(), name: id.into(), disabled: false, limits: None }
+    Tenant::new(TenantId::parse(id).unwrap(), id)
 }
 
 const FOX: &[u8] = br#"{"model":"demo","prompt":"a fox"}"#;
@@ -64,6 +64,22 @@ async fn a_new_job_is_stored_and_queued() {
     let sent = world.queue.sent();
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].job_id, submitted.job.id);
+}
+
+/// The tenant's weight in fair share rides on the message to the runners; weight 1 (and none)
+/// leaves the message as it always was.
+#[tokio::test]
+async fn the_message_carries_the_tenants_share_weight() {
+    let world = world();
+    let heavy = Tenant { share_weight: Some(3), ..tenant("heavy") };
+    let plain = Tenant { share_weight: Some(1), ..tenant("plain") };
+    world.jobs.submit(&heavy, FOX, None).await.unwrap();
+    world.jobs.submit(&plain, br#"{"model":"demo","prompt":"a hen"}"#, None).await.unwrap();
+    world.jobs.submit(&tenant("unset"), br#"{"model":"demo","prompt":"an owl"}"#, None).await.unwrap();
+    let weights: Vec<Option<u32>> = world.queue.sent().iter().map(|message| message.weight).collect();
+    assert_eq!(weights, [Some(3), None, None]);
+    let body = serde_json::to_value(&world.queue.sent()[1]).unwrap();
+    assert!(body.get("weight").is_none(), "{body}");
 }
 
 #[tokio::test]

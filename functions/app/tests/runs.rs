@@ -26,7 +26,7 @@ async fn world_with_job() -> (World, JobId) {
     let memory = MemoryPorts::with_models(vec![demo_model()]);
     let store = memory.store.clone();
     let jobs = Jobs::new(&memory.ports(), JobsConfig::default());
-    let tenant = Tenant { id: TenantId::parse("acme").unwrap(), name: "Acme".into(), disabled: false, limits: None };
+    let tenant = Tenant::new(TenantId::parse("acme").unwrap(), "Acme");
     let id = jobs.submit(&tenant, br#"{"model":"kiln-demo","prompt":"a fox"}"#, None).await.unwrap().job.id;
     (World { jobs, runs: JobRuns::new(store.clone()), store, tenant }, id)
 }

@@ -38,6 +38,18 @@ impl DynamoTenants {
             .map_err(unavailable("dynamodb"))?;
         Ok(output.item)
     }
+
+    /// An update of an existing tenant's item (it fails the condition when there is none).
+    fn update_tenant(
+        &self,
+        tenant: &TenantId,
+    ) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", AttributeValue::S(format!("tenant#{tenant}")))
+            .condition_expression("attribute_exists(pk)")
+    }
 }
 
 fn corrupt(detail: impl Into<String>) -> PortError {
@@ -62,7 +74,8 @@ impl TenantDirectory for DynamoTenants {
             (Some(max_active_jobs), Some(jobs_per_minute)) => Some(TenantLimits { max_active_jobs, jobs_per_minute }),
             _ => None,
         };
-        Ok(Some(Tenant { id: id.clone(), name, disabled, limits }))
+        let share_weight = number("share_weight");
+        Ok(Some(Tenant { id: id.clone(), name, disabled, limits, share_weight }))
     }
 
     async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, PortError> {
@@ -78,6 +91,10 @@ impl TenantDirectory for DynamoTenants {
             Some(limits) => result
                 .item("max_active_jobs", AttributeValue::N(limits.max_active_jobs.to_string()))
                 .item("jobs_per_minute", AttributeValue::N(limits.jobs_per_minute.to_string())),
+            None => result,
+        };
+        let result = match tenant.share_weight {
+            Some(weight) => result.item("share_weight", AttributeValue::N(weight.to_string())),
             None => result,
         };
         let result = result.condition_expression("attribute_not_exists(pk)").send().await;
@@ -144,18 +161,24 @@ impl TenantDirectory for DynamoTenants {
     }
 
     async fn set_limits(&self, tenant: &TenantId, limits: Option<TenantLimits>) -> Result<bool, PortError> {
-        let update = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", AttributeValue::S(format!("tenant#{tenant}")))
-            .condition_expression("attribute_exists(pk)");
+        let update = self.update_tenant(tenant);
         let update = match limits {
             Some(limits) => update
                 .update_expression("SET max_active_jobs = :active, jobs_per_minute = :rate")
                 .expression_attribute_values(":active", AttributeValue::N(limits.max_active_jobs.to_string()))
                 .expression_attribute_values(":rate", AttributeValue::N(limits.jobs_per_minute.to_string())),
             None => update.update_expression("REMOVE max_active_jobs, jobs_per_minute"),
+        };
+        written(update.send().await)
+    }
+
+    async fn set_share_weight(&self, tenant: &TenantId, weight: Option<u32>) -> Result<bool, PortError> {
+        let update = self.update_tenant(tenant);
+        let update = match weight {
+            Some(weight) => update
+                .update_expression("SET share_weight = :weight")
+                .expression_attribute_values(":weight", AttributeValue::N(weight.to_string())),
+            None => update.update_expression("REMOVE share_weight"),
         };
         written(update.send().await)
     }

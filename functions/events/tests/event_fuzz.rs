@@ -134,8 +134,7 @@ impl World {
         let jobs = Jobs::new(&memory.ports(), config);
         runtime.block_on(async {
             for id in ["tenant-a", "tenant-b"] {
-                let tenant =
-                    Tenant { id: TenantId::parse(id).unwrap(), name: id.into(), disabled: false, limits: None };
+                let tenant = Tenant::new(TenantId::parse(id).unwrap(), id);
                 memory.tenants.create_tenant(&tenant).await.unwrap();
             }
         });

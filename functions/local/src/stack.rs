@@ -206,7 +206,13 @@ impl LocalStack {
     pub async fn create_tenant_with_limits(&self, id: &str, limits: kiln_app::TenantLimits) -> anyhow::Result<ApiKey> {
         let key = ApiKey::generate();
         self.add_key_to(
-            Tenant { id: TenantId::parse(id)?, name: id.into(), disabled: false, limits: Some(limits) },
+            Tenant {
+                id: TenantId::parse(id)?,
+                name: id.into(),
+                disabled: false,
+                limits: Some(limits),
+                share_weight: None,
+            },
             &key,
         )
         .await?;
@@ -215,8 +221,11 @@ impl LocalStack {
 
     /// Creates a tenant (if new) and gives it `key`.
     pub async fn add_tenant_key(&self, id: &str, name: &str, key: &ApiKey) -> anyhow::Result<()> {
-        self.add_key_to(Tenant { id: TenantId::parse(id)?, name: name.into(), disabled: false, limits: None }, key)
-            .await
+        self.add_key_to(
+            Tenant { id: TenantId::parse(id)?, name: name.into(), disabled: false, limits: None, share_weight: None },
+            key,
+        )
+        .await
     }
 
     async fn add_key_to(&self, tenant: Tenant, key: &ApiKey) -> anyhow::Result<()> {
