@@ -467,17 +467,23 @@ async fn a_tenant_created_with_limits_keeps_them() {
     let tenants = stack.aws.tenants();
     let limits = TenantLimits { max_active_jobs: 7, jobs_per_minute: 3 };
     let id = kiln_domain::TenantId::parse("limited-from-birth").unwrap();
-    let tenant =
-        Tenant { id: id.clone(), name: "Limited".into(), disabled: false, limits: Some(limits), share_weight: None };
+    let tenant = Tenant {
+        id: id.clone(),
+        name: "Limited".into(),
+        disabled: false,
+        limits: Some(limits),
+        share_weight: None,
+        max_priority: None,
+    };
     assert!(tenants.create_tenant(&tenant).await.unwrap());
     assert_eq!(tenants.tenant(&id).await.unwrap().expect("tenant").limits, Some(limits));
 }
 
 /// `kiln-admin tenant-weight` sets a tenant's fair-share weight in DynamoDB (created with one,
 /// set, back to the default), refuses an unknown tenant and a weight of 0, and the weight rides
-/// on the next job's message.
+/// on the next job's message; `tenant-priority` sets the highest priority its jobs get.
 #[tokio::test(flavor = "multi_thread")]
-async fn kiln_admin_sets_a_tenants_share_weight_and_its_jobs_carry_it() {
+async fn kiln_admin_sets_a_tenants_share_weight_and_max_priority_and_its_jobs_carry_them() {
     let stack = stack().await;
     let tenants = stack.aws.tenants();
     let id = kiln_domain::TenantId::parse("weighty").unwrap();
@@ -506,6 +512,16 @@ async fn kiln_admin_sets_a_tenants_share_weight_and_its_jobs_carry_it() {
 
     admin(&stack, &["tenant-weight", "--tenant", "weighty", "--default"]).await.unwrap();
     assert_eq!(tenants.tenant(&id).await.unwrap().unwrap().share_weight, None);
+
+    // The highest priority its jobs get, likewise.
+    use kiln_domain::Priority;
+    let set = admin(&stack, &["tenant-priority", "--tenant", "weighty", "--max", "high"]).await.unwrap();
+    assert_eq!(set.trim(), "max priority high");
+    assert_eq!(tenants.tenant(&id).await.unwrap().unwrap().max_priority, Some(Priority::High));
+    assert!(admin(&stack, &["tenant-priority", "--tenant", "weighty", "--max", "urgent"]).await.is_err());
+    assert!(admin(&stack, &["tenant-priority", "--tenant", "nobody", "--max", "low"]).await.is_err());
+    admin(&stack, &["tenant-priority", "--tenant", "weighty", "--default"]).await.unwrap();
+    assert_eq!(tenants.tenant(&id).await.unwrap().unwrap().max_priority, None);
 }
 
 #[tokio::test]

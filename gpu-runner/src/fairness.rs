@@ -12,6 +12,12 @@
 //! starts is the one whose tenant has the fewest jobs running for its weight (the longest held
 //! first among equals).
 //!
+//! Priority comes first: a held job of a higher priority starts before any of a lower one, and
+//! a high one is held even when its tenant has its share. A job's priority rises one level per
+//! [`kiln_domain::Priority::AGING`] of its age (since submission), so a low one waits a bounded
+//! time whatever arrives after it; and a full hold makes room for a job of a higher (aged)
+//! priority by sending its lowest back.
+//!
 //! Reading past a backlog costs a send and a delete per deferred message, so the receives that
 //! only look ahead (every slot busy or spoken for) are budgeted ([`ScanBudget`]): past `budget`
 //! deferrals in a window the runner looks again only when a slot frees.
@@ -19,6 +25,7 @@
 //! On AWS the job queue's messages also carry the tenant as their message group: SQS fair queues
 //! then deliver a quiet tenant's messages ahead of a noisy one's backlog by themselves.
 
+use kiln_domain::Priority;
 use std::{
     collections::HashMap,
     time::{Duration, Instant},
@@ -40,7 +47,26 @@ pub struct IntakeLimits {
 #[derive(Debug)]
 struct Held<T> {
     tenant: String,
+    priority: Priority,
+    /// When its job was submitted, on this runner's clock.
+    born: Instant,
     item: T,
+}
+
+/// A received message's tenant, weight, priority and age.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival<'a> {
+    pub tenant: &'a str,
+    pub weight: u32,
+    pub priority: Priority,
+    /// When its job was submitted, on this runner's clock.
+    pub born: Instant,
+}
+
+/// `priority` lifted one level per [`Priority::AGING`] since `born`, at `now` (0 to 2).
+fn effective(priority: Priority, born: Instant, now: Instant) -> u8 {
+    let aged = now.saturating_duration_since(born).as_secs() / Priority::AGING.as_secs().max(1);
+    (u64::from(priority.level()) + aged).min(2) as u8
 }
 
 /// The runner's held messages and running jobs, by tenant.
@@ -97,36 +123,64 @@ impl<T> Intake<T> {
         (slots * self.weight(tenant)).div_ceil(total.max(1)).max(1) as usize
     }
 
-    /// A received message of `tenant`, whose share weighs `weight` (at least 1).
-    pub fn offer(&mut self, tenant: &str, weight: u32, item: T) -> Offer<T> {
+    /// A received message of `tenant`, whose share weighs `weight` (at least 1), at `now`.
+    pub fn offer(&mut self, arrival: Arrival<'_>, item: T, now: Instant) -> Offer<T> {
+        let Arrival { tenant, weight, priority, born } = arrival;
+        let known = self.weights.contains_key(tenant);
         self.weights.insert(tenant.to_owned(), weight.max(1));
-        let held = self.held.iter().filter(|held| held.tenant == tenant).count();
-        let over_share = self.limits.fair && self.running(tenant) + held >= self.share(tenant);
-        if self.room() == 0 || over_share {
-            if self.running(tenant) + held == 0 {
-                self.weights.remove(tenant);
+        let forget = |intake: &mut Self| {
+            if !known && intake.running(tenant) == 0 && !intake.held.iter().any(|held| held.tenant == tenant) {
+                intake.weights.remove(tenant);
             }
+        };
+        let held = self.held.iter().filter(|held| held.tenant == tenant).count();
+        let level = effective(priority, born, now);
+        let over_share = self.limits.fair && level < 2 && self.running(tenant) + held >= self.share(tenant);
+        if over_share {
+            forget(self);
             return Offer::Defer(item);
         }
-        self.held.push(Held { tenant: tenant.to_owned(), item });
-        Offer::Held
+        let mut evicted = None;
+        if self.room() == 0 {
+            // Room for a higher (aged) priority: the lowest held, the newest among equals, goes.
+            let lowest = (0..self.held.len())
+                .filter(|_| self.limits.fair)
+                .min_by_key(|&i| (effective(self.held[i].priority, self.held[i].born, now), std::cmp::Reverse(i)));
+            match lowest {
+                Some(i) if effective(self.held[i].priority, self.held[i].born, now) < level => {
+                    evicted = Some(self.held.remove(i).item);
+                }
+                _ => {
+                    forget(self);
+                    return Offer::Defer(item);
+                }
+            }
+        }
+        self.held.push(Held { tenant: tenant.to_owned(), priority, born, item });
+        match evicted {
+            Some(evicted) => Offer::Defer(evicted),
+            None => Offer::Held,
+        }
     }
 
-    /// The held message to start now (its tenant's running count goes up), if any: the tenant
-    /// with the fewest running jobs for its weight, its longest-held message.
-    pub fn start_next(&mut self) -> Option<(String, T)> {
+    /// The held message to start now (its tenant's running count goes up), if any: the highest
+    /// (aged) priority, then the tenant with the fewest running jobs for its weight, then the
+    /// longest held.
+    pub fn start_next(&mut self, now: Instant) -> Option<(String, T)> {
         let index = (0..self.held.len()).filter(|_| self.limits.fair).min_by(|&a, &b| {
-            let (ta, tb) = (&self.held[a].tenant, &self.held[b].tenant);
+            let (ha, hb) = (&self.held[a], &self.held[b]);
+            let (pa, pb) = (effective(ha.priority, ha.born, now), effective(hb.priority, hb.born, now));
             // running / weight compared as fractions.
+            let (ta, tb) = (&ha.tenant, &hb.tenant);
             let (ra, rb) = (self.running(ta) as u64 * self.weight(tb), self.running(tb) as u64 * self.weight(ta));
-            ra.cmp(&rb).then(a.cmp(&b))
+            pb.cmp(&pa).then(ra.cmp(&rb)).then(a.cmp(&b))
         });
         let index = match index {
             Some(index) => index,
             None if self.held.is_empty() => return None,
             None => 0,
         };
-        let Held { tenant, item } = self.held.remove(index);
+        let Held { tenant, item, .. } = self.held.remove(index);
         *self.running.entry(tenant.clone()).or_default() += 1;
         Some((tenant, item))
     }
@@ -192,6 +246,23 @@ impl ScanBudget {
 mod tests {
     use super::*;
 
+    /// Offers and starts at one instant, at normal priority (the tests of fair share).
+    trait Plain {
+        fn put(&mut self, tenant: &str, weight: u32, item: u32) -> Offer<u32>;
+        fn next(&mut self) -> Option<(String, u32)>;
+    }
+
+    impl Plain for Intake<u32> {
+        fn put(&mut self, tenant: &str, weight: u32, item: u32) -> Offer<u32> {
+            let now = Instant::now();
+            self.offer(Arrival { tenant, weight, priority: Priority::Normal, born: now }, item, now)
+        }
+
+        fn next(&mut self) -> Option<(String, u32)> {
+            self.start_next(Instant::now())
+        }
+    }
+
     fn intake(slots: usize, hold: usize) -> Intake<u32> {
         Intake::new(IntakeLimits { slots, hold, fair: true })
     }
@@ -200,58 +271,58 @@ mod tests {
     fn a_tenant_alone_takes_every_slot_and_nothing_of_its_waits() {
         let mut intake = intake(4, 4);
         for n in 0..4 {
-            assert_eq!(intake.offer("a", 1, n), Offer::Held, "{n}");
+            assert_eq!(intake.put("a", 1, n), Offer::Held, "{n}");
         }
-        assert_eq!(intake.offer("a", 1, 4), Offer::Defer(4), "a fifth: more than the slots");
-        let started: Vec<u32> = (0..4).map(|_| intake.start_next().unwrap().1).collect();
+        assert_eq!(intake.put("a", 1, 4), Offer::Defer(4), "a fifth: more than the slots");
+        let started: Vec<u32> = (0..4).map(|_| intake.next().unwrap().1).collect();
         assert_eq!(started, [0, 1, 2, 3], "in the order received");
-        assert_eq!(intake.offer("a", 1, 5), Offer::Defer(5), "its share is running");
+        assert_eq!(intake.put("a", 1, 5), Offer::Defer(5), "its share is running");
         intake.finished("a");
-        assert_eq!(intake.offer("a", 1, 6), Offer::Held, "a slot freed");
+        assert_eq!(intake.put("a", 1, 6), Offer::Held, "a slot freed");
     }
 
     #[test]
     fn a_second_tenant_is_held_past_the_first_ones_backlog_and_starts_first() {
         let mut intake = intake(4, 4);
         for n in 0..4 {
-            intake.offer("a", 1, n);
+            intake.put("a", 1, n);
         }
         for _ in 0..4 {
-            intake.start_next();
+            intake.next();
         }
         // a runs 4 of 4 slots; its backlog is deferred, b's job behind it held.
-        assert_eq!(intake.offer("a", 1, 10), Offer::Defer(10));
-        assert_eq!(intake.offer("b", 1, 20), Offer::Held);
+        assert_eq!(intake.put("a", 1, 10), Offer::Defer(10));
+        assert_eq!(intake.put("b", 1, 20), Offer::Held);
         assert_eq!(intake.share("a"), 2, "b waits: two slots each");
-        assert_eq!(intake.offer("b", 1, 21), Offer::Held, "b, the only one waiting, may claim every slot");
+        assert_eq!(intake.put("b", 1, 21), Offer::Held, "b, the only one waiting, may claim every slot");
         intake.finished("a");
-        assert_eq!(intake.start_next(), Some(("b".into(), 20)));
+        assert_eq!(intake.next(), Some(("b".into(), 20)));
         // a's messages are deferred while b waits and a has its share.
         intake.finished("a");
-        assert_eq!(intake.offer("a", 1, 11), Offer::Defer(11), "a still runs 2 while b waits");
-        assert_eq!(intake.start_next(), Some(("b".into(), 21)));
+        assert_eq!(intake.put("a", 1, 11), Offer::Defer(11), "a still runs 2 while b waits");
+        assert_eq!(intake.next(), Some(("b".into(), 21)));
         // Nobody waits: a may take every slot again as b's jobs end.
         assert_eq!(intake.share("a"), 4);
-        assert_eq!(intake.offer("a", 1, 12), Offer::Held, "a runs 2, b 2: held for the next free slot");
+        assert_eq!(intake.put("a", 1, 12), Offer::Held, "a runs 2, b 2: held for the next free slot");
         intake.finished("b");
-        assert_eq!(intake.start_next(), Some(("a".into(), 12)));
-        assert_eq!(intake.offer("a", 1, 13), Offer::Held, "a runs 3: one more may wait for a slot");
-        assert_eq!(intake.offer("a", 1, 14), Offer::Defer(14), "a runs 3 and holds 1: its four");
+        assert_eq!(intake.next(), Some(("a".into(), 12)));
+        assert_eq!(intake.put("a", 1, 13), Offer::Held, "a runs 3: one more may wait for a slot");
+        assert_eq!(intake.put("a", 1, 14), Offer::Defer(14), "a runs 3 and holds 1: its four");
     }
 
     #[test]
     fn slots_follow_the_weights() {
         let mut intake = intake(8, 64);
-        assert_eq!(intake.offer("a", 3, 0), Offer::Held);
-        assert_eq!(intake.offer("b", 1, 1), Offer::Held);
+        assert_eq!(intake.put("a", 3, 0), Offer::Held);
+        assert_eq!(intake.put("b", 1, 1), Offer::Held);
         assert_eq!((intake.share("a"), intake.share("b")), (6, 2));
         let mut offered = 2;
         for _ in 0..20 {
-            intake.offer("a", 3, offered);
-            intake.offer("b", 1, offered + 1);
+            intake.put("a", 3, offered);
+            intake.put("b", 1, offered + 1);
             offered += 2;
         }
-        let started: Vec<String> = std::iter::from_fn(|| intake.start_next().map(|(tenant, _)| tenant)).collect();
+        let started: Vec<String> = std::iter::from_fn(|| intake.next().map(|(tenant, _)| tenant)).collect();
         assert_eq!(started.iter().filter(|t| *t == "a").count(), 6, "{started:?}");
         assert_eq!(started.iter().filter(|t| *t == "b").count(), 2, "{started:?}");
     }
@@ -259,10 +330,10 @@ mod tests {
     #[test]
     fn the_longest_held_goes_first_among_equals_and_a_drain_empties_the_hold() {
         let mut intake = intake(4, 2);
-        assert_eq!(intake.offer("b", 1, 1), Offer::Held);
-        assert_eq!(intake.offer("a", 1, 2), Offer::Held);
-        assert_eq!(intake.offer("c", 1, 3), Offer::Defer(3), "the hold is full");
-        assert_eq!(intake.start_next().unwrap().0, "b");
+        assert_eq!(intake.put("b", 1, 1), Offer::Held);
+        assert_eq!(intake.put("a", 1, 2), Offer::Held);
+        assert_eq!(intake.put("c", 1, 3), Offer::Defer(3), "the hold is full");
+        assert_eq!(intake.next().unwrap().0, "b");
         assert_eq!(intake.drain(), vec![2]);
         assert_eq!(intake.room(), 2);
     }
@@ -271,11 +342,47 @@ mod tests {
     fn without_fair_share_everything_is_held_and_starts_in_order() {
         let mut intake = Intake::new(IntakeLimits { slots: 1, hold: 3, fair: false });
         for (tenant, n) in [("a", 1), ("a", 2), ("b", 3)] {
-            assert_eq!(intake.offer(tenant, 1, n), Offer::Held);
+            assert_eq!(intake.put(tenant, 1, n), Offer::Held);
         }
-        assert_eq!(intake.offer("c", 1, 4), Offer::Defer(4), "only a full hold refuses");
-        let order: Vec<u32> = std::iter::from_fn(|| intake.start_next().map(|(_, n)| n)).collect();
+        assert_eq!(intake.put("c", 1, 4), Offer::Defer(4), "only a full hold refuses");
+        let order: Vec<u32> = std::iter::from_fn(|| intake.next().map(|(_, n)| n)).collect();
         assert_eq!(order, [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_higher_priority_starts_first_and_is_held_past_its_tenants_share() {
+        let now = Instant::now();
+        let mut intake = intake(2, 4);
+        let arrival = |tenant, priority| Arrival { tenant, weight: 1, priority, born: now };
+        intake.offer(arrival("a", Priority::Low), 1, now);
+        intake.offer(arrival("b", Priority::Normal), 2, now);
+        assert_eq!(intake.offer(arrival("a", Priority::High), 3, now), Offer::Held);
+        assert_eq!(intake.start_next(now), Some(("a".into(), 3)), "high first");
+        assert_eq!(intake.start_next(now), Some(("b".into(), 2)), "then normal");
+        // a runs 1 of its share of 1 (b waits... b runs): a normal job of a's is over its share,
+        // a high one is held anyway.
+        intake.offer(arrival("b", Priority::Normal), 4, now);
+        assert_eq!(intake.offer(arrival("a", Priority::Normal), 5, now), Offer::Defer(5));
+        assert_eq!(intake.offer(arrival("a", Priority::High), 6, now), Offer::Held);
+        assert_eq!(intake.start_next(now).map(|(_, n)| n), Some(6));
+    }
+
+    #[test]
+    fn a_low_job_rises_with_its_age_and_a_full_hold_makes_room_for_it() {
+        let now = Instant::now();
+        let old = now - 2 * Priority::AGING;
+        let mut intake = intake(1, 2);
+        let arrival = |tenant, priority, born| Arrival { tenant, weight: 1, priority, born };
+        intake.offer(arrival("a", Priority::Normal, now), 1, now);
+        intake.offer(arrival("b", Priority::Normal, now), 2, now);
+        // The hold is full of fresh normal jobs; a low job two agings old counts as high.
+        assert_eq!(intake.offer(arrival("c", Priority::Low, old), 3, now), Offer::Defer(2), "the newest normal goes");
+        assert_eq!(intake.start_next(now), Some(("c".into(), 3)));
+        // A fresh low job finds no room and nothing lower to send back.
+        assert_eq!(intake.offer(arrival("e", Priority::Normal, now), 5, now), Offer::Held);
+        assert_eq!(intake.offer(arrival("d", Priority::Low, now), 4, now), Offer::Defer(4));
+        assert_eq!(effective(Priority::Low, now - Priority::AGING, now), 1);
+        assert_eq!(effective(Priority::High, old, now), 2, "no higher than high");
     }
 
     #[test]

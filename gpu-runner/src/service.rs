@@ -39,7 +39,7 @@ use crate::{
     batching::BatchKey,
     config::Settings,
     encode::{self, EncodeError},
-    fairness::{Intake, Offer, ScanBudget},
+    fairness::{Arrival, Intake, Offer, ScanBudget},
     metrics::{Metrics, Outcome},
     render::{RenderControl, RenderError, RenderRequest, RuntimeFailure, StopReason},
     session::{RenderJob, Rendered, SessionHandle},
@@ -152,7 +152,7 @@ impl Runner {
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let slots = Arc::new(Semaphore::new(self.settings.max_in_flight));
-        let mut intake: Intake<(Delivery, CancellationToken)> = Intake::new(self.settings.intake);
+        let mut intake: Intake<(Delivery, CancellationToken, String)> = Intake::new(self.settings.intake);
         let mut scan = ScanBudget::new(self.settings.scan_budget, SCAN_WINDOW);
         let (ended, mut endings) = tokio::sync::mpsc::unbounded_channel::<String>();
         let mut receiving: Option<tokio::task::JoinHandle<Result<Vec<Delivery>, PortError>>> = None;
@@ -167,7 +167,7 @@ impl Runner {
             }
             // Start held jobs while slots are free.
             while let Ok(permit) = slots.clone().try_acquire_owned() {
-                let Some((tenant, (delivery, hold))) = intake.start_next() else { break };
+                let Some((tenant, (delivery, hold, _))) = intake.start_next(Instant::now()) else { break };
                 hold.cancel();
                 let (runner, ended) = (self.clone(), ended.clone());
                 tracker.spawn(async move {
@@ -216,7 +216,7 @@ impl Runner {
             // Messages it would have brought come back when their lease ends.
             receiving.abort();
         }
-        for (delivery, hold) in intake.drain() {
+        for (delivery, hold, _) in intake.drain() {
             hold.cancel();
             self.release(&delivery, Duration::ZERO).await;
         }
@@ -236,18 +236,28 @@ impl Runner {
 
     /// Offers received messages to the intake: each is held (its lease kept by a heartbeat
     /// until it starts) or sent back to the end of the queue. Returns how many went back.
-    fn take_in(&self, intake: &mut Intake<(Delivery, CancellationToken)>, deliveries: Vec<Delivery>) -> usize {
+    fn take_in(&self, intake: &mut Intake<(Delivery, CancellationToken, String)>, deliveries: Vec<Delivery>) -> usize {
         let mut deferred = Vec::new();
+        let (now, wall) = (Instant::now(), Utc::now());
         for delivery in deliveries {
             // An unreadable message is held under no tenant: its task deletes it.
-            let (tenant, weight) = match serde_json::from_str::<JobMessage>(&delivery.body) {
-                Ok(message) => (message.tenant_id.to_string(), message.weight.unwrap_or(1)),
-                Err(_) => (String::new(), 1),
+            let message = serde_json::from_str::<JobMessage>(&delivery.body).ok();
+            let tenant = message.as_ref().map(|m| m.tenant_id.to_string()).unwrap_or_default();
+            let age = message
+                .as_ref()
+                .and_then(|m| m.created_at)
+                .and_then(|created| (wall - created).to_std().ok())
+                .unwrap_or_default();
+            let arrival = Arrival {
+                tenant: &tenant,
+                weight: message.as_ref().and_then(|m| m.weight).unwrap_or(1),
+                priority: message.as_ref().map(|m| m.priority).unwrap_or_default(),
+                born: now.checked_sub(age).unwrap_or(now),
             };
             let hold = self.heartbeat(&delivery);
-            match intake.offer(&tenant, weight, (delivery, hold)) {
+            match intake.offer(arrival, (delivery, hold, tenant.clone()), now) {
                 Offer::Held => {}
-                Offer::Defer((delivery, hold)) => {
+                Offer::Defer((delivery, hold, tenant)) => {
                     hold.cancel();
                     deferred.push((delivery, tenant));
                 }
@@ -1235,9 +1245,11 @@ mod tests {
 
         let (fair, deferred) = b_positions(true).await;
         eprintln!("fair share: b's jobs started {fair:?} of 45; {deferred} of a's messages deferred");
-        // The first 4 starts are a's (the slots fill before b is read); b's 5 come within the
-        // next batch of starts: at most one more of a's between them.
-        assert!(fair.iter().all(|&p| p < 4 + 5 + 4), "b's jobs started at {fair:?} of 45");
+        // The first 4 starts are a's (the slots fill before b is read); b's first four (its
+        // share of the 4 slots while nobody else waits) come within the next batch of starts;
+        // its fifth, past its share, when it is read again.
+        assert!(fair[..4].iter().all(|&p| p < 4 + 4 + 4), "b's jobs started at {fair:?} of 45");
+        assert!(fair[4] < 25, "b's jobs started at {fair:?} of 45");
         assert!(deferred > 0, "a's backlog was read past");
         let (unfair, deferred) = b_positions(false).await;
         assert_eq!(unfair, [40, 41, 42, 43, 44], "without fair share b waits for a's whole backlog");

@@ -231,6 +231,7 @@ pub async fn run(moto_url: &str, options: BurstOptions) -> anyhow::Result<BurstR
             disabled: false,
             limits: Some(limits),
             share_weight: None,
+            max_priority: None,
         };
         stack.aws.tenants().create_tenant(&tenant).await?;
         let key = kiln_app::ApiKey::generate();

@@ -74,6 +74,16 @@ enum Command {
         #[arg(long)]
         default: bool,
     },
+    /// Set the highest `priority` a tenant's jobs get (higher asks are queued at it, with a
+    /// warning on the job), or with --default go back to normal.
+    TenantPriority {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, required_unless_present = "default", conflicts_with = "default", value_parser = ["low", "normal", "high"])]
+        max: Option<String>,
+        #[arg(long)]
+        default: bool,
+    },
     /// Publish every model package's manifest under a directory.
     ModelsPublish { dir: PathBuf },
 }
@@ -110,7 +120,7 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
     let keys = TenantKeys::new(tenants.clone());
     match cli.command {
         Command::TenantCreate { id, name } => {
-            let tenant = Tenant { id: TenantId::parse(&id)?, name, disabled: false, limits: None, share_weight: None };
+            let tenant = Tenant::new(TenantId::parse(&id)?, name);
             writeln!(out, "{}", keys.create_tenant(&tenant).await?.expose())?;
         }
         Command::Keys(Keys::Create { tenant }) => {
@@ -146,6 +156,13 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
                 bail!("no tenant `{tenant}`");
             }
             writeln!(out, "share weight {}", weight.unwrap_or(1))?;
+        }
+        Command::TenantPriority { tenant, max, default: _ } => {
+            let max = max.as_deref().and_then(kiln_domain::Priority::parse);
+            if !tenants.set_max_priority(&TenantId::parse(&tenant)?, max).await? {
+                bail!("no tenant `{tenant}`");
+            }
+            writeln!(out, "max priority {}", max.unwrap_or_default().as_str())?;
         }
         Command::ModelsPublish { dir } => {
             let catalog = DynamoModelCatalog::new(clients.dynamodb().clone(), &cli.models_table);

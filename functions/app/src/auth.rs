@@ -28,12 +28,15 @@ pub struct Tenant {
     /// Its weight in fair share across tenants on the GPUs (`kiln-admin tenant-weight`); None: 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share_weight: Option<u32>,
+    /// The highest `priority` its jobs get (`kiln-admin tenant-priority`); None: normal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_priority: Option<kiln_domain::Priority>,
 }
 
 impl Tenant {
     /// An enabled tenant with the deployment's limits and weight 1.
     pub fn new(id: TenantId, name: impl Into<String>) -> Self {
-        Self { id, name: name.into(), disabled: false, limits: None, share_weight: None }
+        Self { id, name: name.into(), disabled: false, limits: None, share_weight: None, max_priority: None }
     }
 }
 

@@ -216,6 +216,15 @@ impl Jobs {
                 self.config.queued_ttl,
             );
             job.outboxes.extend(outbox.map(str::to_owned));
+            let max = tenant.max_priority.unwrap_or_default();
+            job.priority = resolved.priority.min(max);
+            if resolved.priority > max {
+                job.warnings.push(format!(
+                    "priority {} is above this account's maximum: queued as {}",
+                    resolved.priority.as_str(),
+                    max.as_str()
+                ));
+            }
             job.retention_secs = Some(self.config.output_retention.as_secs());
             let claim = CacheClaim { key: cache_key.clone(), replaces };
             match self.store.insert(&job, &claim, idempotency.as_ref()).await? {

@@ -295,6 +295,10 @@ impl TenantDirectory for MemoryTenants {
     async fn set_share_weight(&self, tenant: &TenantId, weight: Option<u32>) -> Result<bool, PortError> {
         Ok(lock(&self.tenants).get_mut(tenant).map(|stored| stored.share_weight = weight).is_some())
     }
+
+    async fn set_max_priority(&self, tenant: &TenantId, max: Option<kiln_domain::Priority>) -> Result<bool, PortError> {
+        Ok(lock(&self.tenants).get_mut(tenant).map(|stored| stored.max_priority = max).is_some())
+    }
 }
 
 /// Webhook endpoints' circuits in memory.

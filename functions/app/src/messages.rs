@@ -17,6 +17,12 @@ pub struct JobMessage {
     /// The tenant's weight in fair share across tenants (absent: 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight: Option<u32>,
+    /// The job's priority (absent: normal).
+    #[serde(default, skip_serializing_if = "kiln_domain::Priority::is_normal")]
+    pub priority: kiln_domain::Priority,
+    /// When the job was accepted: its age lifts its priority in a runner's choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl JobMessage {
@@ -30,6 +36,8 @@ impl JobMessage {
             model: job.model.clone(),
             model_version: job.model_version.clone(),
             weight: None,
+            priority: job.priority,
+            created_at: Some(job.created_at),
         }
     }
 }

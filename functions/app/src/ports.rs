@@ -149,6 +149,9 @@ pub trait TenantDirectory: Send + Sync {
     ) -> Result<bool, PortError>;
     /// Sets (None: removes) a tenant's weight in fair share; false when there is no such tenant.
     async fn set_share_weight(&self, tenant: &TenantId, weight: Option<u32>) -> Result<bool, PortError>;
+    /// Sets (None: removes) the highest priority a tenant's jobs get; false when there is no such
+    /// tenant.
+    async fn set_max_priority(&self, tenant: &TenantId, max: Option<kiln_domain::Priority>) -> Result<bool, PortError>;
 }
 
 /// An API key as stored: its hash (never the key), the key's last characters to tell keys

@@ -15,6 +15,8 @@ pub struct JobView<'a> {
     pub model_version: &'a str,
     /// The parameters the job renders with, defaults applied and the seed recorded.
     pub input: &'a JobParams,
+    /// As asked, capped by the account's maximum.
+    pub priority: kiln_domain::Priority,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook: Option<&'a Webhook>,
     pub progress: f32,
@@ -80,6 +82,7 @@ impl<'a> JobView<'a> {
             model: &job.model,
             model_version: &job.model_version,
             input: &job.params,
+            priority: job.priority,
             webhook: job.webhook.as_ref(),
             progress: job.progress,
             created_at: job.created_at,

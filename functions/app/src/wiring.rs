@@ -167,6 +167,9 @@ impl TenantDirectory for Unwired {
     async fn set_share_weight(&self, _: &TenantId, _: Option<u32>) -> Result<bool, PortError> {
         unwired()
     }
+    async fn set_max_priority(&self, _: &TenantId, _: Option<kiln_domain::Priority>) -> Result<bool, PortError> {
+        unwired()
+    }
 }
 
 #[async_trait]

@@ -82,6 +82,30 @@ async fn the_message_carries_the_tenants_share_weight() {
     assert!(body.get("weight").is_none(), "{body}");
 }
 
+/// `priority` is capped by the tenant's maximum (normal unless set), with a warning on the job
+/// when it was; the job and its message carry it; an unknown value is refused naming the field.
+#[tokio::test]
+async fn priority_is_capped_by_the_tenants_maximum_and_rides_on_the_message() {
+    use kiln_domain::Priority;
+    let world = world();
+    let high = br#"{"model":"demo","prompt":"urgent","priority":"high"}"#;
+    let capped = world.jobs.submit(&tenant("plain"), high, None).await.unwrap().job;
+    assert_eq!(capped.priority, Priority::Normal);
+    assert_eq!(capped.warnings, ["priority high is above this account's maximum: queued as normal"]);
+    let vip = Tenant { max_priority: Some(Priority::High), ..tenant("vip") };
+    let urgent = world.jobs.submit(&vip, high, None).await.unwrap().job;
+    assert_eq!((urgent.priority, urgent.warnings.len()), (Priority::High, 0));
+    let low = world.jobs.submit(&vip, br#"{"model":"demo","prompt":"whenever","priority":"low"}"#, None).await.unwrap();
+    assert_eq!(low.job.priority, Priority::Low, "below the maximum: as asked");
+    let priorities: Vec<Priority> = world.queue.sent().iter().map(|message| message.priority).collect();
+    assert_eq!(priorities, [Priority::Normal, Priority::High, Priority::Low]);
+    assert!(world.queue.sent().iter().all(|message| message.created_at.is_some()));
+
+    let refused = world.jobs.submit(&vip, br#"{"model":"demo","prompt":"x","priority":"asap"}"#, None).await;
+    let error = refused.unwrap_err().to_string();
+    assert!(error.contains("priority"), "{error}");
+}
+
 #[tokio::test]
 async fn identical_requests_join_the_job_in_flight_then_hit_the_cache() {
     let world = world();

@@ -75,7 +75,9 @@ impl TenantDirectory for DynamoTenants {
             _ => None,
         };
         let share_weight = number("share_weight");
-        Ok(Some(Tenant { id: id.clone(), name, disabled, limits, share_weight }))
+        let max_priority =
+            item.get("max_priority").and_then(|v| v.as_s().ok()).and_then(|p| kiln_domain::Priority::parse(p));
+        Ok(Some(Tenant { id: id.clone(), name, disabled, limits, share_weight, max_priority }))
     }
 
     async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, PortError> {
@@ -95,6 +97,10 @@ impl TenantDirectory for DynamoTenants {
         };
         let result = match tenant.share_weight {
             Some(weight) => result.item("share_weight", AttributeValue::N(weight.to_string())),
+            None => result,
+        };
+        let result = match tenant.max_priority {
+            Some(max) => result.item("max_priority", AttributeValue::S(max.as_str().to_owned())),
             None => result,
         };
         let result = result.condition_expression("attribute_not_exists(pk)").send().await;
@@ -179,6 +185,17 @@ impl TenantDirectory for DynamoTenants {
                 .update_expression("SET share_weight = :weight")
                 .expression_attribute_values(":weight", AttributeValue::N(weight.to_string())),
             None => update.update_expression("REMOVE share_weight"),
+        };
+        written(update.send().await)
+    }
+
+    async fn set_max_priority(&self, tenant: &TenantId, max: Option<kiln_domain::Priority>) -> Result<bool, PortError> {
+        let update = self.update_tenant(tenant);
+        let update = match max {
+            Some(max) => update
+                .update_expression("SET max_priority = :max")
+                .expression_attribute_values(":max", AttributeValue::S(max.as_str().to_owned())),
+            None => update.update_expression("REMOVE max_priority"),
         };
         written(update.send().await)
     }

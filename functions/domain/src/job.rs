@@ -79,6 +79,44 @@ pub struct Timings {
     pub upload_ms: Option<u64>,
 }
 
+/// How soon a job should be served against the other jobs waiting (`priority` on a request,
+/// capped by its tenant's maximum). Runners start a higher priority first; a job waiting in a
+/// runner's hold rises one level per [`Priority::AGING`] of its age, so none waits for ever.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+}
+
+impl Priority {
+    /// The age (since submission) that lifts a waiting job one level in a runner's choice.
+    pub const AGING: std::time::Duration = std::time::Duration::from_secs(60);
+
+    pub fn is_normal(&self) -> bool {
+        *self == Self::Normal
+    }
+
+    /// 0 (low) to 2 (high).
+    pub fn level(self) -> u8 {
+        self as u8
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Low => "low",
+            Self::Normal => "normal",
+            Self::High => "high",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Low, Self::Normal, Self::High].into_iter().find(|p| p.as_str() == text)
+    }
+}
+
 /// A job, as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
@@ -88,6 +126,9 @@ pub struct Job {
     /// The model version the request resolved to when it was accepted.
     pub model_version: String,
     pub params: JobParams,
+    /// As asked, capped by the tenant's maximum (normal when not asked).
+    #[serde(default, skip_serializing_if = "Priority::is_normal")]
+    pub priority: Priority,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<Webhook>,
     /// The webhooks of later callers whose identical request joined this job (dedup, or an
@@ -185,6 +226,7 @@ impl Job {
             model,
             model_version,
             params,
+            priority: Priority::Normal,
             webhook,
             subscribers: Vec::new(),
             status: JobStatus::Queued,

@@ -17,7 +17,9 @@ pub use cache_key::CacheKey;
 pub use error::{InputError, InputErrorKind};
 pub use events::{JobEvent, webhook_events};
 pub use ids::{InvalidId, JobId, TenantId};
-pub use job::{IllegalTransition, Job, JobError, JobErrorCode, Output, Subscription, Timings, WebhookDelivery};
+pub use job::{
+    IllegalTransition, Job, JobError, JobErrorCode, Output, Priority, Subscription, Timings, WebhookDelivery,
+};
 pub use model::{ManifestError, ModelSpec, OutputFormat, RenderBudget};
 pub use params::{JobParams, SeedSource, Submission, Webhook, WebhookEvent, WebhookPolicy};
 pub use status::JobStatus;

@@ -102,6 +102,7 @@ struct RawSubmission {
     seed: Option<u64>,
     format: Option<String>,
     webhook: Option<RawWebhook>,
+    priority: Option<crate::Priority>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -116,6 +117,8 @@ struct RawWebhook {
 pub struct Resolved {
     pub params: JobParams,
     pub webhook: Option<Webhook>,
+    /// As asked (normal when not); the tenant's maximum caps it on submission.
+    pub priority: crate::Priority,
 }
 
 impl Submission {
@@ -227,6 +230,7 @@ impl Submission {
                 format,
             },
             webhook,
+            priority: body.priority.unwrap_or_default(),
         })
     }
 }

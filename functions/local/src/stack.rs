@@ -212,6 +212,7 @@ impl LocalStack {
                 disabled: false,
                 limits: Some(limits),
                 share_weight: None,
+                max_priority: None,
             },
             &key,
         )
@@ -222,7 +223,14 @@ impl LocalStack {
     /// Creates a tenant (if new) and gives it `key`.
     pub async fn add_tenant_key(&self, id: &str, name: &str, key: &ApiKey) -> anyhow::Result<()> {
         self.add_key_to(
-            Tenant { id: TenantId::parse(id)?, name: name.into(), disabled: false, limits: None, share_weight: None },
+            Tenant {
+                id: TenantId::parse(id)?,
+                name: name.into(),
+                disabled: false,
+                limits: None,
+                share_weight: None,
+                max_priority: None,
+            },
             key,
         )
         .await
