@@ -124,6 +124,19 @@ pub enum TransientError {
     RecordCancel(#[source] AppError),
 }
 
+/// Tells the run loop that a job of `tenant` ended, when dropped: also when its task panics, so
+/// the intake never counts a dead job as running (which would hold its tenant over its share).
+struct Ended {
+    tenant: String,
+    to: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        let _ = self.to.send(std::mem::take(&mut self.tenant));
+    }
+}
+
 /// The window of the intake's deferral budget (`Settings::scan_budget` messages per window).
 const SCAN_WINDOW: Duration = Duration::from_secs(10);
 
@@ -169,14 +182,14 @@ impl Runner {
             while let Ok(permit) = slots.clone().try_acquire_owned() {
                 let Some((tenant, (delivery, hold, _))) = intake.start_next(Instant::now()) else { break };
                 hold.cancel();
-                let (runner, ended) = (self.clone(), ended.clone());
+                let (runner, ended) = (self.clone(), Ended { tenant, to: ended.clone() });
                 tracker.spawn(async move {
                     runner.metrics.in_flight.inc();
                     let outcome = runner.handle(delivery).await;
                     runner.metrics.count(outcome);
                     runner.metrics.in_flight.dec();
                     drop(permit);
-                    let _ = ended.send(tenant);
+                    drop(ended);
                 });
             }
             self.metrics.held.set(intake.held() as i64);
@@ -330,10 +343,10 @@ impl Runner {
         if let Some(queue_ms) = job.timings.queue_ms {
             self.metrics.queue_wait.observe(queue_ms as f64 / 1000.0);
         }
-        let heartbeat = self.heartbeat(&delivery);
-        let outcome = self.work(&mut job, &delivery).await;
-        heartbeat.cancel();
-        outcome
+        // Stopped when dropped: also when this task panics, so the message's lease runs out and
+        // another delivery takes the job (a heartbeat left running would hold it for ever).
+        let _heartbeat = self.heartbeat(&delivery).drop_guard();
+        self.work(&mut job, &delivery).await
     }
 
     /// Renders, encodes, uploads and records the result of a started job.
@@ -628,6 +641,8 @@ mod tests {
     struct RecordingQueue {
         inner: MemoryWorkQueue,
         fates: Mutex<HashMap<String, Vec<Fate>>>,
+        /// Lease extensions (heartbeats), in order.
+        extended: Mutex<Vec<(String, Instant)>>,
     }
 
     impl RecordingQueue {
@@ -649,6 +664,7 @@ mod tests {
         }
 
         async fn extend(&self, receipt: &str, lease: Duration) -> Result<(), PortError> {
+            self.extended.lock().unwrap().push((receipt.to_owned(), Instant::now()));
             self.inner.extend(receipt, lease).await
         }
 
@@ -672,6 +688,28 @@ mod tests {
 
     /// An artifact store that is down.
     struct DownArtifacts;
+
+    /// The in-memory artifact store, except that its first upload panics (a bug anywhere in a
+    /// job's handling).
+    #[derive(Default)]
+    struct PanicsOnce {
+        inner: MemoryArtifacts,
+        panicked: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl ArtifactStore for PanicsOnce {
+        async fn put(&self, key: &str, content_type: &str, body: Bytes) -> Result<(), PortError> {
+            if !self.panicked.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                panic!("a bug in the upload");
+            }
+            self.inner.put(key, content_type, body).await
+        }
+
+        async fn delete(&self, key: &str) -> Result<(), PortError> {
+            self.inner.delete(key).await
+        }
+    }
 
     /// The in-memory artifact store, where the client's cancel lands while the upload is in
     /// flight (after the render, before the success is recorded).
@@ -1254,6 +1292,56 @@ mod tests {
         let (unfair, deferred) = b_positions(false).await;
         assert_eq!(unfair, [40, 41, 42, 43, 44], "without fair share b waits for a's whole backlog");
         assert_eq!(deferred, 0);
+    }
+
+    /// A job whose handling panics (here its upload) neither holds its message for ever (its
+    /// heartbeat stops, so the lease runs out and another delivery takes the job) nor its
+    /// tenant's slot (the intake hears that it ended): the tenant's next job still starts on a
+    /// runner of one slot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_job_releases_its_lease_and_its_tenants_slot() {
+        let model = demo_model();
+        let store = Arc::new(MemoryJobStore::default());
+        let queue = Arc::new(RecordingQueue::default());
+        let metrics = Arc::new(Metrics::default());
+        let policy = crate::batching::FillPolicy { max_batch: 1, max_queue_delay: Duration::ZERO };
+        let pipeline = Box::new(FakePipeline { render: Render::Briefly, started: Arc::new(Notify::new()) });
+        let (session, _thread) = session::spawn(
+            model.name.clone(),
+            model.version.clone(),
+            crate::render::runtime::Device::Cpu,
+            pipeline,
+            policy,
+            metrics.clone(),
+        );
+        let ports = Ports { store: store.clone(), queue: queue.clone(), artifacts: Arc::new(PanicsOnce::default()) };
+        let mut settings = settings();
+        settings.max_in_flight = 1;
+        settings.intake = crate::fairness::IntakeLimits { slots: 1, hold: 2, fair: true };
+        settings.heartbeat = Duration::from_millis(20);
+        let runner = Arc::new(Runner::new(ports, vec![session], settings, metrics));
+        let (first, second) = (job_with_seed(&model, 1), job_with_seed(&model, 2));
+        for job in [&first, &second] {
+            store.insert(job, &CacheClaim { key: job.cache_key.clone(), replaces: None }, None).await.unwrap();
+            queue.inner.push(serde_json::to_string(&JobMessage::for_job(job)).unwrap());
+        }
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(runner.clone().run(shutdown.clone()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.get(&second.id).await.unwrap().unwrap().status != JobStatus::Succeeded {
+            assert!(Instant::now() < deadline, "the tenant's second job never ran: its slot is held by the dead one");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The panicked job's heartbeat is over: no lease extension in ten heartbeats' time.
+        let heartbeats = || queue.extended.lock().unwrap().len();
+        let before = heartbeats();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let later: Vec<String> =
+            queue.extended.lock().unwrap()[before..].iter().map(|(receipt, _)| receipt.clone()).collect();
+        assert!(later.is_empty(), "leases still extended after the jobs ended: {later:?}");
+        assert_eq!(store.get(&first.id).await.unwrap().unwrap().status, JobStatus::Running, "left for redelivery");
+        shutdown.cancel();
+        running.await.unwrap();
     }
 
     #[tokio::test]
