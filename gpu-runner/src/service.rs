@@ -1219,6 +1219,26 @@ mod tests {
         }
     }
 
+    /// A runner on `ports` with one CPU session of `model` whose renders take 20 ms.
+    fn briefly_rendering_runner(
+        model: &ModelSpec,
+        ports: Ports,
+        settings: Settings,
+        metrics: &Arc<Metrics>,
+    ) -> Arc<Runner> {
+        let policy = crate::batching::FillPolicy { max_batch: 1, max_queue_delay: Duration::ZERO };
+        let pipeline = Box::new(FakePipeline { render: Render::Briefly, started: Arc::new(Notify::new()) });
+        let (session, _thread) = session::spawn(
+            model.name.clone(),
+            model.version.clone(),
+            crate::render::runtime::Device::Cpu,
+            pipeline,
+            policy,
+            metrics.clone(),
+        );
+        Arc::new(Runner::new(ports, vec![session], settings, metrics.clone()))
+    }
+
     /// Tenant a's backlog of 40 is in the queue before tenant b's 5 jobs (the in-memory queue
     /// delivers in order, like moto): with fair share, b's jobs start within the first batch of
     /// starts after the runner's slots fill; without, after a's whole backlog. Starts are read
@@ -1230,21 +1250,11 @@ mod tests {
             let store = Arc::new(MemoryJobStore::default());
             let queue = Arc::new(RecordingQueue::default());
             let metrics = Arc::new(Metrics::default());
-            let policy = crate::batching::FillPolicy { max_batch: 1, max_queue_delay: Duration::ZERO };
-            let pipeline = Box::new(FakePipeline { render: Render::Briefly, started: Arc::new(Notify::new()) });
-            let (session, _thread) = session::spawn(
-                model.name.clone(),
-                model.version.clone(),
-                crate::render::runtime::Device::Cpu,
-                pipeline,
-                policy,
-                metrics.clone(),
-            );
-            let ports =
-                Ports { store: store.clone(), queue: queue.clone(), artifacts: Arc::new(MemoryArtifacts::default()) };
             let mut settings = settings();
             settings.intake.fair = fair;
-            let runner = Arc::new(Runner::new(ports, vec![session], settings, metrics.clone()));
+            let ports =
+                Ports { store: store.clone(), queue: queue.clone(), artifacts: Arc::new(MemoryArtifacts::default()) };
+            let runner = briefly_rendering_runner(&model, ports, settings, &metrics);
             let mut jobs = Vec::new();
             for (tenant, count) in [("a", 40), ("b", 5)] {
                 for seed in 0..count {
@@ -1303,23 +1313,12 @@ mod tests {
         let model = demo_model();
         let store = Arc::new(MemoryJobStore::default());
         let queue = Arc::new(RecordingQueue::default());
-        let metrics = Arc::new(Metrics::default());
-        let policy = crate::batching::FillPolicy { max_batch: 1, max_queue_delay: Duration::ZERO };
-        let pipeline = Box::new(FakePipeline { render: Render::Briefly, started: Arc::new(Notify::new()) });
-        let (session, _thread) = session::spawn(
-            model.name.clone(),
-            model.version.clone(),
-            crate::render::runtime::Device::Cpu,
-            pipeline,
-            policy,
-            metrics.clone(),
-        );
-        let ports = Ports { store: store.clone(), queue: queue.clone(), artifacts: Arc::new(PanicsOnce::default()) };
         let mut settings = settings();
         settings.max_in_flight = 1;
         settings.intake = crate::fairness::IntakeLimits { slots: 1, hold: 2, fair: true };
         settings.heartbeat = Duration::from_millis(20);
-        let runner = Arc::new(Runner::new(ports, vec![session], settings, metrics));
+        let ports = Ports { store: store.clone(), queue: queue.clone(), artifacts: Arc::new(PanicsOnce::default()) };
+        let runner = briefly_rendering_runner(&model, ports, settings, &Arc::new(Metrics::default()));
         let (first, second) = (job_with_seed(&model, 1), job_with_seed(&model, 2));
         for job in [&first, &second] {
             store.insert(job, &CacheClaim { key: job.cache_key.clone(), replaces: None }, None).await.unwrap();
