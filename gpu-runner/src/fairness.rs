@@ -61,6 +61,10 @@ pub struct Arrival<'a> {
     pub priority: Priority,
     /// When its job was submitted, on this runner's clock.
     pub born: Instant,
+    /// Held whatever the shares and the hold's room: a message delivered again, which may be
+    /// the one a running job's run holds (its runner died). Only that message may restart the
+    /// job; sent back as a new message it would leave the job running for ever.
+    pub pinned: bool,
 }
 
 /// `priority` lifted one level per [`Priority::AGING`] since `born`, at `now` (0 to 2).
@@ -125,7 +129,7 @@ impl<T> Intake<T> {
 
     /// A received message of `tenant`, whose share weighs `weight` (at least 1), at `now`.
     pub fn offer(&mut self, arrival: Arrival<'_>, item: T, now: Instant) -> Offer<T> {
-        let Arrival { tenant, weight, priority, born } = arrival;
+        let Arrival { tenant, weight, priority, born, pinned } = arrival;
         let known = self.weights.contains_key(tenant);
         self.weights.insert(tenant.to_owned(), weight.max(1));
         let forget = |intake: &mut Self| {
@@ -133,6 +137,10 @@ impl<T> Intake<T> {
                 intake.weights.remove(tenant);
             }
         };
+        if pinned {
+            self.held.push(Held { tenant: tenant.to_owned(), priority, born, item });
+            return Offer::Held;
+        }
         let held = self.held.iter().filter(|held| held.tenant == tenant).count();
         let level = effective(priority, born, now);
         let over_share = self.limits.fair && level < 2 && self.running(tenant) + held >= self.share(tenant);
@@ -255,7 +263,7 @@ mod tests {
     impl Plain for Intake<u32> {
         fn put(&mut self, tenant: &str, weight: u32, item: u32) -> Offer<u32> {
             let now = Instant::now();
-            self.offer(Arrival { tenant, weight, priority: Priority::Normal, born: now }, item, now)
+            self.offer(Arrival { tenant, weight, priority: Priority::Normal, born: now, pinned: false }, item, now)
         }
 
         fn next(&mut self) -> Option<(String, u32)> {
@@ -353,7 +361,7 @@ mod tests {
     fn a_higher_priority_starts_first_and_is_held_past_its_tenants_share() {
         let now = Instant::now();
         let mut intake = intake(2, 4);
-        let arrival = |tenant, priority| Arrival { tenant, weight: 1, priority, born: now };
+        let arrival = |tenant, priority| Arrival { tenant, weight: 1, priority, born: now, pinned: false };
         intake.offer(arrival("a", Priority::Low), 1, now);
         intake.offer(arrival("b", Priority::Normal), 2, now);
         assert_eq!(intake.offer(arrival("a", Priority::High), 3, now), Offer::Held);
@@ -372,7 +380,7 @@ mod tests {
         let now = Instant::now();
         let old = now - 2 * Priority::AGING;
         let mut intake = intake(1, 2);
-        let arrival = |tenant, priority, born| Arrival { tenant, weight: 1, priority, born };
+        let arrival = |tenant, priority, born| Arrival { tenant, weight: 1, priority, born, pinned: false };
         intake.offer(arrival("a", Priority::Normal, now), 1, now);
         intake.offer(arrival("b", Priority::Normal, now), 2, now);
         // The hold is full of fresh normal jobs; a low job two agings old counts as high.
@@ -383,6 +391,19 @@ mod tests {
         assert_eq!(intake.offer(arrival("d", Priority::Low, now), 4, now), Offer::Defer(4));
         assert_eq!(effective(Priority::Low, now - Priority::AGING, now), 1);
         assert_eq!(effective(Priority::High, old, now), 2, "no higher than high");
+    }
+
+    #[test]
+    fn a_message_delivered_again_is_held_whatever_the_shares_and_the_room() {
+        let now = Instant::now();
+        let mut intake = intake(1, 1);
+        intake.put("a", 1, 1);
+        intake.next();
+        assert_eq!(intake.put("a", 1, 2), Offer::Defer(2), "a has its one slot");
+        let again = Arrival { tenant: "a", weight: 1, priority: Priority::Low, born: now, pinned: true };
+        assert_eq!(intake.offer(again, 3, now), Offer::Held, "maybe its own running job's message");
+        assert_eq!(intake.offer(again, 4, now), Offer::Held, "past the hold's room too");
+        assert_eq!(intake.held(), 2);
     }
 
     #[test]
