@@ -47,10 +47,18 @@ pub struct IntakeLimits {
 #[derive(Debug)]
 struct Held<T> {
     tenant: String,
+    weight: u32,
     priority: Priority,
     /// When its job was submitted, on this runner's clock.
     born: Instant,
     item: T,
+}
+
+/// A tenant's jobs running on this runner, and its weight as their messages gave it.
+#[derive(Debug, Clone, Copy)]
+struct Running {
+    jobs: usize,
+    weight: u32,
 }
 
 /// A received message's tenant, weight, priority and age.
@@ -79,8 +87,7 @@ pub struct Intake<T> {
     limits: IntakeLimits,
     /// In the order they were received.
     held: Vec<Held<T>>,
-    running: HashMap<String, usize>,
-    weights: HashMap<String, u32>,
+    running: HashMap<String, Running>,
 }
 
 /// What became of an offered message.
@@ -95,7 +102,7 @@ pub enum Offer<T> {
 
 impl<T> Intake<T> {
     pub fn new(limits: IntakeLimits) -> Self {
-        Self { limits, held: Vec::new(), running: HashMap::new(), weights: HashMap::new() }
+        Self { limits, held: Vec::new(), running: HashMap::new() }
     }
 
     /// How many more messages the runner may hold.
@@ -108,100 +115,99 @@ impl<T> Intake<T> {
     }
 
     fn running(&self, tenant: &str) -> usize {
-        self.running.get(tenant).copied().unwrap_or(0)
+        self.running.get(tenant).map_or(0, |running| running.jobs)
     }
 
-    fn weight(&self, tenant: &str) -> u64 {
-        u64::from(self.weights.get(tenant).copied().unwrap_or(1))
+    /// The tenant's weight, as its running or held messages gave it (1 for a tenant absent).
+    fn weight(&self, tenant: &str) -> u32 {
+        let held = || self.held.iter().find(|held| held.tenant == tenant).map(|held| held.weight);
+        self.running.get(tenant).map(|running| running.weight).or_else(held).unwrap_or(1)
     }
 
     /// `tenant`'s share of the slots among itself and the tenants with messages held: in
     /// proportion to the weights, rounded up, at least one.
     pub fn share(&self, tenant: &str) -> usize {
-        let mut present: Vec<&str> = self.held.iter().map(|held| held.tenant.as_str()).collect();
-        present.push(tenant);
-        present.sort_unstable();
-        present.dedup();
-        let total: u64 = present.iter().map(|t| self.weight(t)).sum();
+        self.share_of(tenant, self.weight(tenant))
+    }
+
+    /// [`Intake::share`], for `tenant` weighing `weight`.
+    fn share_of(&self, tenant: &str, weight: u32) -> usize {
+        let mut others: Vec<&str> =
+            self.held.iter().map(|held| held.tenant.as_str()).filter(|other| *other != tenant).collect();
+        others.sort_unstable();
+        others.dedup();
+        let weight = u64::from(weight.max(1));
+        let total: u64 = weight + others.iter().map(|other| u64::from(self.weight(other))).sum::<u64>();
         let slots = self.limits.slots.max(1) as u64;
-        (slots * self.weight(tenant)).div_ceil(total.max(1)).max(1) as usize
+        (slots * weight).div_ceil(total).max(1) as usize
     }
 
     /// A received message of `tenant`, whose share weighs `weight` (at least 1), at `now`.
     pub fn offer(&mut self, arrival: Arrival<'_>, item: T, now: Instant) -> Offer<T> {
         let Arrival { tenant, weight, priority, born, pinned } = arrival;
-        let known = self.weights.contains_key(tenant);
-        self.weights.insert(tenant.to_owned(), weight.max(1));
-        let forget = |intake: &mut Self| {
-            if !known && intake.running(tenant) == 0 && !intake.held.iter().any(|held| held.tenant == tenant) {
-                intake.weights.remove(tenant);
-            }
-        };
+        let held = Held { tenant: tenant.to_owned(), weight: weight.max(1), priority, born, item };
         if pinned {
-            self.held.push(Held { tenant: tenant.to_owned(), priority, born, item });
+            self.held.push(held);
             return Offer::Held;
         }
-        let held = self.held.iter().filter(|held| held.tenant == tenant).count();
         let level = effective(priority, born, now);
-        let over_share = self.limits.fair && level < 2 && self.running(tenant) + held >= self.share(tenant);
-        if over_share {
-            forget(self);
-            return Offer::Defer(item);
+        let of_tenant = self.held.iter().filter(|held| held.tenant == tenant).count();
+        if self.limits.fair && level < 2 && self.running(tenant) + of_tenant >= self.share_of(tenant, weight) {
+            return Offer::Defer(held.item);
         }
         let mut evicted = None;
         if self.room() == 0 {
             // Room for a higher (aged) priority: the lowest held, the newest among equals, goes.
-            let lowest = (0..self.held.len())
-                .filter(|_| self.limits.fair)
-                .min_by_key(|&i| (effective(self.held[i].priority, self.held[i].born, now), std::cmp::Reverse(i)));
+            let level_of = |held: &Held<T>| effective(held.priority, held.born, now);
+            let lowest = (0..self.held.len()).min_by_key(|&i| (level_of(&self.held[i]), std::cmp::Reverse(i)));
             match lowest {
-                Some(i) if effective(self.held[i].priority, self.held[i].born, now) < level => {
+                Some(i) if self.limits.fair && level_of(&self.held[i]) < level => {
                     evicted = Some(self.held.remove(i).item);
                 }
-                _ => {
-                    forget(self);
-                    return Offer::Defer(item);
-                }
+                _ => return Offer::Defer(held.item),
             }
         }
-        self.held.push(Held { tenant: tenant.to_owned(), priority, born, item });
+        self.held.push(held);
         match evicted {
             Some(evicted) => Offer::Defer(evicted),
             None => Offer::Held,
         }
     }
 
-    /// The held message to start now (its tenant's running count goes up), if any: the highest
-    /// (aged) priority, then the tenant with the fewest running jobs for its weight, then the
-    /// longest held.
+    /// The held message to start now (its tenant's running count goes up), if any: with fair
+    /// share, the highest (aged) priority, then the tenant with the fewest running jobs for its
+    /// weight, then the longest held; without, the longest held.
     pub fn start_next(&mut self, now: Instant) -> Option<(String, T)> {
-        let index = (0..self.held.len()).filter(|_| self.limits.fair).min_by(|&a, &b| {
-            let (ha, hb) = (&self.held[a], &self.held[b]);
-            let (pa, pb) = (effective(ha.priority, ha.born, now), effective(hb.priority, hb.born, now));
-            // running / weight compared as fractions.
-            let (ta, tb) = (&ha.tenant, &hb.tenant);
-            let (ra, rb) = (self.running(ta) as u64 * self.weight(tb), self.running(tb) as u64 * self.weight(ta));
-            pb.cmp(&pa).then(ra.cmp(&rb)).then(a.cmp(&b))
-        });
-        let index = match index {
-            Some(index) => index,
-            None if self.held.is_empty() => return None,
-            None => 0,
+        if self.held.is_empty() {
+            return None;
+        }
+        let index = match self.limits.fair {
+            false => 0,
+            true => (0..self.held.len())
+                .min_by(|&a, &b| {
+                    let (ha, hb) = (&self.held[a], &self.held[b]);
+                    let (pa, pb) = (effective(ha.priority, ha.born, now), effective(hb.priority, hb.born, now));
+                    // running / weight compared as fractions.
+                    let (ta, tb) = (&ha.tenant, &hb.tenant);
+                    let ra = self.running(ta) as u64 * u64::from(self.weight(tb));
+                    let rb = self.running(tb) as u64 * u64::from(self.weight(ta));
+                    pb.cmp(&pa).then(ra.cmp(&rb)).then(a.cmp(&b))
+                })
+                .expect("not empty"),
         };
-        let Held { tenant, item, .. } = self.held.remove(index);
-        *self.running.entry(tenant.clone()).or_default() += 1;
+        let Held { tenant, weight, item, .. } = self.held.remove(index);
+        let running = self.running.entry(tenant.clone()).or_insert(Running { jobs: 0, weight });
+        running.jobs += 1;
+        running.weight = weight;
         Some((tenant, item))
     }
 
     /// A job of `tenant` started by [`Intake::start_next`] ended.
     pub fn finished(&mut self, tenant: &str) {
         if let Some(running) = self.running.get_mut(tenant) {
-            *running = running.saturating_sub(1);
-            if *running == 0 {
+            running.jobs = running.jobs.saturating_sub(1);
+            if running.jobs == 0 {
                 self.running.remove(tenant);
-                if !self.held.iter().any(|held| held.tenant == tenant) {
-                    self.weights.remove(tenant);
-                }
             }
         }
     }

@@ -642,8 +642,8 @@ mod tests {
     struct RecordingQueue {
         inner: MemoryWorkQueue,
         fates: Mutex<HashMap<String, Vec<Fate>>>,
-        /// Lease extensions (heartbeats), in order.
-        extended: Mutex<Vec<(String, Instant)>>,
+        /// The receipts of lease extensions (heartbeats), in order.
+        extended: Mutex<Vec<String>>,
     }
 
     impl RecordingQueue {
@@ -665,7 +665,7 @@ mod tests {
         }
 
         async fn extend(&self, receipt: &str, lease: Duration) -> Result<(), PortError> {
-            self.extended.lock().unwrap().push((receipt.to_owned(), Instant::now()));
+            self.extended.lock().unwrap().push(receipt.to_owned());
             self.inner.extend(receipt, lease).await
         }
 
@@ -1220,6 +1220,23 @@ mod tests {
         }
     }
 
+    /// The test settings with one job slot (and room to hold two messages).
+    fn one_slot() -> Settings {
+        Settings {
+            max_in_flight: 1,
+            intake: crate::fairness::IntakeLimits { slots: 1, hold: 2, fair: true },
+            ..settings()
+        }
+    }
+
+    /// Waits until `job` has succeeded; panics with `failure` (and the job) past `deadline`.
+    async fn wait_for_success(store: &MemoryJobStore, job: &Job, deadline: Instant, failure: &str) {
+        while store.get(&job.id).await.unwrap().unwrap().status != JobStatus::Succeeded {
+            assert!(Instant::now() < deadline, "job {} {failure}: {:?}", job.id, store.get(&job.id).await);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// A runner on `ports` with one CPU session of `model` whose renders take 20 ms.
     fn briefly_rendering_runner(
         model: &ModelSpec,
@@ -1314,12 +1331,9 @@ mod tests {
         let model = demo_model();
         let store = Arc::new(MemoryJobStore::default());
         let queue = Arc::new(RecordingQueue::default());
-        let mut settings = settings();
-        settings.max_in_flight = 1;
-        settings.intake = crate::fairness::IntakeLimits { slots: 1, hold: 2, fair: true };
         let ports =
             Ports { store: store.clone(), queue: queue.clone(), artifacts: Arc::new(MemoryArtifacts::default()) };
-        let runner = briefly_rendering_runner(&model, ports, settings, &Arc::new(Metrics::default()));
+        let runner = briefly_rendering_runner(&model, ports, one_slot(), &Arc::new(Metrics::default()));
         let (orphan, other) = (job_with_seed(&model, 1), job_with_seed(&model, 2));
         for job in [&orphan, &other] {
             store.insert(job, &CacheClaim { key: job.cache_key.clone(), replaces: None }, None).await.unwrap();
@@ -1337,10 +1351,7 @@ mod tests {
         let running = tokio::spawn(runner.clone().run(shutdown.clone()));
         let deadline = Instant::now() + Duration::from_secs(10);
         for job in [&other, &orphan] {
-            while store.get(&job.id).await.unwrap().unwrap().status != JobStatus::Succeeded {
-                assert!(Instant::now() < deadline, "job {} never ended: {:?}", job.id, store.get(&job.id).await);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            wait_for_success(&store, job, deadline, "never ended").await;
         }
         assert_eq!(store.get(&orphan.id).await.unwrap().unwrap().attempts, 2, "taken over");
         shutdown.cancel();
@@ -1356,9 +1367,7 @@ mod tests {
         let model = demo_model();
         let store = Arc::new(MemoryJobStore::default());
         let queue = Arc::new(RecordingQueue::default());
-        let mut settings = settings();
-        settings.max_in_flight = 1;
-        settings.intake = crate::fairness::IntakeLimits { slots: 1, hold: 2, fair: true };
+        let mut settings = one_slot();
         settings.heartbeat = Duration::from_millis(20);
         let ports = Ports { store: store.clone(), queue: queue.clone(), artifacts: Arc::new(PanicsOnce::default()) };
         let runner = briefly_rendering_runner(&model, ports, settings, &Arc::new(Metrics::default()));
@@ -1370,16 +1379,12 @@ mod tests {
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(runner.clone().run(shutdown.clone()));
         let deadline = Instant::now() + Duration::from_secs(10);
-        while store.get(&second.id).await.unwrap().unwrap().status != JobStatus::Succeeded {
-            assert!(Instant::now() < deadline, "the tenant's second job never ran: its slot is held by the dead one");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_for_success(&store, &second, deadline, "never ran: its tenant's slot is held by the dead job").await;
         // The panicked job's heartbeat is over: no lease extension in ten heartbeats' time.
         let heartbeats = || queue.extended.lock().unwrap().len();
         let before = heartbeats();
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let later: Vec<String> =
-            queue.extended.lock().unwrap()[before..].iter().map(|(receipt, _)| receipt.clone()).collect();
+        let later = queue.extended.lock().unwrap()[before..].to_vec();
         assert!(later.is_empty(), "leases still extended after the jobs ended: {later:?}");
         assert_eq!(store.get(&first.id).await.unwrap().unwrap().status, JobStatus::Running, "left for redelivery");
         shutdown.cancel();
