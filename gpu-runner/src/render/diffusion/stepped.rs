@@ -93,12 +93,12 @@ impl ChunkInputs {
         }
         let scales: Vec<f32> = guidance.iter().map(|g| *g as f32).chain(std::iter::repeat_n(1.0, padding)).collect();
         values.push(("guidance", Tensor::from_array((vec![lanes as i64], scales))?.into_dyn()));
-        let shape = vec![lanes as i64, LATENT_CHANNELS as i64, latent.0 as i64, latent.1 as i64];
+        let step = StepShape { lanes, rows: lanes * per_lane, latent };
         let mut data: Vec<f32> = latents.iter().flat_map(|latent| latent.iter().copied()).collect();
         data.resize(lanes * latent_len, 0.0);
-        values.push(("latents", Tensor::from_array((shape.clone(), data))?.into_dyn()));
-        values.push(("noise", Tensor::from_array((shape, vec![0f32; lanes * latent_len]))?.into_dyn()));
-        Ok(Self { values, shape: StepShape { lanes, rows: lanes * per_lane, latent } })
+        values.push(("latents", Tensor::from_array((step.latent_shape(), data))?.into_dyn()));
+        values.push(("noise", Tensor::from_array((step.latent_shape(), vec![0f32; lanes * latent_len]))?.into_dyn()));
+        Ok(Self { values, shape: step })
     }
 }
 
