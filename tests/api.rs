@@ -8,7 +8,7 @@ use kiln_app::{
 use kiln_aws::DynamoJobStore;
 use kiln_domain::{JobId, JobStatus, Output};
 use kiln_local::{LocalStack, StackOptions};
-use kiln_tests::{Client, stack, stack_with, unique_prefix};
+use kiln_tests::{Answer, Client, stack, stack_with, unique_prefix};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -465,7 +465,7 @@ async fn a_tenant_created_with_limits_keeps_them() {
     use kiln_app::{Tenant, TenantLimits};
     let stack = stack().await;
     let tenants = stack.aws.tenants();
-    let limits = TenantLimits { max_active_jobs: 7, jobs_per_minute: 3 };
+    let limits = TenantLimits { max_active_jobs: 7, jobs_per_minute: 3, ..Default::default() };
     let id = kiln_domain::TenantId::parse("limited-from-birth").unwrap();
     let tenant = Tenant {
         id: id.clone(),
@@ -535,12 +535,21 @@ async fn tenants_limits_refuse_new_jobs_with_429_and_name_the_limit() {
     // Set before either tenant's first request: the API caches a tenant for 30 s.
     assert!(
         tenants
-            .set_limits(&id("quota"), Some(TenantLimits { max_active_jobs: 2, jobs_per_minute: 100 }))
+            .set_limits(
+                &id("quota"),
+                Some(TenantLimits { max_active_jobs: 2, jobs_per_minute: 100, ..Default::default() })
+            )
             .await
             .unwrap()
     );
     assert!(
-        tenants.set_limits(&id("rate"), Some(TenantLimits { max_active_jobs: 100, jobs_per_minute: 2 })).await.unwrap()
+        tenants
+            .set_limits(
+                &id("rate"),
+                Some(TenantLimits { max_active_jobs: 100, jobs_per_minute: 2, ..Default::default() })
+            )
+            .await
+            .unwrap()
     );
     assert!(!tenants.set_limits(&id("nobody"), None).await.unwrap(), "no such tenant");
     let job = |n: u32| json!({"model": "kiln-demo", "prompt": format!("limited {n}"), "width": 256, "height": 256});
@@ -560,6 +569,7 @@ async fn tenants_limits_refuse_new_jobs_with_429_and_name_the_limit() {
         "{}",
         refused.body
     );
+    assert_eq!(refused.body["error"]["limit"], "max_active_jobs", "{}", refused.body);
     // Answering an identical request renders nothing: not refused.
     let same = quota.post_json("/v1/jobs", &job(1)).await;
     assert_eq!((same.status, same.body["deduplicated"].as_bool()), (StatusCode::ACCEPTED, Some(true)), "{}", same.body);
@@ -584,9 +594,58 @@ async fn tenants_limits_refuse_new_jobs_with_429_and_name_the_limit() {
     );
     let retry_after: u64 = limited.headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
+    assert_eq!(limited.body["error"]["limit"], "jobs_per_minute", "{}", limited.body);
+    let resets_at: chrono::DateTime<Utc> = limited.body["error"]["resets_at"].as_str().unwrap().parse().unwrap();
+    assert_eq!(chrono::Timelike::second(&resets_at), 0, "the next minute: {resets_at}");
     // Only the two accepted jobs reached the queue for this tenant; the refused ones left nothing.
     let listed = rate.get("/v1/jobs").await;
     assert_eq!(listed.body["jobs"].as_array().map(Vec::len), Some(2), "{}", listed.body);
+}
+
+/// A tenant with 5 units a day sends 12 one-unit jobs at once: exactly 5 pass, however the
+/// requests interleave (one conditional update on the day's usage item counts each), and the
+/// rest get 429 `units_exhausted` naming the limit, when it resets and a Retry-After.
+/// `GET /v1/usage` then shows the day spent.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_submits_never_pass_the_last_units_of_a_daily_quota() {
+    use kiln_app::TenantLimits;
+    let stack = stack().await;
+    let tenants = stack.aws.tenants();
+    let client = Client::tenant(&stack, "units").await;
+    let limits = TenantLimits { units_per_day: 5, ..TenantLimits::default() };
+    let tenant = kiln_domain::TenantId::parse("units").unwrap();
+    assert!(tenants.set_limits(&tenant, Some(limits)).await.unwrap());
+    // 256² × 1 step, unguided: 0.07 megapixel-steps, 1 unit.
+    let job = |n: usize| json!({"model": "kiln-demo", "prompt": format!("unit {n}"), "width": 256, "height": 256, "steps": 1});
+    let answers = futures_util::future::join_all((0..12).map(|n| {
+        let (client, body) = (&client, job(n));
+        async move { client.post_json("/v1/jobs", &body).await }
+    }))
+    .await;
+    let accepted: Vec<&Answer> = answers.iter().filter(|a| a.status == StatusCode::ACCEPTED).collect();
+    let refused: Vec<&Answer> = answers.iter().filter(|a| a.status == StatusCode::TOO_MANY_REQUESTS).collect();
+    assert_eq!((accepted.len(), refused.len()), (5, 7), "{:?}", answers.iter().map(|a| &a.body).collect::<Vec<_>>());
+    assert!(accepted.iter().all(|a| a.body["cost_units"] == 1), "{}", accepted[0].body);
+    let midnight = (Utc::now() + chrono::Duration::days(1)).date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc();
+    for answer in refused {
+        let error = &answer.body["error"];
+        assert_eq!((error["code"].as_str(), error["limit"].as_str()), (Some("units_exhausted"), Some("units_per_day")));
+        let resets_at: chrono::DateTime<Utc> = error["resets_at"].as_str().unwrap().parse().unwrap();
+        assert!(resets_at == midnight || resets_at == midnight - chrono::Duration::days(1), "{resets_at}");
+        let retry_after: i64 = answer.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((resets_at - Utc::now()).num_seconds().abs_diff(retry_after) <= 2, "Retry-After {retry_after}");
+        assert!(error["message"].as_str().unwrap().contains("5 of this account's 5 units"), "{error}");
+    }
+    let usage = client.get("/v1/usage").await;
+    assert_eq!(usage.status, StatusCode::OK);
+    let units = &usage.body["units_per_day"];
+    assert_eq!(
+        (units["limit"].as_u64(), units["used"].as_u64(), units["remaining"].as_u64()),
+        (Some(5), Some(5), Some(0))
+    );
+    assert_eq!(usage.body["max_active_jobs"]["used"], 5, "{}", usage.body);
+    let listed = client.get("/v1/jobs").await;
+    assert_eq!(listed.body["jobs"].as_array().map(Vec::len), Some(5), "the refused left no job");
 }
 
 /// DynamoDB answers a query with at most 1 MB: a page of long (multi-byte) jobs comes back
@@ -596,7 +655,7 @@ async fn tenants_limits_refuse_new_jobs_with_429_and_name_the_limit() {
 async fn listing_jobs_larger_than_a_dynamodb_page_returns_every_job_once() {
     let stack = stack().await;
     let client = Client::tenant(&stack, "acme").await;
-    let limits = kiln_app::TenantLimits { max_active_jobs: 1_000, jobs_per_minute: 1_000 };
+    let limits = kiln_app::TenantLimits { max_active_jobs: 1_000, jobs_per_minute: 1_000, ..Default::default() };
     let tenant = kiln_domain::TenantId::parse("acme").unwrap();
     assert!(stack.aws.tenants().set_limits(&tenant, Some(limits)).await.unwrap());
     // About 16 KB each in DynamoDB: 2,000 four-byte characters in each of the two prompts.

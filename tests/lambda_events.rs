@@ -23,6 +23,7 @@ const LIST: &str = include_str!("../events/apigw-rest-list-jobs.json");
 const LIST_PAGE: &str = include_str!("../events/apigw-rest-list-jobs-page.json");
 const CANCEL: &str = include_str!("../events/apigw-rest-cancel-job.json");
 const MODELS: &str = include_str!("../events/apigw-rest-list-models.json");
+const USAGE: &str = include_str!("../events/apigw-rest-get-usage.json");
 const SCHEDULE: &str = include_str!("../events/eventbridge-schedule-expire-jobs.json");
 const DEAD_LETTERS: &str = include_str!("../events/sqs-job-dead-letters.json");
 
@@ -59,7 +60,7 @@ async fn fixture_stack() -> LocalStack {
 
 #[test]
 fn api_events_round_trip_through_the_event_types() {
-    for fixture in [SUBMIT, SUBMIT_BASE64, GET, LIST, LIST_PAGE, CANCEL, MODELS] {
+    for fixture in [SUBMIT, SUBMIT_BASE64, GET, LIST, LIST_PAGE, CANCEL, MODELS, USAGE] {
         let event: ApiGatewayProxyRequest = serde_json::from_str(fixture).unwrap();
         let again: ApiGatewayProxyRequest = serde_json::from_value(serde_json::to_value(&event).unwrap()).unwrap();
         assert_eq!(again.path, event.path);
@@ -97,6 +98,14 @@ async fn each_route_answers_its_event() {
     let (status, models) = invoke(&stack, Function::ListModels, MODELS).await;
     assert_eq!(status, 200);
     assert!(models["models"].as_array().unwrap().iter().any(|m| m["name"] == "kiln-demo"));
+
+    let (status, usage) = invoke(&stack, Function::GetUsage, USAGE).await;
+    assert_eq!(status, 200, "{usage}");
+    let spent = job["cost_units"].as_u64().unwrap() + video["cost_units"].as_u64().unwrap();
+    assert!(spent >= 2, "{job} {video}");
+    assert_eq!(usage["units_per_day"]["used"].as_u64(), Some(spent), "{usage}");
+    assert_eq!(usage["max_active_jobs"]["used"], 2, "{usage}");
+    assert!(usage["jobs_per_minute"]["used"].as_u64().unwrap() <= 2, "{usage}");
 
     let (status, canceled) = invoke(&stack, Function::CancelJob, &with_job(CANCEL, &id)).await;
     assert_eq!((status, canceled["status"].as_str()), (200, Some("canceled")));

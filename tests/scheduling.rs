@@ -30,7 +30,7 @@ async fn submit_many(client: &Client, count: usize, prompt: &str) -> Vec<String>
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tenant_behind_anothers_backlog_starts_within_about_a_batch() {
     let stack = stack().await;
-    let limits = TenantLimits { max_active_jobs: 1000, jobs_per_minute: 1000 };
+    let limits = TenantLimits { max_active_jobs: 1000, jobs_per_minute: 1000, ..TenantLimits::default() };
     let client = |key: kiln_app::auth::ApiKey| Client::new(&stack.api_url, Some(key.expose()));
     let a = client(stack.create_tenant_with_limits("tenant-a", limits).await.unwrap());
     let b = client(stack.create_tenant_with_limits("tenant-b", limits).await.unwrap());

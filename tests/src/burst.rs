@@ -220,9 +220,13 @@ pub async fn run(moto_url: &str, options: BurstOptions) -> anyhow::Result<BurstR
     for index in 0..=options.tenants {
         let limited = index == options.tenants;
         let limits = if limited {
-            TenantLimits { max_active_jobs: 1_000_000, jobs_per_minute: options.limited_per_minute }
+            TenantLimits {
+                max_active_jobs: 1_000_000,
+                jobs_per_minute: options.limited_per_minute,
+                units_per_day: u64::MAX,
+            }
         } else {
-            TenantLimits { max_active_jobs: 1_000_000, jobs_per_minute: 1_000_000 }
+            TenantLimits { max_active_jobs: 1_000_000, jobs_per_minute: 1_000_000, units_per_day: u64::MAX }
         };
         let id = if limited { "burst-limited".to_owned() } else { format!("burst-{index}") };
         let tenant = Tenant {

@@ -5,7 +5,7 @@
 //!   kiln-admin keys create --tenant acme                    prints a new key for the (existing) tenant
 //!   kiln-admin keys list --tenant acme                      lists the tenant's keys: id, last characters, created
 //!   kiln-admin keys revoke --tenant acme --id key_0123abcd  revokes one of them (or --key kiln_...)
-//!   kiln-admin tenant-limits --tenant acme --max-active-jobs 20 --jobs-per-minute 60
+//!   kiln-admin tenant-limits --tenant acme --max-active-jobs 20 --jobs-per-minute 60 [--units-per-day 50000]
 //!                                                           sets the tenant's own limits (--default: back to the deployment's)
 //!   kiln-admin models-publish gpu-runner/models             publishes model packages' manifests
 
@@ -50,7 +50,8 @@ enum Command {
     #[command(subcommand)]
     Keys(Keys),
     /// Set a tenant's limits on new jobs (effective within 30 seconds), or with --default go
-    /// back to the deployment's (KILN_DEFAULT_MAX_ACTIVE_JOBS, KILN_DEFAULT_JOBS_PER_MINUTE).
+    /// back to the deployment's (KILN_DEFAULT_MAX_ACTIVE_JOBS, KILN_DEFAULT_JOBS_PER_MINUTE,
+    /// KILN_DEFAULT_UNITS_PER_DAY).
     TenantLimits {
         #[arg(long)]
         tenant: String,
@@ -60,6 +61,9 @@ enum Command {
         /// New jobs per minute (0: no new jobs).
         #[arg(long, required_unless_present = "default", conflicts_with = "default")]
         jobs_per_minute: Option<u32>,
+        /// GPU-work units of new jobs per UTC day (0: no new jobs); left out: 2,000,000.
+        #[arg(long, conflicts_with = "default")]
+        units_per_day: Option<u64>,
         #[arg(long)]
         default: bool,
     },
@@ -142,10 +146,12 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
             let revoked = keys.revoke(&TenantId::parse(&tenant)?, &which).await?;
             writeln!(out, "revoked {revoked}")?;
         }
-        Command::TenantLimits { tenant, max_active_jobs, jobs_per_minute, default: _ } => {
-            let limits = max_active_jobs
-                .zip(jobs_per_minute)
-                .map(|(max_active_jobs, jobs_per_minute)| TenantLimits { max_active_jobs, jobs_per_minute });
+        Command::TenantLimits { tenant, max_active_jobs, jobs_per_minute, units_per_day, default: _ } => {
+            let limits = max_active_jobs.zip(jobs_per_minute).map(|(max_active_jobs, jobs_per_minute)| TenantLimits {
+                max_active_jobs,
+                jobs_per_minute,
+                units_per_day: units_per_day.unwrap_or(TenantLimits::default().units_per_day),
+            });
             if !tenants.set_limits(&TenantId::parse(&tenant)?, limits).await? {
                 bail!("no tenant `{tenant}`");
             }

@@ -1,5 +1,6 @@
 //! The one place where errors become HTTP statuses and `{"error": {code, message, field}}` bodies.
 
+use chrono::Timelike;
 use http::{Response, StatusCode, header};
 use kiln_app::{AppError, ports::PortError};
 use kiln_domain::InputErrorKind;
@@ -14,12 +15,16 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub field: Option<String>,
+    /// On a 429: the tenant limit that refused (`max_active_jobs`, `jobs_per_minute`,
+    /// `units_per_day`) and when it frees up (none for active jobs: when one ends).
+    pub limit: Option<&'static str>,
+    pub resets_at: Option<chrono::DateTime<chrono::Utc>>,
     pub headers: Vec<(header::HeaderName, String)>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), field: None, headers: Vec::new() }
+        Self { status, code, message: message.into(), field: None, limit: None, resets_at: None, headers: Vec::new() }
     }
 
     pub fn with_field(mut self, field: &str) -> Self {
@@ -33,7 +38,12 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response<Body> {
-        let body = json!({"error": {"code": self.code, "message": self.message, "field": self.field}});
+        let mut error = json!({"code": self.code, "message": self.message, "field": self.field});
+        if let Some(limit) = self.limit {
+            error["limit"] = json!(limit);
+            error["resets_at"] = json!(self.resets_at);
+        }
+        let body = json!({ "error": error });
         let mut builder = Response::builder().status(self.status).header(header::CONTENT_TYPE, "application/json");
         for (name, value) in self.headers {
             builder = builder.header(name, value);
@@ -54,7 +64,9 @@ impl From<AppError> for ApiError {
             AppError::NotFound(_) => S::NOT_FOUND,
             AppError::AlreadyFinished { .. } => S::CONFLICT,
             AppError::IdempotencyMismatch => S::UNPROCESSABLE_ENTITY,
-            AppError::QuotaExceeded { .. } | AppError::RateLimited { .. } => S::TOO_MANY_REQUESTS,
+            AppError::QuotaExceeded { .. } | AppError::RateLimited { .. } | AppError::UnitsExhausted { .. } => {
+                S::TOO_MANY_REQUESTS
+            }
             AppError::QueueUnavailable(_) | AppError::Contention | AppError::Port(PortError::Unavailable { .. }) => {
                 S::SERVICE_UNAVAILABLE
             }
@@ -71,9 +83,16 @@ impl From<AppError> for ApiError {
         }
         let mut answer = ApiError::new(status, err.code(), err.client_message());
         answer.field = err.field().map(str::to_owned);
+        if let Some((limit, retry_after_secs)) = err.exceeded_limit() {
+            answer.limit = Some(limit.as_str());
+            answer.resets_at = retry_after_secs.map(|secs| {
+                let at = chrono::Utc::now() + chrono::Duration::seconds(secs as i64);
+                at.with_nanosecond(0).unwrap_or(at)
+            });
+        }
         match &err {
             AppError::Unauthorized(_) => answer.with_header(header::WWW_AUTHENTICATE, "Bearer"),
-            AppError::RateLimited { retry_after_secs, .. } => {
+            AppError::RateLimited { retry_after_secs, .. } | AppError::UnitsExhausted { retry_after_secs, .. } => {
                 answer.with_header(header::RETRY_AFTER, retry_after_secs.to_string())
             }
             _ if status == S::SERVICE_UNAVAILABLE => answer.with_header(header::RETRY_AFTER, "1"),

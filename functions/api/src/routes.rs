@@ -2,7 +2,9 @@
 
 use http::{Method, Response, StatusCode, header};
 use kiln_app::{
-    Authenticator, Disposition, Jobs, Ports, Tenant, Webhooks, inbox, ports::ArtifactLinks, views::JobView,
+    Authenticator, Disposition, Jobs, Ports, Tenant, Webhooks, inbox,
+    ports::ArtifactLinks,
+    views::{JobView, UsageView},
 };
 use kiln_domain::{InputError, InputErrorKind, JobId, JobStatus};
 use kiln_lambda::FunctionConfig;
@@ -26,6 +28,8 @@ pub enum Route {
     CancelJob(String),
     /// `GET /v1/models`
     ListModels,
+    /// `GET /v1/usage`: the tenant's limits and what counts against them.
+    GetUsage,
     /// `GET /v1/webhooks/secret`: the tenant's signing secret (made on first use).
     WebhookSecret,
     /// `POST /v1/webhooks/secret/rotate`
@@ -48,6 +52,8 @@ impl Route {
             ["v1", "jobs", _, "cancel"] => (None, "POST"),
             ["v1", "models"] if method == Method::GET => (Some(Self::ListModels), ""),
             ["v1", "models"] => (None, "GET"),
+            ["v1", "usage"] if method == Method::GET => (Some(Self::GetUsage), ""),
+            ["v1", "usage"] => (None, "GET"),
             ["v1", "webhooks", "secret"] if method == Method::GET => (Some(Self::WebhookSecret), ""),
             ["v1", "webhooks", "secret"] => (None, "GET"),
             ["v1", "webhooks", "secret", "rotate"] if method == Method::POST => (Some(Self::RotateWebhookSecret), ""),
@@ -79,6 +85,7 @@ pub enum Function {
     ListJobs,
     CancelJob,
     ListModels,
+    GetUsage,
     /// Showing and rotating the webhook signing secret.
     WebhookSecret,
     CreateUpload,
@@ -95,6 +102,7 @@ impl Function {
             Self::ListJobs => "list-jobs",
             Self::CancelJob => "cancel-job",
             Self::ListModels => "list-models",
+            Self::GetUsage => "get-usage",
             Self::WebhookSecret => "webhook-secret",
             Self::CreateUpload => "create-upload",
             Self::All => "kiln-local",
@@ -110,6 +118,7 @@ impl Function {
                 | (Self::ListJobs, Route::ListJobs)
                 | (Self::CancelJob, Route::CancelJob(_))
                 | (Self::ListModels, Route::ListModels)
+                | (Self::GetUsage, Route::GetUsage)
                 | (Self::WebhookSecret, Route::WebhookSecret | Route::RotateWebhookSecret)
                 | (Self::CreateUpload, Route::CreateUpload)
         )
@@ -203,6 +212,7 @@ impl Api {
                 let models = self.jobs.models().await?;
                 json(StatusCode::OK, &serde_json::json!({ "models": &*models }))
             }
+            Route::GetUsage => json(StatusCode::OK, &UsageView::new(&self.jobs.usage(&tenant).await?)),
             Route::WebhookSecret => {
                 let secret = self.webhooks.current_secret(&tenant.id, chrono::Utc::now()).await?;
                 json(StatusCode::OK, &serde_json::json!({"secret": secret.value, "created_at": secret.created_at}))
@@ -346,6 +356,7 @@ mod tests {
         assert_eq!(ok(Method::GET, "/v1/jobs/abc"), Route::GetJob("abc".into()));
         assert_eq!(ok(Method::POST, "/v1/jobs/abc/cancel"), Route::CancelJob("abc".into()));
         assert_eq!(ok(Method::GET, "/v1/models"), Route::ListModels);
+        assert_eq!(ok(Method::GET, "/v1/usage"), Route::GetUsage);
         assert_eq!(Route::resolve(&Method::DELETE, "/v1/jobs/abc").unwrap_err().status, StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(Route::resolve(&Method::GET, "/v2/jobs").unwrap_err().status, StatusCode::NOT_FOUND);
         assert_eq!(Route::resolve(&Method::GET, "/v1/jobs/a/b/c").unwrap_err().status, StatusCode::NOT_FOUND);

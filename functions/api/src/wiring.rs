@@ -42,6 +42,11 @@ pub fn list_models(aws: &AwsPorts) -> Ports {
     Ports { catalog: aws.catalog(), ..authenticated(aws) }
 }
 
+/// `GET /v1/usage`.
+pub fn get_usage(aws: &AwsPorts) -> Ports {
+    Ports { store: aws.job_store(), ..authenticated(aws) }
+}
+
 /// `GET /v1/webhooks/secret` and its rotation.
 pub fn webhook_secret(aws: &AwsPorts) -> Ports {
     Ports { secrets: aws.secrets(), ..authenticated(aws) }
@@ -60,6 +65,7 @@ pub fn for_function(function: Function, aws: &AwsPorts) -> Ports {
         Function::ListJobs => list_jobs(aws),
         Function::CancelJob => cancel_job(aws),
         Function::ListModels => list_models(aws),
+        Function::GetUsage => get_usage(aws),
         Function::WebhookSecret => webhook_secret(aws),
         Function::CreateUpload => create_upload(aws),
         Function::All => aws.all(),

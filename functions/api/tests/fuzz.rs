@@ -137,12 +137,13 @@ struct Case {
 }
 
 /// The API's routes: (method, path with `{id}`, the function serving it).
-const ROUTES: [(&str, &str, Function); 8] = [
+const ROUTES: [(&str, &str, Function); 9] = [
     ("POST", "/v1/jobs", Function::SubmitJob),
     ("GET", "/v1/jobs/{id}", Function::GetJob),
     ("GET", "/v1/jobs", Function::ListJobs),
     ("POST", "/v1/jobs/{id}/cancel", Function::CancelJob),
     ("GET", "/v1/models", Function::ListModels),
+    ("GET", "/v1/usage", Function::GetUsage),
     ("GET", "/v1/webhooks/secret", Function::WebhookSecret),
     ("POST", "/v1/webhooks/secret/rotate", Function::WebhookSecret),
     ("POST", "/v1/uploads", Function::CreateUpload),

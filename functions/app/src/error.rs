@@ -2,7 +2,7 @@
 
 use kiln_domain::{IllegalTransition, InputError, JobId, JobStatus};
 
-use crate::ports::PortError;
+use crate::{limits::LimitName, ports::PortError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -32,6 +32,11 @@ pub enum AppError {
         "{limit} new jobs were submitted this minute, the most this account may; try again in {retry_after_secs} s"
     )]
     RateLimited { limit: u32, retry_after_secs: u64 },
+    /// The job would take the tenant past its GPU-work units for the day.
+    #[error(
+        "this job costs {cost} units and {used} of this account's {limit} units for today are used; the quota resets at {resets_at} (in {retry_after_secs} s)"
+    )]
+    UnitsExhausted { limit: u64, used: u64, cost: u64, resets_at: chrono::DateTime<chrono::Utc>, retry_after_secs: u64 },
     /// Writers kept racing on the same record.
     #[error("too many concurrent changes to the same job; try again")]
     Contention,
@@ -54,6 +59,7 @@ impl AppError {
             Self::QueueUnavailable(_) => "queue_unavailable",
             Self::QuotaExceeded { .. } => "quota_exceeded",
             Self::RateLimited { .. } => "rate_limited",
+            Self::UnitsExhausted { .. } => "units_exhausted",
             Self::Contention => "contention",
             Self::Port(PortError::Unavailable { .. }) => "backend_unavailable",
             Self::Port(PortError::Corrupt { .. }) | Self::Transition(_) => "internal",
@@ -78,6 +84,17 @@ impl AppError {
             Self::Port(PortError::Corrupt { .. }) | Self::Transition(_) => "internal error".to_owned(),
             Self::Input(input) => input.message.clone(),
             other => other.to_string(),
+        }
+    }
+
+    /// The tenant limit a 429 is about: its name, and when it frees up (None: when one of the
+    /// tenant's jobs ends).
+    pub fn exceeded_limit(&self) -> Option<(LimitName, Option<u64>)> {
+        match self {
+            Self::QuotaExceeded { .. } => Some((LimitName::MaxActiveJobs, None)),
+            Self::RateLimited { retry_after_secs, .. } => Some((LimitName::JobsPerMinute, Some(*retry_after_secs))),
+            Self::UnitsExhausted { retry_after_secs, .. } => Some((LimitName::UnitsPerDay, Some(*retry_after_secs))),
+            _ => None,
         }
     }
 

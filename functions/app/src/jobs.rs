@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::{
     auth::Tenant,
     error::AppError,
-    limits::{TenantLimits, minute_window},
+    limits::{Charge, Charged, TenantLimits, Window},
     messages::JobMessage,
     ports::{
         ArtifactLinks, CacheClaim, IdempotencyRecord, InsertOutcome, JobPage, JobQueue, JobStore, ModelCatalog,
@@ -75,6 +75,19 @@ pub enum Disposition {
 pub struct Submitted {
     pub job: Job,
     pub disposition: Disposition,
+}
+
+/// A tenant's limits and its use of them (`GET /v1/usage`).
+#[derive(Debug, Clone)]
+pub struct Usage {
+    pub limits: TenantLimits,
+    /// Jobs queued or running, counted up to the limit.
+    pub active_jobs: u32,
+    pub counted: crate::limits::Counted,
+    /// The UTC day the units count in.
+    pub day: Window,
+    /// The minute the new jobs count in.
+    pub minute: Window,
 }
 
 /// A job with a download link for each output (succeeded jobs only).
@@ -181,6 +194,31 @@ impl Jobs {
         }
 
         let now = Utc::now();
+        let units = model.cost.units(&resolved.params);
+        let mut charged = None;
+        let placed = self.place(tenant, &model, resolved, idempotency, outbox, units, now, &mut charged).await;
+        if let Some(charge) = charged
+            && !matches!(placed, Ok(Submitted { disposition: Disposition::Created, .. }))
+        {
+            self.refund(&tenant.id, &charge).await;
+        }
+        placed
+    }
+
+    /// Answers from the cache, joins an identical job in flight, or stores and queues a new job
+    /// (admitting it by the tenant's limits first, the charge left in `charged`).
+    #[allow(clippy::too_many_arguments)]
+    async fn place(
+        &self,
+        tenant: &Tenant,
+        model: &ModelSpec,
+        resolved: kiln_domain::params::Resolved,
+        idempotency: Option<IdempotencyRecord>,
+        outbox: Option<&str>,
+        units: u64,
+        now: DateTime<Utc>,
+        charged: &mut Option<Charge>,
+    ) -> Result<Submitted, AppError> {
         let cache_key = CacheKey::compute(&model.name, &model.version, &resolved.params);
         for race in 0..MAX_RACES {
             let replaces = match self.store.cache_entry(&tenant.id, &cache_key).await? {
@@ -203,7 +241,7 @@ impl Jobs {
                 },
             };
             if race == 0 {
-                self.admit(tenant, now).await?;
+                *charged = Some(self.admit(tenant, units, now).await?);
             }
             let mut job = Job::new(
                 idempotency.as_ref().map_or_else(|| JobId::generate(now), |r| r.job_id.clone()),
@@ -226,6 +264,7 @@ impl Jobs {
                 ));
             }
             job.retention_secs = Some(self.config.output_retention.as_secs());
+            job.cost_units = units;
             let claim = CacheClaim { key: cache_key.clone(), replaces };
             match self.store.insert(&job, &claim, idempotency.as_ref()).await? {
                 InsertOutcome::Inserted => return self.enqueue(job, idempotency.as_ref(), tenant.share_weight).await,
@@ -279,21 +318,63 @@ impl Jobs {
         }
     }
 
-    /// Whether the tenant's limits let it add a job now: the quota on jobs queued or running,
-    /// then the rate of new jobs (counted only when the quota admits it).
-    async fn admit(&self, tenant: &Tenant, now: DateTime<Utc>) -> Result<(), AppError> {
+    /// Whether the tenant's limits let it add a job costing `units` now: the quota on jobs
+    /// queued or running, then the job and its units are counted in the minute's rate and the
+    /// day's units, both at once and only within both limits (so concurrent submits cannot
+    /// both pass the last units). The charge is returned, to refund if the job is not accepted.
+    async fn admit(&self, tenant: &Tenant, units: u64, now: DateTime<Utc>) -> Result<Charge, AppError> {
         let limits = tenant.limits.unwrap_or(self.config.default_limits);
         let active = self.store.count_active(&tenant.id, limits.max_active_jobs).await?;
         if active >= limits.max_active_jobs {
             info!(tenant_id = %tenant.id, active, limit = limits.max_active_jobs, "job refused: active jobs quota");
             return Err(AppError::QuotaExceeded { limit: limits.max_active_jobs });
         }
-        let (window, retry_after_secs) = minute_window(now);
-        if !self.store.count_new_job(&tenant.id, window, limits.jobs_per_minute).await? {
-            info!(tenant_id = %tenant.id, limit = limits.jobs_per_minute, "job refused: rate limit");
-            return Err(AppError::RateLimited { limit: limits.jobs_per_minute, retry_after_secs });
+        let charge = Charge {
+            minute: Window::minute(now),
+            day: Window::day(now),
+            units,
+            jobs_per_minute: limits.jobs_per_minute,
+            units_per_day: limits.units_per_day,
+        };
+        match self.store.charge(&tenant.id, &charge).await? {
+            Charged::Counted => Ok(charge),
+            Charged::RateLimited => {
+                info!(tenant_id = %tenant.id, limit = limits.jobs_per_minute, "job refused: rate limit");
+                Err(AppError::RateLimited {
+                    limit: limits.jobs_per_minute,
+                    retry_after_secs: charge.minute.secs_left(now),
+                })
+            }
+            Charged::OutOfUnits { used } => {
+                info!(tenant_id = %tenant.id, used, units, limit = limits.units_per_day, "job refused: daily units");
+                Err(AppError::UnitsExhausted {
+                    limit: limits.units_per_day,
+                    used,
+                    cost: units,
+                    resets_at: charge.day.resets_at(),
+                    retry_after_secs: charge.day.secs_left(now),
+                })
+            }
         }
-        Ok(())
+    }
+
+    /// The tenant's limits and what counts against them now.
+    pub async fn usage(&self, tenant: &Tenant) -> Result<Usage, AppError> {
+        let now = Utc::now();
+        let limits = tenant.limits.unwrap_or(self.config.default_limits);
+        let (day, minute) = (Window::day(now), Window::minute(now));
+        let (active_jobs, counted) = tokio::try_join!(
+            self.store.count_active(&tenant.id, limits.max_active_jobs),
+            self.store.counted(&tenant.id, day, minute),
+        )?;
+        Ok(Usage { limits, active_jobs, counted, day, minute })
+    }
+
+    /// Gives back a charge whose job was not accepted (a lost race, a queue that failed).
+    async fn refund(&self, tenant: &TenantId, charge: &Charge) {
+        if let Err(err) = self.store.refund(tenant, charge).await {
+            warn!(tenant_id = %tenant, units = charge.units, error = %err, "could not refund a charge; the tenant's counters keep it");
+        }
     }
 
     /// Puts a stored job on the queue. If that fails, the job is failed and its keys released at

@@ -15,6 +15,7 @@ use std::{
 
 use crate::{
     auth::Tenant,
+    limits::{Charge, Charged, Counted, Window},
     messages::JobMessage,
     ports::{
         ArtifactLinks, ArtifactStore, CacheClaim, Delivery, EndpointCircuits, EndpointHealth, IdempotencyRecord,
@@ -33,7 +34,10 @@ struct JobTables {
     jobs: BTreeMap<JobId, Job>,
     cache: HashMap<(TenantId, CacheKey), JobId>,
     idempotency: HashMap<(TenantId, String), IdempotencyRecord>,
+    /// Jobs counted per tenant and minute window start.
     new_jobs: HashMap<(TenantId, i64), u32>,
+    /// Units counted per tenant and day window start.
+    units: HashMap<(TenantId, i64), u64>,
 }
 
 /// Jobs in a map.
@@ -172,14 +176,38 @@ impl JobStore for MemoryJobStore {
         Ok(active.take(up_to as usize).count() as u32)
     }
 
-    async fn count_new_job(&self, tenant: &TenantId, window_start: i64, limit: u32) -> Result<bool, PortError> {
+    async fn charge(&self, tenant: &TenantId, charge: &Charge) -> Result<Charged, PortError> {
         let mut tables = lock(&self.tables);
-        let counted = tables.new_jobs.entry((tenant.clone(), window_start)).or_default();
-        if *counted >= limit {
-            return Ok(false);
+        let jobs = tables.new_jobs.get(&(tenant.clone(), charge.minute.start)).copied().unwrap_or(0);
+        if jobs >= charge.jobs_per_minute {
+            return Ok(Charged::RateLimited);
         }
-        *counted += 1;
-        Ok(true)
+        let used = tables.units.get(&(tenant.clone(), charge.day.start)).copied().unwrap_or(0);
+        if used + charge.units > charge.units_per_day {
+            return Ok(Charged::OutOfUnits { used });
+        }
+        tables.new_jobs.insert((tenant.clone(), charge.minute.start), jobs + 1);
+        tables.units.insert((tenant.clone(), charge.day.start), used + charge.units);
+        Ok(Charged::Counted)
+    }
+
+    async fn refund(&self, tenant: &TenantId, charge: &Charge) -> Result<(), PortError> {
+        let mut tables = lock(&self.tables);
+        if let Some(jobs) = tables.new_jobs.get_mut(&(tenant.clone(), charge.minute.start)) {
+            *jobs = jobs.saturating_sub(1);
+        }
+        if let Some(units) = tables.units.get_mut(&(tenant.clone(), charge.day.start)) {
+            *units = units.saturating_sub(charge.units);
+        }
+        Ok(())
+    }
+
+    async fn counted(&self, tenant: &TenantId, day: Window, minute: Window) -> Result<Counted, PortError> {
+        let tables = lock(&self.tables);
+        Ok(Counted {
+            units_today: tables.units.get(&(tenant.clone(), day.start)).copied().unwrap_or(0),
+            jobs_this_minute: tables.new_jobs.get(&(tenant.clone(), minute.start)).copied().unwrap_or(0),
+        })
     }
 }
 

@@ -5,7 +5,11 @@ use chrono::{DateTime, Utc};
 use kiln_domain::{CacheKey, Job, JobId, JobStatus, ModelSpec, TenantId};
 use std::time::Duration;
 
-use crate::{auth::Tenant, messages::JobMessage};
+use crate::{
+    auth::Tenant,
+    limits::{Charge, Charged, Counted, Window},
+    messages::JobMessage,
+};
 
 /// A backend error; `source` keeps the SDK's error for the logs.
 #[derive(Debug, thiserror::Error)]
@@ -109,9 +113,16 @@ pub trait JobStore: Send + Sync {
     /// How many of the tenant's jobs are queued or running, counting no further than `up_to`.
     async fn count_active(&self, tenant: &TenantId, up_to: u32) -> Result<u32, PortError>;
 
-    /// Counts one new job in the tenant's one-minute window that starts at `window_start` (Unix
-    /// seconds), unless `limit` are counted there already: then false, and nothing is counted.
-    async fn count_new_job(&self, tenant: &TenantId, window_start: i64, limit: u32) -> Result<bool, PortError>;
+    /// Counts a new job against the tenant's counters, atomically: one job in `charge.minute`
+    /// and `charge.units` in `charge.day`, unless either would pass its limit (then nothing is
+    /// counted). Two requests racing for the last units cannot both pass.
+    async fn charge(&self, tenant: &TenantId, charge: &Charge) -> Result<Charged, PortError>;
+
+    /// Takes back the units and the job counted by a charge whose job was not accepted after all.
+    async fn refund(&self, tenant: &TenantId, charge: &Charge) -> Result<(), PortError>;
+
+    /// What the tenant's counters hold for `day` and `minute`.
+    async fn counted(&self, tenant: &TenantId, day: Window, minute: Window) -> Result<Counted, PortError>;
 }
 
 /// Where jobs wait for a runner.

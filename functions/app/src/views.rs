@@ -1,7 +1,10 @@
 //! What clients see of a job: the JSON shape every job route answers, webhooks carry and the
 //! inbox writes as `result.json`.
 
-use crate::{jobs::JobWithLinks, ports::PresignedUrl};
+use crate::{
+    jobs::{JobWithLinks, Usage},
+    ports::PresignedUrl,
+};
 use chrono::{DateTime, Utc};
 use kiln_domain::{Job, JobError, JobParams, JobStatus, Timings, Webhook};
 use serde::Serialize;
@@ -17,6 +20,8 @@ pub struct JobView<'a> {
     pub input: &'a JobParams,
     /// As asked, capped by the account's maximum.
     pub priority: kiln_domain::Priority,
+    /// What it costs in GPU-work units, counted against the account's daily units.
+    pub cost_units: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook: Option<&'a Webhook>,
     pub progress: f32,
@@ -83,6 +88,7 @@ impl<'a> JobView<'a> {
             model_version: &job.model_version,
             input: &job.params,
             priority: job.priority,
+            cost_units: job.cost_units,
             webhook: job.webhook.as_ref(),
             progress: job.progress,
             created_at: job.created_at,
@@ -103,5 +109,47 @@ impl<'a> JobView<'a> {
 
     pub fn with_links(read: &'a JobWithLinks) -> Self {
         Self::new(&read.job, &read.links)
+    }
+}
+
+/// A tenant's limits and its use of them, as `GET /v1/usage` answers.
+#[derive(Debug, Serialize)]
+pub struct UsageView {
+    /// GPU-work units of new jobs this UTC day (see a job's `cost_units`).
+    pub units_per_day: Counter<u64>,
+    /// New jobs this minute.
+    pub jobs_per_minute: Counter<u32>,
+    /// Jobs queued or running now (counted up to the limit); frees up as jobs end.
+    pub max_active_jobs: Counter<u32>,
+}
+
+/// One limit: what it allows, what is used, what is left, and when the count starts again.
+#[derive(Debug, Serialize)]
+pub struct Counter<T> {
+    pub limit: T,
+    pub used: T,
+    pub remaining: T,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<DateTime<Utc>>,
+}
+
+impl<T: Copy + Ord + std::ops::Sub<Output = T>> Counter<T> {
+    fn new(limit: T, used: T, resets_at: Option<DateTime<Utc>>) -> Self {
+        Self { limit, used, remaining: limit - used.min(limit), resets_at }
+    }
+}
+
+impl UsageView {
+    pub fn new(usage: &Usage) -> Self {
+        let limits = &usage.limits;
+        Self {
+            units_per_day: Counter::new(limits.units_per_day, usage.counted.units_today, Some(usage.day.resets_at())),
+            jobs_per_minute: Counter::new(
+                limits.jobs_per_minute,
+                usage.counted.jobs_this_minute,
+                Some(usage.minute.resets_at()),
+            ),
+            max_active_jobs: Counter::new(limits.max_active_jobs, usage.active_jobs, None),
+        }
     }
 }

@@ -11,7 +11,7 @@ use std::{sync::Arc, time::Duration};
 
 use crate::{
     auth::Tenant,
-    limits::TenantLimits,
+    limits::{Charge, Charged, Counted, TenantLimits, Window},
     messages::JobMessage,
     ports::{
         ArtifactLinks, ArtifactStore, CacheClaim, Delivery, EndpointCircuits, EndpointHealth, IdempotencyRecord,
@@ -100,7 +100,13 @@ impl JobStore for Unwired {
     async fn count_active(&self, _: &TenantId, _: u32) -> Result<u32, PortError> {
         unwired()
     }
-    async fn count_new_job(&self, _: &TenantId, _: i64, _: u32) -> Result<bool, PortError> {
+    async fn charge(&self, _: &TenantId, _: &Charge) -> Result<Charged, PortError> {
+        unwired()
+    }
+    async fn refund(&self, _: &TenantId, _: &Charge) -> Result<(), PortError> {
+        unwired()
+    }
+    async fn counted(&self, _: &TenantId, _: Window, _: Window) -> Result<Counted, PortError> {
         unwired()
     }
 }

@@ -86,7 +86,11 @@ fn run_cases(cases: u32, counts: &std::cell::RefCell<[usize; 3]>) {
         }
     });
     let config = JobsConfig {
-        default_limits: kiln_app::TenantLimits { max_active_jobs: 1_000_000, jobs_per_minute: 1_000_000 },
+        default_limits: kiln_app::TenantLimits {
+            max_active_jobs: 1_000_000,
+            jobs_per_minute: 1_000_000,
+            units_per_day: u64::MAX,
+        },
         ..JobsConfig::default()
     };
     let inbox = Inbox::new(&memory.ports(), config, 64 * 1024);

@@ -312,7 +312,7 @@ async fn unknown_models_and_versions_are_named() {
 }
 
 fn limited(id: &str, max_active_jobs: u32, jobs_per_minute: u32) -> Tenant {
-    Tenant { limits: Some(TenantLimits { max_active_jobs, jobs_per_minute }), ..tenant(id) }
+    Tenant { limits: Some(TenantLimits { max_active_jobs, jobs_per_minute, ..TenantLimits::default() }), ..tenant(id) }
 }
 
 fn fox(n: usize) -> Vec<u8> {
@@ -366,10 +366,56 @@ async fn a_tenant_over_its_rate_is_told_when_to_come_back() {
     assert!(matches!(suspended, AppError::RateLimited { limit: 0, .. }), "{suspended:?}");
 }
 
+/// The demo model's default job (512², 4 steps, unguided) costs 2 units; 9 a day let 4 in.
+#[tokio::test]
+async fn a_tenant_out_of_its_daily_units_is_told_the_limit_and_when_it_resets() {
+    let world = world();
+    let a = Tenant { limits: Some(TenantLimits { units_per_day: 9, ..TenantLimits::default() }), ..tenant("a") };
+    let first = world.jobs.submit(&a, &fox(0), None).await.unwrap();
+    assert_eq!(first.job.cost_units, 2);
+    for n in 1..4 {
+        world.jobs.submit(&a, &fox(n), None).await.unwrap();
+    }
+    let refused = world.jobs.submit(&a, &fox(4), None).await.unwrap_err();
+    match &refused {
+        AppError::UnitsExhausted { limit: 9, used: 8, cost: 2, resets_at, retry_after_secs } => {
+            let midnight =
+                (Utc::now() + chrono::Duration::days(1)).date_naive().and_hms_opt(0, 0, 0).unwrap().and_utc();
+            assert!(*resets_at == midnight || *resets_at == midnight - chrono::Duration::days(1), "{resets_at}");
+            assert!((1..=86_400).contains(retry_after_secs));
+        }
+        other => panic!("expected the daily units, got {other:?}"),
+    }
+    assert_eq!(refused.code(), "units_exhausted");
+    assert!(refused.to_string().contains("costs 2 units and 8 of this account's 9 units"), "{refused}");
+    // A cheaper job still fits; what renders nothing costs nothing.
+    let small = world.jobs.submit(&a, br#"{"model":"demo","prompt":"small","width":256,"height":256}"#, None).await;
+    assert_eq!(small.unwrap().job.cost_units, 1);
+    let again = world.jobs.submit(&a, &fox(0), None).await.unwrap();
+    assert_eq!((again.disposition, &again.job.id), (Disposition::Deduplicated, &first.job.id));
+    let usage = world.jobs.usage(&a).await.unwrap();
+    assert_eq!((usage.counted.units_today, usage.limits.units_per_day, usage.active_jobs), (9, 9, 5));
+}
+
+/// A job that is not accepted after its charge (the queue failed) gives its units back.
+#[tokio::test]
+async fn a_job_the_queue_refused_costs_nothing() {
+    let world = world();
+    let a = tenant("a");
+    world.queue.set_failing(true);
+    world.jobs.submit(&a, &fox(0), None).await.unwrap_err();
+    world.queue.set_failing(false);
+    let usage = world.jobs.usage(&a).await.unwrap();
+    assert_eq!((usage.counted.units_today, usage.counted.jobs_this_minute), (0, 0));
+    world.jobs.submit(&a, &fox(0), None).await.unwrap();
+    let usage = world.jobs.usage(&a).await.unwrap();
+    assert_eq!((usage.counted.units_today, usage.counted.jobs_this_minute), (2, 1));
+}
+
 #[tokio::test]
 async fn tenants_without_limits_of_their_own_get_the_deployments() {
     let config = JobsConfig {
-        default_limits: TenantLimits { max_active_jobs: 1, jobs_per_minute: 100 },
+        default_limits: TenantLimits { max_active_jobs: 1, jobs_per_minute: 100, ..Default::default() },
         ..JobsConfig::default()
     };
     let jobs = Jobs::new(&MemoryPorts::with_models(vec![demo_model()]).ports(), config);

@@ -12,7 +12,10 @@ use aws_sdk_dynamodb::{
     types::{AttributeValue, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem},
 };
 use chrono::{DateTime, Utc};
-use kiln_app::ports::{CacheClaim, IdempotencyRecord, InsertOutcome, JobPage, JobStore, PortError};
+use kiln_app::{
+    limits::{Charge, Charged, Counted, Window},
+    ports::{CacheClaim, IdempotencyRecord, InsertOutcome, JobPage, JobStore, PortError},
+};
 use kiln_domain::{CacheKey, Job, JobId, JobStatus, TenantId};
 use std::collections::HashMap;
 
@@ -381,26 +384,84 @@ impl JobStore for DynamoJobStore {
         Ok(counted.min(up_to))
     }
 
-    /// One counter item per tenant and minute in the requests table (`rate#<tenant>#<window>`),
-    /// incremented only while under the limit; DynamoDB's TTL removes it an hour later.
-    async fn count_new_job(&self, tenant: &TenantId, window_start: i64, limit: u32) -> Result<bool, PortError> {
-        if limit == 0 {
-            return Ok(false);
+    /// One usage item per tenant and UTC day in the requests table (`usage#<tenant>#<day>`):
+    /// `units` counts the day's units, `m<minute>` the jobs of each minute. One conditional
+    /// update counts both or neither, so the rate limit and the daily units cost one call
+    /// together and DynamoDB serializes racing submits on the item. Each update removes the
+    /// previous minute's counter, so the item stays small; DynamoDB's TTL removes it a week
+    /// after its day.
+    async fn charge(&self, tenant: &TenantId, charge: &Charge) -> Result<Charged, PortError> {
+        if charge.jobs_per_minute == 0 {
+            return Ok(Charged::RateLimited);
         }
+        let Some(room) = charge.units_per_day.checked_sub(charge.units) else {
+            let used = self.counted(tenant, charge.day, charge.minute).await?.units_today;
+            return Ok(Charged::OutOfUnits { used });
+        };
         let result = self
             .client
             .update_item()
             .table_name(&self.requests_table)
-            .key("pk", s(format!("rate#{tenant}#{window_start}")))
-            .update_expression("ADD jobs :one SET purge_at = if_not_exists(purge_at, :purge)")
-            .condition_expression("attribute_not_exists(jobs) OR jobs < :limit")
+            .key("pk", s(usage_pk(tenant, charge.day)))
+            .update_expression("ADD units :units, #minute :one SET purge_at = if_not_exists(purge_at, :purge) REMOVE #previous")
+            .condition_expression(
+                "(attribute_not_exists(units) OR units <= :room) AND (attribute_not_exists(#minute) OR #minute < :rate)",
+            )
+            .expression_attribute_names("#minute", minute_attr(charge.minute.start))
+            .expression_attribute_names("#previous", minute_attr(charge.minute.start - charge.minute.length))
+            .expression_attribute_values(":units", n(charge.units))
             .expression_attribute_values(":one", n(1))
-            .expression_attribute_values(":limit", n(limit))
-            .expression_attribute_values(":purge", n(window_start + 3600))
+            .expression_attribute_values(":room", n(room))
+            .expression_attribute_values(":rate", n(charge.jobs_per_minute))
+            .expression_attribute_values(":purge", n(charge.day.start + charge.day.length + USAGE_RETENTION_SECS))
             .send()
             .await;
-        written(result)
+        if written(result)? {
+            return Ok(Charged::Counted);
+        }
+        let counted = self.counted(tenant, charge.day, charge.minute).await?;
+        Ok(if counted.jobs_this_minute >= charge.jobs_per_minute {
+            Charged::RateLimited
+        } else {
+            Charged::OutOfUnits { used: counted.units_today }
+        })
     }
+
+    async fn refund(&self, tenant: &TenantId, charge: &Charge) -> Result<(), PortError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.requests_table)
+            .key("pk", s(usage_pk(tenant, charge.day)))
+            .update_expression("ADD units :units, #minute :one")
+            .condition_expression("attribute_exists(units)")
+            .expression_attribute_names("#minute", minute_attr(charge.minute.start))
+            .expression_attribute_values(":units", n(-i128::from(charge.units)))
+            .expression_attribute_values(":one", n(-1))
+            .send()
+            .await;
+        written(result).map(drop)
+    }
+
+    async fn counted(&self, tenant: &TenantId, day: Window, minute: Window) -> Result<Counted, PortError> {
+        let item = self.request_item(usage_pk(tenant, day)).await?.unwrap_or_default();
+        let number = |name: &str| item.get(name).and_then(|v| v.as_n().ok()).and_then(|n| n.parse::<i64>().ok());
+        Ok(Counted {
+            units_today: number("units").unwrap_or(0).max(0) as u64,
+            jobs_this_minute: number(&minute_attr(minute.start)).unwrap_or(0).clamp(0, i64::from(u32::MAX)) as u32,
+        })
+    }
+}
+
+/// How long a day's usage item is kept after the day.
+const USAGE_RETENTION_SECS: i64 = 7 * 24 * 3600;
+
+fn usage_pk(tenant: &TenantId, day: Window) -> String {
+    format!("usage#{tenant}#{}", day.start)
+}
+
+fn minute_attr(minute_start: i64) -> String {
+    format!("m{minute_start}")
 }
 
 impl DynamoJobStore {

@@ -71,7 +71,16 @@ impl TenantDirectory for DynamoTenants {
         let disabled = item.get("disabled").and_then(|v| v.as_bool().ok()).copied().unwrap_or(false);
         let number = |name: &str| item.get(name).and_then(|v| v.as_n().ok()).and_then(|n| n.parse::<u32>().ok());
         let limits = match (number("max_active_jobs"), number("jobs_per_minute")) {
-            (Some(max_active_jobs), Some(jobs_per_minute)) => Some(TenantLimits { max_active_jobs, jobs_per_minute }),
+            (Some(max_active_jobs), Some(jobs_per_minute)) => Some(TenantLimits {
+                max_active_jobs,
+                jobs_per_minute,
+                // Limits set before units were counted: the built-in daily units.
+                units_per_day: item
+                    .get("units_per_day")
+                    .and_then(|v| v.as_n().ok())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(TenantLimits::default().units_per_day),
+            }),
             _ => None,
         };
         let share_weight = number("share_weight");
@@ -92,7 +101,8 @@ impl TenantDirectory for DynamoTenants {
         let result = match tenant.limits {
             Some(limits) => result
                 .item("max_active_jobs", AttributeValue::N(limits.max_active_jobs.to_string()))
-                .item("jobs_per_minute", AttributeValue::N(limits.jobs_per_minute.to_string())),
+                .item("jobs_per_minute", AttributeValue::N(limits.jobs_per_minute.to_string()))
+                .item("units_per_day", AttributeValue::N(limits.units_per_day.to_string())),
             None => result,
         };
         let result = match tenant.share_weight {
@@ -170,10 +180,11 @@ impl TenantDirectory for DynamoTenants {
         let update = self.update_tenant(tenant);
         let update = match limits {
             Some(limits) => update
-                .update_expression("SET max_active_jobs = :active, jobs_per_minute = :rate")
+                .update_expression("SET max_active_jobs = :active, jobs_per_minute = :rate, units_per_day = :units")
                 .expression_attribute_values(":active", AttributeValue::N(limits.max_active_jobs.to_string()))
-                .expression_attribute_values(":rate", AttributeValue::N(limits.jobs_per_minute.to_string())),
-            None => update.update_expression("REMOVE max_active_jobs, jobs_per_minute"),
+                .expression_attribute_values(":rate", AttributeValue::N(limits.jobs_per_minute.to_string()))
+                .expression_attribute_values(":units", AttributeValue::N(limits.units_per_day.to_string())),
+            None => update.update_expression("REMOVE max_active_jobs, jobs_per_minute, units_per_day"),
         };
         written(update.send().await)
     }

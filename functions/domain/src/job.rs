@@ -129,6 +129,10 @@ pub struct Job {
     /// As asked, capped by the tenant's maximum (normal when not asked).
     #[serde(default, skip_serializing_if = "Priority::is_normal")]
     pub priority: Priority,
+    /// What it costs in GPU-work units (its model's [`crate::CostModel`]), counted against its
+    /// tenant's daily quota when it was accepted. 0 for jobs accepted before costs were kept.
+    #[serde(default)]
+    pub cost_units: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<Webhook>,
     /// The webhooks of later callers whose identical request joined this job (dedup, or an
@@ -227,6 +231,7 @@ impl Job {
             model_version,
             params,
             priority: Priority::Normal,
+            cost_units: 0,
             webhook,
             subscribers: Vec::new(),
             status: JobStatus::Queued,

@@ -20,6 +20,6 @@ pub use ids::{InvalidId, JobId, TenantId};
 pub use job::{
     IllegalTransition, Job, JobError, JobErrorCode, Output, Priority, Subscription, Timings, WebhookDelivery,
 };
-pub use model::{ManifestError, ModelSpec, OutputFormat, RenderBudget};
+pub use model::{CostModel, ManifestError, ModelSpec, OutputFormat, RenderBudget};
 pub use params::{JobParams, SeedSource, Submission, Webhook, WebhookEvent, WebhookPolicy};
 pub use status::JobStatus;

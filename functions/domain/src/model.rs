@@ -112,6 +112,44 @@ pub struct ModelSpec {
     /// How long a render may take before the runner's watchdog stops it.
     #[serde(default)]
     pub render_budget: RenderBudget,
+    /// What a job of this model costs in GPU-work units (the tenants' daily quota counts them).
+    #[serde(default)]
+    pub cost: CostModel,
+}
+
+/// A job's cost in GPU-work units. One unit is one megapixel-step: a million pixels of one
+/// frame through one denoising pass of the reference model (SD-1.5 on the deployment's GPU).
+/// A job costs width × height × frames × steps × (2 when guided: classifier-free guidance
+/// runs the UNet twice) ÷ 10⁶ × `unit_scale`, rounded up, at least 1: a guided 25-step 512²
+/// image costs 14 units, a 1-step 256² image 1, a guided 50-step 16-frame 1024² video 1,678.
+///
+/// `unit_scale` is the model's measured GPU time per megapixel-step over the reference model's
+/// (render-bench prints the time per unit; BENCHMARKS.md "Cost units" holds the calibration):
+/// a model twice as slow per pixel-step costs twice the units, so a quota of units is a quota
+/// of GPU time whatever the mix of models and sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CostModel {
+    pub unit_scale: f64,
+}
+
+impl Default for CostModel {
+    fn default() -> Self {
+        Self { unit_scale: 1.0 }
+    }
+}
+
+impl CostModel {
+    /// What rendering `params` costs.
+    pub fn units(&self, params: &crate::JobParams) -> u64 {
+        let passes = if params.guidance > 1.0 { 2.0 } else { 1.0 };
+        let megapixel_steps = f64::from(params.width) * f64::from(params.height) / 1e6
+            * f64::from(params.num_frames.max(1))
+            * f64::from(params.steps.max(1))
+            * passes;
+        // Rounded to 1e-9 first, so a product that should be whole is not pushed over by float error.
+        let units = ((megapixel_steps * self.unit_scale.max(0.0)) * 1e9).round() / 1e9;
+        (units.ceil() as u64).max(1)
+    }
 }
 
 /// How long one job's render may take on this model: `base_secs`, plus `per_megapixel_step_secs`
@@ -186,6 +224,9 @@ impl ModelSpec {
             && l.guidance.contains(d.guidance))
         {
             return fail("a default is outside its limit".into());
+        }
+        if !(self.cost.unit_scale.is_finite() && self.cost.unit_scale > 0.0) {
+            return fail("cost.unit_scale must be a positive number".into());
         }
         if l.image_formats.iter().any(|f| !f.is_image()) || l.video_formats.iter().any(|f| f.is_image()) {
             return fail("image_formats must hold image formats and video_formats video formats".into());
@@ -282,7 +323,34 @@ pub(crate) mod tests {
                 video_format: OutputFormat::Gif,
             },
             render_budget: RenderBudget::default(),
+            cost: CostModel::default(),
         }
+    }
+
+    #[test]
+    fn a_jobs_cost_counts_pixels_frames_steps_and_guidance_scaled_by_the_model() {
+        let resolve = |body: &str, model: &ModelSpec| {
+            crate::Submission::parse(body.as_bytes())
+                .unwrap()
+                .resolve(model, crate::WebhookPolicy::default(), || 1)
+                .unwrap()
+                .params
+        };
+        let model = demo();
+        let units = |body: &str| model.cost.units(&resolve(body, &model));
+        // 512² × 25 steps × 2 passes = 13.1 megapixel-steps.
+        assert_eq!(units(r#"{"model":"demo","prompt":"x","steps":25,"guidance":7.5}"#), 14);
+        assert_eq!(units(r#"{"model":"demo","prompt":"x","steps":25,"guidance":1.0}"#), 7);
+        assert_eq!(units(r#"{"model":"demo","prompt":"x","width":256,"height":256,"steps":1}"#), 1);
+        // 1000² exactly: 4 steps are 4 units, not 5 from float error.
+        assert_eq!(units(r#"{"model":"demo","prompt":"x","width":1000,"height":1000,"steps":4}"#), 4);
+        assert_eq!(units(r#"{"model":"demo","prompt":"x","width":1000,"height":1000,"steps":4,"num_frames":3}"#), 12);
+        let slower = ModelSpec { cost: CostModel { unit_scale: 2.5 }, ..demo() };
+        let params = resolve(r#"{"model":"demo","prompt":"x","width":1000,"height":1000,"steps":4}"#, &slower);
+        assert_eq!(slower.cost.units(&params), 10);
+        let mut broken = demo();
+        broken.cost.unit_scale = 0.0;
+        assert!(broken.check().is_err());
     }
 
     #[test]

@@ -128,7 +128,11 @@ impl World {
         let models = ModelSpec::read_packages(&dir).unwrap().into_iter().map(|(_, model)| model).collect();
         let memory = MemoryPorts::with_models(models);
         let config = JobsConfig {
-            default_limits: kiln_app::TenantLimits { max_active_jobs: 1_000_000, jobs_per_minute: 1_000_000 },
+            default_limits: kiln_app::TenantLimits {
+                max_active_jobs: 1_000_000,
+                jobs_per_minute: 1_000_000,
+                units_per_day: u64::MAX,
+            },
             ..JobsConfig::default()
         };
         let jobs = Jobs::new(&memory.ports(), config);

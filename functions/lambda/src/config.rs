@@ -36,6 +36,10 @@ pub struct FunctionConfig {
     /// refused with 429 `rate_limited` and a Retry-After.
     #[arg(long, env = "KILN_DEFAULT_JOBS_PER_MINUTE", default_value_t = TenantLimits::default().jobs_per_minute)]
     pub default_jobs_per_minute: u32,
+    /// GPU-work units of new jobs a tenant may submit per UTC day, unless its own limits say
+    /// otherwise; more are refused with 429 `units_exhausted` and a Retry-After.
+    #[arg(long, env = "KILN_DEFAULT_UNITS_PER_DAY", default_value_t = TenantLimits::default().units_per_day)]
+    pub default_units_per_day: u64,
 }
 
 impl FunctionConfig {
@@ -48,6 +52,7 @@ impl FunctionConfig {
             default_limits: TenantLimits {
                 max_active_jobs: self.default_max_active_jobs,
                 jobs_per_minute: self.default_jobs_per_minute,
+                units_per_day: self.default_units_per_day,
             },
             ..JobsConfig::default()
         }
@@ -64,6 +69,7 @@ impl FunctionConfig {
             allow_local_webhooks: false,
             default_max_active_jobs: TenantLimits::default().max_active_jobs,
             default_jobs_per_minute: TenantLimits::default().jobs_per_minute,
+            default_units_per_day: TenantLimits::default().units_per_day,
         }
     }
 }
