@@ -95,6 +95,11 @@ pub struct RunnerConfig {
     #[arg(long, env = "KILN_DEFER_SECS", default_value_t = 2)]
     pub defer_secs: u64,
 
+    /// How often the runner reports its capacity per model (slots, busy, speed) to the fleet
+    /// board the API's queue estimates read, in seconds; 0: never.
+    #[arg(long, env = "KILN_FLEET_REPORT_SECS", default_value_t = 10)]
+    pub fleet_report_secs: u64,
+
     /// Long-poll wait of one receive, in seconds (SQS allows 0 to 20).
     #[arg(long, env = "KILN_POLL_WAIT_SECS", default_value_t = 20)]
     pub poll_wait_secs: u64,

@@ -6,9 +6,12 @@
 //! received messages it has not started. While other tenants have messages held (waiting for a
 //! slot), a tenant's share of the slots is in proportion to its weight among them and itself, at
 //! least one slot; with none waiting, its share is every slot (nothing idles while work waits).
-//! A received message whose tenant already has its share running or held is deferred: sent again
-//! to the end of the queue, so the runner reads past one tenant's backlog to the other tenants'
-//! jobs behind it; the others' messages are held. When a slot frees, the held message that
+//! A received message whose tenant already has its share running or held, and one more held
+//! (its next in line), is deferred: sent again to the end of the queue, so the runner reads past
+//! one tenant's backlog to the other tenants' jobs behind it; the others' messages are held.
+//! Reading ahead finds a tenant's jobs out of their order (what went back is behind the rest),
+//! so the next in line is the oldest of the tenant's jobs seen: an older one takes its place
+//! and the newer goes back, and one tenant's jobs start about in the order they came. When a slot frees, the held message that
 //! starts is the one whose tenant has the fewest jobs running for its weight (the longest held
 //! first among equals).
 //!
@@ -51,6 +54,8 @@ struct Held<T> {
     priority: Priority,
     /// When its job was submitted, on this runner's clock.
     born: Instant,
+    /// Delivered again: never sent back (see [`Arrival::pinned`]).
+    pinned: bool,
     item: T,
 }
 
@@ -145,21 +150,38 @@ impl<T> Intake<T> {
     /// A received message of `tenant`, whose share weighs `weight` (at least 1), at `now`.
     pub fn offer(&mut self, arrival: Arrival<'_>, item: T, now: Instant) -> Offer<T> {
         let Arrival { tenant, weight, priority, born, pinned } = arrival;
-        let held = Held { tenant: tenant.to_owned(), weight: weight.max(1), priority, born, item };
+        let held = Held { tenant: tenant.to_owned(), weight: weight.max(1), priority, born, pinned, item };
         if pinned {
             self.held.push(held);
             return Offer::Held;
         }
         let level = effective(priority, born, now);
+        let level_of = |held: &Held<T>| effective(held.priority, held.born, now);
         let of_tenant = self.held.iter().filter(|held| held.tenant == tenant).count();
-        if self.limits.fair && level < 2 && self.running(tenant) + of_tenant >= self.share_of(tenant, weight) {
-            return Offer::Defer(held.item);
+        // A tenant may have its share running or held, and one more held: its next in line, the
+        // oldest of its jobs the runner has seen, so its jobs start in their order however the
+        // reading ahead finds them.
+        if self.limits.fair && level < 2 && self.running(tenant) + of_tenant > self.share_of(tenant, weight) {
+            // The tenant's own order is kept: an older job of its takes the place of its newest
+            // held one of no higher level, which goes back instead.
+            let newer = (0..self.held.len())
+                .filter(|&i| {
+                    let other = &self.held[i];
+                    other.tenant == tenant && !other.pinned && other.born > born && level_of(other) <= level
+                })
+                .max_by_key(|&i| self.held[i].born);
+            return match newer {
+                Some(i) => Offer::Defer(std::mem::replace(&mut self.held[i], held).item),
+                None => Offer::Defer(held.item),
+            };
         }
         let mut evicted = None;
         if self.room() == 0 {
-            // Room for a higher (aged) priority: the lowest held, the newest among equals, goes.
-            let level_of = |held: &Held<T>| effective(held.priority, held.born, now);
-            let lowest = (0..self.held.len()).min_by_key(|&i| (level_of(&self.held[i]), std::cmp::Reverse(i)));
+            // Room for a higher (aged) priority: the lowest held, the newest among equals, goes
+            // (never one delivered again).
+            let lowest = (0..self.held.len())
+                .filter(|&i| !self.held[i].pinned)
+                .min_by_key(|&i| (level_of(&self.held[i]), std::cmp::Reverse(i)));
             match lowest {
                 Some(i) if self.limits.fair && level_of(&self.held[i]) < level => {
                     evicted = Some(self.held.remove(i).item);
@@ -287,12 +309,13 @@ mod tests {
         for n in 0..4 {
             assert_eq!(intake.put("a", 1, n), Offer::Held, "{n}");
         }
-        assert_eq!(intake.put("a", 1, 4), Offer::Defer(4), "a fifth: more than the slots");
+        assert_eq!(intake.put("a", 1, 4), Offer::Defer(4), "a fifth: the hold is full");
         let started: Vec<u32> = (0..4).map(|_| intake.next().unwrap().1).collect();
         assert_eq!(started, [0, 1, 2, 3], "in the order received");
-        assert_eq!(intake.put("a", 1, 5), Offer::Defer(5), "its share is running");
+        assert_eq!(intake.put("a", 1, 5), Offer::Held, "its share is running: one more, next in line");
+        assert_eq!(intake.put("a", 1, 6), Offer::Defer(6), "past its share and its next in line");
         intake.finished("a");
-        assert_eq!(intake.put("a", 1, 6), Offer::Held, "a slot freed");
+        assert_eq!(intake.put("a", 1, 7), Offer::Held, "a slot freed");
     }
 
     #[test]
@@ -304,24 +327,26 @@ mod tests {
         for _ in 0..4 {
             intake.next();
         }
-        // a runs 4 of 4 slots; its backlog is deferred, b's job behind it held.
-        assert_eq!(intake.put("a", 1, 10), Offer::Defer(10));
+        // a runs 4 of 4 slots and holds its next in line; the rest of its backlog is deferred,
+        // b's job behind it held.
+        assert_eq!(intake.put("a", 1, 10), Offer::Held);
+        assert_eq!(intake.put("a", 1, 11), Offer::Defer(11));
         assert_eq!(intake.put("b", 1, 20), Offer::Held);
         assert_eq!(intake.share("a"), 2, "b waits: two slots each");
-        assert_eq!(intake.put("b", 1, 21), Offer::Held, "b, the only one waiting, may claim every slot");
+        assert_eq!(intake.put("b", 1, 21), Offer::Held, "b, waiting, may claim its two slots");
         intake.finished("a");
-        assert_eq!(intake.next(), Some(("b".into(), 20)));
+        assert_eq!(intake.next(), Some(("b".into(), 20)), "b before a's next in line, held longer");
         // a's messages are deferred while b waits and a has its share.
         intake.finished("a");
-        assert_eq!(intake.put("a", 1, 11), Offer::Defer(11), "a still runs 2 while b waits");
+        assert_eq!(intake.put("a", 1, 12), Offer::Defer(12), "a runs 2 and holds 1 while b waits");
         assert_eq!(intake.next(), Some(("b".into(), 21)));
-        // Nobody waits: a may take every slot again as b's jobs end.
+        // Nobody else waits: a may take every slot again as b's jobs end.
         assert_eq!(intake.share("a"), 4);
-        assert_eq!(intake.put("a", 1, 12), Offer::Held, "a runs 2, b 2: held for the next free slot");
+        assert_eq!(intake.put("a", 1, 13), Offer::Held, "a runs 2, b 2: held for the next free slot");
         intake.finished("b");
-        assert_eq!(intake.next(), Some(("a".into(), 12)));
-        assert_eq!(intake.put("a", 1, 13), Offer::Held, "a runs 3: one more may wait for a slot");
-        assert_eq!(intake.put("a", 1, 14), Offer::Defer(14), "a runs 3 and holds 1: its four");
+        assert_eq!(intake.next(), Some(("a".into(), 10)), "a's oldest first");
+        assert_eq!(intake.put("a", 1, 14), Offer::Held, "a runs 3 and holds 1: its four");
+        assert_eq!(intake.put("a", 1, 15), Offer::Defer(15), "and one more next in line is all");
     }
 
     #[test]
@@ -336,9 +361,10 @@ mod tests {
             intake.put("b", 1, offered + 1);
             offered += 2;
         }
+        // Each holds its share and its next in line.
         let started: Vec<String> = std::iter::from_fn(|| intake.next().map(|(tenant, _)| tenant)).collect();
-        assert_eq!(started.iter().filter(|t| *t == "a").count(), 6, "{started:?}");
-        assert_eq!(started.iter().filter(|t| *t == "b").count(), 2, "{started:?}");
+        assert_eq!(started.iter().filter(|t| *t == "a").count(), 6 + 1, "{started:?}");
+        assert_eq!(started.iter().filter(|t| *t == "b").count(), 2 + 1, "{started:?}");
     }
 
     #[test]
@@ -405,11 +431,54 @@ mod tests {
         let mut intake = intake(1, 1);
         intake.put("a", 1, 1);
         intake.next();
-        assert_eq!(intake.put("a", 1, 2), Offer::Defer(2), "a has its one slot");
+        assert_eq!(intake.put("a", 1, 2), Offer::Held, "a has its one slot: its next in line");
+        assert_eq!(intake.put("a", 1, 5), Offer::Defer(5), "a has its one slot and its next");
         let again = Arrival { tenant: "a", weight: 1, priority: Priority::Low, born: now, pinned: true };
         assert_eq!(intake.offer(again, 3, now), Offer::Held, "maybe its own running job's message");
         assert_eq!(intake.offer(again, 4, now), Offer::Held, "past the hold's room too");
+        assert_eq!(intake.held(), 3);
+    }
+
+    /// A runner reading ahead sees a tenant's jobs out of their order (what it sent back is at
+    /// the end of the queue): it keeps the oldest it has seen, so one tenant's jobs still start
+    /// about in the order they were submitted.
+    #[test]
+    fn a_tenants_older_job_takes_the_place_of_its_newer_held_one() {
+        let now = Instant::now();
+        let mut intake = intake(1, 2);
+        let at = |age: u64, pinned| Arrival {
+            tenant: "a",
+            weight: 1,
+            priority: Priority::Normal,
+            born: now - Duration::from_secs(age),
+            pinned,
+        };
+        assert_eq!(intake.offer(at(10, false), 10, now), Offer::Held);
+        intake.start_next(now);
+        assert_eq!(intake.offer(at(5, false), 5, now), Offer::Held, "its next in line");
+        assert_eq!(intake.offer(at(3, false), 3, now), Offer::Defer(3), "newer: it goes back");
+        assert_eq!(intake.offer(at(8, false), 8, now), Offer::Defer(5), "older: it stays, the newer goes back");
+        assert_eq!(intake.offer(at(1, true), 1, now), Offer::Held, "delivered again");
+        assert_eq!(intake.offer(at(9, false), 9, now), Offer::Defer(8), "never in a pinned one's place");
         assert_eq!(intake.held(), 2);
+        // A job of a higher level than the held one is not swapped in by age (it is held by
+        // its priority's own rules).
+        let mut intake = intake_of(1, 1);
+        intake.offer(at(2, false), 2, now);
+        let high = Arrival { priority: Priority::High, ..at(1, true) };
+        assert_eq!(intake.offer(Arrival { pinned: false, ..high }, 1, now), Offer::Defer(2), "room for the higher");
+        assert_eq!(intake.offer(at(1, true), 7, now), Offer::Held);
+        let mut full = intake_of(1, 1);
+        full.offer(at(2, true), 2, now);
+        assert_eq!(
+            full.offer(Arrival { pinned: false, ..high }, 1, now),
+            Offer::Defer(1),
+            "a pinned one is never evicted"
+        );
+    }
+
+    fn intake_of(slots: usize, hold: usize) -> Intake<u32> {
+        intake(slots, hold)
     }
 
     #[test]

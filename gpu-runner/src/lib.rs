@@ -13,6 +13,7 @@ pub mod batching;
 pub mod config;
 pub mod encode;
 pub mod fairness;
+pub mod fleet;
 pub mod metrics;
 pub mod packages;
 pub mod placement;
@@ -50,6 +51,7 @@ pub fn start_sessions(
                 metrics.clone(),
             );
             handle.budget = model.spec.render_budget;
+            handle.cost = model.spec.cost;
             if index == 0 {
                 specs.push(model.spec);
             }

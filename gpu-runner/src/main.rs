@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use kiln_aws::{AwsPorts, Resources};
-use kiln_runner::{Metrics, Ports, Runner, RunnerConfig, metrics, start_sessions, warm_up};
+use kiln_runner::{Metrics, Ports, Runner, RunnerConfig, fleet, metrics, start_sessions, warm_up};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -58,7 +58,15 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(metrics::serve(listener, metrics.clone(), shutdown.child_token()));
     tokio::spawn(stop_on_signal(shutdown.clone()));
 
-    let runner = Arc::new(Runner::new(ports, sessions, cli.runner.settings(), metrics));
+    let settings = cli.runner.settings();
+    let slots = settings.max_in_flight;
+    let runner = Arc::new(Runner::new(ports, sessions, settings, metrics.clone()));
+    if cli.runner.fleet_report_secs > 0 {
+        let every = std::time::Duration::from_secs(cli.runner.fleet_report_secs);
+        let report =
+            fleet::report(aws.fleet(), runner.speeds(), metrics, runner.models(), slots, every, shutdown.child_token());
+        tokio::spawn(report);
+    }
     runner.run(shutdown).await;
     for thread in threads {
         let _ = thread.join();

@@ -40,6 +40,7 @@ use crate::{
     config::Settings,
     encode::{self, EncodeError},
     fairness::{Arrival, Intake, Offer, ScanBudget},
+    fleet::Speeds,
     metrics::{Metrics, Outcome},
     render::{RenderControl, RenderError, RenderRequest, RuntimeFailure, StopReason},
     session::{RenderJob, Rendered, SessionHandle},
@@ -62,6 +63,8 @@ pub struct Runner {
     metrics: Arc<Metrics>,
     /// Fires when the shutdown deadline has passed: renders stop and hand their jobs back.
     hand_back: CancellationToken,
+    /// Render speed per model, reported to the fleet board.
+    speeds: Arc<Speeds>,
 }
 
 /// A failure on the way, and whether trying again may help.
@@ -152,7 +155,20 @@ impl Runner {
             settings,
             metrics,
             hand_back: CancellationToken::new(),
+            speeds: Arc::default(),
         }
+    }
+
+    /// Its render speed per model, fed by every job it renders (for [`crate::fleet::report`]).
+    pub fn speeds(&self) -> Arc<Speeds> {
+        self.speeds.clone()
+    }
+
+    /// The models it serves.
+    pub fn models(&self) -> Vec<String> {
+        let mut models: Vec<String> = self.sessions.keys().cloned().collect();
+        models.sort();
+        models
     }
 
     /// Runs until `shutdown`, then lets in-flight jobs finish within the deadline, hands back
@@ -392,6 +408,7 @@ impl Runner {
             }
         };
         self.metrics.render.observe(rendered.render_time.as_secs_f64());
+        self.speeds.rendered(&job.model, session.cost.units(&job.params), rendered.render_time);
 
         let params = &job.params;
         let warnings = frames.notes.clone();

@@ -64,6 +64,8 @@ pub struct SessionHandle {
     pub device: Device,
     /// How long a job's render may take (its model's manifest).
     pub budget: kiln_domain::RenderBudget,
+    /// What a job costs in GPU-work units (its model's manifest).
+    pub cost: kiln_domain::CostModel,
     sender: mpsc::Sender<RenderJob>,
     drain: Arc<Drain>,
     /// Jobs handed to the session and not answered yet (and their device's gauge of them).
@@ -225,8 +227,17 @@ pub fn spawn(
             info!(thread = %name, "render session stopped");
         })
         .expect("spawning a session thread");
-    let handle =
-        SessionHandle { model, version, device, budget: Default::default(), sender, drain, queued, queued_gauge };
+    let handle = SessionHandle {
+        model,
+        version,
+        device,
+        budget: Default::default(),
+        cost: Default::default(),
+        sender,
+        drain,
+        queued,
+        queued_gauge,
+    };
     (handle, thread)
 }
 

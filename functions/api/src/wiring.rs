@@ -24,7 +24,7 @@ pub fn submit_job(aws: &AwsPorts) -> Ports {
 
 /// `GET /v1/jobs/{id}`: the job and its download links.
 pub fn get_job(aws: &AwsPorts) -> Ports {
-    Ports { store: aws.job_store(), links: aws.links(), ..authenticated(aws) }
+    Ports { store: aws.job_store(), links: aws.links(), fleet: aws.fleet(), ..authenticated(aws) }
 }
 
 /// `GET /v1/jobs`.

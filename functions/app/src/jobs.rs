@@ -8,6 +8,7 @@ use kiln_domain::{
 use rand::Rng;
 use sha2::{Digest, Sha256};
 use std::{
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -16,11 +17,12 @@ use tracing::{info, warn};
 use crate::{
     auth::Tenant,
     error::AppError,
+    eta::{self, Estimate},
     limits::{Charge, Charged, TenantLimits, Window},
     messages::JobMessage,
     ports::{
-        ArtifactLinks, CacheClaim, IdempotencyRecord, InsertOutcome, JobPage, JobQueue, JobStore, ModelCatalog,
-        PresignedUrl,
+        ArtifactLinks, CacheClaim, FleetBoard, IdempotencyRecord, InsertOutcome, JobPage, JobQueue, JobStore,
+        ModelCatalog, PresignedUrl, QueuedJob, RunnerReport,
     },
     revise::{Change, revise},
     wiring::Ports,
@@ -95,16 +97,25 @@ pub struct Usage {
 pub struct JobWithLinks {
     pub job: Job,
     pub links: Vec<PresignedUrl>,
+    /// Queued or running, read by `get`: where it stands and when it should start and finish.
+    pub estimate: Option<Estimate>,
 }
 
 /// Longest accepted `Idempotency-Key`.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 /// Largest page of `list`.
 pub const MAX_PAGE: u32 = 100;
+/// Most queued jobs a queue estimate reads (past them, the position is a lower bound).
+pub const QUEUE_READ_LIMIT: u32 = 2000;
+/// How long the queue and the fleet read for estimates are reused (per process).
+pub const ESTIMATES_REUSED_FOR: Duration = Duration::from_secs(2);
 /// How many times a use case re-reads and retries when a concurrent writer won.
 const MAX_RACES: usize = 5;
 /// The first pause after a transaction conflict; the n-th waits n times as long.
 const CONFLICT_PAUSE: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// Something read from a port, and when.
+type Read<T> = (Instant, Arc<T>);
 
 /// The job use cases over their ports.
 pub struct Jobs {
@@ -112,8 +123,12 @@ pub struct Jobs {
     queue: Arc<dyn JobQueue>,
     catalog: Arc<dyn ModelCatalog>,
     links: Arc<dyn ArtifactLinks>,
+    fleet: Arc<dyn FleetBoard>,
     config: JobsConfig,
     models: Mutex<Option<(Instant, Arc<Vec<ModelSpec>>)>>,
+    /// The queue and the fleets as last read for estimates.
+    snapshot: Mutex<Option<Read<Vec<QueuedJob>>>>,
+    fleets: Mutex<HashMap<String, Read<Vec<RunnerReport>>>>,
 }
 
 impl Jobs {
@@ -124,8 +139,11 @@ impl Jobs {
             queue: ports.queue.clone(),
             catalog: ports.catalog.clone(),
             links: ports.links.clone(),
+            fleet: ports.fleet.clone(),
             config,
             models: Mutex::new(None),
+            snapshot: Mutex::new(None),
+            fleets: Mutex::new(HashMap::new()),
         }
     }
 
@@ -265,9 +283,10 @@ impl Jobs {
             }
             job.retention_secs = Some(self.config.output_retention.as_secs());
             job.cost_units = units;
+            job.share_weight = tenant.share_weight.filter(|weight| *weight != 1);
             let claim = CacheClaim { key: cache_key.clone(), replaces };
             match self.store.insert(&job, &claim, idempotency.as_ref()).await? {
-                InsertOutcome::Inserted => return self.enqueue(job, idempotency.as_ref(), tenant.share_weight).await,
+                InsertOutcome::Inserted => return self.enqueue(job, idempotency.as_ref()).await,
                 InsertOutcome::CacheKeyTaken => continue,
                 // The other write (most likely this request's twin) is committing: look again
                 // once it has; the next round finds its job by the cache key, and its
@@ -379,14 +398,8 @@ impl Jobs {
 
     /// Puts a stored job on the queue. If that fails, the job is failed and its keys released at
     /// once, so it never sits queued with no message; the client gets a 503 and may resubmit.
-    /// `weight`: the tenant's in fair share, carried by the message to the runners.
-    async fn enqueue(
-        &self,
-        mut job: Job,
-        idempotency: Option<&IdempotencyRecord>,
-        weight: Option<u32>,
-    ) -> Result<Submitted, AppError> {
-        let message = JobMessage { weight: weight.filter(|weight| *weight != 1), ..JobMessage::for_job(&job) };
+    async fn enqueue(&self, mut job: Job, idempotency: Option<&IdempotencyRecord>) -> Result<Submitted, AppError> {
+        let message = JobMessage::for_job(&job);
         let Err(error) = self.queue.enqueue(&message).await else {
             info!(job_id = %job.id, tenant_id = %job.tenant_id, model = %job.model, "job queued");
             return Ok(Submitted { job, disposition: Disposition::Created });
@@ -449,9 +462,72 @@ impl Jobs {
     }
 
     /// A job of this tenant's, with download links when it has succeeded.
+    /// A job of this tenant's, with download links when it has succeeded, and where it stands
+    /// (queue position, step, estimated start and finish) while queued or running.
     pub async fn get(&self, tenant: &Tenant, id: &str) -> Result<JobWithLinks, AppError> {
         let job = self.owned(tenant, id).await?;
-        self.with_links(job).await
+        let estimate = self.estimate(&job).await;
+        Ok(JobWithLinks { estimate, ..self.with_links(job).await? })
+    }
+
+    /// The estimate of a queued or running job, from the queue and the fleet as read at most
+    /// [`ESTIMATES_REUSED_FOR`] ago. None when it has ended, or when they cannot be read (the
+    /// job is answered all the same).
+    async fn estimate(&self, job: &Job) -> Option<Estimate> {
+        if job.status.is_terminal() {
+            return None;
+        }
+        let fleet = self.fleet_of(&job.model).await;
+        let (queued, complete) = match job.status {
+            JobStatus::Queued => self.queued_snapshot().await?,
+            _ => (Arc::default(), true),
+        };
+        let fleet = fleet.and_then(|reports| eta::Fleet::of(&reports, Utc::now()));
+        eta::of_job(job, &queued, complete, fleet.as_ref(), Utc::now())
+    }
+
+    /// The oldest queued jobs (at most [`QUEUE_READ_LIMIT`]), and whether that is all of them.
+    async fn queued_snapshot(&self) -> Option<(Arc<Vec<QueuedJob>>, bool)> {
+        let cached = lock(&self.snapshot).clone();
+        if let Some((at, queued)) = cached
+            && at.elapsed() < ESTIMATES_REUSED_FOR
+        {
+            let complete = queued.len() < QUEUE_READ_LIMIT as usize;
+            return Some((queued, complete));
+        }
+        match self.store.queued_jobs(QUEUE_READ_LIMIT).await {
+            Ok(queued) => {
+                let queued = Arc::new(queued);
+                *lock(&self.snapshot) = Some((Instant::now(), queued.clone()));
+                let complete = queued.len() < QUEUE_READ_LIMIT as usize;
+                Some((queued, complete))
+            }
+            Err(err) => {
+                warn!(error = %err, "reading the queue for estimates failed; answering without");
+                None
+            }
+        }
+    }
+
+    /// The runners' reports for `model`.
+    async fn fleet_of(&self, model: &str) -> Option<Arc<Vec<RunnerReport>>> {
+        let cached = lock(&self.fleets).get(model).cloned();
+        if let Some((at, reports)) = cached
+            && at.elapsed() < ESTIMATES_REUSED_FOR
+        {
+            return Some(reports);
+        }
+        match self.fleet.reports(model).await {
+            Ok(reports) => {
+                let reports = Arc::new(reports);
+                lock(&self.fleets).insert(model.to_owned(), (Instant::now(), reports.clone()));
+                Some(reports)
+            }
+            Err(err) => {
+                warn!(error = %err, model, "reading the fleet for estimates failed; answering without");
+                None
+            }
+        }
     }
 
     /// Adds fresh download links to a succeeded job's outputs.
@@ -469,7 +545,7 @@ impl Jobs {
                 links.push(self.links.presign_get(&output.key, valid_for).await?);
             }
         }
-        Ok(JobWithLinks { job, links })
+        Ok(JobWithLinks { job, links, estimate: None })
     }
 
     /// The tenant's jobs, newest first.
@@ -507,7 +583,7 @@ impl Jobs {
 
     /// The served models, read through a short-lived cache.
     pub async fn models(&self) -> Result<Arc<Vec<ModelSpec>>, AppError> {
-        if let Some((at, models)) = self.models.lock().unwrap_or_else(|p| p.into_inner()).as_ref()
+        if let Some((at, models)) = lock(&self.models).as_ref()
             && at.elapsed() < self.config.catalog_ttl
         {
             return Ok(models.clone());
@@ -515,7 +591,7 @@ impl Jobs {
         let mut models = self.catalog.models().await?;
         models.sort_by(|a, b| a.name.cmp(&b.name));
         let models = Arc::new(models);
-        *self.models.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), models.clone()));
+        *lock(&self.models) = Some((Instant::now(), models.clone()));
         Ok(models)
     }
 
@@ -583,4 +659,8 @@ fn check_idempotency_key(key: &str) -> Result<(), InputError> {
 
 fn truncate(text: &str, max_chars: usize) -> String {
     text.chars().take(max_chars).collect()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod changes;
 pub mod delivery;
 pub mod error;
+pub mod eta;
 pub mod inbox;
 pub mod jobs;
 pub mod keys;

@@ -18,9 +18,10 @@ use crate::{
     limits::{Charge, Charged, Counted, Window},
     messages::JobMessage,
     ports::{
-        ArtifactLinks, ArtifactStore, CacheClaim, Delivery, EndpointCircuits, EndpointHealth, IdempotencyRecord,
-        InsertOutcome, JobPage, JobQueue, JobStore, ModelCatalog, ObjectError, ObjectStore, PortError, PresignedUrl,
-        SecretSet, SecretStore, StoredKey, TenantDirectory, WebhookQueue, WorkQueue,
+        ArtifactLinks, ArtifactStore, CacheClaim, Delivery, EndpointCircuits, EndpointHealth, FleetBoard,
+        IdempotencyRecord, InsertOutcome, JobPage, JobQueue, JobStore, ModelCatalog, ObjectError, ObjectStore,
+        PortError, PresignedUrl, QueuedJob, RunnerReport, SecretSet, SecretStore, StoredKey, TenantDirectory,
+        WebhookQueue, WorkQueue,
     },
     wiring::Ports,
 };
@@ -157,6 +158,15 @@ impl JobStore for MemoryJobStore {
         Ok(())
     }
 
+    async fn queued_jobs(&self, limit: u32) -> Result<Vec<QueuedJob>, PortError> {
+        let tables = lock(&self.tables);
+        let mut queued: Vec<QueuedJob> =
+            tables.jobs.values().filter(|job| job.status == JobStatus::Queued).map(QueuedJob::of).collect();
+        queued.sort_by_key(|job| job.created_at);
+        queued.truncate(limit as usize);
+        Ok(queued)
+    }
+
     async fn queued_expired_by(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Job>, PortError> {
         let tables = lock(&self.tables);
         let mut overdue: Vec<Job> = tables
@@ -208,6 +218,34 @@ impl JobStore for MemoryJobStore {
             units_today: tables.units.get(&(tenant.clone(), day.start)).copied().unwrap_or(0),
             jobs_this_minute: tables.new_jobs.get(&(tenant.clone(), minute.start)).copied().unwrap_or(0),
         })
+    }
+}
+
+/// Runners' reports in a map, by model and runner.
+#[derive(Default)]
+pub struct MemoryFleet {
+    reports: Mutex<HashMap<String, BTreeMap<String, RunnerReport>>>,
+}
+
+#[async_trait]
+impl FleetBoard for MemoryFleet {
+    async fn report(
+        &self,
+        model: &str,
+        report: &RunnerReport,
+        forget: &[String],
+    ) -> Result<Vec<RunnerReport>, PortError> {
+        let mut reports = lock(&self.reports);
+        let board = reports.entry(model.to_owned()).or_default();
+        for runner in forget {
+            board.remove(runner);
+        }
+        board.insert(report.runner.clone(), report.clone());
+        Ok(board.values().cloned().collect())
+    }
+
+    async fn reports(&self, model: &str) -> Result<Vec<RunnerReport>, PortError> {
+        Ok(lock(&self.reports).get(model).map(|board| board.values().cloned().collect()).unwrap_or_default())
     }
 }
 
@@ -623,6 +661,7 @@ pub struct MemoryPorts {
     pub circuits: Arc<MemoryCircuits>,
     pub links: Arc<MemoryLinks>,
     pub artifacts: Arc<MemoryArtifacts>,
+    pub fleet: Arc<MemoryFleet>,
 }
 
 impl MemoryPorts {
@@ -645,6 +684,7 @@ impl MemoryPorts {
             links: self.links.clone(),
             artifacts: self.artifacts.clone(),
             objects: self.artifacts.clone(),
+            fleet: self.fleet.clone(),
         }
     }
 }

@@ -35,7 +35,7 @@ impl JobMessage {
             tenant_id: job.tenant_id.clone(),
             model: job.model.clone(),
             model_version: job.model_version.clone(),
-            weight: None,
+            weight: job.share_weight,
             priority: job.priority,
             created_at: Some(job.created_at),
         }

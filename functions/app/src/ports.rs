@@ -62,6 +62,65 @@ pub enum InsertOutcome {
     Conflicted,
 }
 
+/// What queue estimates read of a queued job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedJob {
+    pub id: JobId,
+    pub tenant_id: TenantId,
+    pub model: String,
+    pub priority: kiln_domain::Priority,
+    pub created_at: DateTime<Utc>,
+    pub cost_units: u64,
+    pub share_weight: Option<u32>,
+}
+
+impl QueuedJob {
+    pub fn of(job: &Job) -> Self {
+        Self {
+            id: job.id.clone(),
+            tenant_id: job.tenant_id.clone(),
+            model: job.model.clone(),
+            priority: job.priority,
+            created_at: job.created_at,
+            cost_units: job.cost_units,
+            share_weight: job.share_weight,
+        }
+    }
+}
+
+/// What one runner reported of its capacity for a model: the ground of queue estimates.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunnerReport {
+    pub runner: String,
+    /// Jobs it runs at once.
+    pub slots: u32,
+    /// Jobs it was running (or holding for a slot) when it reported.
+    pub busy: u32,
+    /// GPU-work units it finished per second over its recent windows with all slots taken
+    /// (None until it has been saturated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub units_per_sec: Option<f64>,
+    /// Its recent render time per unit of one job, in milliseconds (None before its first render).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ms_per_unit: Option<f64>,
+    pub at: DateTime<Utc>,
+}
+
+/// Where runners post their capacity per model, and where the API reads it.
+#[async_trait]
+pub trait FleetBoard: Send + Sync {
+    /// Records `report` for `model` and forgets the runners in `forget`; answers every report
+    /// now on the board for the model.
+    async fn report(
+        &self,
+        model: &str,
+        report: &RunnerReport,
+        forget: &[String],
+    ) -> Result<Vec<RunnerReport>, PortError>;
+    /// Every report on the board for `model`, however old.
+    async fn reports(&self, model: &str) -> Result<Vec<RunnerReport>, PortError>;
+}
+
 /// One page of a tenant's jobs, newest first.
 #[derive(Debug, Clone)]
 pub struct JobPage {
@@ -106,6 +165,9 @@ pub trait JobStore: Send + Sync {
 
     /// Removes the cache pointer and idempotency record if they still point at `job`.
     async fn release_keys(&self, job: &Job, idempotency_key: Option<&str>) -> Result<(), PortError>;
+
+    /// The queued jobs, as much of them as queue estimates need, oldest first, at most `limit`.
+    async fn queued_jobs(&self, limit: u32) -> Result<Vec<QueuedJob>, PortError>;
 
     /// Queued jobs whose time to live ended before `now`, oldest first.
     async fn queued_expired_by(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Job>, PortError>;

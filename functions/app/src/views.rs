@@ -2,6 +2,7 @@
 //! inbox writes as `result.json`.
 
 use crate::{
+    eta::Estimate,
     jobs::{JobWithLinks, Usage},
     ports::PresignedUrl,
 };
@@ -25,6 +26,10 @@ pub struct JobView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook: Option<&'a Webhook>,
     pub progress: f32,
+    /// Queued or running (`GET /v1/jobs/{id}`): `queue_position`, `step`/`steps`,
+    /// `estimated_start_at`, `estimated_finish_at` and what they stand on (`estimate_basis`).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<&'a Estimate>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
@@ -91,6 +96,7 @@ impl<'a> JobView<'a> {
             cost_units: job.cost_units,
             webhook: job.webhook.as_ref(),
             progress: job.progress,
+            estimate: None,
             created_at: job.created_at,
             started_at: job.started_at,
             finished_at: job.finished_at,
@@ -108,7 +114,7 @@ impl<'a> JobView<'a> {
     }
 
     pub fn with_links(read: &'a JobWithLinks) -> Self {
-        Self::new(&read.job, &read.links)
+        Self { estimate: read.estimate.as_ref(), ..Self::new(&read.job, &read.links) }
     }
 }
 

@@ -14,9 +14,10 @@ use crate::{
     limits::{Charge, Charged, Counted, TenantLimits, Window},
     messages::JobMessage,
     ports::{
-        ArtifactLinks, ArtifactStore, CacheClaim, Delivery, EndpointCircuits, EndpointHealth, IdempotencyRecord,
-        InsertOutcome, JobPage, JobQueue, JobStore, ModelCatalog, ObjectError, ObjectStore, PortError, PresignedUrl,
-        SecretSet, SecretStore, StoredKey, TenantDirectory, WebhookQueue, WorkQueue,
+        ArtifactLinks, ArtifactStore, CacheClaim, Delivery, EndpointCircuits, EndpointHealth, FleetBoard,
+        IdempotencyRecord, InsertOutcome, JobPage, JobQueue, JobStore, ModelCatalog, ObjectError, ObjectStore,
+        PortError, PresignedUrl, QueuedJob, RunnerReport, SecretSet, SecretStore, StoredKey, TenantDirectory,
+        WebhookQueue, WorkQueue,
     },
 };
 
@@ -38,6 +39,8 @@ pub struct Ports {
     pub links: Arc<dyn ArtifactLinks>,
     pub artifacts: Arc<dyn ArtifactStore>,
     pub objects: Arc<dyn ObjectStore>,
+    /// Runners' capacity per model (queue estimates).
+    pub fleet: Arc<dyn FleetBoard>,
 }
 
 impl Ports {
@@ -55,7 +58,8 @@ impl Ports {
             circuits: unwired.clone(),
             links: unwired.clone(),
             artifacts: unwired.clone(),
-            objects: unwired,
+            objects: unwired.clone(),
+            fleet: unwired,
         }
     }
 }
@@ -94,6 +98,9 @@ impl JobStore for Unwired {
     async fn release_keys(&self, _: &Job, _: Option<&str>) -> Result<(), PortError> {
         unwired()
     }
+    async fn queued_jobs(&self, _: u32) -> Result<Vec<QueuedJob>, PortError> {
+        unwired()
+    }
     async fn queued_expired_by(&self, _: DateTime<Utc>, _: u32) -> Result<Vec<Job>, PortError> {
         unwired()
     }
@@ -107,6 +114,16 @@ impl JobStore for Unwired {
         unwired()
     }
     async fn counted(&self, _: &TenantId, _: Window, _: Window) -> Result<Counted, PortError> {
+        unwired()
+    }
+}
+
+#[async_trait]
+impl FleetBoard for Unwired {
+    async fn report(&self, _: &str, _: &RunnerReport, _: &[String]) -> Result<Vec<RunnerReport>, PortError> {
+        unwired()
+    }
+    async fn reports(&self, _: &str) -> Result<Vec<RunnerReport>, PortError> {
         unwired()
     }
 }

@@ -14,7 +14,7 @@ use aws_sdk_dynamodb::{
 use chrono::{DateTime, Utc};
 use kiln_app::{
     limits::{Charge, Charged, Counted, Window},
-    ports::{CacheClaim, IdempotencyRecord, InsertOutcome, JobPage, JobStore, PortError},
+    ports::{CacheClaim, IdempotencyRecord, InsertOutcome, JobPage, JobStore, PortError, QueuedJob},
 };
 use kiln_domain::{CacheKey, Job, JobId, JobStatus, TenantId};
 use std::collections::HashMap;
@@ -93,6 +93,45 @@ fn job_item(job: &Job) -> Result<Item, PortError> {
 
 fn job_from_item(item: Item) -> Result<Job, PortError> {
     serde_dynamo::from_item(item).map_err(|e| PortError::Corrupt { what: "job", detail: e.to_string() })
+}
+
+/// The attributes of a queued job estimates read, by their expression names.
+const PROJECTED: [(&str, &str); 7] = [
+    ("#id", "id"),
+    ("#tenant", "tenant_id"),
+    ("#model", "model"),
+    ("#priority", "priority"),
+    ("#created", "created_at"),
+    ("#cost", "cost_units"),
+    ("#weight", "share_weight"),
+];
+
+/// The attributes of a queued job estimates read (absent ones at their defaults).
+fn queued_from_item(item: Item) -> Result<QueuedJob, PortError> {
+    #[derive(serde::Deserialize)]
+    struct Projected {
+        id: JobId,
+        tenant_id: TenantId,
+        model: String,
+        #[serde(default)]
+        priority: kiln_domain::Priority,
+        created_at: DateTime<Utc>,
+        #[serde(default)]
+        cost_units: u64,
+        #[serde(default)]
+        share_weight: Option<u32>,
+    }
+    let p: Projected =
+        serde_dynamo::from_item(item).map_err(|e| PortError::Corrupt { what: "queued job", detail: e.to_string() })?;
+    Ok(QueuedJob {
+        id: p.id,
+        tenant_id: p.tenant_id,
+        model: p.model,
+        priority: p.priority,
+        created_at: p.created_at,
+        cost_units: p.cost_units,
+        share_weight: p.share_weight,
+    })
 }
 
 fn string_attr(item: &Item, name: &str) -> Option<String> {
@@ -326,6 +365,50 @@ impl JobStore for DynamoJobStore {
             }
         }
         Ok(())
+    }
+
+    /// The oldest `limit` of each shard of `queued_by_expiry` (jobs expire a fixed time after
+    /// they are accepted, so by expiry is by age), only the attributes estimates read, merged.
+    async fn queued_jobs(&self, limit: u32) -> Result<Vec<QueuedJob>, PortError> {
+        let mut queued = Vec::new();
+        let shards = (0..QUEUED_SHARDS).map(shard_name).chain([UNSHARDED.to_owned()]);
+        for shard in shards {
+            let mut start = None;
+            let mut read = 0;
+            loop {
+                let output = self
+                    .client
+                    .query()
+                    .table_name(&self.jobs_table)
+                    .index_name("queued_by_expiry")
+                    .key_condition_expression("queued_shard = :shard")
+                    .expression_attribute_values(":shard", s(&shard))
+                    // Names, not the words: some attribute names are DynamoDB reserved words.
+                    .projection_expression(PROJECTED.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", "))
+                    .set_expression_attribute_names(Some(
+                        PROJECTED
+                            .iter()
+                            .map(|(name, attribute)| ((*name).to_owned(), (*attribute).to_owned()))
+                            .collect(),
+                    ))
+                    .limit(i32::try_from(limit - read).unwrap_or(i32::MAX))
+                    .set_exclusive_start_key(start)
+                    .send()
+                    .await
+                    .map_err(unavailable("dynamodb"))?;
+                for item in output.items.unwrap_or_default() {
+                    read += 1;
+                    queued.push(queued_from_item(item)?);
+                }
+                start = output.last_evaluated_key;
+                if start.is_none() || read >= limit {
+                    break;
+                }
+            }
+        }
+        queued.sort_by(|a: &QueuedJob, b: &QueuedJob| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        queued.truncate(limit as usize);
+        Ok(queued)
     }
 
     async fn queued_expired_by(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Job>, PortError> {

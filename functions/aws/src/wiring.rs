@@ -7,15 +7,15 @@
 use kiln_app::{
     Ports,
     ports::{
-        ArtifactLinks, ArtifactStore, EndpointCircuits, JobQueue, JobStore, ModelCatalog, ObjectStore, SecretStore,
-        TenantDirectory, WebhookQueue, WorkQueue,
+        ArtifactLinks, ArtifactStore, EndpointCircuits, FleetBoard, JobQueue, JobStore, ModelCatalog, ObjectStore,
+        SecretStore, TenantDirectory, WebhookQueue, WorkQueue,
     },
 };
 use std::sync::Arc;
 
 use crate::{
-    AwsClients, DynamoCircuits, DynamoJobStore, DynamoModelCatalog, DynamoTenants, Resources, S3ArtifactLinks,
-    S3ArtifactStore, SqsJobQueue, SqsWebhookQueue, SqsWorkQueue,
+    AwsClients, DynamoCircuits, DynamoFleet, DynamoJobStore, DynamoModelCatalog, DynamoTenants, Resources,
+    S3ArtifactLinks, S3ArtifactStore, SqsJobQueue, SqsWebhookQueue, SqsWorkQueue,
 };
 
 /// The AWS adapters of every port, each built on demand.
@@ -59,7 +59,13 @@ impl AwsPorts {
             links: self.links(),
             artifacts: self.artifacts(),
             objects: self.objects(),
+            fleet: self.fleet(),
         }
+    }
+
+    /// Runners' capacity per model: the requests table.
+    pub fn fleet(&self) -> Arc<dyn FleetBoard> {
+        Arc::new(DynamoFleet::new(self.clients.dynamodb().clone(), &self.resources.requests_table))
     }
 
     /// Jobs and request records: the jobs and requests tables.

@@ -133,6 +133,9 @@ pub struct Job {
     /// tenant's daily quota when it was accepted. 0 for jobs accepted before costs were kept.
     #[serde(default)]
     pub cost_units: u64,
+    /// Its tenant's weight in fair share when it was accepted (None: 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_weight: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<Webhook>,
     /// The webhooks of later callers whose identical request joined this job (dedup, or an
@@ -232,6 +235,7 @@ impl Job {
             params,
             priority: Priority::Normal,
             cost_units: 0,
+            share_weight: None,
             webhook,
             subscribers: Vec::new(),
             status: JobStatus::Queued,
