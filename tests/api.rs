@@ -8,7 +8,7 @@ use kiln_app::{
 use kiln_aws::DynamoJobStore;
 use kiln_domain::{JobId, JobStatus, Output};
 use kiln_local::{LocalStack, StackOptions};
-use kiln_tests::{Answer, Client, stack, stack_with, unique_prefix};
+use kiln_tests::{Answer, Client, admin, stack, stack_with, unique_prefix};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -746,15 +746,6 @@ async fn queued_jobs_spread_over_the_index_partitions_and_all_expire() {
 }
 
 /// Runs a `kiln-admin` command against the stack's tables; what it printed.
-async fn admin(stack: &LocalStack, args: &[&str]) -> anyhow::Result<String> {
-    use clap::Parser;
-    let endpoint = stack.resources.endpoint_url.clone().expect("a local endpoint");
-    let mut argv = vec!["kiln-admin", "--tenants-table", &stack.resources.tenants_table, "--endpoint-url", &endpoint];
-    argv.extend_from_slice(args);
-    let mut out = Vec::new();
-    kiln_api::admin::run(kiln_api::admin::Cli::try_parse_from(argv)?, &mut out).await?;
-    Ok(String::from_utf8(out)?)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kiln_admin_makes_keys_only_for_tenants_that_exist_and_lists_and_revokes_them() {

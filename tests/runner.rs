@@ -163,21 +163,33 @@ async fn sigterm_hands_running_work_back_and_another_runner_finishes_it() {
     assert_eq!((job["status"].as_str(), job["attempts"].as_u64()), (Some("succeeded"), Some(2)), "{job}");
 }
 
+/// A job pinned to a version no runner serves (a candidate whose runners are not up, or gone)
+/// is handed back to the queue, not failed, until it has waited the runner's
+/// `KILN_UNSERVED_VERSION_WAIT_SECS`; then it fails `model_version_unavailable`, never started.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_job_for_a_model_version_the_runner_does_not_serve_fails_permanently() {
+async fn a_job_for_a_version_no_runner_serves_waits_for_one_then_fails_with_a_clear_error() {
     let stack = stack().await;
-    let _runner = start_runner(&stack, &runner_options("permanent"));
-    // The catalog moves to a version this runner has not loaded (a rolling deploy gone wrong).
+    let mut options = runner_options("unserved");
+    options.env.push(("KILN_UNSERVED_VERSION_WAIT_SECS".into(), "4".into()));
+    let _runner = start_runner(&stack, &options);
+    // A newer version joins the catalog (as a candidate) while no runner of it is up.
     let mut model = ModelSpec::read_manifest(&workspace_root().join("gpu-runner/models/kiln-demo")).unwrap();
     model.version = "9.9.9".into();
-    stack.publish_model(&model).await.unwrap();
+    assert_eq!(stack.publish_model(&model).await.unwrap(), kiln_domain::Offered::Candidate);
     let client = Client::tenant(&stack, "acme").await;
-    let id = client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "from the future"})).await.job_id();
+    let served = client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "today"})).await.job_id();
+    assert_eq!(client.wait_finished(&served, LIMIT).await["status"], "succeeded", "the candidate takes no traffic");
+    let id =
+        client.post_json("/v1/jobs", &json!({"model": "kiln-demo@9.9.9", "prompt": "from the future"})).await.job_id();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let waiting = client.get(&format!("/v1/jobs/{id}")).await.body;
+    assert_eq!(waiting["status"], "queued", "handed back, not failed: {waiting}");
     let job = client.wait_finished(&id, LIMIT).await;
     assert_eq!(job["status"], "failed", "{job}");
-    assert_eq!(job["error"]["code"], "invalid_for_model");
-    assert!(job["error"]["message"].as_str().unwrap().contains("9.9.9"), "{job}");
-    assert_eq!(job["attempts"], 1, "a permanent failure is not retried");
+    assert_eq!(job["error"]["code"], "model_version_unavailable");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(message.contains("version 9.9.9 within 4 s") && message.contains("serve version 1.0.0"), "{message}");
+    assert_eq!(job["attempts"], 0, "never started");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -146,3 +146,126 @@ async fn queue_estimates_come_within_half_the_wait_once_the_queue_is_steady() {
     );
     assert!(median <= 0.5, "median error {median:.2}");
 }
+
+/// A copy of the demo package at `version`, alone in a models folder of its own (what a runner
+/// of that version serves).
+fn demo_at(version: &str) -> std::path::PathBuf {
+    let root = kiln_local::workspace_root();
+    let folder = root.join("target/test-packages").join(kiln_tests::unique_prefix());
+    let package = folder.join("kiln-demo");
+    std::fs::create_dir_all(&package).unwrap();
+    let source = root.join("gpu-runner/models/kiln-demo");
+    std::fs::copy(source.join("model.onnx"), package.join("model.onnx")).unwrap();
+    let mut spec = kiln_domain::ModelSpec::read_manifest(&source).unwrap();
+    spec.version = version.into();
+    std::fs::write(package.join("manifest.json"), serde_json::to_string_pretty(&spec).unwrap()).unwrap();
+    folder
+}
+
+/// The versions `GET /v1/models` lists for the demo model, with their weights.
+async fn demo_versions(client: &Client) -> Vec<(String, u64)> {
+    let models = client.get("/v1/models").await.body;
+    let demo = models["models"].as_array().unwrap().iter().find(|m| m["name"] == "kiln-demo").cloned().unwrap();
+    demo["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["version"].as_str().unwrap().to_owned(), v["weight"].as_u64().unwrap()))
+        .collect()
+}
+
+/// Submits small demo jobs (`model` as given) and waits for each: their versions, all succeeded.
+async fn run_jobs(client: &Client, model: &str, prompts: std::ops::Range<usize>) -> Vec<String> {
+    let mut ids = Vec::new();
+    for n in prompts {
+        let body = json!({"model": model, "prompt": format!("rollout {n}"), "width": 128, "height": 128, "steps": 2});
+        let answer = client.post_json("/v1/jobs", &body).await;
+        assert!(answer.status.is_success(), "{}", answer.body);
+        ids.push(answer.job_id());
+    }
+    let mut versions = Vec::new();
+    for id in ids {
+        let job = client.wait_finished(&id, Duration::from_secs(120)).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+        versions.push(job["model_version"].as_str().unwrap().to_owned());
+    }
+    versions
+}
+
+/// A rollout: runners of v1 and v2 share the queue. v2 joins the catalog as a candidate (its
+/// runner's start takes no traffic from v1); jobs pinned to v2 all succeed however the runners
+/// pick their messages (a v1 runner sends a v2 job back for a v2 runner, never fails it); a
+/// canary weight splits the rest; a v1 runner started again changes nothing (the catalog never
+/// goes backwards); promotion and retirement move every request; a shadow share renders served
+/// requests with the other version too, aside, for `kiln-admin models shadow-report`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollout_shares_the_queue_between_versions_and_the_catalog_never_goes_backwards() {
+    let options =
+        kiln_local::StackOptions { prefix: kiln_tests::unique_prefix(), catalog_ttl_secs: 1, ..Default::default() };
+    let stack = kiln_tests::stack_with(options).await;
+    let client = Client::tenant(&stack, "rollout").await;
+    let mut v1 = start_runner(&stack, &runner_options("rollout-v1"));
+    let mut v2_options = runner_options("rollout-v2");
+    v2_options.env.push(("RUST_LOG".into(), "info,kiln_runner=debug".into()));
+    v2_options.models_dir = demo_at("2.0.0");
+    let _v2 = start_runner(&stack, &v2_options);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while demo_versions(&client).await.len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the v2 runner never offered its version");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let both = |w1, w2| vec![("1.0.0".to_owned(), w1), ("2.0.0".to_owned(), w2)];
+    assert_eq!(demo_versions(&client).await, both(100, 0), "v2 joins as a candidate");
+
+    let pinned = run_jobs(&client, "kiln-demo@2.0.0", 0..8).await;
+    assert!(pinned.iter().all(|v| v == "2.0.0"), "{pinned:?}");
+    let unpinned = run_jobs(&client, "kiln-demo", 8..14).await;
+    assert!(unpinned.iter().all(|v| v == "1.0.0"), "{unpinned:?}");
+
+    kiln_tests::admin(&stack, &["models", "weight", "--model", "kiln-demo", "--version", "2.0.0", "--weight", "100"])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let split = run_jobs(&client, "kiln-demo", 14..34).await;
+    let on_v2 = split.iter().filter(|v| *v == "2.0.0").count();
+    assert!((3..=17).contains(&on_v2), "an even split of 20: {on_v2} on v2");
+
+    // A v1 runner starting again (a late instance of the old image) takes nothing back.
+    drop(v1);
+    let mut again = runner_options("rollout-v1-again");
+    again.env.push(("RUST_LOG".into(), "info,kiln_runner=debug".into()));
+    v1 = start_runner(&stack, &again);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(demo_versions(&client).await, both(100, 100), "unchanged by a runner's start");
+
+    // Promoted, with v1 shadowing it: every request on v2, each also rendered by v1 aside.
+    kiln_tests::admin(&stack, &["models", "promote", "--model", "kiln-demo", "--version", "2.0.0"]).await.unwrap();
+    kiln_tests::admin(&stack, &["models", "shadow", "--model", "kiln-demo", "--version", "1.0.0", "--percent", "100"])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let promoted = run_jobs(&client, "kiln-demo", 34..38).await;
+    assert!(promoted.iter().all(|v| v == "2.0.0"), "{promoted:?}");
+    let listed = client.get("/v1/jobs?limit=100").await.body;
+    assert_eq!(listed["jobs"].as_array().unwrap().len(), 38, "the tenant sees only its own jobs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let report = loop {
+        let report = kiln_tests::admin(&stack, &["models", "shadow-report", "--model", "kiln-demo"]).await.unwrap();
+        if report.matches("succeeded").count() >= 8 {
+            break report;
+        }
+        assert!(std::time::Instant::now() < deadline, "the shadows never finished:\n{report}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    eprintln!("{report}");
+    let rows: Vec<&str> = report.lines().skip(1).collect();
+    assert_eq!(rows.len(), 4, "one shadow per request:\n{report}");
+    assert!(rows.iter().all(|row| row.contains(" 1.0.0 ") && row.contains(" 2.0.0 ")), "{report}");
+
+    kiln_tests::admin(&stack, &["models", "retire", "--model", "kiln-demo", "--version", "1.0.0"]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let refused = client.post_json("/v1/jobs", &json!({"model": "kiln-demo@1.0.0", "prompt": "too late"})).await;
+    assert_eq!((refused.status.as_u16(), refused.error_code()), (422, Some("unknown_model")), "{}", refused.body);
+    assert!(refused.body["error"]["message"].as_str().unwrap().contains("retired"), "{}", refused.body);
+    drop(v1);
+}

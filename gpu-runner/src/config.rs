@@ -95,6 +95,12 @@ pub struct RunnerConfig {
     #[arg(long, env = "KILN_DEFER_SECS", default_value_t = 2)]
     pub defer_secs: u64,
 
+    /// A job for a model version this runner does not serve goes back to the queue for the
+    /// runners that do (a rollout or a canary); once it has waited this long since it was
+    /// accepted, in seconds, with none taking it, it fails `model_version_unavailable`.
+    #[arg(long, env = "KILN_UNSERVED_VERSION_WAIT_SECS", default_value_t = 600)]
+    pub unserved_version_wait_secs: u64,
+
     /// How often the runner reports its capacity per model (slots, busy, speed) to the fleet
     /// board the API's queue estimates read, in seconds; 0: never.
     #[arg(long, env = "KILN_FLEET_REPORT_SECS", default_value_t = 10)]
@@ -192,6 +198,7 @@ impl RunnerConfig {
             retry_max: Duration::from_secs(self.retry_max_secs.max(self.retry_base_secs)),
             max_receives: self.max_receives.max(1),
             stuck_grace: Duration::from_secs(self.stuck_grace_secs),
+            unserved_wait: Duration::from_secs(self.unserved_version_wait_secs),
         }
     }
 }
@@ -215,6 +222,8 @@ pub struct Settings {
     pub retry_max: Duration,
     pub max_receives: u32,
     pub stuck_grace: Duration,
+    /// How long a job of a version no runner here serves may wait for one that does.
+    pub unserved_wait: Duration,
 }
 
 impl Settings {

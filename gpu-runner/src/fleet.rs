@@ -81,6 +81,11 @@ impl Speeds {
     }
 }
 
+/// A model version's place on the fleet board.
+pub fn board_key(model: &str, version: &str) -> String {
+    kiln_app::eta::board_key(model, version)
+}
+
 /// Who this runner is on the board: its host, its process and when it asked (a restarted
 /// runner is a new one; the old entry ages out).
 pub fn runner_id() -> String {

@@ -46,9 +46,18 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let aws = AwsPorts::connect(&cli.resources).await;
-    let catalog = aws.catalog();
+    // Offered, never overwritten: a new version of a known model joins as a candidate with no
+    // traffic until an operator gives it some (`kiln-admin models`).
+    let catalog = kiln_app::catalog::Catalog::new(aws.catalog());
     for model in &models {
-        catalog.publish(model).await.with_context(|| format!("publishing model {}", model.name))?;
+        let offered =
+            catalog.offer(model).await.with_context(|| format!("offering model {} to the catalog", model.name))?;
+        match offered {
+            kiln_domain::Offered::Retired => {
+                tracing::warn!(model = %model.name, version = %model.version, "this version is retired: only jobs already queued for it come here")
+            }
+            offered => info!(model = %model.name, version = %model.version, ?offered, "model in the catalog"),
+        }
     }
     let ports = Ports { store: aws.job_store(), queue: aws.work_queue(), artifacts: aws.artifacts() };
 

@@ -36,11 +36,28 @@ pub enum Outcome {
     lost,
     /// The job had already ended, or the message was stale or unreadable.
     skipped,
+    /// The job's model version is not served here: the message went back for the runners that
+    /// serve it.
+    routed,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: Outcome,
+}
+
+/// Jobs of one model version, by outcome: how a canary or a shadow fares against the rest.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionOutcomeLabels {
+    pub model: String,
+    pub version: String,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub model: String,
+    pub version: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -92,6 +109,10 @@ pub struct GraphFallbackLabels {
 pub struct Metrics {
     registry: Registry,
     pub jobs: Family<OutcomeLabels, Counter>,
+    /// Jobs by model version and outcome.
+    pub version_jobs: Family<VersionOutcomeLabels, Counter>,
+    /// Render time per job, by model version.
+    pub version_render: Family<VersionLabels, Histogram>,
     pub queue_wait: Histogram,
     pub render: Histogram,
     pub encode: Histogram,
@@ -154,6 +175,15 @@ impl Default for Metrics {
             graph_fallbacks.clone(),
         );
         registry.register("jobs", "Jobs handled, by outcome", jobs.clone());
+        let version_jobs = Family::<VersionOutcomeLabels, Counter>::default();
+        let version_render =
+            Family::<VersionLabels, Histogram>::new_with_constructor(|| Histogram::new(seconds_buckets()) as Histogram);
+        registry.register("version_jobs", "Jobs handled, by model version and outcome", version_jobs.clone());
+        registry.register(
+            "version_render_seconds",
+            "Time in the render call, per job, by model version",
+            version_render.clone(),
+        );
         registry.register("queue_wait_seconds", "Time from submission to start", queue_wait.clone());
         registry.register("render_seconds", "Time in the render call, per job", render.clone());
         registry.register("encode_seconds", "Time encoding a job's frames", encode.clone());
@@ -192,6 +222,8 @@ impl Default for Metrics {
         Self {
             registry,
             jobs,
+            version_jobs,
+            version_render,
             queue_wait,
             render,
             encode,
@@ -217,6 +249,12 @@ impl Default for Metrics {
 impl Metrics {
     pub fn count(&self, outcome: Outcome) {
         self.jobs.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    /// Counts a job of `model` at `version` by outcome.
+    pub fn count_version(&self, model: &str, version: &str, outcome: Outcome) {
+        let labels = VersionOutcomeLabels { model: model.to_owned(), version: version.to_owned(), outcome };
+        self.version_jobs.get_or_create(&labels).inc();
     }
 
     /// Adds a pipeline's CUDA graph runs on `device`.

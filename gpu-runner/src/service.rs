@@ -140,6 +140,26 @@ impl Drop for Ended {
     }
 }
 
+/// How long past its long-poll wait a receive may take before it is given up.
+const RECEIVE_MARGIN: Duration = Duration::from_secs(10);
+
+/// How long a message routed to other runners stays invisible.
+const ROUTE_DELAY: Duration = Duration::from_secs(2);
+/// How long a runner whose last receive brought only other versions' jobs stays off the queue:
+/// past the routed messages' delay, so another runner gets them, by a random margin of up to 2 s,
+/// so two runners sending each other's jobs back do not keep doing so in step.
+fn route_backoff() -> Duration {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    ROUTE_DELAY + Duration::from_millis(500 + u64::from(nanos % 2000))
+}
+
+/// What [`Runner::take_in`] sent back: deferred by fair share, and routed to other versions'
+/// runners.
+struct TakenIn {
+    deferred: usize,
+    routed: usize,
+}
+
 /// The window of the intake's deferral budget (`Settings::scan_budget` messages per window).
 const SCAN_WINDOW: Duration = Duration::from_secs(10);
 
@@ -164,10 +184,12 @@ impl Runner {
         self.speeds.clone()
     }
 
-    /// The models it serves.
+    /// The model versions it serves, as the fleet board keys them (`name@version`).
     pub fn models(&self) -> Vec<String> {
-        let mut models: Vec<String> = self.sessions.keys().cloned().collect();
+        let mut models: Vec<String> =
+            self.sessions.values().flatten().map(|s| crate::fleet::board_key(&s.model, &s.version)).collect();
         models.sort();
+        models.dedup();
         models
     }
 
@@ -185,6 +207,7 @@ impl Runner {
         let mut scan = ScanBudget::new(self.settings.scan_budget, SCAN_WINDOW);
         let (ended, mut endings) = tokio::sync::mpsc::unbounded_channel::<String>();
         let mut receiving: Option<tokio::task::JoinHandle<Result<Vec<Delivery>, PortError>>> = None;
+        let mut foreign_until: Option<Instant> = None;
         self.metrics.set_ready(true);
         info!(max_in_flight = self.settings.max_in_flight, "runner polling");
         while !shutdown.is_cancelled() {
@@ -213,12 +236,24 @@ impl Runner {
             // only looks ahead waits while the deferral budget is spent.
             let for_a_slot = slots.available_permits() > intake.held();
             let pause = if for_a_slot { Duration::ZERO } else { scan.wait(Instant::now()) };
+            // After a receive that brought only other versions' jobs, this runner leaves the
+            // queue to the runners that serve them for a moment (they would lose the race for
+            // what it just sent back to a runner polling as fast as this one).
+            let pause = pause
+                .max(foreign_until.map_or(Duration::ZERO, |until| until.saturating_duration_since(Instant::now())));
             let look_ahead = self.settings.intake.fair;
             if receiving.is_none() && intake.room() > 0 && pause.is_zero() && (for_a_slot || look_ahead) {
                 let (queue, wait, lease) = (self.ports.queue.clone(), self.settings.poll_wait, self.settings.lease);
                 // Looking ahead takes a full batch: what it may not hold goes back.
                 let max = if for_a_slot { intake.room().min(10) } else { 10 } as u32;
-                receiving = Some(tokio::spawn(async move { queue.receive(max, wait, lease).await }));
+                receiving = Some(tokio::spawn(async move {
+                    // A receive that never answers (a connection the network dropped) would stop
+                    // the runner for good: past its wait and a margin it is given up (whatever it
+                    // would have brought comes back when its lease ends).
+                    tokio::time::timeout(wait + RECEIVE_MARGIN, queue.receive(max, wait, lease))
+                        .await
+                        .unwrap_or_else(|_| Err(PortError::unavailable("sqs", "the receive did not answer in time")))
+                }));
             }
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -227,8 +262,11 @@ impl Runner {
                     receiving = None;
                     match received {
                         Ok(Ok(deliveries)) => {
-                            let deferred = self.take_in(&mut intake, deliveries);
-                            scan.spend(deferred, Instant::now());
+                            tracing::debug!(received = deliveries.len(), held = intake.held(), free = slots.available_permits(), "received");
+                            let received = deliveries.len();
+                            let TakenIn { deferred, routed } = self.take_in(&mut intake, deliveries);
+                            scan.spend(deferred + routed, Instant::now());
+                            foreign_until = (received > 0 && routed == received).then(|| Instant::now() + route_backoff());
                         }
                         Ok(Err(err)) => {
                             warn!(error = %err, "receiving from the job queue failed; retrying");
@@ -264,9 +302,14 @@ impl Runner {
     }
 
     /// Offers received messages to the intake: each is held (its lease kept by a heartbeat
-    /// until it starts) or sent back to the end of the queue. Returns how many went back.
-    fn take_in(&self, intake: &mut Intake<(Delivery, CancellationToken, String)>, deliveries: Vec<Delivery>) -> usize {
-        let mut deferred = Vec::new();
+    /// until it starts) or sent back to the end of the queue; a job of a model version this
+    /// runner does not serve goes back for the runners that do (see [`Runner::route_elsewhere`]).
+    fn take_in(
+        &self,
+        intake: &mut Intake<(Delivery, CancellationToken, String)>,
+        deliveries: Vec<Delivery>,
+    ) -> TakenIn {
+        let (mut deferred, mut routed) = (Vec::new(), Vec::new());
         let (now, wall) = (Instant::now(), Utc::now());
         for delivery in deliveries {
             // An unreadable message is held under no tenant: its task deletes it.
@@ -277,6 +320,17 @@ impl Runner {
                 .and_then(|m| m.created_at)
                 .and_then(|created| (wall - created).to_std().ok())
                 .unwrap_or_default();
+            if let Some(message) = &message
+                && !self.serves(&message.model, &message.model_version)
+                && age < self.settings.unserved_wait
+            {
+                // Past the wait it is held like any other, and its task fails it.
+                self.metrics.count(Outcome::routed);
+                self.metrics.count_version(&message.model, &message.model_version, Outcome::routed);
+                info!(job_id = %message.job_id, version = %message.model_version, "version not served here: back to the queue for its runners");
+                routed.push((delivery, tenant));
+                continue;
+            }
             let arrival = Arrival {
                 tenant: &tenant,
                 weight: message.as_ref().and_then(|m| m.weight).unwrap_or(1),
@@ -293,19 +347,37 @@ impl Runner {
                 }
             }
         }
-        let count = deferred.len();
-        if count > 0 {
-            self.metrics.deferred.inc_by(count as u64);
-            // Sent back while the runner reads on.
-            let (queue, delay) = (self.ports.queue.clone(), self.settings.defer_delay);
+        let taken = TakenIn { deferred: deferred.len(), routed: routed.len() };
+        self.metrics.deferred.inc_by(deferred.len() as u64);
+        self.send_back(deferred, self.settings.defer_delay);
+        // A message delivered before may be the one a running job's run holds: released, never
+        // sent again as a new message (which could not restart the job).
+        let (again, first): (Vec<_>, Vec<_>) = routed.into_iter().partition(|(delivery, _)| delivery.receive_count > 1);
+        self.send_back(first, ROUTE_DELAY);
+        for (delivery, _) in again {
+            let queue = self.ports.queue.clone();
             tokio::spawn(async move {
-                if let Err(err) = queue.requeue(&deferred, delay).await {
-                    // Their leases run out and they come back by themselves.
-                    warn!(error = %err, "sending deferred jobs' messages back failed");
+                if let Err(err) = queue.release(&delivery.receipt, ROUTE_DELAY).await {
+                    warn!(error = %err, "releasing another version's job failed; its lease brings it back");
                 }
             });
         }
-        count
+        taken
+    }
+
+    /// Sends messages back to the end of the queue, invisible for `delay`, while the runner
+    /// reads on.
+    fn send_back(&self, messages: Vec<(Delivery, String)>, delay: Duration) {
+        if messages.is_empty() {
+            return;
+        }
+        let queue = self.ports.queue.clone();
+        tokio::spawn(async move {
+            if let Err(err) = queue.requeue(&messages, delay).await {
+                // Their leases run out and they come back by themselves.
+                warn!(error = %err, "sending messages back to the queue failed");
+            }
+        });
     }
 
     /// One delivery, start to end, in the job's span (`job_id`, `attempt` and `model` recorded
@@ -333,6 +405,21 @@ impl Runner {
         };
         let span = Span::current();
         span.record("job_id", field::display(&message.job_id));
+        let outcome = self.handle_message(&message, delivery).await;
+        self.metrics.count_version(&message.model, &message.model_version, outcome);
+        outcome
+    }
+
+    /// Whether this runner has sessions for `model` at `version`.
+    fn serves(&self, model: &str, version: &str) -> bool {
+        self.sessions.get(model).is_some_and(|sessions| sessions.iter().any(|s| s.version == version))
+    }
+
+    async fn handle_message(&self, message: &JobMessage, delivery: Delivery) -> Outcome {
+        let span = Span::current();
+        if !self.serves(&message.model, &message.model_version) {
+            return self.route_elsewhere(message, &delivery).await;
+        }
         if self.metrics.is_stuck() {
             // Received while a session got stuck: another runner should have it.
             self.release(&delivery, Duration::ZERO).await;
@@ -367,6 +454,58 @@ impl Runner {
     }
 
     /// Renders, encodes, uploads and records the result of a started job.
+    /// A job for a model version this runner does not serve (a rollout, a canary), past the
+    /// intake (which routes the young ones itself, see [`Runner::take_in`]): its message
+    /// goes back to the queue for the runners that serve it, as a new message (a returned one
+    /// would count toward the dead-letter queue), or released when it was delivered before (it
+    /// may be the message a running job's run holds, the only one that can restart it). Once
+    /// the job has waited [`Settings::unserved_wait`] since it was accepted, it fails
+    /// `model_version_unavailable` instead.
+    async fn route_elsewhere(&self, message: &JobMessage, delivery: &Delivery) -> Outcome {
+        let waited = message.created_at.and_then(|created| (Utc::now() - created).to_std().ok()).unwrap_or_default();
+        if waited < self.settings.unserved_wait {
+            info!(version = %message.model_version, receive_count = delivery.receive_count, "version not served here: back to the queue for its runners");
+            let requeued = delivery.receive_count <= 1
+                && self
+                    .ports
+                    .queue
+                    .requeue(&[(delivery.clone(), message.tenant_id.to_string())], ROUTE_DELAY)
+                    .await
+                    .inspect_err(|err| warn!(error = %err, "sending the message back failed; releasing it"))
+                    .is_ok();
+            if !requeued {
+                self.release(delivery, ROUTE_DELAY).await;
+            }
+            return Outcome::routed;
+        }
+        let serving: Vec<String> = match self.sessions.get(&message.model) {
+            Some(sessions) => sessions.iter().map(|s| s.version.clone()).collect(),
+            None => Vec::new(),
+        };
+        let reason = format!(
+            "no runner served model `{}` version {} within {} s of the job's submission (runners seen serve {})",
+            message.model,
+            message.model_version,
+            self.settings.unserved_wait.as_secs(),
+            if serving.is_empty() { "other models".to_owned() } else { format!("version {}", serving.join(", ")) }
+        );
+        match self.runs.version_unavailable(&message.job_id, &delivery.message_id, &reason, Utc::now()).await {
+            Ok(failed) => {
+                info!(failed, version = %message.model_version, "no runner served the job's version in time");
+                self.acknowledge(delivery).await;
+                if failed { Outcome::failed } else { Outcome::skipped }
+            }
+            Err(err) => {
+                warn!(
+                    error = &err as &dyn std::error::Error,
+                    "could not fail the unserved job; it will be delivered again"
+                );
+                self.release(delivery, self.settings.retry_delay(delivery.receive_count)).await;
+                Outcome::retried
+            }
+        }
+    }
+
     async fn work(&self, job: &mut Job, delivery: &Delivery) -> Outcome {
         let served = self.sessions.get(&job.model).filter(|sessions| !sessions.is_empty());
         let session = match served {
@@ -408,7 +547,10 @@ impl Runner {
             }
         };
         self.metrics.render.observe(rendered.render_time.as_secs_f64());
-        self.speeds.rendered(&job.model, session.cost.units(&job.params), rendered.render_time);
+        let version = crate::metrics::VersionLabels { model: job.model.clone(), version: job.model_version.clone() };
+        self.metrics.version_render.get_or_create(&version).observe(rendered.render_time.as_secs_f64());
+        let key = crate::fleet::board_key(&job.model, &job.model_version);
+        self.speeds.rendered(&key, session.cost.units(&job.params), rendered.render_time);
 
         let params = &job.params;
         let warnings = frames.notes.clone();
@@ -825,6 +967,9 @@ mod tests {
         Missing,
         /// A queued job, of a model version the runner serves or not.
         Queued { served: bool },
+        /// A queued job of a version the runner does not serve, accepted longer ago than the
+        /// wait for a runner that does.
+        UnservedTooLong,
         /// A job canceled before it was delivered.
         Ended,
         /// A job whose runner died after uploading its artifact (this message, back after its
@@ -944,12 +1089,33 @@ mod tests {
             ..case("permanent failure (invalid for the model): failed, deleted", QUEUED, Render::Invalid)
         },
         Case {
+            outcome: Outcome::routed,
+            status: Some(JobStatus::Queued),
+            fate: Fate::Requeued,
+            ..case(
+                "a version not served here: sent back for the runners that serve it, as a new message",
+                Message::Queued { served: false },
+                Render::Frames,
+            )
+        },
+        Case {
+            delivery: 2,
+            outcome: Outcome::routed,
+            status: Some(JobStatus::Queued),
+            fate: Fate::Released(Duration::from_secs(2)),
+            ..case(
+                "a version not served here, delivered before (maybe a run's message): released, not resent",
+                Message::Queued { served: false },
+                Render::Frames,
+            )
+        },
+        Case {
             outcome: Outcome::failed,
             status: Some(JobStatus::Failed),
-            error: Some((JobErrorCode::InvalidForModel, "is not served (this runner serves it at version 0.0.1)")),
+            error: Some((JobErrorCode::ModelVersionUnavailable, "(runners seen serve version 0.0.1)")),
             ..case(
-                "permanent failure (version not served): failed, deleted",
-                Message::Queued { served: false },
+                "a version no runner served within the wait: failed, deleted",
+                Message::UnservedTooLong,
                 Render::Frames,
             )
         },
@@ -1027,6 +1193,7 @@ mod tests {
             retry_max: Duration::from_secs(300),
             max_receives: 5,
             stuck_grace: Duration::from_secs(1),
+            unserved_wait: Duration::from_secs(3600),
         }
     }
 
@@ -1081,6 +1248,9 @@ mod tests {
         let store = Arc::new(MemoryJobStore::default());
         let queue = Arc::new(RecordingQueue::default());
         let mut job = new_job(&model);
+        if let Message::UnservedTooLong = case.message {
+            job.created_at -= chrono::Duration::hours(2);
+        }
         let stored_artifacts = Arc::new(MemoryArtifacts::default());
         let artifacts: Arc<dyn ArtifactStore> = match case.artifacts {
             Artifacts::Up => stored_artifacts.clone(),
@@ -1094,7 +1264,9 @@ mod tests {
         if let Message::Ended = case.message {
             job.transition(JobStatus::Canceled, Utc::now()).unwrap();
         }
-        if let Message::Queued { .. } | Message::Ended | Message::CanceledWhileRunnerDead = case.message {
+        if let Message::Queued { .. } | Message::UnservedTooLong | Message::Ended | Message::CanceledWhileRunnerDead =
+            case.message
+        {
             store.insert(&job, &CacheClaim { key: job.cache_key.clone(), replaces: None }, None).await.unwrap();
         }
         let inserted = store.get(&job.id).await.unwrap();
@@ -1104,7 +1276,7 @@ mod tests {
         });
 
         let served_version = match case.message {
-            Message::Queued { served: false } => "0.0.1".to_owned(),
+            Message::Queued { served: false } | Message::UnservedTooLong => "0.0.1".to_owned(),
             _ => model.version.clone(),
         };
         let started = Arc::new(Notify::new());

@@ -289,3 +289,16 @@ pub async fn jobs_stream_from_start(stack: &LocalStack) -> StreamStart {
         .expect("shard iterator");
     StreamStart { streams, arn, shard, iterator }
 }
+
+/// Runs `kiln-admin` with `args` against the stack's tables; what it printed.
+pub async fn admin(stack: &LocalStack, args: &[&str]) -> anyhow::Result<String> {
+    use clap::Parser;
+    let endpoint = stack.resources.endpoint_url.clone().expect("a local endpoint");
+    let r = &stack.resources;
+    let mut argv = vec!["kiln-admin", "--endpoint-url", &endpoint, "--tenants-table", &r.tenants_table];
+    argv.extend(["--models-table", &r.models_table, "--jobs-table", &r.jobs_table]);
+    argv.extend_from_slice(args);
+    let mut out = Vec::new();
+    kiln_api::admin::run(kiln_api::admin::Cli::try_parse_from(argv)?, &mut out).await?;
+    Ok(String::from_utf8(out)?)
+}

@@ -7,17 +7,20 @@
 //!   kiln-admin keys revoke --tenant acme --id key_0123abcd  revokes one of them (or --key kiln_...)
 //!   kiln-admin tenant-limits --tenant acme --max-active-jobs 20 --jobs-per-minute 60 [--units-per-day 50000]
 //!                                                           sets the tenant's own limits (--default: back to the deployment's)
-//!   kiln-admin models-publish gpu-runner/models             publishes model packages' manifests
+//!   kiln-admin models-publish gpu-runner/models             offers model packages to the catalog (new versions: candidates)
+//!   kiln-admin models list | add --package DIR [--weight N] | weight|shadow|promote|retire --model M --version V ...
+//!   kiln-admin models shadow-report --model M               shadow jobs beside the jobs they shadow
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use kiln_app::{
     ApiKey, Tenant, TenantLimits,
+    catalog::Catalog,
     keys::{KeyRef, TenantKeys},
-    ports::{ModelCatalog, TenantDirectory},
+    ports::{JobStore, TenantDirectory},
 };
-use kiln_aws::{AwsClients, DynamoModelCatalog, DynamoTenants};
-use kiln_domain::{ModelSpec, TenantId};
+use kiln_aws::{AwsClients, DynamoJobStore, DynamoModelCatalog, DynamoTenants};
+use kiln_domain::{CatalogModel, Job, ModelSpec, Offered, SHADOW_TENANT, TenantId};
 use std::{io::Write, path::PathBuf, sync::Arc};
 
 #[derive(Parser)]
@@ -29,6 +32,9 @@ pub struct Cli {
     /// DynamoDB table of model descriptions.
     #[arg(long, env = "KILN_MODELS_TABLE", global = true, default_value = "kiln-models")]
     models_table: String,
+    /// DynamoDB table of jobs (`models shadow-report`).
+    #[arg(long, env = "KILN_JOBS_TABLE", global = true, default_value = "kiln-jobs")]
+    jobs_table: String,
     /// Send AWS calls here instead of AWS (the local moto server).
     #[arg(long, env = "KILN_AWS_ENDPOINT_URL", global = true)]
     endpoint_url: Option<String>,
@@ -88,8 +94,65 @@ enum Command {
         #[arg(long)]
         default: bool,
     },
-    /// Publish every model package's manifest under a directory.
+    /// Offer every model package under a directory to the catalog, as a runner's start does: a
+    /// new model takes every request, a new version of a known one is a candidate (no traffic).
     ModelsPublish { dir: PathBuf },
+    /// The catalog's model versions: list, add, weigh, promote, retire, shadow.
+    #[command(subcommand)]
+    Models(Models),
+}
+
+#[derive(Subcommand)]
+enum Models {
+    /// Every model's versions: traffic weight, shadow share, retired.
+    List,
+    /// Add a model package's version with a traffic weight (a new model takes every request).
+    Add {
+        #[arg(long)]
+        package: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        weight: u32,
+    },
+    /// Set a version's share of the requests that name no version (e.g. 95 and 5: a canary).
+    Weight {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        weight: u32,
+    },
+    /// Render this percent of the requests other versions serve with this version too, as
+    /// shadow jobs nobody is answered with (compare with `shadow-report`).
+    Shadow {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        percent: u32,
+    },
+    /// Send every request without a version to this version.
+    Promote {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: String,
+    },
+    /// Take a version out of service: it accepts no more requests, pinned or not.
+    Retire {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        version: String,
+    },
+    /// Recent shadow jobs of a model beside the jobs they shadow: status, render time, output size.
+    ShadowReport {
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -124,6 +187,9 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
     let keys = TenantKeys::new(tenants.clone());
     match cli.command {
         Command::TenantCreate { id, name } => {
+            if id == SHADOW_TENANT {
+                bail!("`{SHADOW_TENANT}` is kept for shadow jobs");
+            }
             let tenant = Tenant::new(TenantId::parse(&id)?, name);
             writeln!(out, "{}", keys.create_tenant(&tenant).await?.expose())?;
         }
@@ -171,12 +237,100 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
             writeln!(out, "max priority {}", max.unwrap_or_default().as_str())?;
         }
         Command::ModelsPublish { dir } => {
-            let catalog = DynamoModelCatalog::new(clients.dynamodb().clone(), &cli.models_table);
+            let catalog =
+                Catalog::new(Arc::new(DynamoModelCatalog::new(clients.dynamodb().clone(), &cli.models_table)));
             for (_, model) in ModelSpec::read_packages(&dir).with_context(|| format!("reading {}", dir.display()))? {
-                catalog.publish(&model).await?;
-                writeln!(out, "published {}@{}", model.name, model.version)?;
+                let offered = catalog.offer(&model).await?;
+                writeln!(out, "{}@{}: {}", model.name, model.version, offered_text(offered))?;
             }
         }
+        Command::Models(command) => {
+            let catalog =
+                Catalog::new(Arc::new(DynamoModelCatalog::new(clients.dynamodb().clone(), &cli.models_table)));
+            let changed = match command {
+                Models::List => {
+                    for model in catalog.models().await? {
+                        write_versions(out, &model)?;
+                    }
+                    None
+                }
+                Models::Add { package, weight } => {
+                    let spec =
+                        ModelSpec::read_manifest(&package).with_context(|| format!("reading {}", package.display()))?;
+                    Some(catalog.add(&spec, weight).await?)
+                }
+                Models::Weight { model, version, weight } => {
+                    Some(catalog.change(&model, |m| m.set_weight(&version, weight)).await?)
+                }
+                Models::Shadow { model, version, percent } => {
+                    Some(catalog.change(&model, |m| m.set_shadow(&version, percent)).await?)
+                }
+                Models::Promote { model, version } => Some(catalog.change(&model, |m| m.promote(&version)).await?),
+                Models::Retire { model, version } => Some(catalog.change(&model, |m| m.retire(&version)).await?),
+                Models::ShadowReport { model, limit } => {
+                    let store = DynamoJobStore::new(clients.dynamodb().clone(), &cli.jobs_table, "");
+                    shadow_report(out, &store, &model, limit).await?;
+                    None
+                }
+            };
+            if let Some(model) = changed {
+                write_versions(out, &model)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn offered_text(offered: Offered) -> &'static str {
+    match offered {
+        Offered::NewModel => "new model, taking every request",
+        Offered::Candidate => "new version, a candidate: no traffic until `models weight` or `models promote`",
+        Offered::AlreadyThere => "already in the catalog (unchanged)",
+        Offered::Retired => "retired (stays retired)",
+    }
+}
+
+fn write_versions(out: &mut impl Write, model: &CatalogModel) -> anyhow::Result<()> {
+    for v in &model.versions {
+        let state = if v.retired { "retired" } else { "active" };
+        writeln!(
+            out,
+            "{:<24} {:<12} weight {:>3}  shadow {:>3}%  {state:<7}  added {}",
+            model.name,
+            v.version(),
+            v.weight,
+            v.shadow_percent,
+            v.added_at.format("%Y-%m-%d %H:%M")
+        )?;
+    }
+    Ok(())
+}
+
+/// The shadow jobs of `model`, newest first, each beside the job it shadows.
+async fn shadow_report(out: &mut impl Write, store: &DynamoJobStore, model: &str, limit: u32) -> anyhow::Result<()> {
+    let shadows = store.list(&TenantId::parse(SHADOW_TENANT)?, None, limit, None).await?;
+    writeln!(
+        out,
+        "{:<26} {:<12} {:<10} {:>9} {:>9}   {:<12} {:<10} {:>9} {:>9}",
+        "shadow job", "version", "status", "render ms", "bytes", "served by", "status", "render ms", "bytes"
+    )?;
+    let cell = |job: &Job| {
+        let bytes: u64 = job.outputs.iter().map(|o| o.bytes).sum();
+        let render = job.timings.render_ms.map_or("-".to_owned(), |ms| ms.to_string());
+        (job.model_version.clone(), job.status.to_string(), render, bytes)
+    };
+    for shadow in shadows.jobs.iter().filter(|job| job.model == model) {
+        let Some(primary_id) = &shadow.shadow_of else { continue };
+        let (sv, ss, sr, sb) = cell(shadow);
+        let (pv, ps, pr, pb) = match store.get(primary_id).await? {
+            Some(primary) => cell(&primary),
+            None => ("?".into(), "gone".into(), "-".into(), 0),
+        };
+        writeln!(
+            out,
+            "{:<26} {sv:<12} {ss:<10} {sr:>9} {sb:>9}   {pv:<12} {ps:<10} {pr:>9} {pb:>9}",
+            shadow.id.as_str()
+        )?;
     }
     Ok(())
 }

@@ -4,7 +4,7 @@ use http::{Method, Response, StatusCode, header};
 use kiln_app::{
     Authenticator, Disposition, Jobs, Ports, Tenant, Webhooks, inbox,
     ports::ArtifactLinks,
-    views::{JobView, UsageView},
+    views::{JobView, ModelView, UsageView},
 };
 use kiln_domain::{InputError, InputErrorKind, JobId, JobStatus};
 use kiln_lambda::FunctionConfig;
@@ -210,7 +210,7 @@ impl Api {
             }
             Route::ListModels => {
                 let models = self.jobs.models().await?;
-                json(StatusCode::OK, &serde_json::json!({ "models": &*models }))
+                json(StatusCode::OK, &serde_json::json!({ "models": ModelView::list(&models) }))
             }
             Route::GetUsage => json(StatusCode::OK, &UsageView::new(&self.jobs.usage(&tenant).await?)),
             Route::WebhookSecret => {

@@ -25,6 +25,11 @@ use std::collections::HashMap;
 
 use crate::ports::{QueuedJob, RunnerReport};
 
+/// Where the runners of `model` at `version` report on the fleet board.
+pub fn board_key(model: &str, version: &str) -> String {
+    format!("{model}@{version}")
+}
+
 /// A runner's report counts while it is younger than this (runners report every 10 s).
 pub const REPORT_FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -152,7 +157,10 @@ pub fn of_queued(
     now: DateTime<Utc>,
 ) -> Estimate {
     let mine = level(job.priority, job.created_at, now);
-    let same_model: Vec<&QueuedJob> = queued.iter().filter(|q| q.model == job.model && q.id != job.id).collect();
+    let same_model: Vec<&QueuedJob> = queued
+        .iter()
+        .filter(|q| q.model == job.model && q.model_version == job.model_version && q.id != job.id)
+        .collect();
     let (mut ahead, mut ahead_units) = (0u64, 0u64);
     // Same level, by tenant, oldest first.
     let mut peers: HashMap<&str, Vec<&QueuedJob>> = HashMap::new();

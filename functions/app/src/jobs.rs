@@ -2,8 +2,8 @@
 
 use chrono::{DateTime, Utc};
 use kiln_domain::{
-    CacheKey, InputError, InputErrorKind, Job, JobErrorCode, JobId, JobStatus, ModelSpec, Submission, Subscription,
-    TenantId, Webhook, WebhookPolicy,
+    CacheKey, CatalogModel, InputError, InputErrorKind, Job, JobErrorCode, JobId, JobStatus, ModelSpec, Priority,
+    SHADOW_TENANT, Submission, Subscription, TenantId, Webhook, WebhookPolicy,
 };
 use rand::Rng;
 use sha2::{Digest, Sha256};
@@ -125,7 +125,7 @@ pub struct Jobs {
     links: Arc<dyn ArtifactLinks>,
     fleet: Arc<dyn FleetBoard>,
     config: JobsConfig,
-    models: Mutex<Option<(Instant, Arc<Vec<ModelSpec>>)>>,
+    models: Mutex<Option<Read<Vec<CatalogModel>>>>,
     /// The queue and the fleets as last read for estimates.
     snapshot: Mutex<Option<Read<Vec<QueuedJob>>>>,
     fleets: Mutex<HashMap<String, Read<Vec<RunnerReport>>>>,
@@ -194,7 +194,7 @@ impl Jobs {
     ) -> Result<Submitted, AppError> {
         let submission = Submission::parse(body)?;
         let (name, version) = submission.model()?;
-        let model = self.model(name, version).await?;
+        let (model, shadows) = self.model(name, version, submission.fingerprint()).await?;
         let resolved = submission.resolve(&model, self.config.webhook_policy, || rand::rng().random())?;
         let idempotency = idempotency_key
             .map(|key| {
@@ -220,7 +220,53 @@ impl Jobs {
         {
             self.refund(&tenant.id, &charge).await;
         }
+        if let Ok(Submitted { job, disposition: Disposition::Created }) = &placed {
+            for spec in &shadows {
+                self.shadow(job, &submission, spec).await;
+            }
+        }
         placed
+    }
+
+    /// Renders `primary`'s request with the version `spec` too, as a shadow job: low priority,
+    /// owned by [`SHADOW_TENANT`] (no client sees it), pointing at `primary` for comparison.
+    /// Nothing about it reaches the caller; a shadow that cannot be made is logged and dropped.
+    async fn shadow(&self, primary: &Job, submission: &Submission, spec: &ModelSpec) {
+        let resolved = match submission.resolve(spec, self.config.webhook_policy, || primary.params.seed) {
+            Ok(resolved) => resolved,
+            Err(err) => {
+                info!(job_id = %primary.id, version = %spec.version, error = %err, "no shadow: the request does not fit this version");
+                return;
+            }
+        };
+        let now = Utc::now();
+        let tenant = TenantId::parse(SHADOW_TENANT).expect("a valid tenant id");
+        let mut job = Job::new(
+            JobId::generate(now),
+            tenant,
+            spec.name.clone(),
+            spec.version.clone(),
+            resolved.params,
+            None,
+            now,
+            self.config.queued_ttl,
+        );
+        job.shadow_of = Some(primary.id.clone());
+        job.priority = Priority::Low;
+        job.cost_units = spec.cost.units(&job.params);
+        job.retention_secs = Some(self.config.output_retention.as_secs());
+        let claim = CacheClaim { key: job.cache_key.clone(), replaces: None };
+        match self.store.insert(&job, &claim, None).await {
+            Ok(InsertOutcome::Inserted) => match self.queue.enqueue(&JobMessage::for_job(&job)).await {
+                Ok(()) => {
+                    info!(job_id = %job.id, shadow_of = %primary.id, version = %spec.version, "shadow job queued")
+                }
+                // Left queued without a message: the expiry sweep ends it.
+                Err(err) => warn!(job_id = %job.id, error = %err, "shadow job not queued"),
+            },
+            Ok(outcome) => info!(shadow_of = %primary.id, ?outcome, "no shadow: an identical one exists"),
+            Err(err) => warn!(shadow_of = %primary.id, error = %err, "shadow job not stored"),
+        }
     }
 
     /// Answers from the cache, joins an identical job in flight, or stores and queues a new job
@@ -477,7 +523,7 @@ impl Jobs {
         if job.status.is_terminal() {
             return None;
         }
-        let fleet = self.fleet_of(&job.model).await;
+        let fleet = self.fleet_of(&eta::board_key(&job.model, &job.model_version)).await;
         let (queued, complete) = match job.status {
             JobStatus::Queued => self.queued_snapshot().await?,
             _ => (Arc::default(), true),
@@ -582,7 +628,8 @@ impl Jobs {
     }
 
     /// The served models, read through a short-lived cache.
-    pub async fn models(&self) -> Result<Arc<Vec<ModelSpec>>, AppError> {
+    /// The catalog: each model with its versions, by name.
+    pub async fn models(&self) -> Result<Arc<Vec<CatalogModel>>, AppError> {
         if let Some((at, models)) = lock(&self.models).as_ref()
             && at.elapsed() < self.config.catalog_ttl
         {
@@ -595,23 +642,51 @@ impl Jobs {
         Ok(models)
     }
 
-    async fn model(&self, name: &str, version: Option<&str>) -> Result<ModelSpec, AppError> {
+    /// The model version a request renders with: the one it pins (`name@version`), else one
+    /// picked by weight from `key` (identical requests get the same one); and the versions that
+    /// shadow it.
+    async fn model(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        key: &str,
+    ) -> Result<(ModelSpec, Vec<ModelSpec>), AppError> {
         let models = self.models().await?;
         let unknown =
             |message: String| InputError::new(InputErrorKind::UnknownModel, Some("model".to_owned()), message);
-        let model = models.iter().find(|m| m.name == name).ok_or_else(|| {
-            let names: Vec<&str> = models.iter().map(|m| m.name.as_str()).collect();
+        let model = models.iter().find(|m| m.name == name && m.active().next().is_some()).ok_or_else(|| {
+            let names: Vec<&str> =
+                models.iter().filter(|m| m.active().next().is_some()).map(|m| m.name.as_str()).collect();
             unknown(format!("no model `{}`; served: {}", truncate(name, 64), names.join(", ")))
         })?;
-        match version {
-            Some(version) if version != model.version => Err(unknown(format!(
-                "model `{name}` has no version `{}`; the served version is {}",
-                truncate(version, 32),
-                model.version
-            ))
-            .into()),
-            _ => Ok(model.clone()),
-        }
+        let active = || model.active().map(|v| v.version()).collect::<Vec<_>>().join(", ");
+        let served = match version {
+            Some(version) => match model.version(version) {
+                Some(served) if !served.retired => served,
+                Some(_) => {
+                    return Err(unknown(format!(
+                        "model `{name}` version `{}` is retired; served versions: {}",
+                        truncate(version, 32),
+                        active()
+                    ))
+                    .into());
+                }
+                None => {
+                    return Err(unknown(format!(
+                        "model `{name}` has no version `{}`; served versions: {}",
+                        truncate(version, 32),
+                        active()
+                    ))
+                    .into());
+                }
+            },
+            None => model
+                .pick(hash_key(key, "version"))
+                .ok_or_else(|| unknown(format!("model `{name}` has no served version")))?,
+        };
+        let shadows =
+            model.shadows(served.version(), hash_key(key, "shadow")).into_iter().map(|v| v.spec.clone()).collect();
+        Ok((served.spec.clone(), shadows))
     }
 
     /// Expires queued jobs whose time to live has passed. Returns how many it expired.
@@ -659,6 +734,14 @@ fn check_idempotency_key(key: &str) -> Result<(), InputError> {
 
 fn truncate(text: &str, max_chars: usize) -> String {
     text.chars().take(max_chars).collect()
+}
+
+/// A number drawn from `key` for `purpose`: the same for the same request, independent across
+/// purposes.
+fn hash_key(key: &str, purpose: &str) -> u64 {
+    let digest =
+        Sha256::new().chain_update(purpose.as_bytes()).chain_update(b"\0").chain_update(key.as_bytes()).finalize();
+    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -5,6 +5,7 @@
 //! ([`ports`]) with AWS implementations in `kiln-aws` and in-memory ones in [`memory`].
 
 pub mod auth;
+pub mod catalog;
 pub mod changes;
 pub mod delivery;
 pub mod error;

@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use kiln_domain::{CacheKey, Job, JobId, JobStatus, ModelSpec, TenantId};
+use kiln_domain::{CacheKey, CatalogModel, Job, JobId, JobStatus, ModelSpec, TenantId};
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     sync::{
@@ -20,8 +20,8 @@ use crate::{
     ports::{
         ArtifactLinks, ArtifactStore, CacheClaim, Delivery, EndpointCircuits, EndpointHealth, FleetBoard,
         IdempotencyRecord, InsertOutcome, JobPage, JobQueue, JobStore, ModelCatalog, ObjectError, ObjectStore,
-        PortError, PresignedUrl, QueuedJob, RunnerReport, SecretSet, SecretStore, StoredKey, TenantDirectory,
-        WebhookQueue, WorkQueue,
+        PortError, PresignedUrl, QueuedJob, RunnerReport, SecretSet, SecretStore, StoredKey, StoredModel,
+        TenantDirectory, WebhookQueue, WorkQueue,
     },
     wiring::Ports,
 };
@@ -280,26 +280,38 @@ impl JobQueue for MemoryQueue {
 /// A fixed list of models.
 #[derive(Default)]
 pub struct MemoryCatalog {
-    models: Mutex<Vec<ModelSpec>>,
+    models: Mutex<Vec<(CatalogModel, u64)>>,
 }
 
 impl MemoryCatalog {
+    /// Each model new, with its one version taking every request.
     pub fn with(models: Vec<ModelSpec>) -> Self {
+        let models = models.into_iter().map(|spec| (CatalogModel::new(spec, Utc::now()), 1)).collect();
         Self { models: Mutex::new(models) }
     }
 }
 
 #[async_trait]
 impl ModelCatalog for MemoryCatalog {
-    async fn models(&self) -> Result<Vec<ModelSpec>, PortError> {
-        Ok(lock(&self.models).clone())
+    async fn models(&self) -> Result<Vec<CatalogModel>, PortError> {
+        Ok(lock(&self.models).iter().map(|(model, _)| model.clone()).collect())
     }
 
-    async fn publish(&self, model: &ModelSpec) -> Result<(), PortError> {
+    async fn model(&self, name: &str) -> Result<Option<StoredModel>, PortError> {
+        let models = lock(&self.models);
+        let found = models.iter().find(|(model, _)| model.name == name);
+        Ok(found.map(|(model, revision)| StoredModel { model: model.clone(), revision: *revision }))
+    }
+
+    async fn put(&self, model: &CatalogModel, revision: Option<u64>) -> Result<bool, PortError> {
         let mut models = lock(&self.models);
-        models.retain(|m| m.name != model.name);
-        models.push(model.clone());
-        Ok(())
+        let stored = models.iter().position(|(m, _)| m.name == model.name);
+        match (stored, revision) {
+            (None, None) => models.push((model.clone(), 1)),
+            (Some(i), Some(revision)) if models[i].1 == revision => models[i] = (model.clone(), revision + 1),
+            _ => return Ok(false),
+        }
+        Ok(true)
     }
 }
 

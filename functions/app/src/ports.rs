@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use kiln_domain::{CacheKey, Job, JobId, JobStatus, ModelSpec, TenantId};
+use kiln_domain::{CacheKey, CatalogModel, Job, JobId, JobStatus, TenantId};
 use std::time::Duration;
 
 use crate::{
@@ -68,6 +68,7 @@ pub struct QueuedJob {
     pub id: JobId,
     pub tenant_id: TenantId,
     pub model: String,
+    pub model_version: String,
     pub priority: kiln_domain::Priority,
     pub created_at: DateTime<Utc>,
     pub cost_units: u64,
@@ -80,6 +81,7 @@ impl QueuedJob {
             id: job.id.clone(),
             tenant_id: job.tenant_id.clone(),
             model: job.model.clone(),
+            model_version: job.model_version.clone(),
             priority: job.priority,
             created_at: job.created_at,
             cost_units: job.cost_units,
@@ -109,7 +111,7 @@ pub struct RunnerReport {
 /// Where runners post their capacity per model, and where the API reads it.
 #[async_trait]
 pub trait FleetBoard: Send + Sync {
-    /// Records `report` for `model` and forgets the runners in `forget`; answers every report
+    /// Records `report` for `model` (a board key: `name@version`) and forgets the runners in `forget`; answers every report
     /// now on the board for the model.
     async fn report(
         &self,
@@ -193,12 +195,22 @@ pub trait JobQueue: Send + Sync {
     async fn enqueue(&self, message: &JobMessage) -> Result<(), PortError>;
 }
 
-/// The models the platform serves.
+/// The models the platform serves, each with its versions (see [`kiln_domain::catalog`]).
 #[async_trait]
 pub trait ModelCatalog: Send + Sync {
-    async fn models(&self) -> Result<Vec<ModelSpec>, PortError>;
-    /// Adds or replaces a model's description (runners publish what they serve).
-    async fn publish(&self, model: &ModelSpec) -> Result<(), PortError>;
+    async fn models(&self) -> Result<Vec<CatalogModel>, PortError>;
+    /// One model and the revision it was read at.
+    async fn model(&self, name: &str) -> Result<Option<StoredModel>, PortError>;
+    /// Writes `model` if the stored one is still at `revision` (None: there is none yet);
+    /// false when someone else changed it first.
+    async fn put(&self, model: &CatalogModel, revision: Option<u64>) -> Result<bool, PortError>;
+}
+
+/// A catalog entry and the revision it was read at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredModel {
+    pub model: CatalogModel,
+    pub revision: u64,
 }
 
 /// Tenants and their API keys (stored as SHA-256 hashes, never in clear).

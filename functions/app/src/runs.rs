@@ -155,19 +155,44 @@ impl JobRuns {
     /// duplicate). Returns whether it changed the job.
     pub async fn dead_lettered(&self, id: &JobId, message_id: &str, now: DateTime<Utc>) -> Result<bool, AppError> {
         let message = "no runner could finish the job: its message reached the dead-letter queue";
-        let failed = revise_stored(&*self.store, id, |job| {
-            if job.status.is_terminal() || (job.status == JobStatus::Running && held_by_another(job, message_id)) {
-                return Ok(Change::Keep(false));
-            }
-            job.fail(JobErrorCode::DeadLettered, message, now)?;
-            Ok(Change::Write(true))
-        })
-        .await?;
-        let failed = failed.is_some_and(|(_, failed)| failed);
+        let failed = self.fail_by_message(id, message_id, JobErrorCode::DeadLettered, message, now).await?;
         if failed {
             info!(job_id = %id, "dead-lettered job failed");
         }
         Ok(failed)
+    }
+
+    /// A job whose model version no runner served within the wait for one: ends it as failed
+    /// (`model_version_unavailable`, with `message`), under the same conditions as
+    /// [`JobRuns::dead_lettered`]. Returns whether it changed the job.
+    pub async fn version_unavailable(
+        &self,
+        id: &JobId,
+        message_id: &str,
+        message: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, AppError> {
+        self.fail_by_message(id, message_id, JobErrorCode::ModelVersionUnavailable, message, now).await
+    }
+
+    /// Fails the job unless it has ended or a running job's run holds another message.
+    async fn fail_by_message(
+        &self,
+        id: &JobId,
+        message_id: &str,
+        code: JobErrorCode,
+        message: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, AppError> {
+        let failed = revise_stored(&*self.store, id, |job| {
+            if job.status.is_terminal() || (job.status == JobStatus::Running && held_by_another(job, message_id)) {
+                return Ok(Change::Keep(false));
+            }
+            job.fail(code, message, now)?;
+            Ok(Change::Write(true))
+        })
+        .await?;
+        Ok(failed.is_some_and(|(_, failed)| failed))
     }
 
     /// Applies `change` to the runner's copy and writes it. When the stored job moved on, re-reads

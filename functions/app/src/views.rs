@@ -159,3 +159,33 @@ impl UsageView {
         }
     }
 }
+
+/// A model as `GET /v1/models` lists it: its default version's description (what a request
+/// without a version most likely gets), and every version a request may pin.
+#[derive(Debug, Serialize)]
+pub struct ModelView<'a> {
+    #[serde(flatten)]
+    pub spec: &'a kiln_domain::ModelSpec,
+    pub versions: Vec<VersionView<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VersionView<'a> {
+    pub version: &'a str,
+    /// Its share of requests without a version, relative to the others'.
+    pub weight: u32,
+}
+
+impl<'a> ModelView<'a> {
+    /// Each model with a version to serve, by name.
+    pub fn list(models: &'a [kiln_domain::CatalogModel]) -> Vec<Self> {
+        models
+            .iter()
+            .filter_map(|model| {
+                let spec = &model.default_version()?.spec;
+                let versions = model.active().map(|v| VersionView { version: v.version(), weight: v.weight }).collect();
+                Some(Self { spec, versions })
+            })
+            .collect()
+    }
+}

@@ -6,7 +6,7 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use kiln_domain::{CacheKey, Job, JobEvent, JobId, JobStatus, ModelSpec, TenantId};
+use kiln_domain::{CacheKey, CatalogModel, Job, JobEvent, JobId, JobStatus, TenantId};
 use std::{sync::Arc, time::Duration};
 
 use crate::{
@@ -16,8 +16,8 @@ use crate::{
     ports::{
         ArtifactLinks, ArtifactStore, CacheClaim, Delivery, EndpointCircuits, EndpointHealth, FleetBoard,
         IdempotencyRecord, InsertOutcome, JobPage, JobQueue, JobStore, ModelCatalog, ObjectError, ObjectStore,
-        PortError, PresignedUrl, QueuedJob, RunnerReport, SecretSet, SecretStore, StoredKey, TenantDirectory,
-        WebhookQueue, WorkQueue,
+        PortError, PresignedUrl, QueuedJob, RunnerReport, SecretSet, SecretStore, StoredKey, StoredModel,
+        TenantDirectory, WebhookQueue, WorkQueue,
     },
 };
 
@@ -156,10 +156,13 @@ impl WorkQueue for Unwired {
 
 #[async_trait]
 impl ModelCatalog for Unwired {
-    async fn models(&self) -> Result<Vec<ModelSpec>, PortError> {
+    async fn models(&self) -> Result<Vec<CatalogModel>, PortError> {
         unwired()
     }
-    async fn publish(&self, _: &ModelSpec) -> Result<(), PortError> {
+    async fn model(&self, _: &str) -> Result<Option<StoredModel>, PortError> {
+        unwired()
+    }
+    async fn put(&self, _: &CatalogModel, _: Option<u64>) -> Result<bool, PortError> {
         unwired()
     }
 }

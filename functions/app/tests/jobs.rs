@@ -425,3 +425,67 @@ async fn tenants_without_limits_of_their_own_get_the_deployments() {
     jobs.submit(&limited("b", 3, 100), &fox(1), None).await.unwrap();
     jobs.submit(&limited("b", 3, 100), &fox(2), None).await.unwrap();
 }
+
+/// Versions: a request without one gets the weighted version (identical requests the same),
+/// `name@version` pins any active version, a retired one is refused naming the served ones;
+/// a shadow share renders the request with the candidate too, as a job no client sees, for
+/// free.
+#[tokio::test]
+async fn requests_get_versions_by_weight_or_pin_and_shadows_are_rendered_aside() {
+    use kiln_app::catalog::Catalog;
+    let memory = MemoryPorts::with_models(vec![demo_model()]);
+    let jobs = Jobs::new(&memory.ports(), JobsConfig::default());
+    let catalog = Catalog::new(memory.catalog.clone());
+    let v2 = ModelSpec { version: "2.0.0".into(), ..demo_model() };
+    assert_eq!(catalog.offer(&v2).await.unwrap(), kiln_domain::Offered::Candidate);
+    let a = tenant("a");
+    let version = |submitted: kiln_app::Submitted| submitted.job.model_version;
+    assert_eq!(version(jobs.submit(&a, &fox(1), None).await.unwrap()), "1.0.0", "the candidate has no traffic");
+    let pinned = jobs.submit(&a, br#"{"model":"demo@2.0.0","prompt":"pinned"}"#, None).await.unwrap();
+    assert_eq!(version(pinned), "2.0.0");
+
+    // Even split, read again after the catalog's reuse time: both versions serve, and the same
+    // request always lands on the same one.
+    catalog.change("demo", |m| m.set_weight("2.0.0", 100)).await.unwrap();
+    let jobs = Jobs::new(&memory.ports(), JobsConfig::default());
+    let mut seen = std::collections::HashSet::new();
+    for n in 2..40 {
+        seen.insert(version(jobs.submit(&a, &fox(n), None).await.unwrap()));
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let again = jobs.submit(&a, &fox(2), None).await.unwrap();
+    assert_eq!(again.disposition, Disposition::Deduplicated, "the same request, the same version: one job");
+
+    catalog.change("demo", |m| m.promote("2.0.0")).await.unwrap();
+    catalog.change("demo", |m| m.retire("1.0.0")).await.unwrap();
+    catalog
+        .change("demo", |m| m.add(ModelSpec { version: "3.0.0".into(), ..demo_model() }, 0, Utc::now()))
+        .await
+        .unwrap();
+    catalog.change("demo", |m| m.set_shadow("3.0.0", 100)).await.unwrap();
+    let jobs = Jobs::new(&memory.ports(), JobsConfig::default());
+    match jobs.submit(&a, br#"{"model":"demo@1.0.0","prompt":"old"}"#, None).await {
+        Err(AppError::Input(e)) => {
+            assert_eq!(e.kind, InputErrorKind::UnknownModel);
+            assert!(e.message.contains("retired; served versions: 2.0.0, 3.0.0"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    let usage_before = jobs.usage(&a).await.unwrap().counted.units_today;
+    let served = jobs.submit(&a, br#"{"model":"demo","prompt":"shadowed","seed":7}"#, None).await.unwrap();
+    assert_eq!(served.job.model_version, "2.0.0");
+    let shadow_tenant = TenantId::parse(kiln_domain::SHADOW_TENANT).unwrap();
+    let shadows = memory.store.list(&shadow_tenant, None, 10, None).await.unwrap().jobs;
+    assert_eq!(shadows.len(), 1);
+    let shadow = &shadows[0];
+    assert_eq!((shadow.model_version.as_str(), shadow.shadow_of.as_ref()), ("3.0.0", Some(&served.job.id)));
+    assert_eq!((shadow.params.seed, shadow.priority), (7, kiln_domain::Priority::Low));
+    assert_eq!(
+        jobs.usage(&a).await.unwrap().counted.units_today,
+        usage_before + served.job.cost_units,
+        "the shadow is free"
+    );
+    let listed = jobs.list(&a, None, 100, None).await.unwrap();
+    assert!(listed.jobs.iter().all(|job| job.shadow_of.is_none()), "the tenant never sees it");
+    assert!(memory.queue.sent().iter().any(|m| m.job_id == shadow.id), "queued for the runners");
+}

@@ -96,10 +96,11 @@ fn job_from_item(item: Item) -> Result<Job, PortError> {
 }
 
 /// The attributes of a queued job estimates read, by their expression names.
-const PROJECTED: [(&str, &str); 7] = [
+const PROJECTED: [(&str, &str); 8] = [
     ("#id", "id"),
     ("#tenant", "tenant_id"),
     ("#model", "model"),
+    ("#version", "model_version"),
     ("#priority", "priority"),
     ("#created", "created_at"),
     ("#cost", "cost_units"),
@@ -113,6 +114,7 @@ fn queued_from_item(item: Item) -> Result<QueuedJob, PortError> {
         id: JobId,
         tenant_id: TenantId,
         model: String,
+        model_version: String,
         #[serde(default)]
         priority: kiln_domain::Priority,
         created_at: DateTime<Utc>,
@@ -127,6 +129,7 @@ fn queued_from_item(item: Item) -> Result<QueuedJob, PortError> {
         id: p.id,
         tenant_id: p.tenant_id,
         model: p.model,
+        model_version: p.model_version,
         priority: p.priority,
         created_at: p.created_at,
         cost_units: p.cost_units,

@@ -23,6 +23,9 @@ pub enum JobErrorCode {
     DeadLettered,
     /// The render took longer than its model's budget for a job of its size allows.
     RenderTimeout,
+    /// No runner served the job's model version within the wait for one (a version pinned
+    /// while none of its runners run, or a deploy that removed it).
+    ModelVersionUnavailable,
     /// Anything else.
     Internal,
 }
@@ -133,6 +136,10 @@ pub struct Job {
     /// tenant's daily quota when it was accepted. 0 for jobs accepted before costs were kept.
     #[serde(default)]
     pub cost_units: u64,
+    /// A shadow job: the same request rendered by another version of the model for comparison
+    /// with this job (its tenant is [`crate::SHADOW_TENANT`]; nobody is answered with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_of: Option<JobId>,
     /// Its tenant's weight in fair share when it was accepted (None: 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share_weight: Option<u32>,
@@ -236,6 +243,7 @@ impl Job {
             priority: Priority::Normal,
             cost_units: 0,
             share_weight: None,
+            shadow_of: None,
             webhook,
             subscribers: Vec::new(),
             status: JobStatus::Queued,

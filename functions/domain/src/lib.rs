@@ -5,6 +5,7 @@
 
 pub mod address;
 pub mod cache_key;
+pub mod catalog;
 pub mod error;
 pub mod events;
 pub mod ids;
@@ -14,6 +15,7 @@ pub mod params;
 pub mod status;
 
 pub use cache_key::CacheKey;
+pub use catalog::{CatalogError, CatalogModel, Offered, ServedVersion};
 pub use error::{InputError, InputErrorKind};
 pub use events::{JobEvent, webhook_events};
 pub use ids::{InvalidId, JobId, TenantId};
@@ -23,3 +25,6 @@ pub use job::{
 pub use model::{CostModel, ManifestError, ModelSpec, OutputFormat, RenderBudget};
 pub use params::{JobParams, SeedSource, Submission, Webhook, WebhookEvent, WebhookPolicy};
 pub use status::JobStatus;
+
+/// The tenant shadow jobs belong to: no key is ever made for it, so no client sees them.
+pub const SHADOW_TENANT: &str = "kiln-shadow";

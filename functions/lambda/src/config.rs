@@ -22,6 +22,10 @@ pub struct FunctionConfig {
     /// lifecycle (terraform sets it from `output_retention_days`). Recorded on each new job.
     #[arg(long, env = "KILN_OUTPUT_RETENTION_SECS", default_value_t = 30 * 24 * 3600)]
     pub output_retention_secs: u64,
+    /// How long a function reuses the model catalog it read, in seconds: a change made with
+    /// `kiln-admin models` (weights, promotion, retirement) reaches requests within this.
+    #[arg(long, env = "KILN_CATALOG_TTL_SECS", default_value_t = 30)]
+    pub catalog_ttl_secs: u64,
     /// Largest accepted request body, in bytes; larger ones get 413.
     #[arg(long, env = "KILN_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
@@ -49,6 +53,7 @@ impl FunctionConfig {
             link_ttl: Duration::from_secs(u64::from(self.link_ttl_secs)),
             output_retention: Duration::from_secs(self.output_retention_secs),
             webhook_policy: WebhookPolicy { allow_local: self.allow_local_webhooks },
+            catalog_ttl: Duration::from_secs(self.catalog_ttl_secs),
             default_limits: TenantLimits {
                 max_active_jobs: self.default_max_active_jobs,
                 jobs_per_minute: self.default_jobs_per_minute,
@@ -65,6 +70,7 @@ impl FunctionConfig {
             queued_ttl_secs: 3600,
             link_ttl_secs: 3600,
             output_retention_secs: 30 * 24 * 3600,
+            catalog_ttl_secs: 30,
             max_body_bytes: 64 * 1024,
             allow_local_webhooks: false,
             default_max_active_jobs: TenantLimits::default().max_active_jobs,

@@ -93,7 +93,7 @@ impl RunnerProcess {
             .env("KILN_RETRY_BASE_SECS", options.retry_base_secs.to_string())
             .envs(options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
-        if std::env::var_os("RUST_LOG").is_none() {
+        if std::env::var_os("RUST_LOG").is_none() && !options.env.iter().any(|(k, _)| k == "RUST_LOG") {
             command.env("RUST_LOG", "info");
         }
         if let Some(path) = &options.log_file {

@@ -36,6 +36,8 @@ pub struct StackOptions {
     pub output_retention_secs: u64,
     /// Seconds a download link stays valid.
     pub link_ttl_secs: u32,
+    /// Seconds the API reuses the model catalog it read.
+    pub catalog_ttl_secs: u64,
     /// Accept http:// and loopback webhook URLs (and deliver to them).
     pub allow_local_webhooks: bool,
     /// First webhook retry delay in seconds (the cap is 4× this); short locally so tests see
@@ -54,6 +56,7 @@ impl Default for StackOptions {
             queued_ttl_secs: 3600,
             output_retention_secs: 30 * 24 * 3600,
             link_ttl_secs: 3600,
+            catalog_ttl_secs: 30,
             allow_local_webhooks: true,
             webhook_retry_base_secs: 1,
             faults: None,
@@ -115,6 +118,7 @@ impl LocalStack {
         };
         let mut config = FunctionConfig::for_resources(resources.clone());
         config.queued_ttl_secs = options.queued_ttl_secs;
+        config.catalog_ttl_secs = options.catalog_ttl_secs;
         config.output_retention_secs = options.output_retention_secs;
         config.link_ttl_secs = options.link_ttl_secs;
         config.allow_local_webhooks = options.allow_local_webhooks;
@@ -190,9 +194,10 @@ impl LocalStack {
         Ok(published)
     }
 
-    pub async fn publish_model(&self, model: &ModelSpec) -> anyhow::Result<()> {
-        self.aws.catalog().publish(model).await?;
-        Ok(())
+    /// Offers a model package's version to the catalog, as a runner's start does (a new model
+    /// takes every request; a new version of a known one is a candidate, with no traffic).
+    pub async fn publish_model(&self, model: &ModelSpec) -> anyhow::Result<kiln_domain::Offered> {
+        Ok(kiln_app::catalog::Catalog::new(self.aws.catalog()).offer(model).await?)
     }
 
     /// Creates a tenant (if new) with a fresh API key, and returns the key.

@@ -100,9 +100,9 @@ async fn main() -> anyhow::Result<()> {
         cli.runner.max_in_flight
     );
     println!(
-        "| format | frames | queue wait ms (p50) | batch wait ms (p50) | render ms (p50) | encode ms (p50) | upload ms (p50) | jobs/s | jobs per batch | Σrender s | Σencode s | wall s | render busy |"
+        "| format | frames | queue wait ms (p50) | batch wait ms (p50) | render ms (p50) | encode ms (p50) | upload ms (p50) | jobs/s | jobs per batch | Σrender s | Σencode s | wall s | render busy | render ms per unit |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for format in &cli.formats {
         measure(&cli, &model, &sessions, &metrics, format, cli.jobs).await?;
     }
@@ -208,11 +208,15 @@ async fn measure(
     let (render_p50, _) = stage(|j| j.timings.render_ms);
     let (encode_p50, encode_sum) = stage(|j| j.timings.encode_ms);
     let (upload_p50, _) = stage(|j| j.timings.upload_ms);
+    // The device time one GPU-work unit took at this batching: the calibration of the model's
+    // `cost.unit_scale` (its figure over the reference model's, measured the same way).
+    let units: u64 = jobs.iter().map(|job| model.cost.units(&job.params)).sum();
     println!(
-        "| {format} | {frames} | {queue_p50} | {batch_wait_p50} | {render_p50} | {encode_p50} | {upload_p50} | {:.2} | {:.2} | {busy:.2} | {encode_sum:.2} | {wall:.2} | {:.0}% |",
+        "| {format} | {frames} | {queue_p50} | {batch_wait_p50} | {render_p50} | {encode_p50} | {upload_p50} | {:.2} | {:.2} | {busy:.2} | {encode_sum:.2} | {wall:.2} | {:.0}% | {:.2} |",
         count as f64 / wall,
         count as f64 / batches.max(1) as f64,
-        100.0 * busy / wall
+        100.0 * busy / wall,
+        busy * 1000.0 / units.max(1) as f64
     );
     Ok(())
 }
