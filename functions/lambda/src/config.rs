@@ -59,7 +59,6 @@ impl FunctionConfig {
                 jobs_per_minute: self.default_jobs_per_minute,
                 units_per_day: self.default_units_per_day,
             },
-            ..JobsConfig::default()
         }
     }
 
