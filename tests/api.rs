@@ -788,3 +788,43 @@ async fn kiln_admin_makes_keys_only_for_tenants_that_exist_and_lists_and_revokes
     assert_eq!(answer(&other).await, StatusCode::OK);
     assert_eq!(admin(&stack, &["keys", "list", "--tenant", "acme"]).await.unwrap().lines().count(), 2);
 }
+
+/// `quality: "auto"` through the API: as asked on an empty queue; the demo model's fast preset
+/// (2 steps) once more than 8 jobs wait per GPU slot (no runner is up: one slot is assumed), with
+/// the job's warning saying so and its cost counted at the steps it renders.
+#[tokio::test(flavor = "multi_thread")]
+async fn quality_auto_renders_the_fast_preset_while_the_backlog_is_long() {
+    let stack = stack().await;
+    let client = Client::tenant(&stack, "hurried").await;
+    let auto =
+        |n: usize| json!({"model": "kiln-demo", "prompt": format!("hurried {n}"), "steps": 40, "quality": "auto"});
+    let first = client.post_json("/v1/jobs", &auto(0)).await;
+    assert_eq!(
+        (first.status, first.body["input"]["steps"].as_u64()),
+        (StatusCode::ACCEPTED, Some(40)),
+        "{}",
+        first.body
+    );
+    for n in 1..9 {
+        let body = json!({"model": "kiln-demo", "prompt": format!("waiting {n}")});
+        assert_eq!(client.post_json("/v1/jobs", &body).await.status, StatusCode::ACCEPTED);
+    }
+    // Estimates' reads of the queue are reused for 2 s.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let hurried = client.post_json("/v1/jobs", &auto(9)).await;
+    assert_eq!(hurried.body["input"]["steps"], 2, "{}", hurried.body);
+    let warning = hurried.body["warnings"][0].as_str().unwrap_or_default();
+    assert!(
+        warning.starts_with("quality auto: 9 jobs were waiting") && warning.contains("2 steps instead of 40"),
+        "{}",
+        hurried.body
+    );
+    assert!(hurried.body["cost_units"].as_u64() < first.body["cost_units"].as_u64(), "{}", hurried.body);
+    let bad = client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "x", "quality": "best"})).await;
+    assert_eq!(
+        (bad.status, bad.body["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("quality")),
+        "{}",
+        bad.body
+    );
+}

@@ -78,6 +78,12 @@ pub struct Basis {
     pub queue_complete: Option<bool>,
 }
 
+/// The slots of the runners whose reports are fresh at `now`, whatever is known of their speed.
+pub fn live_slots(reports: &[RunnerReport], now: DateTime<Utc>) -> u32 {
+    let fresh = Duration::from_std(REPORT_FRESH_FOR).unwrap_or(Duration::MAX);
+    reports.iter().filter(|r| now - r.at <= fresh).map(|r| r.slots).sum()
+}
+
 /// The live fleet of a model, summed from its runners' fresh reports.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Fleet {

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use kiln_domain::{
     CacheKey, CatalogModel, InputError, InputErrorKind, Job, JobErrorCode, JobId, JobStatus, ModelSpec, Priority,
-    SHADOW_TENANT, Submission, Subscription, TenantId, Webhook, WebhookPolicy,
+    Quality, SHADOW_TENANT, Submission, Subscription, TenantId, Webhook, WebhookPolicy,
 };
 use rand::Rng;
 use sha2::{Digest, Sha256};
@@ -45,6 +45,9 @@ pub struct JobsConfig {
     /// recorded on each job, it sets the outputs' `expires_at`, the purge time of the job's
     /// records, and whether a cached result can still be served.
     pub output_retention: Duration,
+    /// Jobs waiting per GPU slot of a model version over which `quality: auto` requests get
+    /// the model's fast preset.
+    pub degrade_backlog_per_slot: f64,
 }
 
 impl Default for JobsConfig {
@@ -56,6 +59,7 @@ impl Default for JobsConfig {
             catalog_ttl: Duration::from_secs(30),
             default_limits: TenantLimits::default(),
             output_retention: Duration::from_secs(30 * 24 * 3600),
+            degrade_backlog_per_slot: 8.0,
         }
     }
 }
@@ -195,7 +199,8 @@ impl Jobs {
         let submission = Submission::parse(body)?;
         let (name, version) = submission.model()?;
         let (model, shadows) = self.model(name, version, submission.fingerprint()).await?;
-        let resolved = submission.resolve(&model, self.config.webhook_policy, || rand::rng().random())?;
+        let mut resolved = submission.resolve(&model, self.config.webhook_policy, || rand::rng().random())?;
+        let degraded = self.degrade(&model, &mut resolved).await;
         let idempotency = idempotency_key
             .map(|key| {
                 check_idempotency_key(key).map(|()| IdempotencyRecord {
@@ -214,7 +219,8 @@ impl Jobs {
         let now = Utc::now();
         let units = model.cost.units(&resolved.params);
         let mut charged = None;
-        let placed = self.place(tenant, &model, resolved, idempotency, outbox, units, now, &mut charged).await;
+        let placed =
+            self.place(tenant, &model, resolved, idempotency, outbox, units, degraded, now, &mut charged).await;
         if let Some(charge) = charged
             && !matches!(placed, Ok(Submitted { disposition: Disposition::Created, .. }))
         {
@@ -226,6 +232,28 @@ impl Jobs {
             }
         }
         placed
+    }
+
+    /// `quality: auto` under load: while more jobs wait per GPU slot of the model version than
+    /// the deployment's threshold (counted from the queue and the fleet as estimates read them),
+    /// the request gets the model's fast preset; the warning says what was applied.
+    async fn degrade(&self, model: &ModelSpec, resolved: &mut kiln_domain::params::Resolved) -> Option<String> {
+        let fast = model.fast.filter(|fast| resolved.quality == Quality::Auto && fast.steps < resolved.params.steps)?;
+        let (queued, _) = self.queued_snapshot().await?;
+        let waiting = queued.iter().filter(|q| q.model == model.name && q.model_version == model.version).count();
+        let reports = self.fleet_of(&eta::board_key(&model.name, &model.version)).await.unwrap_or_default();
+        let slots = eta::live_slots(&reports, Utc::now());
+        let per_slot = waiting as f64 / f64::from(slots.max(1));
+        let threshold = self.config.degrade_backlog_per_slot;
+        if per_slot <= threshold {
+            return None;
+        }
+        let asked = std::mem::replace(&mut resolved.params.steps, fast.steps);
+        info!(model = %model.name, waiting, slots, asked, steps = fast.steps, "quality auto: the fast preset under load");
+        Some(format!(
+            "quality auto: {waiting} jobs were waiting for {slots} GPU slots ({per_slot:.1} a slot, over {threshold}); rendered with the model's fast preset: {} steps instead of {asked}",
+            fast.steps
+        ))
     }
 
     /// Renders `primary`'s request with the version `spec` too, as a shadow job: low priority,
@@ -280,6 +308,7 @@ impl Jobs {
         idempotency: Option<IdempotencyRecord>,
         outbox: Option<&str>,
         units: u64,
+        degraded: Option<String>,
         now: DateTime<Utc>,
         charged: &mut Option<Charge>,
     ) -> Result<Submitted, AppError> {
@@ -329,6 +358,7 @@ impl Jobs {
             }
             job.retention_secs = Some(self.config.output_retention.as_secs());
             job.cost_units = units;
+            job.warnings.extend(degraded.clone());
             job.share_weight = tenant.share_weight.filter(|weight| *weight != 1);
             let claim = CacheClaim { key: cache_key.clone(), replaces };
             match self.store.insert(&job, &claim, idempotency.as_ref()).await? {

@@ -489,3 +489,41 @@ async fn requests_get_versions_by_weight_or_pin_and_shadows_are_rendered_aside()
     assert!(listed.jobs.iter().all(|job| job.shadow_of.is_none()), "the tenant never sees it");
     assert!(memory.queue.sent().iter().any(|m| m.job_id == shadow.id), "queued for the runners");
 }
+
+/// `quality: auto` gets the model's fast preset only while more jobs wait per GPU slot than
+/// the threshold (8 by default), and says so on the job; other requests render as asked.
+#[tokio::test]
+async fn quality_auto_takes_the_fast_preset_under_load_and_says_so() {
+    let model = ModelSpec { fast: Some(kiln_domain::FastPreset { steps: 2 }), ..demo_model() };
+    let memory = MemoryPorts::with_models(vec![model]);
+    let a = tenant("a");
+    let auto = |n: usize| format!(r#"{{"model":"demo","prompt":"auto {n}","steps":20,"quality":"auto"}}"#).into_bytes();
+    let calm = Jobs::new(&memory.ports(), JobsConfig::default());
+    let first = calm.submit(&a, &auto(0), None).await.unwrap().job;
+    assert_eq!((first.params.steps, first.warnings.len()), (20, 0), "no backlog: as asked");
+
+    use kiln_app::ports::{FleetBoard, RunnerReport};
+    let report =
+        RunnerReport { runner: "r1".into(), slots: 1, busy: 1, units_per_sec: None, ms_per_unit: None, at: Utc::now() };
+    memory.fleet.report("demo@1.0.0", &report, &[]).await.unwrap();
+    for n in 0..8 {
+        calm.submit(&a, &fox(n), None).await.unwrap();
+    }
+    // 9 waiting for 1 slot: over 8.
+    let busy = Jobs::new(&memory.ports(), JobsConfig::default());
+    let degraded = busy.submit(&a, &auto(1), None).await.unwrap().job;
+    assert_eq!(degraded.params.steps, 2);
+    assert!(
+        degraded.warnings[0].contains("9 jobs were waiting for 1 GPU slots")
+            && degraded.warnings[0].contains("2 steps instead of 20"),
+        "{:?}",
+        degraded.warnings
+    );
+    let full = busy.submit(&a, br#"{"model":"demo","prompt":"as asked","steps":20}"#, None).await.unwrap().job;
+    assert_eq!((full.params.steps, full.warnings.len()), (20, 0), "without quality auto");
+    // More slots, the same queue: under the threshold again.
+    let more = RunnerReport { runner: "r2".into(), slots: 4, ..report };
+    memory.fleet.report("demo@1.0.0", &more, &[]).await.unwrap();
+    let roomy = Jobs::new(&memory.ports(), JobsConfig::default());
+    assert_eq!(roomy.submit(&a, &auto(2), None).await.unwrap().job.params.steps, 20);
+}

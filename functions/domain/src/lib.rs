@@ -22,8 +22,8 @@ pub use ids::{InvalidId, JobId, TenantId};
 pub use job::{
     IllegalTransition, Job, JobError, JobErrorCode, Output, Priority, Subscription, Timings, WebhookDelivery,
 };
-pub use model::{CostModel, ManifestError, ModelSpec, OutputFormat, RenderBudget};
-pub use params::{JobParams, SeedSource, Submission, Webhook, WebhookEvent, WebhookPolicy};
+pub use model::{CostModel, FastPreset, ManifestError, ModelSpec, OutputFormat, RenderBudget};
+pub use params::{JobParams, Quality, SeedSource, Submission, Webhook, WebhookEvent, WebhookPolicy};
 pub use status::JobStatus;
 
 /// The tenant shadow jobs belong to: no key is ever made for it, so no client sees them.

@@ -115,6 +115,16 @@ pub struct ModelSpec {
     /// What a job of this model costs in GPU-work units (the tenants' daily quota counts them).
     #[serde(default)]
     pub cost: CostModel,
+    /// The settings `quality: auto` falls back to under load (None: such requests render as
+    /// asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fast: Option<FastPreset>,
+}
+
+/// A model's quicker settings: fewer denoising steps (a few-step sampler's count, say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FastPreset {
+    pub steps: u32,
 }
 
 /// A job's cost in GPU-work units. One unit is one megapixel-step: a million pixels of one
@@ -225,6 +235,9 @@ impl ModelSpec {
         {
             return fail("a default is outside its limit".into());
         }
+        if self.fast.is_some_and(|fast| !l.steps.contains(fast.steps)) {
+            return fail("fast.steps is outside limits.steps".into());
+        }
         if !(self.cost.unit_scale.is_finite() && self.cost.unit_scale > 0.0) {
             return fail("cost.unit_scale must be a positive number".into());
         }
@@ -324,6 +337,7 @@ pub(crate) mod tests {
             },
             render_budget: RenderBudget::default(),
             cost: CostModel::default(),
+            fast: None,
         }
     }
 

@@ -103,6 +103,19 @@ struct RawSubmission {
     format: Option<String>,
     webhook: Option<RawWebhook>,
     priority: Option<crate::Priority>,
+    quality: Option<Quality>,
+}
+
+/// What a request lets the platform trade for speed (`quality` on a request).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quality {
+    /// Rendered as asked.
+    #[default]
+    Full,
+    /// While the model's backlog per GPU slot is over the deployment's threshold, rendered
+    /// with the model's `fast` preset (fewer steps); the job's `warnings` say so.
+    Auto,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,6 +132,7 @@ pub struct Resolved {
     pub webhook: Option<Webhook>,
     /// As asked (normal when not); the tenant's maximum caps it on submission.
     pub priority: crate::Priority,
+    pub quality: Quality,
 }
 
 impl Submission {
@@ -231,6 +245,7 @@ impl Submission {
             },
             webhook,
             priority: body.priority.unwrap_or_default(),
+            quality: body.quality.unwrap_or_default(),
         })
     }
 }
@@ -443,6 +458,8 @@ mod tests {
             (r#"{"model":"demo","prompt":"x","format":"bmp"}"#.into(), InvalidValue, Some("format")),
             (r#"{"model":"demo","prompt":"x","num_frames":4,"format":"png"}"#.into(), InvalidValue, Some("format")),
             (r#"{"model":"demo","prompt":"x","widht":512}"#.into(), UnknownField, Some("widht")),
+            (r#"{"model":"demo","prompt":"x","quality":"best"}"#.into(), InvalidType, Some("quality")),
+            (r#"{"model":"demo","prompt":"x","priority":"urgent"}"#.into(), InvalidType, Some("priority")),
             (
                 r#"{"model":"demo","prompt":"x","webhook":{"url":"https://a.example","evts":[]}}"#.into(),
                 UnknownField,

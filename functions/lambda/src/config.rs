@@ -26,6 +26,10 @@ pub struct FunctionConfig {
     /// `kiln-admin models` (weights, promotion, retirement) reaches requests within this.
     #[arg(long, env = "KILN_CATALOG_TTL_SECS", default_value_t = 30)]
     pub catalog_ttl_secs: u64,
+    /// Jobs waiting per GPU slot of a model version over which requests with `quality: auto`
+    /// get the model's fast preset (fewer steps; the job's warnings say so).
+    #[arg(long, env = "KILN_DEGRADE_BACKLOG_PER_SLOT", default_value_t = 8.0)]
+    pub degrade_backlog_per_slot: f64,
     /// Largest accepted request body, in bytes; larger ones get 413.
     #[arg(long, env = "KILN_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
@@ -54,6 +58,7 @@ impl FunctionConfig {
             output_retention: Duration::from_secs(self.output_retention_secs),
             webhook_policy: WebhookPolicy { allow_local: self.allow_local_webhooks },
             catalog_ttl: Duration::from_secs(self.catalog_ttl_secs),
+            degrade_backlog_per_slot: self.degrade_backlog_per_slot,
             default_limits: TenantLimits {
                 max_active_jobs: self.default_max_active_jobs,
                 jobs_per_minute: self.default_jobs_per_minute,
@@ -70,6 +75,7 @@ impl FunctionConfig {
             link_ttl_secs: 3600,
             output_retention_secs: 30 * 24 * 3600,
             catalog_ttl_secs: 30,
+            degrade_backlog_per_slot: 8.0,
             max_body_bytes: 64 * 1024,
             allow_local_webhooks: false,
             default_max_active_jobs: TenantLimits::default().max_active_jobs,
