@@ -140,6 +140,10 @@ locals {
       metrics = concat(
         [for name in local.queue_names : ["AWS/SQS", "ApproximateNumberOfMessagesVisible", "QueueName", name, { stat = "Maximum" }]],
         [for name in local.queue_names : ["AWS/SQS", "ApproximateNumberOfMessagesNotVisible", "QueueName", name, { stat = "Maximum" }]],
+        [
+          ["kiln", "SchedulableBacklog", "QueueName", local.job_queue_name, { stat = "Maximum", label = "queued jobs that scale out" }],
+          ["kiln", "LowPriorityBacklog", "QueueName", local.job_queue_name, { stat = "Maximum", label = "queued low-priority jobs" }],
+        ],
       )
     }
     runners = {

@@ -9,8 +9,9 @@
 #
 # Scaling: the group's capacity is counted in GPUs (each instance type weighted by its GPUs,
 # runner_instance_gpus), so types with 1, 4 and 8 GPUs mix. Target tracking on backlog per GPU,
-# computed with metric math from the job queue's visible messages over the group's in-service
-# capacity. Target tracking sizes the group in proportion to its current size and so cannot
+# computed with metric math from the queued jobs of normal and high priority (`kiln`
+# SchedulableBacklog, published every minute by expire-jobs as an EMF log line; low-priority
+# jobs never make the group grow on their own) over the group's in-service capacity. Target tracking sizes the group in proportion to its current size and so cannot
 # leave zero; a step policy on a "backlog while no instance runs" alarm adds the first one.
 #
 # A render is never killed by scale-in: the agent on each instance (runner-agent.sh) turns on
@@ -297,7 +298,8 @@ resource "aws_autoscaling_group" "runner" {
   }
 }
 
-# Backlog per GPU: visible job messages over in-service capacity (GPUs; over 1 when none).
+# Backlog per GPU: queued jobs that may scale out (normal and high priority) over in-service
+# capacity (GPUs; over 1 when none).
 resource "aws_autoscaling_policy" "runner_backlog" {
   name                      = "${var.prefix}-backlog-per-gpu"
   autoscaling_group_name    = aws_autoscaling_group.runner.name
@@ -308,13 +310,13 @@ resource "aws_autoscaling_policy" "runner_backlog" {
     target_value = var.runner_backlog_per_gpu
     customized_metric_specification {
       metrics {
-        id          = "visible"
+        id          = "queued"
         return_data = false
         metric_stat {
-          stat = "Sum"
+          stat = "Maximum"
           metric {
-            namespace   = "AWS/SQS"
-            metric_name = "ApproximateNumberOfMessagesVisible"
+            namespace   = "kiln"
+            metric_name = "SchedulableBacklog"
             dimensions {
               name  = "QueueName"
               value = local.job_queue_name
@@ -339,8 +341,8 @@ resource "aws_autoscaling_policy" "runner_backlog" {
       }
       metrics {
         id          = "backlog"
-        label       = "Visible job messages per in-service runner GPU"
-        expression  = "visible / IF(running > 0, running, 1)"
+        label       = "Queued jobs of normal and high priority per in-service runner GPU"
+        expression  = "queued / IF(running > 0, running, 1)"
         return_data = true
       }
     }
@@ -362,7 +364,7 @@ resource "aws_autoscaling_policy" "runner_wake" {
 
 resource "aws_cloudwatch_metric_alarm" "runner_wake" {
   alarm_name          = "${var.prefix}-jobs-waiting-without-runners"
-  alarm_description   = "Job messages are visible and no runner is in service: start one."
+  alarm_description   = "Jobs of normal or high priority are queued and no runner is in service: start one (low-priority jobs alone do not)."
   comparison_operator = "GreaterThanOrEqualToThreshold"
   threshold           = 1
   evaluation_periods  = 1
@@ -371,15 +373,15 @@ resource "aws_cloudwatch_metric_alarm" "runner_wake" {
 
   metric_query {
     id          = "waiting"
-    expression  = "IF(visible > 0 AND FILL(running, 0) == 0, 1, 0)"
+    expression  = "IF(queued > 0 AND FILL(running, 0) == 0, 1, 0)"
     label       = "Jobs waiting with no runner"
     return_data = true
   }
   metric_query {
-    id = "visible"
+    id = "queued"
     metric {
-      namespace   = "AWS/SQS"
-      metric_name = "ApproximateNumberOfMessagesVisible"
+      namespace   = "kiln"
+      metric_name = "SchedulableBacklog"
       dimensions  = { QueueName = local.job_queue_name }
       period      = 60
       stat        = "Maximum"

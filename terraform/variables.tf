@@ -130,7 +130,7 @@ variable "runner_max_gpus" {
 }
 
 variable "runner_backlog_per_gpu" {
-  description = "Target of the scaling policy: visible job messages per in-service GPU. About KILN_MAX_IN_FLIGHT (jobs held per GPU) keeps every GPU full without a long wait."
+  description = "Target of the scaling policy: queued jobs of normal and high priority per in-service GPU (low-priority ones never scale out). About KILN_MAX_IN_FLIGHT (jobs held per GPU) keeps every GPU full without a long wait."
   type        = number
   default     = 4
 }

@@ -152,10 +152,41 @@ async fn the_schedule_event_expires_overdue_jobs() {
 
     let mut event: EventBridgeEvent<Value> = serde_json::from_str(SCHEDULE).unwrap();
     event.time = Some(Utc::now());
-    let jobs = Arc::new(expire_jobs::wire(&stack.aws, &stack.config));
-    let report = expire_jobs::handle(jobs, lambda_event(event)).await.unwrap();
-    assert_eq!(report, expire_jobs::SweepReport { expired: 1 });
+    let report = expire_jobs::handle(sweep(&stack), lambda_event(event)).await.unwrap();
+    let empty = kiln_app::jobs::Backlog { schedulable: 0, low: 0, complete: true };
+    assert_eq!(report, expire_jobs::SweepReport { expired: 1, backlog: Some(empty) });
     assert_eq!(client.get(&format!("/v1/jobs/{id}")).await.body["status"], "expired");
+}
+
+fn sweep(stack: &kiln_local::LocalStack) -> Arc<expire_jobs::Sweep> {
+    let jobs = expire_jobs::wire(&stack.aws, &stack.config);
+    Arc::new(expire_jobs::Sweep { jobs, queue_url: stack.resources.job_queue_url.clone() })
+}
+
+/// The sweep also publishes the backlog the runner group scales on: low-priority jobs (and
+/// shadows) are counted apart, so they never make it grow on their own.
+#[tokio::test]
+async fn the_schedule_event_publishes_the_backlog_without_low_priority_jobs() {
+    let stack = stack().await;
+    let client = Client::tenant(&stack, "acme").await;
+    for (n, priority) in ["normal", "low", "normal", "low", "low"].iter().enumerate() {
+        let body = json!({"model": "kiln-demo", "prompt": format!("waiting {n}"), "priority": priority});
+        assert_eq!(client.post_json("/v1/jobs", &body).await.status, reqwest::StatusCode::ACCEPTED);
+    }
+    let mut event: EventBridgeEvent<Value> = serde_json::from_str(SCHEDULE).unwrap();
+    event.time = Some(Utc::now());
+    let report = expire_jobs::handle(sweep(&stack), lambda_event(event)).await.unwrap();
+    let backlog = report.backlog.expect("a backlog");
+    assert_eq!((backlog.schedulable, backlog.low, backlog.complete), (2, 3, true));
+    let line: Value =
+        serde_json::from_str(&expire_jobs::backlog_metric(&stack.resources.job_queue_url, &backlog, Utc::now()))
+            .unwrap();
+    let queue = stack.resources.job_queue_url.rsplit('/').next().unwrap();
+    assert_eq!(
+        (line["QueueName"].as_str(), line["SchedulableBacklog"].as_f64(), line["LowPriorityBacklog"].as_f64()),
+        (Some(queue), Some(2.0), Some(3.0))
+    );
+    assert_eq!(line["_aws"]["CloudWatchMetrics"][0]["Namespace"], "kiln");
 }
 
 #[tokio::test]

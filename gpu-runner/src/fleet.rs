@@ -118,10 +118,14 @@ pub async fn report(
     let mut window = Instant::now();
     let saturated = |metrics: &Metrics| metrics.held.get() > 0 || metrics.in_flight.get() as usize >= slots;
     let mut was_saturated = saturated(&metrics);
+    let mut first = true;
     loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
+        // The first report at once (the runner is known before it renders), then every `every`.
+        if !std::mem::take(&mut first) {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
         }
         let now_saturated = saturated(&metrics);
         let closed = speeds.close_window(window.elapsed(), was_saturated && now_saturated);

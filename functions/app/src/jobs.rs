@@ -83,6 +83,17 @@ pub struct Submitted {
     pub disposition: Disposition,
 }
 
+/// The queued jobs, by whether they may scale the runners out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Backlog {
+    /// Normal and high priority.
+    pub schedulable: u64,
+    /// Low priority (shadow jobs included).
+    pub low: u64,
+    /// False when there were more queued jobs than were read.
+    pub complete: bool,
+}
+
 /// A tenant's limits and its use of them (`GET /v1/usage`).
 #[derive(Debug, Clone)]
 pub struct Usage {
@@ -109,6 +120,8 @@ pub struct JobWithLinks {
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 /// Largest page of `list`.
 pub const MAX_PAGE: u32 = 100;
+/// Most queued jobs the backlog metric reads (past them it stays at this).
+pub const BACKLOG_READ_LIMIT: u32 = 10_000;
 /// Most queued jobs a queue estimate reads (past them, the position is a lower bound).
 pub const QUEUE_READ_LIMIT: u32 = 2000;
 /// How long the queue and the fleet read for estimates are reused (per process).
@@ -717,6 +730,20 @@ impl Jobs {
         let shadows =
             model.shadows(served.version(), hash_key(key, "shadow")).into_iter().map(|v| v.spec.clone()).collect();
         Ok((served.spec.clone(), shadows))
+    }
+
+    /// The queued jobs that may make the runner group grow (normal and high priority) and the
+    /// low-priority ones, which never do on their own: they run on the runners other work
+    /// brought (RunPod's low priority). Shadow jobs are low. Counted over at most
+    /// [`BACKLOG_READ_LIMIT`] jobs.
+    pub async fn backlog(&self) -> Result<Backlog, AppError> {
+        let queued = self.store.queued_jobs(BACKLOG_READ_LIMIT).await?;
+        let low = queued.iter().filter(|job| job.priority == Priority::Low).count() as u64;
+        Ok(Backlog {
+            schedulable: queued.len() as u64 - low,
+            low,
+            complete: queued.len() < BACKLOG_READ_LIMIT as usize,
+        })
     }
 
     /// Expires queued jobs whose time to live has passed. Returns how many it expired.

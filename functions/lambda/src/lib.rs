@@ -4,6 +4,7 @@
 //! functions hand their event to [`sqs::handle_event`].
 
 pub mod config;
+pub mod emf;
 pub mod sqs;
 
 pub use config::FunctionConfig;
