@@ -54,6 +54,23 @@ async fn every_format_renders_to_a_file_of_the_asked_size_and_length() {
         assert_eq!(output["content_type"], content_type);
         let (_, probe) = artifact(&job, format).await;
         assert_eq!(probe, media::Probe { width, height, frames }, "{format}");
+        // Every video also has a poster: its first frame as a PNG.
+        let outputs = job["outputs"].as_array().unwrap();
+        if format == "png" {
+            assert_eq!(outputs.len(), 1, "{job}");
+            continue;
+        }
+        assert_eq!(outputs.len(), 2, "{job}");
+        let poster = &outputs[1];
+        assert_eq!(
+            (poster["key"].as_str(), poster["content_type"].as_str()),
+            (Some(format!("jobs/acme/{id}/poster.png").as_str()), Some("image/png"))
+        );
+        let bytes = download(poster["url"].as_str().expect("a poster link")).await;
+        assert_eq!(poster["bytes"].as_u64(), Some(bytes.len() as u64));
+        let still =
+            media::probe("png", &bytes).unwrap_or_else(|err| panic!("the {format} poster does not decode: {err}"));
+        assert_eq!(still, media::Probe { width, height, frames: 1 }, "{format} poster");
     }
 
     let metrics = reqwest::get(format!("{}/metrics", runner.metrics_url)).await.unwrap().text().await.unwrap();

@@ -554,23 +554,49 @@ impl Runner {
 
         let params = &job.params;
         let warnings = frames.notes.clone();
+        // A video's poster: its first frame as a PNG, beside it.
+        let poster = job.poster_key().zip(frames.frames.first()).map(|(key, first)| {
+            let still = crate::render::Frames {
+                width: frames.width,
+                height: frames.height,
+                frames: vec![first.clone()],
+                notes: Vec::new(),
+            };
+            (key, Arc::new(still))
+        });
         let started = Instant::now();
-        let encoded = encode::encode(params.format, frames, params.fps.unwrap_or(1)).await;
+        let mut encoded = vec![(
+            job.artifact_key(),
+            params.format,
+            encode::encode(params.format, frames, params.fps.unwrap_or(1)).await,
+        )];
+        if let Some((key, still)) = poster {
+            encoded.push((
+                key,
+                kiln_domain::OutputFormat::Png,
+                encode::encode(kiln_domain::OutputFormat::Png, still, 1).await,
+            ));
+        }
         let encode_time = started.elapsed();
-        let bytes = match encoded {
-            Ok(bytes) => Bytes::from(bytes),
-            Err(err) => return self.give_up(job, delivery, PermanentError::Encode(err).into()).await,
-        };
+        let mut files = Vec::new();
+        for (key, format, result) in encoded {
+            match result {
+                Ok(bytes) => files.push((
+                    Output { key, content_type: format.content_type().to_owned(), bytes: bytes.len() as u64 },
+                    Bytes::from(bytes),
+                )),
+                Err(err) => return self.give_up(job, delivery, PermanentError::Encode(err).into()).await,
+            }
+        }
         self.metrics.encode.observe(encode_time.as_secs_f64());
 
-        let output = Output {
-            key: job.artifact_key(),
-            content_type: params.format.content_type().to_owned(),
-            bytes: bytes.len() as u64,
-        };
         let started = Instant::now();
-        if let Err(err) = self.ports.artifacts.put(&output.key, &output.content_type, bytes).await {
-            return self.give_up(job, delivery, TransientError::Artifact(err).into()).await;
+        let mut outputs = Vec::new();
+        for (output, bytes) in files {
+            if let Err(err) = self.ports.artifacts.put(&output.key, &output.content_type, bytes).await {
+                return self.give_up(job, delivery, TransientError::Artifact(err).into()).await;
+            }
+            outputs.push(output);
         }
         let upload_time = started.elapsed();
         self.metrics.upload.observe(upload_time.as_secs_f64());
@@ -583,7 +609,7 @@ impl Runner {
             encode_ms: millis(encode_time),
             upload_ms: millis(upload_time),
         };
-        match self.runs.succeed(job, vec![output], timings, warnings, Utc::now()).await {
+        match self.runs.succeed(job, outputs, timings, warnings, Utc::now()).await {
             Ok(Written::Done) => {
                 info!(batch = rendered.batch_size, render_ms = ?job.timings.render_ms, encode_ms = ?job.timings.encode_ms, "job succeeded");
                 self.acknowledge(delivery).await;
@@ -677,9 +703,10 @@ impl Runner {
     /// then records the cancel, so a cancel answered to the client never leaves a file behind
     /// even if this runner dies between the two.
     async fn cancel(&self, job: &mut Job, delivery: &Delivery) -> Outcome {
-        let key = job.artifact_key();
-        if let Err(err) = self.ports.artifacts.delete(&key).await {
-            return self.give_up(job, delivery, TransientError::RemoveArtifact(err).into()).await;
+        for key in job.artifact_keys() {
+            if let Err(err) = self.ports.artifacts.delete(&key).await {
+                return self.give_up(job, delivery, TransientError::RemoveArtifact(err).into()).await;
+            }
         }
         match self.runs.cancel(job, Utc::now()).await {
             Ok(_) => {

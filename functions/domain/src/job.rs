@@ -377,9 +377,19 @@ impl Job {
     }
 
     /// The key of the artifact a run of the job writes (in its requested format): what a
-    /// success links and what a cancel removes.
+    /// success links first.
     pub fn artifact_key(&self) -> String {
         self.output_key(self.params.format.as_str())
+    }
+
+    /// A video job's poster: its first frame as a PNG, its second output. None for an image.
+    pub fn poster_key(&self) -> Option<String> {
+        (!self.params.format.is_image()).then(|| format!("jobs/{}/{}/poster.png", self.tenant_id, self.id))
+    }
+
+    /// Every object a run of the job writes: what a cancel removes.
+    pub fn artifact_keys(&self) -> Vec<String> {
+        std::iter::once(self.artifact_key()).chain(self.poster_key()).collect()
     }
 }
 
@@ -413,6 +423,15 @@ mod tests {
             now,
             chrono::Duration::hours(1),
         )
+    }
+
+    #[test]
+    fn a_video_writes_a_poster_beside_it_and_an_image_writes_itself_only() {
+        let mut job = job();
+        let base = format!("jobs/t/{}", job.id);
+        assert_eq!(job.artifact_keys(), [format!("{base}/output.png")]);
+        job.params.format = crate::OutputFormat::Mp4;
+        assert_eq!(job.artifact_keys(), [format!("{base}/output.mp4"), format!("{base}/poster.png")]);
     }
 
     #[test]
