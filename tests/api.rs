@@ -522,6 +522,32 @@ async fn kiln_admin_sets_a_tenants_share_weight_and_max_priority_and_its_jobs_ca
     assert!(admin(&stack, &["tenant-priority", "--tenant", "nobody", "--max", "low"]).await.is_err());
     admin(&stack, &["tenant-priority", "--tenant", "weighty", "--default"]).await.unwrap();
     assert_eq!(tenants.tenant(&id).await.unwrap().unwrap().max_priority, None);
+
+    // Limits: the daily units set once stay when a later change leaves them out (a tenant
+    // suspended at 0 is not un-suspended by a change of its rate).
+    let limits = |tenant: kiln_app::Tenant| tenant.limits.expect("limits");
+    admin(
+        &stack,
+        &[
+            "tenant-limits",
+            "--tenant",
+            "weighty",
+            "--max-active-jobs",
+            "5",
+            "--jobs-per-minute",
+            "9",
+            "--units-per-day",
+            "0",
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(limits(tenants.tenant(&id).await.unwrap().unwrap()).units_per_day, 0);
+    admin(&stack, &["tenant-limits", "--tenant", "weighty", "--max-active-jobs", "5", "--jobs-per-minute", "20"])
+        .await
+        .unwrap();
+    let kept = limits(tenants.tenant(&id).await.unwrap().unwrap());
+    assert_eq!((kept.jobs_per_minute, kept.units_per_day), (20, 0));
 }
 
 #[tokio::test]

@@ -117,7 +117,8 @@ async fn queue_estimates_come_within_half_the_wait_once_the_queue_is_steady() {
             _ => assert!(job.get("queue_position").is_none() && job.get("estimated_finish_at").is_none(), "{job}"),
         }
     }
-    assert!(running_seen <= 1 && estimates.len() >= 12, "{} queued when read", estimates.len());
+    assert!(running_seen >= 1 || estimates.len() < ids.len(), "nothing was running when read");
+    assert!(estimates.len() >= 12, "{} queued when read", estimates.len());
     estimates.sort();
     let positions: Vec<u64> = estimates.iter().map(|e| e.2).collect();
     // Read one after another while jobs start: a later read may count one job fewer ahead.

@@ -98,7 +98,9 @@ pub struct RunnerConfig {
     /// A job for a model version this runner does not serve goes back to the queue for the
     /// runners that do (a rollout or a canary); once it has waited this long since it was
     /// accepted, in seconds, with none taking it, it fails `model_version_unavailable`.
-    #[arg(long, env = "KILN_UNSERVED_VERSION_WAIT_SECS", default_value_t = 600)]
+    /// The default is the API's queued time to live: a canary's jobs may wait long behind a
+    /// backlog while its few runners are busy.
+    #[arg(long, env = "KILN_UNSERVED_VERSION_WAIT_SECS", default_value_t = 3600)]
     pub unserved_version_wait_secs: u64,
 
     /// How often the runner reports its capacity per model (slots, busy, speed) to the fleet

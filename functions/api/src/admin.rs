@@ -67,7 +67,8 @@ enum Command {
         /// New jobs per minute (0: no new jobs).
         #[arg(long, required_unless_present = "default", conflicts_with = "default")]
         jobs_per_minute: Option<u32>,
-        /// GPU-work units of new jobs per UTC day (0: no new jobs); left out: 2,000,000.
+        /// GPU-work units of new jobs per UTC day (0: no new jobs); left out: what the tenant
+        /// has (2,000,000 if it had no limits of its own).
         #[arg(long, conflicts_with = "default")]
         units_per_day: Option<u64>,
         #[arg(long)]
@@ -213,10 +214,19 @@ pub async fn run(cli: Cli, out: &mut impl Write) -> anyhow::Result<()> {
             writeln!(out, "revoked {revoked}")?;
         }
         Command::TenantLimits { tenant, max_active_jobs, jobs_per_minute, units_per_day, default: _ } => {
+            // Left out, the daily units stay what the tenant has (a suspension at 0 included).
+            let kept = match units_per_day {
+                Some(units) => units,
+                None => tenants
+                    .tenant(&TenantId::parse(&tenant)?)
+                    .await?
+                    .and_then(|t| t.limits)
+                    .map_or(TenantLimits::default().units_per_day, |l| l.units_per_day),
+            };
             let limits = max_active_jobs.zip(jobs_per_minute).map(|(max_active_jobs, jobs_per_minute)| TenantLimits {
                 max_active_jobs,
                 jobs_per_minute,
-                units_per_day: units_per_day.unwrap_or(TenantLimits::default().units_per_day),
+                units_per_day: kept,
             });
             if !tenants.set_limits(&TenantId::parse(&tenant)?, limits).await? {
                 bail!("no tenant `{tenant}`");
@@ -286,6 +296,7 @@ fn offered_text(offered: Offered) -> &'static str {
         Offered::NewModel => "new model, taking every request",
         Offered::Candidate => "new version, a candidate: no traffic until `models weight` or `models promote`",
         Offered::AlreadyThere => "already in the catalog (unchanged)",
+        Offered::Updated => "in the catalog with another description: updated, its traffic kept",
         Offered::Retired => "retired (stays retired)",
     }
 }

@@ -1,6 +1,5 @@
 //! The one place where errors become HTTP statuses and `{"error": {code, message, field}}` bodies.
 
-use chrono::Timelike;
 use http::{Response, StatusCode, header};
 use kiln_app::{AppError, ports::PortError};
 use kiln_domain::InputErrorKind;
@@ -83,12 +82,9 @@ impl From<AppError> for ApiError {
         }
         let mut answer = ApiError::new(status, err.code(), err.client_message());
         answer.field = err.field().map(str::to_owned);
-        if let Some((limit, retry_after_secs)) = err.exceeded_limit() {
+        if let Some((limit, resets_at)) = err.exceeded_limit() {
             answer.limit = Some(limit.as_str());
-            answer.resets_at = retry_after_secs.map(|secs| {
-                let at = chrono::Utc::now() + chrono::Duration::seconds(secs as i64);
-                at.with_nanosecond(0).unwrap_or(at)
-            });
+            answer.resets_at = resets_at;
         }
         match &err {
             AppError::Unauthorized(_) => answer.with_header(header::WWW_AUTHENTICATE, "Bearer"),

@@ -14,6 +14,8 @@ fn authenticated(aws: &AwsPorts) -> Ports {
 /// `POST /v1/jobs`: the tables, the catalog, the job queue; links for a cached answer.
 pub fn submit_job(aws: &AwsPorts) -> Ports {
     Ports {
+        // The fleet board and the queued index: `quality: auto` reads the backlog per slot.
+        fleet: aws.fleet(),
         store: aws.job_store(),
         queue: aws.job_queue(),
         catalog: aws.catalog(),

@@ -36,14 +36,14 @@ impl Catalog {
 
     /// A runner serving `spec` starts: a new model is added with this version taking every
     /// request; a new version of a known model is added as a candidate (no traffic); a known
-    /// or retired version is left as it is.
+    /// version takes a changed description, its traffic kept; a retired one is left as it is.
     pub async fn offer(&self, spec: &ModelSpec) -> Result<Offered, CatalogChangeError> {
         for _ in 0..MAX_RACES {
             let (outcome, written) = match self.port.model(&spec.name).await? {
                 None => (Offered::NewModel, self.port.put(&CatalogModel::new(spec.clone(), Utc::now()), None).await?),
                 Some(mut stored) => match stored.model.offer(spec.clone(), Utc::now()) {
-                    Offered::Candidate => {
-                        (Offered::Candidate, self.port.put(&stored.model, Some(stored.revision)).await?)
+                    changed @ (Offered::Candidate | Offered::Updated) => {
+                        (changed, self.port.put(&stored.model, Some(stored.revision)).await?)
                     }
                     unchanged => return Ok(unchanged),
                 },

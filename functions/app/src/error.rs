@@ -31,7 +31,7 @@ pub enum AppError {
     #[error(
         "{limit} new jobs were submitted this minute, the most this account may; try again in {retry_after_secs} s"
     )]
-    RateLimited { limit: u32, retry_after_secs: u64 },
+    RateLimited { limit: u32, retry_after_secs: u64, resets_at: chrono::DateTime<chrono::Utc> },
     /// The job would take the tenant past its GPU-work units for the day.
     #[error(
         "this job costs {cost} units and {used} of this account's {limit} units for today are used; the quota resets at {resets_at} (in {retry_after_secs} s)"
@@ -89,11 +89,11 @@ impl AppError {
 
     /// The tenant limit a 429 is about: its name, and when it frees up (None: when one of the
     /// tenant's jobs ends).
-    pub fn exceeded_limit(&self) -> Option<(LimitName, Option<u64>)> {
+    pub fn exceeded_limit(&self) -> Option<(LimitName, Option<chrono::DateTime<chrono::Utc>>)> {
         match self {
             Self::QuotaExceeded { .. } => Some((LimitName::MaxActiveJobs, None)),
-            Self::RateLimited { retry_after_secs, .. } => Some((LimitName::JobsPerMinute, Some(*retry_after_secs))),
-            Self::UnitsExhausted { retry_after_secs, .. } => Some((LimitName::UnitsPerDay, Some(*retry_after_secs))),
+            Self::RateLimited { resets_at, .. } => Some((LimitName::JobsPerMinute, Some(*resets_at))),
+            Self::UnitsExhausted { resets_at, .. } => Some((LimitName::UnitsPerDay, Some(*resets_at))),
             _ => None,
         }
     }

@@ -252,9 +252,11 @@ impl Jobs {
     /// the request gets the model's fast preset; the warning says what was applied.
     async fn degrade(&self, model: &ModelSpec, resolved: &mut kiln_domain::params::Resolved) -> Option<String> {
         let fast = model.fast.filter(|fast| resolved.quality == Quality::Auto && fast.steps < resolved.params.steps)?;
+        // Unknown load (the board or the queue could not be read; entry points that do not wire
+        // the board, the S3 inbox's): as asked.
+        let reports = self.fleet_of(&eta::board_key(&model.name, &model.version)).await?;
         let (queued, _) = self.queued_snapshot().await?;
         let waiting = queued.iter().filter(|q| q.model == model.name && q.model_version == model.version).count();
-        let reports = self.fleet_of(&eta::board_key(&model.name, &model.version)).await.unwrap_or_default();
         let slots = eta::live_slots(&reports, Utc::now());
         let per_slot = waiting as f64 / f64::from(slots.max(1));
         let threshold = self.config.degrade_backlog_per_slot;
@@ -451,6 +453,7 @@ impl Jobs {
                 Err(AppError::RateLimited {
                     limit: limits.jobs_per_minute,
                     retry_after_secs: charge.minute.secs_left(now),
+                    resets_at: charge.minute.resets_at(),
                 })
             }
             Charged::OutOfUnits { used } => {

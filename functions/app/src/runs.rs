@@ -15,6 +15,17 @@ use crate::{
     revise::{Change, revise, revise_stored},
 };
 
+/// What [`JobRuns::version_unavailable`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unserved {
+    /// The queued job failed.
+    Failed,
+    /// It is running: left to its run.
+    Running,
+    /// It had ended, or is gone.
+    Ended,
+}
+
 /// Whether to render a delivered job.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Start {
@@ -162,17 +173,27 @@ impl JobRuns {
         Ok(failed)
     }
 
-    /// A job whose model version no runner served within the wait for one: ends it as failed
-    /// (`model_version_unavailable`, with `message`), under the same conditions as
-    /// [`JobRuns::dead_lettered`]. Returns whether it changed the job.
+    /// A job whose model version no runner served within the wait for one: a queued job fails
+    /// (`model_version_unavailable`, with `message`); a running one is left to its run (its
+    /// message goes back for a runner of its version), an ended one as it is.
     pub async fn version_unavailable(
         &self,
         id: &JobId,
-        message_id: &str,
         message: &str,
         now: DateTime<Utc>,
-    ) -> Result<bool, AppError> {
-        self.fail_by_message(id, message_id, JobErrorCode::ModelVersionUnavailable, message, now).await
+    ) -> Result<Unserved, AppError> {
+        let outcome = revise_stored(&*self.store, id, |job| {
+            Ok(match job.status {
+                JobStatus::Queued => {
+                    job.fail(JobErrorCode::ModelVersionUnavailable, message, now)?;
+                    Change::Write(Unserved::Failed)
+                }
+                JobStatus::Running => Change::Keep(Unserved::Running),
+                _ => Change::Keep(Unserved::Ended),
+            })
+        })
+        .await?;
+        Ok(outcome.map_or(Unserved::Ended, |(_, outcome)| outcome))
     }
 
     /// Fails the job unless it has ended or a running job's run holds another message.

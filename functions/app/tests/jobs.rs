@@ -353,7 +353,7 @@ async fn a_tenant_over_its_rate_is_told_when_to_come_back() {
     let first = world.jobs.submit(&a, &fox(1), None).await.unwrap();
     world.jobs.submit(&a, &fox(2), None).await.unwrap();
     match world.jobs.submit(&a, &fox(3), None).await {
-        Err(AppError::RateLimited { limit: 2, retry_after_secs }) => assert!((1..=60).contains(&retry_after_secs)),
+        Err(AppError::RateLimited { limit: 2, retry_after_secs, .. }) => assert!((1..=60).contains(&retry_after_secs)),
         other => panic!("expected a rate limit, got {other:?}"),
     }
     // Neither a deduplicated request nor an idempotent replay counts.

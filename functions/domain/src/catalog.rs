@@ -68,6 +68,9 @@ pub enum Offered {
     Candidate,
     /// The version was there already (its traffic unchanged).
     AlreadyThere,
+    /// The version was there with another description (a changed manifest, or one stored
+    /// before costs and presets were kept): the description is replaced, its traffic kept.
+    Updated,
     /// The version is retired; it stays so.
     Retired,
 }
@@ -122,9 +125,13 @@ impl CatalogModel {
 
     /// A runner serving `spec` started: a version the catalog lacks is added as a candidate.
     pub fn offer(&mut self, spec: ModelSpec, now: DateTime<Utc>) -> Offered {
-        match self.version(&spec.version) {
+        match self.versions.iter_mut().find(|v| v.spec.version == spec.version) {
             Some(there) if there.retired => Offered::Retired,
-            Some(_) => Offered::AlreadyThere,
+            Some(there) if there.spec == spec => Offered::AlreadyThere,
+            Some(there) => {
+                there.spec = spec;
+                Offered::Updated
+            }
             None => {
                 self.versions.push(ServedVersion { spec, weight: 0, shadow_percent: 0, retired: false, added_at: now });
                 Offered::Candidate
@@ -225,6 +232,9 @@ mod tests {
         assert_eq!(model.offer(spec("2"), now), Offered::Candidate);
         assert_eq!(model.offer(spec("1"), now), Offered::AlreadyThere);
         assert_eq!(versions(&model), [("1".into(), 100, 0, false), ("2".into(), 0, 0, false)]);
+        let cheaper = ModelSpec { cost: crate::CostModel { unit_scale: 0.5 }, ..spec("1") };
+        assert_eq!(model.offer(cheaper, now), Offered::Updated, "a changed manifest is taken");
+        assert_eq!((model.versions[0].spec.cost.unit_scale, model.versions[0].weight), (0.5, 100), "its traffic kept");
         assert_eq!(model.default_version().unwrap().version(), "1");
         model.promote("2").unwrap();
         model.retire("1").unwrap();
