@@ -57,10 +57,11 @@ async fn a_tenant_behind_anothers_backlog_starts_within_about_a_batch() {
     starts.sort();
     let places: Vec<usize> = starts.iter().enumerate().filter(|(_, (_, t))| *t == "b").map(|(i, _)| i + 1).collect();
     eprintln!("b's jobs started {places:?} of the first {} starts (200 of a's queued ahead)", starts.len());
-    // The runner's 4 slots fill with a's first jobs before it reads further; b's first four (its
-    // share of the slots) come in the next starts, with at most a batch of a's (4) among them;
-    // its fifth, past its share, when the runner reads it again.
-    assert!(places[..4].iter().all(|&place| place <= 4 + 4 + 5), "b's jobs started {places:?}");
+    // The runner's 4 slots fill with a's first jobs before it reads further (and a holds its
+    // next in line); b's first four (its share of the slots) come in the next few batches of
+    // starts; its fifth, past its share, when the runner reads it again. Measured here: 7, 8,
+    // 11, 13, 15 (BENCHMARKS.md); the bounds leave room for a slower machine.
+    assert!(places[..4].iter().all(|&place| place <= 18), "b's jobs started {places:?}");
     assert!(places[4] <= 30, "b's jobs started {places:?}");
 }
 
