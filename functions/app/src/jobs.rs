@@ -765,6 +765,13 @@ impl Jobs {
             if let Some((job, true)) = outcome {
                 info!(job_id = %job.id, "job expired before any runner started it");
                 expired += 1;
+                // It never rendered: its units go back to its tenant's day.
+                if job.cost_units > 0 && job.shadow_of.is_none() {
+                    let day = Window::day(job.created_at);
+                    if let Err(err) = self.store.refund_units(&job.tenant_id, day, job.cost_units).await {
+                        warn!(job_id = %job.id, error = %err, "could not give the expired job's units back");
+                    }
+                }
             }
         }
         Ok(expired)

@@ -212,6 +212,13 @@ impl JobStore for MemoryJobStore {
         Ok(())
     }
 
+    async fn refund_units(&self, tenant: &TenantId, day: Window, units: u64) -> Result<(), PortError> {
+        if let Some(counted) = lock(&self.tables).units.get_mut(&(tenant.clone(), day.start)) {
+            *counted = counted.saturating_sub(units);
+        }
+        Ok(())
+    }
+
     async fn counted(&self, tenant: &TenantId, day: Window, minute: Window) -> Result<Counted, PortError> {
         let tables = lock(&self.tables);
         Ok(Counted {

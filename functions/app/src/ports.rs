@@ -185,6 +185,9 @@ pub trait JobStore: Send + Sync {
     /// Takes back the units and the job counted by a charge whose job was not accepted after all.
     async fn refund(&self, tenant: &TenantId, charge: &Charge) -> Result<(), PortError>;
 
+    /// Takes `units` back from the tenant's count for `day` (a job that never rendered).
+    async fn refund_units(&self, tenant: &TenantId, day: Window, units: u64) -> Result<(), PortError>;
+
     /// What the tenant's counters hold for `day` and `minute`.
     async fn counted(&self, tenant: &TenantId, day: Window, minute: Window) -> Result<Counted, PortError>;
 }

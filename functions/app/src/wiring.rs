@@ -113,6 +113,9 @@ impl JobStore for Unwired {
     async fn refund(&self, _: &TenantId, _: &Charge) -> Result<(), PortError> {
         unwired()
     }
+    async fn refund_units(&self, _: &TenantId, _: Window, _: u64) -> Result<(), PortError> {
+        unwired()
+    }
     async fn counted(&self, _: &TenantId, _: Window, _: Window) -> Result<Counted, PortError> {
         unwired()
     }

@@ -527,3 +527,19 @@ async fn quality_auto_takes_the_fast_preset_under_load_and_says_so() {
     let roomy = Jobs::new(&memory.ports(), JobsConfig::default());
     assert_eq!(roomy.submit(&a, &auto(2), None).await.unwrap().job.params.steps, 20);
 }
+
+/// A job that expires before any runner starts it never rendered: its units go back, so a
+/// tenant whose queue timed out can submit again the same day.
+#[tokio::test]
+async fn an_expired_job_gives_its_units_back() {
+    let memory = MemoryPorts::with_models(vec![demo_model()]);
+    let config = JobsConfig { queued_ttl: chrono::Duration::zero(), ..JobsConfig::default() };
+    let jobs = Jobs::new(&memory.ports(), config);
+    let a = Tenant { limits: Some(TenantLimits { units_per_day: 4, ..TenantLimits::default() }), ..tenant("a") };
+    jobs.submit(&a, &fox(0), None).await.unwrap();
+    jobs.submit(&a, &fox(1), None).await.unwrap();
+    assert!(matches!(jobs.submit(&a, &fox(2), None).await, Err(AppError::UnitsExhausted { used: 4, .. })));
+    assert_eq!(jobs.expire_overdue(Utc::now() + chrono::Duration::seconds(1), 10).await.unwrap(), 2);
+    assert_eq!(jobs.usage(&a).await.unwrap().counted.units_today, 0);
+    jobs.submit(&a, &fox(2), None).await.unwrap();
+}

@@ -529,6 +529,20 @@ impl JobStore for DynamoJobStore {
         written(result).map(drop)
     }
 
+    async fn refund_units(&self, tenant: &TenantId, day: Window, units: u64) -> Result<(), PortError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.requests_table)
+            .key("pk", s(usage_pk(tenant, day)))
+            .update_expression("ADD units :units")
+            .condition_expression("attribute_exists(units)")
+            .expression_attribute_values(":units", n(-i128::from(units)))
+            .send()
+            .await;
+        written(result).map(drop)
+    }
+
     async fn counted(&self, tenant: &TenantId, day: Window, minute: Window) -> Result<Counted, PortError> {
         let item = self.request_item(usage_pk(tenant, day)).await?.unwrap_or_default();
         let number = |name: &str| item.get(name).and_then(|v| v.as_n().ok()).and_then(|n| n.parse::<i64>().ok());
