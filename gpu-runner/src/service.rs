@@ -1033,6 +1033,9 @@ mod tests {
         /// A queued job of a version the runner does not serve, accepted longer ago than the
         /// wait for a runner that does.
         UnservedTooLong,
+        /// A running job of a version the runner does not serve: its run's runner died and
+        /// this is that run's message, back (accepted longer ago than the wait, or not).
+        RunningUnserved { waited: bool },
         /// A job canceled before it was delivered.
         Ended,
         /// A job whose runner died after uploading its artifact (this message, back after its
@@ -1169,6 +1172,28 @@ mod tests {
             ..case(
                 "a version not served here, delivered before, its job still queued: sent back as a new message (releasing it again and again would take it to the dead-letter queue)",
                 Message::Queued { served: false },
+                Render::Frames,
+            )
+        },
+        Case {
+            delivery: 2,
+            outcome: Outcome::routed,
+            status: Some(JobStatus::Running),
+            fate: Fate::Released(Duration::from_secs(2)),
+            ..case(
+                "a running job's message of a version not served here (its runner died): released for a runner of its version, never resent",
+                Message::RunningUnserved { waited: false },
+                Render::Frames,
+            )
+        },
+        Case {
+            delivery: 2,
+            outcome: Outcome::routed,
+            status: Some(JobStatus::Running),
+            fate: Fate::Released(Duration::from_secs(2)),
+            ..case(
+                "the same past the wait: still released, never failed (a runner of its version may take it over)",
+                Message::RunningUnserved { waited: true },
                 Render::Frames,
             )
         },
@@ -1311,7 +1336,7 @@ mod tests {
         let store = Arc::new(MemoryJobStore::default());
         let queue = Arc::new(RecordingQueue::default());
         let mut job = new_job(&model);
-        if let Message::UnservedTooLong = case.message {
+        if let Message::UnservedTooLong | Message::RunningUnserved { waited: true } = case.message {
             job.created_at -= chrono::Duration::hours(2);
         }
         let stored_artifacts = Arc::new(MemoryArtifacts::default());
@@ -1327,8 +1352,11 @@ mod tests {
         if let Message::Ended = case.message {
             job.transition(JobStatus::Canceled, Utc::now()).unwrap();
         }
-        if let Message::Queued { .. } | Message::UnservedTooLong | Message::Ended | Message::CanceledWhileRunnerDead =
-            case.message
+        if let Message::Queued { .. }
+        | Message::UnservedTooLong
+        | Message::RunningUnserved { .. }
+        | Message::Ended
+        | Message::CanceledWhileRunnerDead = case.message
         {
             store.insert(&job, &CacheClaim { key: job.cache_key.clone(), replaces: None }, None).await.unwrap();
         }
@@ -1339,7 +1367,9 @@ mod tests {
         });
 
         let served_version = match case.message {
-            Message::Queued { served: false } | Message::UnservedTooLong => "0.0.1".to_owned(),
+            Message::Queued { served: false } | Message::UnservedTooLong | Message::RunningUnserved { .. } => {
+                "0.0.1".to_owned()
+            }
             _ => model.version.clone(),
         };
         let started = Arc::new(Notify::new());
@@ -1355,6 +1385,12 @@ mod tests {
         let delivery = queue.inner.receive(1, Duration::ZERO, Duration::from_secs(60)).await.unwrap().remove(0);
         let delivery = Delivery { receive_count: case.delivery, ..delivery };
         let (receipt, message_id) = (delivery.receipt.clone(), delivery.message_id.clone());
+        if let Message::RunningUnserved { .. } = case.message {
+            // The first delivery of this message started the job on a runner of its version,
+            // which died.
+            let started = JobRuns::new(store.clone()).start(&job.id, &message_id, Utc::now()).await.unwrap();
+            assert!(matches!(started, Start::Render(_)));
+        }
         if let Message::CanceledWhileRunnerDead = case.message {
             // The first delivery of this message started the job and uploaded its artifact;
             // then its runner died, and the client canceled.
