@@ -454,7 +454,7 @@ pub async fn run(moto_url: &str, options: ChaosOptions) -> anyhow::Result<ChaosR
     let (runners, kills) = killer.stop();
     // What is still in flight (webhook retries) gets its chance without faults or kills.
     stack.faults().expect("the stack has a fault proxy").set_rate(0.0);
-    checker.wait_for_deliveries(Duration::from_secs(60)).await;
+    checker.wait_for_deliveries(&outcomes, Duration::from_secs(60)).await;
     let drain_secs = started.elapsed().as_secs_f64() - submit_secs;
     let findings = checker.check(&outcomes).await?;
     drop(runners);

@@ -138,12 +138,30 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// Waits until the webhook queue is empty (every event delivered or dead-lettered).
-    pub async fn wait_for_deliveries(&self, limit: Duration) {
+    /// Waits until the webhook queue is empty and every ended job that asked for a webhook has
+    /// had its `completed` event arrive, or `limit` passes. An empty queue alone is not enough:
+    /// the stream relay may still be behind (it handles records one by one, retrying each under
+    /// faults), so the queue can be empty before the last events are on it.
+    pub async fn wait_for_deliveries(&self, outcomes: &Outcomes, limit: Duration) {
         let deadline = Instant::now() + limit;
-        while Instant::now() < deadline
-            && crate::messages_on(self.stack, &self.stack.resources.webhook_queue_url).await > 0
-        {
+        let mut awaited = BTreeSet::new();
+        for accepted in outcomes.accepted.iter().filter(|a| a.planned.body.get("webhook").is_some()) {
+            if self.job(&accepted.id).await.is_some_and(|job| job.status.is_terminal()) {
+                awaited.insert(accepted.id.clone());
+            }
+        }
+        while Instant::now() < deadline {
+            for received in self.receiver.seen() {
+                if received.body["type"] == "completed"
+                    && let Some(id) = received.body["job"]["id"].as_str()
+                {
+                    awaited.remove(id);
+                }
+            }
+            if awaited.is_empty() && crate::messages_on(self.stack, &self.stack.resources.webhook_queue_url).await == 0
+            {
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
@@ -354,7 +372,15 @@ impl<'a> Checker<'a> {
             let wanted = accepted.planned.body.get("webhook").is_some();
             let ended = jobs.get(&accepted.id).and_then(|j| j.as_ref()).is_some_and(|j| j.status.is_terminal());
             if wanted && ended && !completed.contains(&accepted.id) {
-                never.push(accepted.id.clone());
+                // What did arrive for it tells a lagging relay (nothing, or no `completed` yet)
+                // from a lost event.
+                let arrived: Vec<&str> = seen
+                    .iter()
+                    .filter(|r| r.body["job"]["id"] == accepted.id.as_str())
+                    .filter_map(|r| r.body["type"].as_str())
+                    .collect();
+                let status = jobs.get(&accepted.id).and_then(|j| j.as_ref()).map(|j| j.status);
+                never.push(format!("{} ({status:?}; arrived: {arrived:?})", accepted.id));
             }
         }
         never.sort();
