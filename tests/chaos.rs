@@ -228,6 +228,81 @@ async fn a_failed_transaction_leaves_the_tables_stream_flowing() {
     assert_eq!(first.get("note"), None, "the transaction's change to an existing item is undone: {first:?}");
 }
 
+/// Found by a CI chaos run (a job's `completed` webhook never sent): a stream reader could read
+/// a failing transaction's records before moto cut them back, so its iterator passed sequence
+/// numbers that the next writes then reused, and those writes' records were never read. Here
+/// transactions that fail at their last item race plain writes and a reader: the reader must see
+/// every plain write and nothing of a failed transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn a_stream_reader_racing_failed_transactions_misses_no_write() {
+    use aws_sdk_dynamodb::types::{AttributeValue, ConditionCheck, Put, TransactWriteItem};
+    let stack = kiln_tests::stack().await;
+    let table = stack.resources.jobs_table.clone();
+    let dynamodb = stack.direct.dynamodb().clone();
+    let kiln_tests::StreamStart { streams, iterator, .. } = kiln_tests::jobs_stream_from_start(&stack).await;
+    let id = |v: String| AttributeValue::S(v);
+    let racing = Duration::from_secs(4);
+    let failing = {
+        let (dynamodb, table) = (dynamodb.clone(), table.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut round = 0;
+            while started.elapsed() < racing {
+                let mut transaction = dynamodb.transact_write_items();
+                for n in 0..40 {
+                    let put = Put::builder().table_name(&table).item("id", id(format!("undone-{round}-{n}")));
+                    transaction =
+                        transaction.transact_items(TransactWriteItem::builder().put(put.build().unwrap()).build());
+                }
+                let check = ConditionCheck::builder()
+                    .table_name(&table)
+                    .key("id", id("nowhere".into()))
+                    .condition_expression("attribute_exists(id)")
+                    .build()
+                    .unwrap();
+                let result = transaction
+                    .transact_items(TransactWriteItem::builder().condition_check(check).build())
+                    .send()
+                    .await;
+                assert!(result.is_err(), "the condition check fails");
+                round += 1;
+            }
+            round
+        })
+    };
+    let writing = {
+        let (dynamodb, table) = (dynamodb.clone(), table.clone());
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut written = 0;
+            while started.elapsed() < racing {
+                dynamodb.put_item().table_name(&table).item("id", id(format!("kept-{written}"))).send().await.unwrap();
+                written += 1;
+            }
+            written
+        })
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    let mut iterator = iterator;
+    let read_until = Instant::now() + racing + Duration::from_secs(3);
+    while Instant::now() < read_until {
+        let (keys, next) = stream_keys(&streams, &iterator).await;
+        seen.extend(keys);
+        iterator = next;
+    }
+    let (rounds, written) = (failing.await.unwrap(), writing.await.unwrap());
+    let undone: Vec<&String> = seen.iter().filter(|k| k.starts_with("undone-")).take(5).collect();
+    let missed: Vec<String> = (0..written).map(|n| format!("kept-{n}")).filter(|k| !seen.contains(k)).collect();
+    println!(
+        "{rounds} failed transactions, {written} writes; {} undone records read, {} writes missed",
+        undone.len(),
+        missed.len()
+    );
+    assert!(rounds > 0 && written > 0);
+    assert!(undone.is_empty(), "records of failed transactions were read: {undone:?}");
+    assert!(missed.is_empty(), "writes whose records were never read: {missed:?}");
+}
+
 /// The `id` keys of the records at `iterator`, and the next iterator.
 async fn stream_keys(streams: &aws_sdk_dynamodbstreams::Client, iterator: &str) -> (Vec<String>, String) {
     let page = streams.get_records().shard_iterator(iterator).send().await.expect("records");

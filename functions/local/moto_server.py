@@ -10,9 +10,10 @@ time (moto's server is threaded):
   stream reader holds) follows a shard that no longer grows, and records of the failed
   transaction's first writes stay visible on it.
 
-DynamoDB does neither. Here the item writes (put, update, delete, transactions) take one lock, so
-a transaction and its undo are atomic with respect to the other writes, and an undone
-transaction leaves the table with its original stream shard, cut back to where it was.
+DynamoDB does neither. Here the item writes (put, update, delete, transactions) and the stream
+reads take one lock, so a transaction and its undo are atomic with respect to the other writes
+and to stream readers, and an undone transaction leaves the table with its original stream
+shard, cut back to where it was.
 
 The copies themselves were the other problem: a copy of every named table, whole, per
 transaction (every submit), so a transaction's time and moto's memory grew with the tables.
@@ -29,7 +30,7 @@ import threading
 import moto.dynamodb.models as dynamodb_models
 from moto.dynamodb.models import DynamoDBBackend
 from moto.dynamodb.models.dynamo_type import DynamoType
-from moto.dynamodb.models.table import Table
+from moto.dynamodb.models.table import StreamShard, Table
 from moto.server import main
 
 _writes = threading.RLock()
@@ -46,6 +47,12 @@ def _one_at_a_time(method):
 
 for _name in ("put_item", "update_item", "delete_item"):
     setattr(DynamoDBBackend, _name, _one_at_a_time(getattr(DynamoDBBackend, _name)))
+
+# A stream read takes the lock too: read while a transaction ran, it could see the records of
+# the transaction's first writes before a failure cut them back. The reader's iterator then
+# passed sequence numbers that the next writes reuse, and their records were never read (a job's
+# `completed` webhook lost in a CI chaos run).
+StreamShard.get = _one_at_a_time(StreamShard.get)
 
 
 class _NoTableCopies:
