@@ -117,7 +117,20 @@ class TextEncoder(torch.nn.Module):
         return out[0], out[1]
 
 
-def build(preset, dtype, out, device, seed, diffusers_dir=None):
+class VaeEncoder(torch.nn.Module):
+    """The posterior's mean, unscaled: what init images start from."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        return self.vae.encode(sample, return_dict=False)[0].mean
+
+
+def build(preset, dtype, out, device, seed, diffusers_dir=None, unet_graph=True):
+    """Writes the package; returns the text encoder and the VAE (for build_motion.py). Without
+    `unet_graph` the UNet is made (the same random draws) but not exported."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -147,7 +160,6 @@ def build(preset, dtype, out, device, seed, diffusers_dir=None):
                                                          "pooler_output": {0: "batch"}})
     if diffusers_dir:
         text.save_pretrained(diffusers_dir / "text_encoder")
-    del text
 
     unet_spec = spec["unet"]
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **unet_spec).eval().to(device, float_type)
@@ -155,11 +167,12 @@ def build(preset, dtype, out, device, seed, diffusers_dir=None):
     sample = torch.randn(2, 4, size, size, device=device, dtype=float_type)
     timestep = torch.tensor([999, 999], dtype=torch.int64, device=device)
     hidden = torch.randn(2, clip_bpe.CONTEXT, unet_spec["cross_attention_dim"], device=device, dtype=float_type)
-    with torch.no_grad():
-        export(UNet(unet), (sample, timestep, hidden), out / "unet/model.onnx",
-               ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
-               {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "steps"},
-                "encoder_hidden_states": {0: "batch"}, "out_sample": {0: "batch", 2: "height", 3: "width"}})
+    if unet_graph:
+        with torch.no_grad():
+            export(UNet(unet), (sample, timestep, hidden), out / "unet/model.onnx",
+                   ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
+                   {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "steps"},
+                    "encoder_hidden_states": {0: "batch"}, "out_sample": {0: "batch", 2: "height", 3: "width"}})
     if diffusers_dir:
         unet.save_pretrained(diffusers_dir / "unet")
     del unet
@@ -175,6 +188,10 @@ def build(preset, dtype, out, device, seed, diffusers_dir=None):
     with torch.no_grad():
         export(VaeDecoder(vae), (latent,), out / "vae_decoder/model.onnx", ["latent_sample"], ["sample"],
                {"latent_sample": {0: "batch", 2: "height", 3: "width"}, "sample": {0: "batch", 2: "height", 3: "width"}})
+    image = torch.rand(1, 3, size * 8, size * 8, device=device, dtype=float_type) * 2 - 1
+    with torch.no_grad():
+        export(VaeEncoder(vae), (image,), out / "vae_encoder/model.onnx", ["sample"], ["latent_sample"],
+               {"sample": {0: "batch", 2: "height", 3: "width"}, "latent_sample": {0: "batch", 2: "height", 3: "width"}})
     (out / "vae_decoder/config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "scaling_factor": 0.18215}))
     if diffusers_dir:
         save_diffusers_pipeline(diffusers_dir, vae, out / "tokenizer")
@@ -186,10 +203,12 @@ def build(preset, dtype, out, device, seed, diffusers_dir=None):
         "text_encoder": ["onnxruntime", "ORTModelTextEncoder"],
         "unet": ["onnxruntime", "ORTModelUnet"],
         "vae_decoder": ["onnxruntime", "ORTModelVaeDecoder"],
+        "vae_encoder": ["onnxruntime", "ORTModelVaeEncoder"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", "EulerDiscreteScheduler"],
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return text, vae
 
 
 def save_diffusers_pipeline(path, vae, tokenizer_dir):

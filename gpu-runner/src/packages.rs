@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::render::{
     Pipeline,
-    diffusion::{DiffusionLoadError, LatentDiffusion},
+    diffusion::{DiffusionLoadError, LatentDiffusion, motion::MotionDiffusion},
     procedural::Procedural,
     runtime::{RuntimeError, SessionOptions},
 };
@@ -19,7 +19,9 @@ pub enum PackageError {
     Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Diffusion(#[from] DiffusionLoadError),
-    #[error("model `{model}`: no pipeline `{pipeline}` (this runner has: procedural, latent-diffusion)")]
+    #[error(
+        "model `{model}`: no pipeline `{pipeline}` (this runner has: procedural, latent-diffusion, motion-diffusion)"
+    )]
     UnknownPipeline { model: String, pipeline: String },
     #[error("no model packages in {0}")]
     Empty(std::path::PathBuf),
@@ -44,6 +46,7 @@ pub fn load(dir: &Path, spec: ModelSpec, options: &SessionOptions) -> Result<Loa
     let pipeline: Box<dyn Pipeline> = match spec.pipeline.as_str() {
         "procedural" => Box::new(Procedural::load(dir, options)?),
         "latent-diffusion" => Box::new(LatentDiffusion::load(dir, options)?),
+        "motion-diffusion" => Box::new(MotionDiffusion::load(dir, options)?),
         other => return Err(PackageError::UnknownPipeline { model: spec.name, pipeline: other.to_owned() }),
     };
     Ok(LoadedModel { spec, pipeline })

@@ -22,9 +22,11 @@
 //! `gpu-runner/sd/reference.py` is the same algorithm in numpy; a test holds the two together.
 
 pub mod graphs;
+pub mod motion;
 pub mod plan;
 pub mod scheduler;
 mod stepped;
+pub mod tiling;
 pub mod tokenizer;
 
 use half::f16;
@@ -44,6 +46,7 @@ use graphs::GraphFiles;
 use plan::{JobShape, Lane, Row, UnetGuidance, plan};
 use scheduler::{Scheduler, SchedulerConfig, SchedulerKind};
 use stepped::{CapturedGraphs, StepCall};
+use tiling::TilePolicy;
 use tokenizer::{PromptTokenizer, TokenizerError};
 
 /// Latent channels and the VAE's downsampling, as in every Stable Diffusion 1.x/2.x model.
@@ -91,6 +94,57 @@ impl DiffusionOptions {
     }
 }
 
+/// What a package's `manifest.json` says of how its pipeline runs, beyond its graphs.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+pub struct PipelineSettings {
+    /// When and how the decoder works in tiles (defaults: tiles of 64 latents, a quarter
+    /// overlapping).
+    #[serde(default)]
+    pub vae_tiling: TilePolicy,
+    /// A motion model's context window (`motion-diffusion` packages).
+    #[serde(default)]
+    pub motion: Option<motion::MotionContext>,
+}
+
+impl PipelineSettings {
+    pub fn read(package: &Path) -> Result<Self, DiffusionLoadError> {
+        let path = package.join("manifest.json");
+        let invalid = |message: String| DiffusionLoadError::Invalid { path: path.clone(), message };
+        let text = std::fs::read_to_string(&path).map_err(|err| invalid(err.to_string()))?;
+        serde_json::from_str(&text).map_err(|err| invalid(err.to_string()))
+    }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value, DiffusionLoadError> {
+    let invalid = |message: String| DiffusionLoadError::Invalid { path: path.to_owned(), message };
+    let text = std::fs::read_to_string(path).map_err(|err| invalid(err.to_string()))?;
+    serde_json::from_str(&text).map_err(|err| invalid(err.to_string()))
+}
+
+/// The package's scheduler (`scheduler/scheduler_config.json`); one kiln does not implement runs
+/// as Euler on its noise schedule.
+fn load_scheduler(package: &Path) -> Result<(SchedulerConfig, SchedulerKind), DiffusionLoadError> {
+    let path = package.join("scheduler/scheduler_config.json");
+    let invalid = |message: String| DiffusionLoadError::Invalid { path: path.clone(), message };
+    let scheduler: SchedulerConfig =
+        serde_json::from_value(read_json(&path)?).map_err(|err| invalid(err.to_string()))?;
+    let kind = SchedulerKind::of(&scheduler.class_name).unwrap_or_else(|| {
+        tracing::warn!(class = %scheduler.class_name, "scheduler not implemented; using Euler on its noise schedule");
+        SchedulerKind::Euler
+    });
+    Scheduler::new(kind, &scheduler, 1).map_err(|err| invalid(err.to_string()))?;
+    Ok((scheduler, kind))
+}
+
+/// The VAE's latent scaling (`vae_decoder/config.json`; SD's 0.18215 when it does not say).
+fn load_scaling_factor(package: &Path) -> Result<f64, DiffusionLoadError> {
+    let path = package.join("vae_decoder/config.json");
+    Ok(match path.exists() {
+        true => read_json(&path)?["scaling_factor"].as_f64().unwrap_or(0.18215),
+        false => 0.18215,
+    })
+}
+
 /// A graph and what its inputs want.
 struct Graph {
     session: Session,
@@ -126,44 +180,153 @@ impl Graph {
 }
 
 pub struct LatentDiffusion {
-    tokenizer: PromptTokenizer,
-    text_encoder: Graph,
+    prompts: PromptEncoder,
     /// The UNet, or (`stepped`) the package's step graph for this device around it.
     unet: Graph,
     stepped: bool,
     /// The step graph's CUDA graphs, when its session captures them.
     captured: Option<CapturedGraphs>,
-    /// The VAE decoder, or (`rgb`) the package's decoder graph that ends in RGB bytes.
-    vae_decoder: Graph,
-    rgb: bool,
+    decoder: Decoder,
     scheduler: SchedulerConfig,
     kind: SchedulerKind,
-    scaling_factor: f64,
     options: DiffusionOptions,
     device: Device,
+}
+
+/// The tokenizer and the text encoder: prompts to hidden states.
+struct PromptEncoder {
+    tokenizer: PromptTokenizer,
+    text_encoder: Graph,
+}
+
+impl PromptEncoder {
+    fn load(package: &Path, path: &Path, options: &SessionOptions) -> Result<Self, DiffusionLoadError> {
+        let text_encoder = Graph::load(path, options, "last_hidden_state")?;
+        text_encoder.input("input_ids", path)?;
+        Ok(Self { tokenizer: PromptTokenizer::load(&package.join("tokenizer"))?, text_encoder })
+    }
+
+    /// Hidden states for each prompt, `[CONTEXT × width]` each, and how many tokens each lost.
+    fn encode(&mut self, prompts: &[&str]) -> Result<(Vec<Vec<f32>>, Vec<usize>), RenderError> {
+        let mut ids = Vec::with_capacity(prompts.len() * tokenizer::CONTEXT);
+        let mut truncated = Vec::with_capacity(prompts.len());
+        for prompt in prompts {
+            let tokens = self.tokenizer.encode(prompt).map_err(|err| RenderError::Invalid(err.to_string()))?;
+            ids.extend(tokens.ids);
+            truncated.push(tokens.truncated);
+        }
+        let shape = vec![prompts.len() as i64, tokenizer::CONTEXT as i64];
+        let (ty, _) = self.text_encoder.inputs["input_ids"].clone();
+        let input: DynValue = match ty {
+            TensorElementType::Int64 => {
+                Tensor::from_array((shape, ids.iter().map(|id| i64::from(*id)).collect::<Vec<_>>()))?.into_dyn()
+            }
+            _ => Tensor::from_array((shape, ids.iter().map(|id| *id as i32).collect::<Vec<_>>()))?.into_dyn(),
+        };
+        let outputs = self.text_encoder.session.run(ort::inputs!["input_ids" => input])?;
+        let (_, hidden) = extract_floats(&outputs[self.text_encoder.output.as_str()])?;
+        let per_prompt = hidden.len() / prompts.len();
+        Ok((hidden.chunks_exact(per_prompt).map(<[f32]>::to_vec).collect(), truncated))
+    }
+}
+
+/// The VAE decoder: latents to RGB bytes, in tiles when the frame is large ([`TilePolicy`]).
+struct Decoder {
+    /// The VAE decoder, or (`rgb`) the package's decoder graph that ends in RGB bytes.
+    graph: Graph,
+    rgb: bool,
+    scaling_factor: f64,
+    tiling: TilePolicy,
+}
+
+impl Decoder {
+    /// Host latents (each `[4, h, w]`, as the scheduler leaves them) to RGB bytes.
+    fn decode(
+        &mut self,
+        latents: &[&[f32]],
+        latent_height: usize,
+        latent_width: usize,
+    ) -> Result<Vec<Vec<u8>>, RenderError> {
+        if self.tiling.applies(latent_height, latent_width) {
+            let tiling = self.tiling;
+            return tiling.decode(latents, (latent_height, latent_width), VAE_FACTOR as usize, |tile, (th, tw)| {
+                let views: Vec<&[f32]> = tile.iter().map(Vec::as_slice).collect();
+                self.decode_unrounded(&views, th, tw)
+            });
+        }
+        match self.rgb {
+            true => self.decode_rgb_host(latents, latent_height, latent_width),
+            false => {
+                let (height, width, pixels) = self.run_plain(latents, latent_height, latent_width)?;
+                Ok(pixels.chunks_exact(3 * height * width).map(|image| to_rgb8(image, height, width)).collect())
+            }
+        }
+    }
+
+    /// Each image as `[h, w, 3]` on a 0..255 scale, not rounded (for blending tiles).
+    fn decode_unrounded(
+        &mut self,
+        latents: &[&[f32]],
+        latent_height: usize,
+        latent_width: usize,
+    ) -> Result<Vec<Vec<f32>>, RenderError> {
+        if self.rgb {
+            let images = self.decode_rgb_host(latents, latent_height, latent_width)?;
+            return Ok(images.into_iter().map(|image| image.into_iter().map(f32::from).collect()).collect());
+        }
+        let (height, width, pixels) = self.run_plain(latents, latent_height, latent_width)?;
+        let plane = height * width;
+        Ok(pixels
+            .chunks_exact(3 * plane)
+            .map(|image| {
+                let mut out = Vec::with_capacity(3 * plane);
+                for pixel in 0..plane {
+                    for channel in 0..3 {
+                        out.push((image[channel * plane + pixel] / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0);
+                    }
+                }
+                out
+            })
+            .collect())
+    }
+
+    /// The plain decoder's output: height, width and `[n, 3, h, w]` in -1..1.
+    fn run_plain(
+        &mut self,
+        latents: &[&[f32]],
+        latent_height: usize,
+        latent_width: usize,
+    ) -> Result<(usize, usize, Vec<f32>), RenderError> {
+        let (ty, _) = self.graph.inputs["latent_sample"].clone();
+        let scale = 1.0 / self.scaling_factor;
+        let data: Vec<f32> = latents.iter().flat_map(|l| l.iter().map(|v| (f64::from(*v) * scale) as f32)).collect();
+        let shape = vec![latents.len() as i64, LATENT_CHANNELS as i64, latent_height as i64, latent_width as i64];
+        let input = float_tensor(ty, shape, &data)?;
+        let outputs = self.graph.session.run(ort::inputs!["latent_sample" => input])?;
+        let (shape, pixels) = extract_floats(&outputs[self.graph.output.as_str()])?;
+        Ok((shape[2] as usize, shape[3] as usize, pixels))
+    }
+
+    /// Host latents through the decoder graph that ends in RGB bytes.
+    fn decode_rgb_host(
+        &mut self,
+        latents: &[&[f32]],
+        latent_height: usize,
+        latent_width: usize,
+    ) -> Result<Vec<Vec<u8>>, RenderError> {
+        let shape = vec![latents.len() as i64, LATENT_CHANNELS as i64, latent_height as i64, latent_width as i64];
+        let data: Vec<f32> = latents.iter().flat_map(|latent| latent.iter().copied()).collect();
+        stepped::decode_rgb(&mut self.graph, &Tensor::from_array((shape, data))?)
+    }
 }
 
 impl LatentDiffusion {
     pub fn load(package: &Path, options: &SessionOptions) -> Result<Self, DiffusionLoadError> {
         let invalid = |path: &Path, message: String| DiffusionLoadError::Invalid { path: path.to_owned(), message };
-        let read_json = |path: &Path| -> Result<serde_json::Value, DiffusionLoadError> {
-            let text = std::fs::read_to_string(path).map_err(|err| invalid(path, err.to_string()))?;
-            serde_json::from_str(&text).map_err(|err| invalid(path, err.to_string()))
-        };
-        let scheduler_path = package.join("scheduler/scheduler_config.json");
-        let scheduler: SchedulerConfig = serde_json::from_value(read_json(&scheduler_path)?)
-            .map_err(|err| invalid(&scheduler_path, err.to_string()))?;
-        let kind = SchedulerKind::of(&scheduler.class_name).unwrap_or_else(|| {
-            tracing::warn!(class = %scheduler.class_name, "scheduler not implemented; using Euler on its noise schedule");
-            SchedulerKind::Euler
-        });
-        Scheduler::new(kind, &scheduler, 1).map_err(|err| invalid(&scheduler_path, err.to_string()))?;
-        let vae_config = package.join("vae_decoder/config.json");
-        let scaling_factor = match vae_config.exists() {
-            true => read_json(&vae_config)?["scaling_factor"].as_f64().unwrap_or(0.18215),
-            false => 0.18215,
-        };
+        let (scheduler, kind) = load_scheduler(package)?;
+        let scaling_factor = load_scaling_factor(package)?;
         let files = GraphFiles::read(package)?;
+        let manifest = PipelineSettings::read(package)?;
         let device = options.device;
         // A step graph and an RGB decoder graph, where the package has them for this device,
         // serve in place of the UNet and the decoder.
@@ -192,17 +355,21 @@ impl LatentDiffusion {
                 (Graph::load(&unet_path, options, if step.is_some() { "latents_next" } else { "out_sample" })?, None)
             }
         };
+        let decoder = Decoder {
+            graph: Graph::load(&decoder_path, options, if rgb.is_some() { "rgb" } else { "sample" })?,
+            rgb: rgb.is_some(),
+            scaling_factor,
+            tiling: manifest.vae_tiling,
+        };
+        decoder.graph.input(if decoder.rgb { "latents" } else { "latent_sample" }, &decoder_path)?;
         let pipeline = Self {
-            tokenizer: PromptTokenizer::load(&package.join("tokenizer"))?,
-            text_encoder: Graph::load(&text_path, options, "last_hidden_state")?,
+            prompts: PromptEncoder::load(package, &text_path, options)?,
             unet,
             stepped: step.is_some(),
             captured,
-            vae_decoder: Graph::load(&decoder_path, options, if rgb.is_some() { "rgb" } else { "sample" })?,
-            rgb: rgb.is_some(),
+            decoder,
             scheduler,
             kind,
-            scaling_factor,
             options: options.diffusion,
             device,
         };
@@ -210,11 +377,9 @@ impl LatentDiffusion {
             true => &["latents", "timestep", "hidden", "scale", "guidance", "coefficients", "noise"],
             false => &["sample", "timestep", "encoder_hidden_states"],
         };
-        pipeline.text_encoder.input("input_ids", &text_path)?;
         for input in unet_inputs {
             pipeline.unet.input(input, &unet_path)?;
         }
-        pipeline.vae_decoder.input(if pipeline.rgb { "latents" } else { "latent_sample" }, &decoder_path)?;
         if pipeline.stepped {
             tracing::info!(
                 device = %device,
@@ -226,68 +391,6 @@ impl LatentDiffusion {
             tracing::info!(device = %options.device, "serving the package's prepared graphs");
         }
         Ok(pipeline)
-    }
-
-    /// Hidden states for each prompt, `[CONTEXT × width]` each, and how many tokens each lost.
-    fn encode_prompts(&mut self, prompts: &[&str]) -> Result<(Vec<Vec<f32>>, Vec<usize>), RenderError> {
-        let mut ids = Vec::with_capacity(prompts.len() * tokenizer::CONTEXT);
-        let mut truncated = Vec::with_capacity(prompts.len());
-        for prompt in prompts {
-            let tokens = self.tokenizer.encode(prompt).map_err(|err| RenderError::Invalid(err.to_string()))?;
-            ids.extend(tokens.ids);
-            truncated.push(tokens.truncated);
-        }
-        let shape = vec![prompts.len() as i64, tokenizer::CONTEXT as i64];
-        let (ty, _) = self.text_encoder.inputs["input_ids"].clone();
-        let input: DynValue = match ty {
-            TensorElementType::Int64 => {
-                Tensor::from_array((shape, ids.iter().map(|id| i64::from(*id)).collect::<Vec<_>>()))?.into_dyn()
-            }
-            _ => Tensor::from_array((shape, ids.iter().map(|id| *id as i32).collect::<Vec<_>>()))?.into_dyn(),
-        };
-        let outputs = self.text_encoder.session.run(ort::inputs!["input_ids" => input])?;
-        let (_, hidden) = extract_floats(&outputs[self.text_encoder.output.as_str()])?;
-        let per_prompt = hidden.len() / prompts.len();
-        Ok((hidden.chunks_exact(per_prompt).map(<[f32]>::to_vec).collect(), truncated))
-    }
-
-    fn decode_latents(
-        &mut self,
-        latents: &[Vec<f32>],
-        latent_height: usize,
-        latent_width: usize,
-    ) -> Result<Vec<Vec<u8>>, RenderError> {
-        let views: Vec<&[f32]> = latents.iter().map(Vec::as_slice).collect();
-        self.decode(&views, latent_height, latent_width)
-    }
-
-    /// Host latents through the decoder graph that ends in RGB bytes.
-    fn decode_rgb_host(
-        &mut self,
-        latents: &[Vec<f32>],
-        latent_height: usize,
-        latent_width: usize,
-    ) -> Result<Vec<Vec<u8>>, RenderError> {
-        let shape = vec![latents.len() as i64, LATENT_CHANNELS as i64, latent_height as i64, latent_width as i64];
-        let data: Vec<f32> = latents.iter().flat_map(|latent| latent.iter().copied()).collect();
-        stepped::decode_rgb(&mut self.vae_decoder, &Tensor::from_array((shape, data))?)
-    }
-
-    fn decode(
-        &mut self,
-        latents: &[&[f32]],
-        latent_height: usize,
-        latent_width: usize,
-    ) -> Result<Vec<Vec<u8>>, RenderError> {
-        let (ty, _) = self.vae_decoder.inputs["latent_sample"].clone();
-        let scale = 1.0 / self.scaling_factor;
-        let data: Vec<f32> = latents.iter().flat_map(|l| l.iter().map(|v| (f64::from(*v) * scale) as f32)).collect();
-        let shape = vec![latents.len() as i64, LATENT_CHANNELS as i64, latent_height as i64, latent_width as i64];
-        let input = float_tensor(ty, shape, &data)?;
-        let outputs = self.vae_decoder.session.run(ort::inputs!["latent_sample" => input])?;
-        let (shape, pixels) = extract_floats(&outputs[self.vae_decoder.output.as_str()])?;
-        let (height, width) = (shape[2] as usize, shape[3] as usize);
-        Ok(pixels.chunks_exact(3 * height * width).map(|image| to_rgb8(image, height, width)).collect())
     }
 }
 
@@ -339,10 +442,10 @@ impl LatentDiffusion {
         let plan = plan(&shapes, steps, latent_height * latent_width, self.options.max_unet_rows, unet_guidance);
 
         let (cond, truncated) =
-            self.encode_prompts(&batch.iter().map(|r| r.params.prompt.as_str()).collect::<Vec<_>>())?;
+            self.prompts.encode(&batch.iter().map(|r| r.params.prompt.as_str()).collect::<Vec<_>>())?;
         let uncond = match plan.guided {
             true => {
-                self.encode_prompts(&batch.iter().map(|r| r.params.negative_prompt.as_str()).collect::<Vec<_>>())?.0
+                self.prompts.encode(&batch.iter().map(|r| r.params.negative_prompt.as_str()).collect::<Vec<_>>())?.0
             }
             false => Vec::new(),
         };
@@ -471,17 +574,17 @@ impl LatentDiffusion {
             if live.lanes.is_empty() {
                 continue;
             }
-            let images = match (live.stepping.take(), self.rgb) {
-                (Some(call), true) => match call.latents(self.captured.as_ref()) {
-                    Some(latents) => stepped::decode_rgb(&mut self.vae_decoder, latents)?,
-                    None => self.decode_rgb_host(&live.latents, latent_height, latent_width)?,
+            let on_device = self.decoder.rgb && !self.decoder.tiling.applies(latent_height, latent_width);
+            let images = match live.stepping.take() {
+                Some(call) if on_device => match call.latents(self.captured.as_ref()) {
+                    Some(latents) => stepped::decode_rgb(&mut self.decoder.graph, latents)?,
+                    None => self.decoder.decode(&views(&live.latents), latent_height, latent_width)?,
                 },
-                (Some(call), false) => {
+                Some(call) => {
                     live.latents = call.download(self.captured.as_ref(), std::mem::take(&mut live.latents))?;
-                    self.decode_latents(&live.latents, latent_height, latent_width)?
+                    self.decoder.decode(&views(&live.latents), latent_height, latent_width)?
                 }
-                (None, true) => self.decode_rgb_host(&live.latents, latent_height, latent_width)?,
-                (None, false) => self.decode_latents(&live.latents, latent_height, latent_width)?,
+                None => self.decoder.decode(&views(&live.latents), latent_height, latent_width)?,
             };
             for (lane, image) in live.lanes.iter().zip(images) {
                 frames[lane.job][lane.frame] = image;
@@ -556,6 +659,10 @@ impl LiveLanes {
         self.call = None;
         Ok(())
     }
+}
+
+fn views(latents: &[Vec<f32>]) -> Vec<&[f32]> {
+    latents.iter().map(Vec::as_slice).collect()
 }
 
 /// Frame `frame` of `frames` on the seed's latent walk: keyframe noises every
