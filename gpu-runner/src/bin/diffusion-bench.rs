@@ -11,7 +11,9 @@
 //!    the text encoder, VAE and our own work.
 //!
 //! `render` renders one job and writes its frames as raw RGB (for comparing a CUDA render with
-//! `gpu-runner/sd/reference.py`).
+//! `gpu-runner/sd/reference.py`). `video` times whole renders of one job on any pipeline (a
+//! motion model's video) and `decode` a VAE decode of one large frame, whole or in tiles
+//! (`gpu-runner/sd/motion-bench.sh` runs both).
 //!
 //!     diffusion-bench --ort-dylib <libonnxruntime.so> --device cuda speed --package <dir>
 //!
@@ -74,6 +76,35 @@ enum Command {
         #[arg(long, default_value = "8", value_delimiter = ',')]
         cuda_graphs: Vec<usize>,
     },
+    /// Renders one job (any pipeline: a motion model's video, say) `--repeats` times after a
+    /// warm-up and prints the median seconds per render.
+    Video {
+        #[arg(long)]
+        package: PathBuf,
+        /// The job, as the body of POST /v1/jobs.
+        #[arg(long)]
+        job: String,
+        #[arg(long, default_value_t = 2)]
+        repeats: usize,
+        /// Write the last render's frames here, as raw RGB.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Decodes seeded latents of one frame of `--width`×`--height` with the package's VAE
+    /// decoder, whole or in tiles, and prints the median seconds (after a warm-up).
+    Decode {
+        #[arg(long)]
+        package: PathBuf,
+        #[arg(long, default_value_t = 1920)]
+        width: u32,
+        #[arg(long, default_value_t = 1080)]
+        height: u32,
+        /// `tiled` (the package's tiles, 64 latents by default) or `whole`.
+        #[arg(long, default_value = "tiled")]
+        mode: String,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
     Render {
         #[arg(long)]
         package: PathBuf,
@@ -102,7 +133,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let max_rows = match &cli.command {
         Command::Speed { max_rows, .. } => *max_rows,
-        Command::Render { .. } => 4,
+        _ => 4,
     };
     let options = |io_binding: bool, cuda_graphs: usize| SessionOptions {
         dylib: cli.ort_dylib.clone(),
@@ -111,6 +142,51 @@ fn main() -> anyhow::Result<()> {
         diffusion: DiffusionOptions { max_unet_rows: max_rows, io_binding, cuda_graphs },
     };
     match &cli.command {
+        Command::Video { package, job, repeats, out } => {
+            let spec = ModelSpec::read_manifest(package)?;
+            let mut pipeline = kiln_runner::packages::load(package, spec.clone(), &options(false, 0))?.pipeline;
+            let mut times = Vec::new();
+            for run in 0..=*repeats {
+                let started = Instant::now();
+                let frames = pipeline.render(&request(package, job)?)?;
+                let seconds = started.elapsed().as_secs_f64();
+                eprintln!(
+                    "render {run}: {seconds:.3} s, {} frames of {}x{}",
+                    frames.frames.len(),
+                    frames.width,
+                    frames.height
+                );
+                if run > 0 {
+                    times.push(seconds);
+                }
+                if let (Some(out), true) = (out, run == *repeats) {
+                    std::fs::write(out, frames.frames.concat())?;
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            println!("| {} | {} | {} | {:.3} |", spec.name, cli.device, job, times[times.len() / 2]);
+        }
+        Command::Decode { package, width, height, mode, repeats } => {
+            use kiln_runner::render::{diffusion::VaeDecoder, noise::gaussian};
+            let mut decoder = VaeDecoder::load(package, &options(false, 0))?;
+            if mode == "whole" {
+                decoder.set_tiling(None);
+            }
+            let (h, w) = ((*height / 8) as usize, (*width / 8) as usize);
+            let latent: Vec<f32> = gaussian(1, 0, 4 * h * w).iter().map(|v| v * 0.18215 * 4.0).collect();
+            let mut times = Vec::new();
+            for run in 0..=*repeats {
+                let started = Instant::now();
+                let frames = decoder.decode(&[&latent], h, w)?;
+                let seconds = started.elapsed().as_secs_f64();
+                eprintln!("decode {run}: {seconds:.3} s, {} bytes", frames[0].len());
+                if run > 0 {
+                    times.push(seconds);
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            println!("| {width}x{height} | {mode} | {} | {:.3} |", cli.device, times[times.len() / 2]);
+        }
         Command::Render { package, job, out, cuda_graphs, times, companion_leaves_at } => {
             let mut pipeline =
                 LatentDiffusion::load(package, &options(matches!(cli.device, Device::Cuda(_)), *cuda_graphs))?;

@@ -145,6 +145,34 @@ fn load_scaling_factor(package: &Path) -> Result<f64, DiffusionLoadError> {
     })
 }
 
+/// A package's VAE decoder on its own (for benchmarks): latents to RGB bytes, in tiles above
+/// the package's tile size unless told otherwise.
+pub struct VaeDecoder(Decoder);
+
+impl VaeDecoder {
+    pub fn load(package: &Path, options: &SessionOptions) -> Result<Self, DiffusionLoadError> {
+        let path = GraphFiles::read(package)?.path(package, "vae_decoder", options.device);
+        let graph = Graph::load(&path, options, "sample")?;
+        graph.input("latent_sample", &path)?;
+        let tiling = PipelineSettings::read(package)?.vae_tiling;
+        Ok(Self(Decoder { graph, rgb: false, scaling_factor: load_scaling_factor(package)?, tiling }))
+    }
+
+    /// `None`: never tile.
+    pub fn set_tiling(&mut self, tiling: Option<TilePolicy>) {
+        self.0.tiling = tiling.unwrap_or(TilePolicy { tile: usize::MAX, ..TilePolicy::default() });
+    }
+
+    pub fn decode(
+        &mut self,
+        latents: &[&[f32]],
+        latent_height: usize,
+        latent_width: usize,
+    ) -> Result<Vec<Vec<u8>>, RenderError> {
+        self.0.decode(latents, latent_height, latent_width)
+    }
+}
+
 /// A graph and what its inputs want.
 struct Graph {
     session: Session,
