@@ -44,6 +44,28 @@ MOTION = {
 }
 
 
+class _ExpandInterleave:
+    """While tracing, `Tensor.repeat_interleave(n, dim=0)` (diffusers repeats the time embedding
+    per frame so) as unsqueeze-expand-reshape: the traced `n` lives on the CPU, and the traced
+    index_select on CUDA refuses it; the same values, and `n` stays symbolic."""
+
+    def __enter__(self):
+        self.original = torch.Tensor.repeat_interleave
+        original = self.original
+
+        def interleave(tensor, repeats, dim=None, output_size=None):
+            if dim == 0 and not (torch.is_tensor(repeats) and repeats.dim() > 0):
+                rest = tensor.shape[1:]
+                return tensor.unsqueeze(1).expand(tensor.shape[0], repeats, *rest).reshape(-1, *rest)
+            return original(tensor, repeats, dim=dim, output_size=output_size)
+
+        torch.Tensor.repeat_interleave = interleave
+        return self
+
+    def __exit__(self, *_):
+        torch.Tensor.repeat_interleave = self.original
+
+
 class MotionUNet(torch.nn.Module):
     """The graph's encoder_hidden_states are one row per video ([batch, 77, width]); diffusers'
     UNetMotionModel takes one per frame (its pipeline repeats them), so the graph repeats them."""
@@ -53,8 +75,7 @@ class MotionUNet(torch.nn.Module):
         self.unet = unet
 
     def forward(self, sample, timestep, encoder_hidden_states):
-        frames = sample.shape[2]
-        hidden = encoder_hidden_states.repeat_interleave(frames, dim=0)
+        hidden = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
         return self.unet(sample, timestep, hidden, return_dict=False)[0]
 
 
@@ -83,7 +104,7 @@ def build(preset, dtype, out, device, seed, diffusers_dir=None):
     timestep = torch.tensor([999, 999], dtype=torch.int64, device=device)
     hidden = torch.randn(2, clip_bpe.CONTEXT, unet_spec["cross_attention_dim"], device=device, dtype=float_type)
     axes = {0: "batch", 2: "frames", 3: "height", 4: "width"}
-    with torch.no_grad():
+    with torch.no_grad(), _ExpandInterleave():
         build_sd.export(MotionUNet(unet), (sample, timestep, hidden), out / "unet/model.onnx",
                         ["sample", "timestep", "encoder_hidden_states"], ["out_sample"],
                         {"sample": axes, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},

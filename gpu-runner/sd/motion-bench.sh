@@ -6,14 +6,23 @@
 # survives):
 #
 #   bash gpu-runner/sd/motion-bench.sh unpack   # carrying .gpu/ort, .gpu/unpack-ort-cuda: to /tmp/ort
+#   bash gpu-runner/sd/motion-bench.sh tiny     # carrying .gpu/diffusion-bench.xz: the tiny package on CUDA
+#                                               # against the frames diffusers rendered (the tests' fixtures)
 #   bash gpu-runner/sd/motion-bench.sh build    # carrying .gpu/diffusion-bench.xz, .gpu/diffusers.tar.xz:
-#                                               # the tiny package on CUDA against diffusers' frames, then the
-#                                               # SD-1.5-sized package (fp16) and its diffusers twin
+#                                               # the SD-1.5-sized package (fp16) and its diffusers twin
 #   bash gpu-runner/sd/motion-bench.sh measure  # carrying the same: both pipelines timed, the decodes
+#
+# The machine goes back half a minute after a call ends, so `all` does unpack, build and measure
+# in one call, carrying all four .gpu paths; that is over a call's 64 MiB unless the tree's model
+# packages and test fixtures stay behind (move gpu-runner/models and gpu-runner/tests/fixtures
+# aside for the call: build and measure do not read them).
 #
 # Everything it reports lands in $OUT.
 set -euo pipefail
-step=${1:?usage: motion-bench.sh unpack|build|measure}
+step=${1:?usage: motion-bench.sh unpack|tiny|build|measure|all}
+if [ "$step" = all ]; then
+    bash "$0" unpack && bash "$0" build && exec bash "$0" measure
+fi
 if [ "$step" = unpack ]; then
     eval "$(bash .gpu/unpack-ort-cuda .gpu/ort)"
     ls /tmp/ort | head -3
@@ -33,7 +42,7 @@ bench=$work/diffusion-bench
 sd=$work/sd15-motion
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 
-if [ "$step" = build ]; then
+if [ "$step" = tiny ]; then
     # The tiny package on CUDA against the frames diffusers rendered on the CPU (the test suite's
     # fixtures): the same job, the same start noise.
     python3 - "$bench" <<'PY' 2>&1 | tee "$OUT/tiny-cuda.txt"
@@ -55,6 +64,9 @@ for case in json.load(open("gpu-runner/tests/fixtures/motion/cases.json")):
     print(f"tiny `{case['name']}` ({case['frames']} frames) on CUDA against diffusers on the CPU: max |diff| {d.max()}, "
           f"mean {d.mean():.3f}, {(d > 0).mean() * 100:.2f}% of values differ")
 PY
+    exit 0
+fi
+if [ "$step" = build ]; then
     if [ ! -e "$sd/unet/model.onnx" ]; then
         rm -rf "$sd" "$sd-diffusers"
         python3 gpu-runner/sd/build_motion.py --preset sd15 --dtype fp16 --device cuda --out "$sd" \
@@ -81,15 +93,15 @@ peak_of() { # <label> <command...>: runs it while sampling GPU memory; prints th
     echo "$label: GPU memory at peak $((top - base)) MiB over the idle $base MiB (nvidia-smi, every 50 ms)" >> "$OUT/memory.txt"
 }
 {
-    echo "| pipeline | steps | s per video (median of 2, after a warm-up) | memory |"
+    echo "| pipeline | steps | s per video (after a warm-up: 25 steps once, 4 steps the median of 2) | memory |"
     echo "|---|---:|---:|---|"
-    for case in "25 $sd linspace" "4 $lightning trailing"; do
+    for case in "25 $sd linspace 1" "4 $lightning trailing 2"; do
         set -- $case
         job="{\"model\":\"kiln-sd15-motion\",\"prompt\":\"a lighthouse on a cliff in a storm\",\"num_frames\":16,\"width\":512,\"height\":512,\"steps\":$1,\"guidance\":7.5,\"seed\":0}"
-        peak_of "kiln $1 steps" "$bench" --device cuda video --package "$2" --job "$job" --repeats 2 > "$work/row.txt" 2>> "$OUT/bench.log"
+        peak_of "kiln $1 steps" "$bench" --device cuda video --package "$2" --job "$job" --repeats $4 > "$work/row.txt" 2>> "$OUT/bench.log"
         echo "| kiln motion-diffusion (ONNX Runtime CUDA, fp16) | $1 ($3) | $(cut -d'|' -f5 "$work/row.txt" | tr -d ' ') | |"
     done
-    peak_of "diffusers" python3 gpu-runner/sd/peer_animatediff.py --pipeline "$sd-diffusers" --cases 25,4:trailing 2>> "$OUT/bench.log"
+    peak_of "diffusers" python3 gpu-runner/sd/peer_animatediff.py --pipeline "$sd-diffusers" --cases 25:linspace:1,4:trailing:2 2>> "$OUT/bench.log"
     echo
     echo "| frame | decode | device | s (median of 3, after a warm-up) |"
     echo "|---|---|---|---:|"

@@ -5,7 +5,7 @@ whole pipeline calls, synchronized). Prints markdown table rows.
 
     python3 gpu-runner/sd/peer_animatediff.py --pipeline DIR [--frames 16] [--size 512] [--cases 25,4:trailing]
 
-Each case is steps[:timestep spacing]; guidance --guidance. Needs torch with CUDA, diffusers and
+Each case is steps[:timestep spacing[:timed runs]]; guidance --guidance. Needs torch with CUDA, diffusers and
 transformers; nothing is downloaded.
 """
 
@@ -38,8 +38,8 @@ def main():
           f"{type(next(iter(pipe.unet.attn_processors.values()))).__name__}), {args.frames} frames of "
           f"{args.size}x{args.size}, guidance {args.guidance}, {torch.cuda.get_device_name()}")
     for case in args.cases.split(","):
-        steps, _, spacing = case.partition(":")
-        steps = int(steps)
+        steps, spacing, repeats = (case.split(":") + ["", ""])[:3]
+        steps, repeats = int(steps), int(repeats or args.repeats)
         pipe.scheduler = EulerDiscreteScheduler.from_config(base, timestep_spacing=spacing or base["timestep_spacing"])
 
         def call():
@@ -51,7 +51,7 @@ def main():
         torch.cuda.reset_peak_memory_stats()
         call()
         times = []
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             started = time.perf_counter()
             call()
             times.append(time.perf_counter() - started)
