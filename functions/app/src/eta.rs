@@ -288,6 +288,8 @@ mod tests {
             seed: 1,
             seed_source: SeedSource::Client,
             format: OutputFormat::Png,
+            init_image: None,
+            strength: None,
         }
     }
 

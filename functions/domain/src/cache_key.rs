@@ -55,6 +55,11 @@ pub fn canonical_form(model: &str, model_version: &str, params: &JobParams) -> S
     if params.seed_source == SeedSource::Client {
         form["seed"] = params.seed.into();
     }
+    // The image by its content: the same bytes uploaded twice are one request.
+    if let Some(image) = &params.init_image {
+        form["init_image"] = image.sha256.clone().into();
+        form["strength"] = params.strength.into();
+    }
     canonical_json(&form)
 }
 

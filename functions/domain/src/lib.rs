@@ -9,6 +9,7 @@ pub mod catalog;
 pub mod error;
 pub mod events;
 pub mod ids;
+pub mod image;
 pub mod job;
 pub mod model;
 pub mod params;
@@ -19,6 +20,7 @@ pub use catalog::{CatalogError, CatalogModel, Offered, ServedVersion};
 pub use error::{InputError, InputErrorKind};
 pub use events::{JobEvent, webhook_events};
 pub use ids::{InvalidId, JobId, TenantId};
+pub use image::{ImageFormat, ImageReference, InitImage};
 pub use job::{
     IllegalTransition, Job, JobError, JobErrorCode, Output, Priority, Subscription, Timings, WebhookDelivery,
 };

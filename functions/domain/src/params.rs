@@ -40,6 +40,13 @@ pub struct JobParams {
     pub seed: u32,
     pub seed_source: SeedSource,
     pub format: OutputFormat,
+    /// The image the job starts from (image-to-image; image-to-video: its first frame).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_image: Option<crate::InitImage>,
+    /// With `init_image`: how much of it is replaced, 0 (none) to 1 (all); the render runs
+    /// the last `strength × steps` of its steps from the image noised to match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
 }
 
 /// Job events a webhook can subscribe to.
@@ -104,6 +111,8 @@ struct RawSubmission {
     webhook: Option<RawWebhook>,
     priority: Option<crate::Priority>,
     quality: Option<Quality>,
+    init_image: Option<String>,
+    strength: Option<f64>,
 }
 
 /// What a request lets the platform trade for speed (`quality` on a request).
@@ -169,15 +178,52 @@ impl Submission {
         Ok((name, version))
     }
 
+    /// The image the request names, if any (its key depends on who asks: see
+    /// [`crate::ImageReference::key`]).
+    pub fn image_reference(&self) -> Result<Option<crate::ImageReference>, InputError> {
+        self.body.init_image.as_deref().map(crate::ImageReference::parse).transpose()
+    }
+
     /// Checks every field against `model` and fills in its defaults. `draw_seed` is called only
-    /// when the client gave no seed.
+    /// when the client gave no seed. For a request that names an image, use
+    /// [`Self::resolve_with_image`].
     pub fn resolve(
         &self,
         model: &ModelSpec,
         policy: WebhookPolicy,
         draw_seed: impl FnOnce() -> u32,
     ) -> Result<Resolved, InputError> {
+        self.resolve_with_image(model, policy, draw_seed, None)
+    }
+
+    /// [`Self::resolve`], with the image the request names read (`image`). Without a width and
+    /// height of its own, the job takes the image's, scaled down to fit the model's limits.
+    pub fn resolve_with_image(
+        &self,
+        model: &ModelSpec,
+        policy: WebhookPolicy,
+        draw_seed: impl FnOnce() -> u32,
+        image: Option<crate::InitImage>,
+    ) -> Result<Resolved, InputError> {
         let (body, limits, defaults) = (&self.body, &model.limits, &model.defaults);
+        if body.init_image.is_some() && image.is_none() {
+            return Err(InputError::invalid("init_image", "the image could not be read"));
+        }
+        let strength = match (&image, body.strength) {
+            (None, Some(_)) => return Err(InputError::invalid("strength", "applies only with init_image")),
+            (None, None) => None,
+            (Some(_), asked) => {
+                let strength = asked.unwrap_or(crate::image::DEFAULT_STRENGTH);
+                if !(strength > 0.0 && strength <= 1.0) {
+                    return Err(InputError::invalid(
+                        "strength",
+                        format!("must be greater than 0 and at most 1 (got {strength})"),
+                    ));
+                }
+                Some(strength)
+            }
+        };
+        let from_image = image.as_ref().map(|image| size_from_image(image, model, body.num_frames.unwrap_or(defaults.num_frames)));
 
         let prompt = body.prompt.as_deref().ok_or_else(|| InputError::missing("prompt"))?.trim();
         if prompt.is_empty() {
@@ -187,8 +233,8 @@ impl Submission {
         let negative_prompt = body.negative_prompt.as_deref().unwrap_or("").trim();
         check_prompt_length("negative_prompt", negative_prompt)?;
 
-        let width = body.width.unwrap_or(defaults.width);
-        let height = body.height.unwrap_or(defaults.height);
+        let width = body.width.or(from_image.map(|(w, _)| w)).unwrap_or(defaults.width);
+        let height = body.height.or(from_image.map(|(_, h)| h)).unwrap_or(defaults.height);
         for (field, value, range) in [("width", width, limits.width), ("height", height, limits.height)] {
             in_range(field, value, range)?;
             if value % limits.size_multiple != 0 {
@@ -242,12 +288,31 @@ impl Submission {
                 seed,
                 seed_source,
                 format,
+                init_image: image,
+                strength,
             },
             webhook,
             priority: body.priority.unwrap_or_default(),
             quality: body.quality.unwrap_or_default(),
         })
     }
+}
+
+/// An image's size scaled down (never up) to fit the model's largest frame and pixel budget,
+/// then down to the size multiple and up to the smallest frame.
+fn size_from_image(image: &crate::InitImage, model: &ModelSpec, frames: u32) -> (u32, u32) {
+    let limits = &model.limits;
+    let (w, h) = (f64::from(image.width), f64::from(image.height));
+    let budget = (limits.max_total_pixels as f64 / f64::from(frames.max(1))).sqrt();
+    let scale = [1.0, f64::from(limits.width.max) / w, f64::from(limits.height.max) / h, budget / (w * h).sqrt()]
+        .into_iter()
+        .fold(f64::INFINITY, f64::min);
+    let fit = |value: f64, range: Range<u32>| {
+        let multiple = limits.size_multiple.max(1);
+        let snapped = (value * scale) as u32 / multiple * multiple;
+        snapped.clamp(range.min.div_ceil(multiple) * multiple, range.max)
+    };
+    (fit(w, limits.width), fit(h, limits.height))
 }
 
 fn check_prompt_length(field: &str, text: &str) -> Result<(), InputError> {
@@ -555,5 +620,70 @@ mod tests {
         let c = Submission::parse(br#"{"model":"demo","prompt":"y"}"#).unwrap();
         assert_eq!(a.fingerprint(), b.fingerprint());
         assert_ne!(a.fingerprint(), c.fingerprint());
+    }
+
+    fn image(width: u32, height: u32) -> crate::InitImage {
+        crate::InitImage {
+            key: "images/acme/img_x.png".into(),
+            sha256: "ab".repeat(32),
+            width,
+            height,
+            format: crate::ImageFormat::Png,
+        }
+    }
+
+    fn resolve_image(body: &str, image: crate::InitImage) -> Result<Resolved, InputError> {
+        Submission::parse(body.as_bytes())?.resolve_with_image(&demo(), WebhookPolicy::default(), || 42, Some(image))
+    }
+
+    #[test]
+    fn an_image_gives_its_size_and_a_default_strength() {
+        let body = r#"{"model":"demo","prompt":"x","init_image":"img_01KBWJ5N0000000000000000AA.png"}"#;
+        let params = resolve_image(body, image(640, 480)).unwrap().params;
+        assert_eq!((params.width, params.height, params.strength), (640, 480, Some(0.8)));
+        assert_eq!(params.init_image.as_ref().map(|i| i.width), Some(640));
+        // Larger than the model's frame: scaled down as a whole, then to the size multiple.
+        let params = resolve_image(body, image(3000, 1500)).unwrap().params;
+        assert_eq!((params.width, params.height), (1024, 512));
+        // Odd sizes go down to the multiple; a size the request gives wins.
+        let params = resolve_image(body, image(333, 250)).unwrap().params;
+        assert_eq!((params.width, params.height), (328, 248));
+        let sized = r#"{"model":"demo","prompt":"x","init_image":"img_01KBWJ5N0000000000000000AA.png","width":256,"height":256,"strength":0.5}"#;
+        let params = resolve_image(sized, image(333, 250)).unwrap().params;
+        assert_eq!((params.width, params.height, params.strength), (256, 256, Some(0.5)));
+    }
+
+    #[test]
+    fn strength_is_checked_and_needs_an_image() {
+        let err = resolve(r#"{"model":"demo","prompt":"x","strength":0.5}"#).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("strength"));
+        for strength in ["0", "1.5", "-0.1"] {
+            let body = format!(
+                r#"{{"model":"demo","prompt":"x","init_image":"img_01KBWJ5N0000000000000000AA.png","strength":{strength}}}"#
+            );
+            assert_eq!(resolve_image(&body, image(64, 64)).unwrap_err().field.as_deref(), Some("strength"), "{strength}");
+        }
+        // Named but not read: refused, never rendered without it.
+        let err = resolve(r#"{"model":"demo","prompt":"x","init_image":"img_01KBWJ5N0000000000000000AA.png"}"#).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("init_image"));
+    }
+
+    #[test]
+    fn the_image_counts_in_the_cache_key_by_its_content() {
+        let body = r#"{"model":"demo","prompt":"x","seed":1,"init_image":"img_01KBWJ5N0000000000000000AA.png"}"#;
+        let key = |image: crate::InitImage, body: &str| {
+            let params = resolve_image(body, image).unwrap().params;
+            crate::CacheKey::compute("demo", "1", &params)
+        };
+        let plain = crate::CacheKey::compute("demo", "1", &resolve(r#"{"model":"demo","prompt":"x","seed":1}"#).unwrap().params);
+        let a = key(image(512, 512), body);
+        let mut moved = image(512, 512);
+        moved.key = "inbox/acme/x/photo.png".into();
+        assert_eq!(a, key(moved, body), "the same bytes under another key: the same request");
+        let mut other = image(512, 512);
+        other.sha256 = "cd".repeat(32);
+        assert_ne!(a, key(other, body));
+        assert_ne!(a, plain);
+        assert_ne!(a, key(image(512, 512), &body.replace("}", r#","strength":0.3}"#)));
     }
 }
