@@ -283,22 +283,41 @@ impl Api {
     async fn create_upload(&self, tenant: &Tenant, request: &Request) -> Result<Response<Body>, ApiError> {
         let asked = inbox::UploadRequest::parse(request.body().as_ref(), self.max_body_bytes as u64)
             .map_err(kiln_app::AppError::from)?;
-        let upload = inbox::Upload::new(&tenant.id, &asked.name, chrono::Utc::now());
-        let key = upload.key();
-        let link = self
-            .links
-            .presign_put(&key, "application/json", asked.size, UPLOAD_LINK_TTL)
-            .await
-            .map_err(kiln_app::AppError::from)?;
-        json(
-            StatusCode::CREATED,
-            &serde_json::json!({
-                "upload_id": upload.id, "name": upload.name, "size": asked.size, "method": "PUT",
-                "url": link.url, "expires_at": link.expires_at,
-                "headers": {"content-type": "application/json", "content-length": asked.size.to_string()},
-                "key": key, "outbox": upload.outbox(),
-            }),
-        )
+        let now = chrono::Utc::now();
+        match asked {
+            inbox::UploadRequest::Spec { name, size } => {
+                let upload = inbox::Upload::new(&tenant.id, &name, now);
+                let key = upload.key();
+                let link = self.presign_put(&key, "application/json", size).await?;
+                json(
+                    StatusCode::CREATED,
+                    &serde_json::json!({
+                        "kind": "spec", "upload_id": upload.id, "name": upload.name, "size": size, "method": "PUT",
+                        "url": link.url, "expires_at": link.expires_at,
+                        "headers": {"content-type": "application/json", "content-length": size.to_string()},
+                        "key": key, "outbox": upload.outbox(),
+                    }),
+                )
+            }
+            inbox::UploadRequest::Image { format, size } => {
+                let image = kiln_domain::image::new_image_id(format, now);
+                let key = kiln_domain::image::uploaded_key(&tenant.id, &image);
+                let link = self.presign_put(&key, format.content_type(), size).await?;
+                json(
+                    StatusCode::CREATED,
+                    &serde_json::json!({
+                        "kind": "image", "image": image, "size": size, "method": "PUT",
+                        "url": link.url, "expires_at": link.expires_at,
+                        "headers": {"content-type": format.content_type(), "content-length": size.to_string()},
+                        "key": key,
+                    }),
+                )
+            }
+        }
+    }
+
+    async fn presign_put(&self, key: &str, content_type: &str, size: u64) -> Result<kiln_app::ports::PresignedUrl, ApiError> {
+        Ok(self.links.presign_put(key, content_type, size, UPLOAD_LINK_TTL).await.map_err(kiln_app::AppError::from)?)
     }
 
     async fn list(&self, tenant: &Tenant, request: &Request) -> Result<Response<Body>, ApiError> {

@@ -67,6 +67,14 @@ impl Upload {
         }
     }
 
+    /// The folder the spec is in: files it names (an init image) are read from here.
+    pub fn folder(&self) -> String {
+        match &self.id {
+            Some(_) => format!("inbox/{}/{}/", self.tenant, self.name),
+            None => format!("inbox/{}/", self.tenant),
+        }
+    }
+
     /// Where its result goes.
     pub fn outbox(&self) -> String {
         match &self.id {
@@ -76,12 +84,15 @@ impl Upload {
     }
 }
 
-/// A request for an upload link (`POST /v1/uploads`): the spec's name and its exact size in
-/// bytes, which the link is signed for (so it cannot carry more than the inbox reads).
+/// A request for an upload link (`POST /v1/uploads`), signed for the exact size in bytes (so it
+/// cannot carry more than is read):
+/// - a job spec for the inbox: `{"name": …, "size": …}` (or `"kind": "spec"`);
+/// - an image a job can start from: `{"kind": "image", "content_type": "image/png" or
+///   "image/jpeg", "size": …}`, stored under a fresh image id that jobs name in `init_image`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UploadRequest {
-    pub name: String,
-    pub size: u64,
+pub enum UploadRequest {
+    Spec { name: String, size: u64 },
+    Image { format: kiln_domain::ImageFormat, size: u64 },
 }
 
 impl UploadRequest {
@@ -90,12 +101,33 @@ impl UploadRequest {
         let body: serde_json::Value =
             serde_json::from_slice(body).map_err(|err| InputError::invalid("body", format!("not JSON: {err}")))?;
         let object = body.as_object().ok_or_else(|| InputError::invalid("body", "must be a JSON object"))?;
-        if let Some(unknown) = object.keys().find(|key| !matches!(key.as_str(), "name" | "size")) {
+        let kind = match object.get("kind") {
+            None => "spec",
+            Some(kind) => kind.as_str().filter(|k| matches!(*k, "spec" | "image")).ok_or_else(|| {
+                InputError::invalid("kind", "must be \"spec\" (a job spec for the inbox) or \"image\" (an init image)")
+            })?,
+        };
+        let allowed: &[&str] = if kind == "image" { &["kind", "content_type", "size"] } else { &["kind", "name", "size"] };
+        if let Some(unknown) = object.keys().find(|key| !allowed.contains(&key.as_str())) {
             return Err(InputError::new(
                 InputErrorKind::UnknownField,
                 Some(unknown.chars().take(64).collect::<String>()),
-                "unknown field; an upload takes name and size",
+                format!("unknown field; an upload of kind {kind} takes {}", allowed.join(", ")),
             ));
+        }
+        let size_of = |limit: u64, what: &str| -> Result<u64, InputError> {
+            let size = object.get("size").ok_or_else(|| InputError::missing("size"))?;
+            size.as_u64()
+                .filter(|size| (1..=limit).contains(size))
+                .ok_or_else(|| InputError::invalid("size", format!("must be the {what}'s size in bytes, 1 to {limit}")))
+        };
+        if kind == "image" {
+            let content_type = object.get("content_type").ok_or_else(|| InputError::missing("content_type"))?;
+            let format = content_type
+                .as_str()
+                .and_then(kiln_domain::ImageFormat::from_content_type)
+                .ok_or_else(|| InputError::invalid("content_type", "must be image/png or image/jpeg"))?;
+            return Ok(Self::Image { format, size: size_of(kiln_domain::image::MAX_IMAGE_BYTES, "image")? });
         }
         let name = object.get("name").ok_or_else(|| InputError::missing("name"))?;
         let name = name.as_str().ok_or_else(|| InputError::invalid("name", "must be a string"))?;
@@ -105,12 +137,7 @@ impl UploadRequest {
                 format!("must be 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 . _ - and not start with a dot"),
             ));
         }
-        let size = object.get("size").ok_or_else(|| InputError::missing("size"))?;
-        let size = size
-            .as_u64()
-            .filter(|size| (1..=max_size).contains(size))
-            .ok_or_else(|| InputError::invalid("size", format!("must be the spec's size in bytes, 1 to {max_size}")))?;
-        Ok(Self { name: name.to_owned(), size })
+        Ok(Self::Spec { name: name.to_owned(), size: size_of(max_size, "spec")? })
     }
 }
 
@@ -192,7 +219,7 @@ impl Inbox {
         };
         // Events carry the ETag bare, HEAD and GET answers quote it: compare it bare.
         let object_id = format!("{key}@{}", version.or(etag).map(|tag| tag.trim_matches('"')).unwrap_or("-"));
-        match self.jobs.submit_upload(&tenant, &body, &object_id, &outbox).await {
+        match self.jobs.submit_upload(&tenant, &body, &object_id, &outbox, &upload.folder()).await {
             Ok(submitted) => {
                 if submitted.job.status.is_terminal() {
                     // Answered by a job that already ended (a cached result): write it now.

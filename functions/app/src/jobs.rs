@@ -22,7 +22,7 @@ use crate::{
     messages::JobMessage,
     ports::{
         ArtifactLinks, CacheClaim, FleetBoard, IdempotencyRecord, InsertOutcome, JobPage, JobQueue, JobStore,
-        ModelCatalog, PresignedUrl, QueuedJob, RunnerReport,
+        ModelCatalog, ObjectError, ObjectStore, PresignedUrl, QueuedJob, RunnerReport,
     },
     revise::{Change, revise},
     wiring::Ports,
@@ -141,6 +141,8 @@ pub struct Jobs {
     catalog: Arc<dyn ModelCatalog>,
     links: Arc<dyn ArtifactLinks>,
     fleet: Arc<dyn FleetBoard>,
+    /// Where init images are read from.
+    objects: Arc<dyn ObjectStore>,
     config: JobsConfig,
     models: Mutex<Option<Read<Vec<CatalogModel>>>>,
     /// The queue and the fleets as last read for estimates.
@@ -157,6 +159,7 @@ impl Jobs {
             catalog: ports.catalog.clone(),
             links: ports.links.clone(),
             fleet: ports.fleet.clone(),
+            objects: ports.objects.clone(),
             config,
             models: Mutex::new(None),
             snapshot: Mutex::new(None),
@@ -172,24 +175,26 @@ impl Jobs {
         body: &[u8],
         idempotency_key: Option<&str>,
     ) -> Result<Submitted, AppError> {
-        self.submit_to(tenant, body, idempotency_key, None).await
+        self.submit_to(tenant, body, idempotency_key, None, None).await
     }
 
     /// A job started by an upload to the S3 inbox: idempotent on the object version (a repeated
     /// S3 event starts no second job), with `outbox` (`outbox/<tenant>/<name>/`) recorded on the
     /// job so its result is copied there when it ends. When the upload was answered by another
     /// job (cached or in flight), the outbox is added to that job; the caller writes the outbox
-    /// itself when the returned job has already ended.
+    /// itself when the returned job has already ended. An image the spec names by file name is
+    /// read from `folder` (the spec's own folder in the inbox).
     pub async fn submit_upload(
         &self,
         tenant: &Tenant,
         body: &[u8],
         object_id: &str,
         outbox: &str,
+        folder: &str,
     ) -> Result<Submitted, AppError> {
         let digest = hex::encode(Sha256::digest(object_id.as_bytes()));
         let key = format!("s3-{}", &digest[..32]);
-        let mut submitted = self.submit_to(tenant, body, Some(&key), Some(outbox)).await?;
+        let mut submitted = self.submit_to(tenant, body, Some(&key), Some(outbox), Some(folder)).await?;
         let revised = revise(&*self.store, submitted.job.clone(), |job| {
             if job.outboxes.iter().any(|o| o == outbox) || job.status.is_terminal() {
                 return Ok(Change::Keep(()));
@@ -208,11 +213,17 @@ impl Jobs {
         body: &[u8],
         idempotency_key: Option<&str>,
         outbox: Option<&str>,
+        inbox_folder: Option<&str>,
     ) -> Result<Submitted, AppError> {
         let submission = Submission::parse(body)?;
         let (name, version) = submission.model()?;
         let (model, shadows) = self.model(name, version, submission.fingerprint()).await?;
-        let mut resolved = submission.resolve(&model, self.config.webhook_policy, || rand::rng().random())?;
+        let image = match submission.image_reference()? {
+            Some(reference) => Some(self.read_image(&reference.key(&tenant.id, inbox_folder)?).await?),
+            None => None,
+        };
+        let mut resolved =
+            submission.resolve_with_image(&model, self.config.webhook_policy, || rand::rng().random(), image)?;
         let degraded = self.degrade(&model, &mut resolved).await;
         let idempotency = idempotency_key
             .map(|key| {
@@ -247,6 +258,22 @@ impl Jobs {
         placed
     }
 
+    /// The image at `key`, read whole and checked ([`kiln_domain::image::inspect`]).
+    async fn read_image(&self, key: &str) -> Result<kiln_domain::InitImage, AppError> {
+        let limit = kiln_domain::image::MAX_IMAGE_BYTES as usize;
+        let bytes = match self.objects.get(key, None, limit).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => {
+                return Err(InputError::invalid("init_image", "no such image: upload it first (POST /v1/uploads)").into());
+            }
+            Err(ObjectError::TooLarge { limit }) => {
+                return Err(InputError::invalid("init_image", format!("the image is larger than {limit} bytes")).into());
+            }
+            Err(ObjectError::Port(err)) => return Err(err.into()),
+        };
+        Ok(kiln_domain::image::inspect(key, &bytes)?)
+    }
+
     /// `quality: auto` under load: while more jobs wait per GPU slot of the model version than
     /// the deployment's threshold (counted from the queue and the fleet as estimates read them),
     /// the request gets the model's fast preset; the warning says what was applied.
@@ -275,7 +302,8 @@ impl Jobs {
     /// owned by [`SHADOW_TENANT`] (no client sees it), pointing at `primary` for comparison.
     /// Nothing about it reaches the caller; a shadow that cannot be made is logged and dropped.
     async fn shadow(&self, primary: &Job, submission: &Submission, spec: &ModelSpec) {
-        let resolved = match submission.resolve(spec, self.config.webhook_policy, || primary.params.seed) {
+        let image = primary.params.init_image.clone();
+        let resolved = match submission.resolve_with_image(spec, self.config.webhook_policy, || primary.params.seed, image) {
             Ok(resolved) => resolved,
             Err(err) => {
                 info!(job_id = %primary.id, version = %spec.version, error = %err, "no shadow: the request does not fit this version");
