@@ -162,6 +162,18 @@ resource "aws_s3_bucket_lifecycle_configuration" "bucket" {
     }
   }
 
+  # Init images uploaded through POST /v1/uploads: inputs, kept as long as inbox specs.
+  rule {
+    id     = "expire-images"
+    status = "Enabled"
+    filter {
+      prefix = "images/"
+    }
+    expiration {
+      days = var.inbox_retention_days
+    }
+  }
+
   rule {
     id     = "abort-incomplete-uploads"
     status = "Enabled"
