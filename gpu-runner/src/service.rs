@@ -23,7 +23,7 @@ use bytes::Bytes;
 use chrono::Utc;
 use kiln_app::{
     AppError, JobMessage, JobRuns, Start, Written,
-    ports::{ArtifactStore, Delivery, JobStore, PortError, WorkQueue},
+    ports::{ArtifactStore, Delivery, JobStore, ObjectError, ObjectStore, PortError, WorkQueue},
     runs::Unserved,
 };
 use kiln_domain::{Job, JobErrorCode, JobStatus, Output, Timings};
@@ -53,6 +53,8 @@ pub struct Ports {
     pub store: Arc<dyn JobStore>,
     pub queue: Arc<dyn WorkQueue>,
     pub artifacts: Arc<dyn ArtifactStore>,
+    /// Where jobs' init images are read from.
+    pub objects: Arc<dyn ObjectStore>,
 }
 
 pub struct Runner {
@@ -126,6 +128,9 @@ pub enum TransientError {
     /// The job store refused the cancel record.
     #[error("recording the cancel: {0}")]
     RecordCancel(#[source] AppError),
+    /// The object store did not answer for the job's init image.
+    #[error("reading the init image: {0}")]
+    ReadImage(#[source] PortError),
 }
 
 /// Tells the run loop that a job of `tenant` ended, when dropped: also when its task panics, so
@@ -560,9 +565,13 @@ impl Runner {
                 return self.give_up(job, delivery, failure.into()).await;
             }
         };
+        let init_image = match self.init_image(job).await {
+            Ok(image) => image,
+            Err(failure) => return self.give_up(job, delivery, failure).await,
+        };
         let control = Arc::new(RenderControl::default());
         let budget = session.budget.for_job(&job.params);
-        let rendered = match self.render(job, session, &control, budget).await {
+        let rendered = match self.render(job, session, &control, budget, init_image).await {
             Ok(Some(rendered)) => rendered,
             Ok(None) => {
                 return self.give_up(job, delivery, PermanentError::TimedOut { budget, stuck: true }.into()).await;
@@ -657,6 +666,31 @@ impl Runner {
         }
     }
 
+    /// The job's init image, read and fitted to its frame. It was checked when the job was
+    /// accepted, so one that is gone (past the bucket's retention) or no longer decodes fails
+    /// the job; an object store that does not answer is worth another delivery.
+    async fn init_image(&self, job: &Job) -> Result<Option<Arc<crate::render::input::InputImage>>, Failure> {
+        let Some(image) = &job.params.init_image else { return Ok(None) };
+        let limit = kiln_domain::image::MAX_IMAGE_BYTES as usize;
+        let bytes = match self.ports.objects.get(&image.key, None, limit).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => {
+                return Err(PermanentError::Invalid(format!(
+                    "init_image: the image is gone from {} (uploaded images are kept for a limited time)",
+                    image.key
+                ))
+                .into());
+            }
+            Err(ObjectError::TooLarge { limit }) => {
+                return Err(PermanentError::Invalid(format!("init_image: larger than {limit} bytes")).into());
+            }
+            Err(ObjectError::Port(err)) => return Err(TransientError::ReadImage(err).into()),
+        };
+        crate::render::input::fit(&bytes, job.params.width, job.params.height)
+            .map(Some)
+            .map_err(|err| PermanentError::Invalid(format!("init_image: the image does not decode: {err}")).into())
+    }
+
     /// Hands the job to its session and, until the frames come back, writes progress, watches
     /// for a cancel request or a lost job, and stops the render when the shutdown deadline passes
     /// or its `budget` runs out (the watchdog). None when the session did not stop within the
@@ -667,9 +701,10 @@ impl Runner {
         session: &SessionHandle,
         control: &Arc<RenderControl>,
         budget: Duration,
+        init_image: Option<Arc<crate::render::input::InputImage>>,
     ) -> Result<Option<Rendered>, RuntimeFailure> {
         let (reply, mut frames) = oneshot::channel();
-        let request = RenderRequest { params: job.params.clone(), control: control.clone() };
+        let request = RenderRequest { params: job.params.clone(), control: control.clone(), init_image };
         // Carries the job's span to the session thread.
         let render_job = RenderJob::new(job.id.to_string(), BatchKey::of(job), request, reply);
         session.submit(render_job).await?;
@@ -1379,7 +1414,7 @@ mod tests {
         let device = crate::render::runtime::Device::Cpu;
         let (session, _thread) =
             session::spawn(model.name.clone(), served_version, device, pipeline, policy, metrics.clone());
-        let ports = Ports { store: store.clone(), queue: queue.clone(), artifacts };
+        let ports = Ports { store: store.clone(), queue: queue.clone(), artifacts, objects: Arc::new(MemoryArtifacts::default()) };
         let runner = Runner::new(ports, vec![session], settings(), metrics);
 
         let delivery = queue.inner.receive(1, Duration::ZERO, Duration::from_secs(60)).await.unwrap().remove(0);
@@ -1476,7 +1511,7 @@ mod tests {
             sessions.push(session);
         }
         let artifacts = Arc::new(MemoryArtifacts::default());
-        let ports = Ports { store: store.clone(), queue: queue.clone(), artifacts };
+        let ports = Ports { store: store.clone(), queue: queue.clone(), artifacts, objects: Arc::new(MemoryArtifacts::default()) };
         let runner = Arc::new(Runner::new(ports, sessions, settings(), metrics.clone()));
         let mut jobs = Vec::new();
         for seed in 0..4 {
@@ -1559,7 +1594,12 @@ mod tests {
             let mut settings = settings();
             settings.intake.fair = fair;
             let ports =
-                Ports { store: store.clone(), queue: queue.clone(), artifacts: Arc::new(MemoryArtifacts::default()) };
+                Ports {
+                    store: store.clone(),
+                    queue: queue.clone(),
+                    artifacts: Arc::new(MemoryArtifacts::default()),
+                    objects: Arc::new(MemoryArtifacts::default()),
+                };
             let runner = briefly_rendering_runner(&model, ports, settings, &metrics);
             let mut jobs = Vec::new();
             for (tenant, count) in [("a", 40), ("b", 5)] {
@@ -1621,7 +1661,12 @@ mod tests {
         let store = Arc::new(MemoryJobStore::default());
         let queue = Arc::new(RecordingQueue::default());
         let ports =
-            Ports { store: store.clone(), queue: queue.clone(), artifacts: Arc::new(MemoryArtifacts::default()) };
+            Ports {
+                    store: store.clone(),
+                    queue: queue.clone(),
+                    artifacts: Arc::new(MemoryArtifacts::default()),
+                    objects: Arc::new(MemoryArtifacts::default()),
+                };
         let runner = briefly_rendering_runner(&model, ports, one_slot(), &Arc::new(Metrics::default()));
         let (orphan, other) = (job_with_seed(&model, 1), job_with_seed(&model, 2));
         for job in [&orphan, &other] {
@@ -1658,7 +1703,12 @@ mod tests {
         let queue = Arc::new(RecordingQueue::default());
         let mut settings = one_slot();
         settings.heartbeat = Duration::from_millis(20);
-        let ports = Ports { store: store.clone(), queue: queue.clone(), artifacts: Arc::new(PanicsOnce::default()) };
+        let ports = Ports {
+            store: store.clone(),
+            queue: queue.clone(),
+            artifacts: Arc::new(PanicsOnce::default()),
+            objects: Arc::new(MemoryArtifacts::default()),
+        };
         let runner = briefly_rendering_runner(&model, ports, settings, &Arc::new(Metrics::default()));
         let (first, second) = (job_with_seed(&model, 1), job_with_seed(&model, 2));
         for job in [&first, &second] {

@@ -284,7 +284,7 @@ mod tests {
             .params;
         let key = BatchKey::new(&model.name, &model.version, &params);
         let (reply, rendered) = oneshot::channel();
-        let request = RenderRequest { params, control: Arc::new(RenderControl::default()) };
+        let request = RenderRequest { params, control: Arc::new(RenderControl::default()), init_image: None };
         (RenderJob::new("job", key, request, reply), rendered)
     }
 

@@ -77,7 +77,7 @@ async fn warm_up_one(model: &ModelSpec, session: &SessionHandle) -> Result<Warme
         .params;
     let (reply, rendered) = oneshot::channel();
     let key = BatchKey::new(&model.name, &model.version, &params);
-    let request = RenderRequest { params, control: Arc::new(RenderControl::default()) };
+    let request = RenderRequest { params, control: Arc::new(RenderControl::default()), init_image: None };
     let started = Instant::now();
     session.submit(RenderJob::new("warm-up", key, request, reply)).await.map_err(|err| failed(err.into()))?;
     let rendered = rendered.await.map_err(|_| failed(RuntimeFailure::Dropped.into()))?;

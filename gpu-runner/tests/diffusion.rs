@@ -70,7 +70,7 @@ fn request(dir: &Path, body: &str) -> RenderRequest {
     let model = ModelSpec::read_manifest(dir).unwrap();
     let params =
         Submission::parse(body.as_bytes()).unwrap().resolve(&model, WebhookPolicy::default(), || 0).unwrap().params;
-    RenderRequest { params, control: Arc::new(RenderControl::default()) }
+    RenderRequest { params, control: Arc::new(RenderControl::default()), init_image: None }
 }
 
 /// The reference's frames for the same job, as raw RGB.

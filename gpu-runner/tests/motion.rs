@@ -39,7 +39,7 @@ fn request(dir: &Path, body: &serde_json::Value) -> RenderRequest {
         .resolve(&model, WebhookPolicy::default(), || 0)
         .unwrap()
         .params;
-    RenderRequest { params, control: Arc::new(RenderControl::default()) }
+    RenderRequest { params, control: Arc::new(RenderControl::default()), init_image: None }
 }
 
 /// A PNG's RGB bytes.

@@ -68,7 +68,7 @@ fn render_batches_on_cpu(dir: &Path, batches: &[&[&str]], cuda_graphs: usize) ->
     let request = |body: &&str| {
         let params =
             Submission::parse(body.as_bytes()).unwrap().resolve(&spec, WebhookPolicy::default(), || 0).unwrap().params;
-        RenderRequest { params, control: Arc::new(RenderControl::default()) }
+        RenderRequest { params, control: Arc::new(RenderControl::default()), init_image: None }
     };
     let mut pipeline = packages::load(dir, spec.clone(), &options).expect("loading the package").pipeline;
     let rendered = batches

@@ -18,7 +18,7 @@ fn request(body: &str) -> RenderRequest {
     let model = ModelSpec::read_manifest(&dir).unwrap();
     let params =
         Submission::parse(body.as_bytes()).unwrap().resolve(&model, WebhookPolicy::default(), || 0).unwrap().params;
-    RenderRequest { params, control: Arc::new(RenderControl::default()) }
+    RenderRequest { params, control: Arc::new(RenderControl::default()), init_image: None }
 }
 
 fn render(body: &str) -> Result<Frames, RenderError> {

@@ -358,7 +358,7 @@ fn request(package: &Path, body: &str) -> anyhow::Result<RenderRequest> {
         .resolve(&model, WebhookPolicy::default(), || 0)
         .map_err(|err| anyhow::anyhow!("{err}"))?
         .params;
-    Ok(RenderRequest { params, control: Arc::new(RenderControl::default()) })
+    Ok(RenderRequest { params, control: Arc::new(RenderControl::default()), init_image: None })
 }
 
 /// The UNet graph `unet` alone at each of `row_counts`: median milliseconds of one `session.run`.

@@ -168,7 +168,12 @@ async fn measure(
     let mut settings = cli.runner.settings();
     settings.poll_wait = std::time::Duration::from_millis(20);
     let runner = Arc::new(Runner::new(
-        Ports { store: store.clone(), queue: queue.clone(), artifacts: Arc::new(MemoryArtifacts::default()) },
+        Ports {
+            store: store.clone(),
+            queue: queue.clone(),
+            artifacts: Arc::new(MemoryArtifacts::default()),
+            objects: Arc::new(MemoryArtifacts::default()),
+        },
         sessions.to_vec(),
         settings,
         metrics.clone(),

@@ -6,6 +6,7 @@
 
 pub mod device_memory;
 pub mod diffusion;
+pub mod input;
 pub mod noise;
 pub mod procedural;
 pub mod runtime;
@@ -149,6 +150,8 @@ pub enum RuntimeFailure {
 pub struct RenderRequest {
     pub params: JobParams,
     pub control: Arc<RenderControl>,
+    /// The job's `init_image`, read and fitted to its frame (None when it names none).
+    pub init_image: Option<Arc<input::InputImage>>,
 }
 
 /// A model's render path, loaded once per model and device.
