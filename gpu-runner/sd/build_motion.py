@@ -100,9 +100,9 @@ def build(preset, dtype, out, device, seed, diffusers_dir=None):
                 parameter.normal_(0.0, proj_out_std)
     unet = UNetMotionModel.from_unet2d(unet2d, adapter).eval().to(device, float_type)
     size = unet_spec["sample_size"]
-    sample = torch.randn(2, 4, 4, size, size, device=device, dtype=float_type)
+    sample = build_sd.example(2, 4, 4, size, size, device=device, dtype=float_type)
     timestep = torch.tensor([999, 999], dtype=torch.int64, device=device)
-    hidden = torch.randn(2, clip_bpe.CONTEXT, unet_spec["cross_attention_dim"], device=device, dtype=float_type)
+    hidden = build_sd.example(2, clip_bpe.CONTEXT, unet_spec["cross_attention_dim"], device=device, dtype=float_type)
     axes = {0: "batch", 2: "frames", 3: "height", 4: "width"}
     with torch.no_grad(), _ExpandInterleave():
         build_sd.export(MotionUNet(unet), (sample, timestep, hidden), out / "unet/model.onnx",

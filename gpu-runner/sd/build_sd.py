@@ -80,6 +80,15 @@ SCHEDULER = {
 }
 
 
+def example(*shape, device, dtype, uniform=False):
+    """Example inputs for tracing, drawn from their own generator: the global one makes the
+    weights, which must not depend on whether examples were drawn on the CPU (a CUDA draw does
+    not advance it), so a package builds to the same weights on any device."""
+    generator = torch.Generator().manual_seed(1234)
+    draw = torch.rand if uniform else torch.randn
+    return draw(*shape, generator=generator).to(device, dtype)
+
+
 def export(module, args, path, inputs, outputs, dynamic):
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.export(
@@ -164,9 +173,9 @@ def build(preset, dtype, out, device, seed, diffusers_dir=None, unet_graph=True)
     unet_spec = spec["unet"]
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **unet_spec).eval().to(device, float_type)
     size = unet_spec["sample_size"]
-    sample = torch.randn(2, 4, size, size, device=device, dtype=float_type)
+    sample = example(2, 4, size, size, device=device, dtype=float_type)
     timestep = torch.tensor([999, 999], dtype=torch.int64, device=device)
-    hidden = torch.randn(2, clip_bpe.CONTEXT, unet_spec["cross_attention_dim"], device=device, dtype=float_type)
+    hidden = example(2, clip_bpe.CONTEXT, unet_spec["cross_attention_dim"], device=device, dtype=float_type)
     if unet_graph:
         with torch.no_grad():
             export(UNet(unet), (sample, timestep, hidden), out / "unet/model.onnx",
@@ -184,11 +193,11 @@ def build(preset, dtype, out, device, seed, diffusers_dir=None, unet_graph=True)
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
         **vae_spec,
     ).eval().to(device, float_type)
-    latent = torch.randn(1, 4, size, size, device=device, dtype=float_type)
+    latent = example(1, 4, size, size, device=device, dtype=float_type)
     with torch.no_grad():
         export(VaeDecoder(vae), (latent,), out / "vae_decoder/model.onnx", ["latent_sample"], ["sample"],
                {"latent_sample": {0: "batch", 2: "height", 3: "width"}, "sample": {0: "batch", 2: "height", 3: "width"}})
-    image = torch.rand(1, 3, size * 8, size * 8, device=device, dtype=float_type) * 2 - 1
+    image = example(1, 3, size * 8, size * 8, device=device, dtype=float_type, uniform=True) * 2 - 1
     with torch.no_grad():
         export(VaeEncoder(vae), (image,), out / "vae_encoder/model.onnx", ["sample"], ["latent_sample"],
                {"sample": {0: "batch", 2: "height", 3: "width"}, "latent_sample": {0: "batch", 2: "height", 3: "width"}})
