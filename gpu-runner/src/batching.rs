@@ -21,6 +21,8 @@ pub struct BatchKey {
     /// Guidance above 1 takes a second (unconditional) UNet pass; jobs without it would pay for
     /// one they do not use.
     pub guided: bool,
+    /// Image-to-image jobs start at a later step ([`crate::render::input::first_step`]).
+    pub first_step: u32,
 }
 
 impl BatchKey {
@@ -36,6 +38,7 @@ impl BatchKey {
             height: params.height,
             steps: params.steps,
             guided: params.guidance > 1.0,
+            first_step: crate::render::input::first_step(params),
         }
     }
 }
@@ -114,7 +117,7 @@ mod tests {
     use super::*;
 
     fn key(width: u32, steps: u32) -> BatchKey {
-        BatchKey { model: "m".into(), version: "1".into(), width, height: 64, steps, guided: true }
+        BatchKey { model: "m".into(), version: "1".into(), width, height: 64, steps, guided: true, first_step: 0 }
     }
 
     #[test]

@@ -11,6 +11,18 @@ pub struct InputImage {
     pub rgb: Vec<u8>,
 }
 
+/// The step an image-to-image render starts at (diffusers' `get_timesteps`): the last
+/// `strength × steps` steps run, at least one; 0 for a job without an image.
+pub fn first_step(params: &kiln_domain::JobParams) -> u32 {
+    match (&params.init_image, params.strength) {
+        (Some(_), Some(strength)) => {
+            let run = ((f64::from(params.steps) * strength) as u32).clamp(1, params.steps);
+            params.steps - run
+        }
+        _ => 0,
+    }
+}
+
 /// Decodes `bytes` (PNG or JPEG) and fits it to `width`×`height`.
 pub fn fit(bytes: &[u8], width: u32, height: u32) -> Result<Arc<InputImage>, image::ImageError> {
     let decoded = image::load_from_memory(bytes)?.to_rgb8();

@@ -145,6 +145,48 @@ fn load_scaling_factor(package: &Path) -> Result<f64, DiffusionLoadError> {
     })
 }
 
+/// The VAE encoder, for jobs that start from an image: a package without one
+/// (`vae_encoder/model.onnx`) renders only from noise.
+struct Encoder {
+    graph: Option<Graph>,
+    scaling_factor: f64,
+}
+
+impl Encoder {
+    fn load(package: &Path, files: &GraphFiles, options: &SessionOptions, scaling_factor: f64) -> Result<Self, DiffusionLoadError> {
+        let path = files.path(package, "vae_encoder", options.device);
+        let graph = match path.is_file() {
+            true => {
+                let graph = Graph::load(&path, options, "latent_sample")?;
+                graph.input("sample", &path)?;
+                Some(graph)
+            }
+            false => None,
+        };
+        Ok(Self { graph, scaling_factor })
+    }
+
+    /// The image's latents (`[4, h/8, w/8]`, scaled as the UNet sees them).
+    fn encode(&mut self, image: &crate::render::input::InputImage) -> Result<Vec<f32>, RenderError> {
+        let graph = self.graph.as_mut().ok_or_else(|| {
+            RenderError::Invalid("init_image: this model has no VAE encoder, so it renders from noise only".into())
+        })?;
+        let (width, height) = (image.width as usize, image.height as usize);
+        let plane = width * height;
+        let mut data = vec![0f32; 3 * plane];
+        for (pixel, rgb) in image.rgb.chunks_exact(3).enumerate() {
+            for channel in 0..3 {
+                data[channel * plane + pixel] = f32::from(rgb[channel]) / 127.5 - 1.0;
+            }
+        }
+        let (ty, _) = graph.inputs["sample"].clone();
+        let input = float_tensor(ty, vec![1, 3, height as i64, width as i64], &data)?;
+        let outputs = graph.session.run(ort::inputs!["sample" => input])?;
+        let (_, latents) = extract_floats(&outputs[graph.output.as_str()])?;
+        Ok(latents.iter().map(|v| (f64::from(*v) * self.scaling_factor) as f32).collect())
+    }
+}
+
 /// A package's VAE decoder on its own (for benchmarks): latents to RGB bytes, in tiles above
 /// the package's tile size unless told otherwise.
 pub struct VaeDecoder(Decoder);
@@ -215,6 +257,7 @@ pub struct LatentDiffusion {
     /// The step graph's CUDA graphs, when its session captures them.
     captured: Option<CapturedGraphs>,
     decoder: Decoder,
+    encoder: Encoder,
     scheduler: SchedulerConfig,
     kind: SchedulerKind,
     options: DiffusionOptions,
@@ -396,6 +439,7 @@ impl LatentDiffusion {
             stepped: step.is_some(),
             captured,
             decoder,
+            encoder: Encoder::load(package, &files, options, scaling_factor)?,
             scheduler,
             kind,
             options: options.diffusion,
@@ -467,7 +511,23 @@ impl LatentDiffusion {
             Some(_) => UnetGuidance::Embedded,
             None => UnetGuidance::SecondPass,
         };
-        let plan = plan(&shapes, steps, latent_height * latent_width, self.options.max_unet_rows, unet_guidance);
+        // Image-to-image: the batch shares its first step (the batch key holds it); each job with
+        // an image starts from its latents noised to that step.
+        let start = crate::render::input::first_step(first) as usize;
+        if batch.iter().any(|r| crate::render::input::first_step(&r.params) as usize != start) {
+            return Err(RenderError::Invalid("a batch must share its first step".into()));
+        }
+        let image_latents: Vec<Option<Vec<f32>>> = batch
+            .iter()
+            .map(|r| r.init_image.as_deref().map(|image| self.encoder.encode(image)).transpose())
+            .collect::<Result<_, _>>()?;
+        let plan = plan(
+            &shapes,
+            steps - start as u32,
+            latent_height * latent_width,
+            self.options.max_unet_rows,
+            unet_guidance,
+        );
 
         let (cond, truncated) =
             self.prompts.encode(&batch.iter().map(|r| r.params.prompt.as_str()).collect::<Vec<_>>())?;
@@ -491,9 +551,12 @@ impl LatentDiffusion {
             let mut live = LiveLanes::start(lanes, |lane| {
                 let params = &batch[lane.job].params;
                 let noise = walk_noise(u64::from(params.seed), lane.frame, params.num_frames as usize, latent_len);
-                noise.iter().map(|v| (f64::from(*v) * sigma) as f32).collect()
+                match &image_latents[lane.job] {
+                    Some(x0) => scheduler.noised(start, x0, &noise),
+                    None => noise.iter().map(|v| (f64::from(*v) * sigma) as f32).collect(),
+                }
             });
-            for step in 0..steps as usize {
+            for step in start..steps as usize {
                 // Every job is checked, also one whose lanes are all rendered: a stop still ends it.
                 for (job, request) in batch.iter().enumerate() {
                     if let (None, Err(err)) = (&stopped[job], request.control.check()) {

@@ -201,6 +201,20 @@ impl Scheduler {
         self.init_noise_sigma
     }
 
+    /// Clean latents `x0` noised to where step `i` starts (diffusers' `add_noise` at the step's
+    /// timestep): `x0 + σ·noise` for the Euler kinds, `√ᾱ·x0 + √(1−ᾱ)·noise` for LCM. Image-to-
+    /// image starts here and runs the steps from `i` on.
+    pub fn noised(&self, i: usize, x0: &[f32], noise: &[f32]) -> Vec<f32> {
+        let (a, b) = match self.kind {
+            SchedulerKind::Euler | SchedulerKind::EulerAncestral => (1.0, self.sigmas[i]),
+            SchedulerKind::Lcm => {
+                let alpha = self.alphas_cumprod[self.timesteps[i] as usize];
+                (alpha.sqrt(), (1.0 - alpha).sqrt())
+            }
+        };
+        x0.iter().zip(noise).map(|(x, n)| (a * f64::from(*x) + b * f64::from(*n)) as f32).collect()
+    }
+
     /// What the model input is multiplied by at step `i` (`scale_model_input`).
     pub fn input_scale(&self, i: usize) -> f64 {
         match self.kind {
