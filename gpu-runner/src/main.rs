@@ -59,7 +59,8 @@ async fn main() -> anyhow::Result<()> {
             offered => info!(model = %model.name, version = %model.version, ?offered, "model in the catalog"),
         }
     }
-    let ports = Ports { store: aws.job_store(), queue: aws.work_queue(), artifacts: aws.artifacts(), objects: aws.objects() };
+    let ports =
+        Ports { store: aws.job_store(), queue: aws.work_queue(), artifacts: aws.artifacts(), objects: aws.objects() };
 
     let shutdown = CancellationToken::new();
     let listener = metrics::bind(cli.runner.metrics_addr).await.context("binding the metrics address")?;

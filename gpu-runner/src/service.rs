@@ -1414,7 +1414,12 @@ mod tests {
         let device = crate::render::runtime::Device::Cpu;
         let (session, _thread) =
             session::spawn(model.name.clone(), served_version, device, pipeline, policy, metrics.clone());
-        let ports = Ports { store: store.clone(), queue: queue.clone(), artifacts, objects: Arc::new(MemoryArtifacts::default()) };
+        let ports = Ports {
+            store: store.clone(),
+            queue: queue.clone(),
+            artifacts,
+            objects: Arc::new(MemoryArtifacts::default()),
+        };
         let runner = Runner::new(ports, vec![session], settings(), metrics);
 
         let delivery = queue.inner.receive(1, Duration::ZERO, Duration::from_secs(60)).await.unwrap().remove(0);
@@ -1511,7 +1516,12 @@ mod tests {
             sessions.push(session);
         }
         let artifacts = Arc::new(MemoryArtifacts::default());
-        let ports = Ports { store: store.clone(), queue: queue.clone(), artifacts, objects: Arc::new(MemoryArtifacts::default()) };
+        let ports = Ports {
+            store: store.clone(),
+            queue: queue.clone(),
+            artifacts,
+            objects: Arc::new(MemoryArtifacts::default()),
+        };
         let runner = Arc::new(Runner::new(ports, sessions, settings(), metrics.clone()));
         let mut jobs = Vec::new();
         for seed in 0..4 {
@@ -1593,13 +1603,12 @@ mod tests {
             let metrics = Arc::new(Metrics::default());
             let mut settings = settings();
             settings.intake.fair = fair;
-            let ports =
-                Ports {
-                    store: store.clone(),
-                    queue: queue.clone(),
-                    artifacts: Arc::new(MemoryArtifacts::default()),
-                    objects: Arc::new(MemoryArtifacts::default()),
-                };
+            let ports = Ports {
+                store: store.clone(),
+                queue: queue.clone(),
+                artifacts: Arc::new(MemoryArtifacts::default()),
+                objects: Arc::new(MemoryArtifacts::default()),
+            };
             let runner = briefly_rendering_runner(&model, ports, settings, &metrics);
             let mut jobs = Vec::new();
             for (tenant, count) in [("a", 40), ("b", 5)] {
@@ -1660,13 +1669,12 @@ mod tests {
         let model = demo_model();
         let store = Arc::new(MemoryJobStore::default());
         let queue = Arc::new(RecordingQueue::default());
-        let ports =
-            Ports {
-                    store: store.clone(),
-                    queue: queue.clone(),
-                    artifacts: Arc::new(MemoryArtifacts::default()),
-                    objects: Arc::new(MemoryArtifacts::default()),
-                };
+        let ports = Ports {
+            store: store.clone(),
+            queue: queue.clone(),
+            artifacts: Arc::new(MemoryArtifacts::default()),
+            objects: Arc::new(MemoryArtifacts::default()),
+        };
         let runner = briefly_rendering_runner(&model, ports, one_slot(), &Arc::new(Metrics::default()));
         let (orphan, other) = (job_with_seed(&model, 1), job_with_seed(&model, 2));
         for job in [&orphan, &other] {

@@ -282,3 +282,47 @@ fn a_tiled_decode_agrees_with_a_whole_one() {
         "tiled and whole decodes differ: mean |Δ| {mean:.2}, {far:.3} off by more than 8"
     );
 }
+
+/// Image-to-image against diffusers' `StableDiffusionImg2ImgPipeline` on the same weights, from
+/// the same image latents and noise (`gpu-runner/sd/reference_img2img.py`, recorded in
+/// `tests/fixtures/img2img`): the last `strength × steps` steps from the image noised to match.
+#[test]
+fn image_to_image_matches_diffusers_img2img_pipeline() {
+    let fixtures = workspace_root().join("gpu-runner/tests/fixtures/img2img");
+    let case: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("case.json")).unwrap()).unwrap();
+    let bytes = std::fs::read(fixtures.join("input.png")).unwrap();
+    let image = kiln_domain::image::inspect("images/t/img_01KBWJ5N0000000000000000AA.png", &bytes).unwrap();
+    let body = serde_json::json!({
+        "model": "kiln-tiny-sd", "prompt": case["prompt"], "width": case["width"], "height": case["height"],
+        "steps": case["steps"], "strength": case["strength"], "guidance": case["guidance"], "seed": case["seed"],
+        "init_image": "img_01KBWJ5N0000000000000000AA.png",
+    });
+    let model = ModelSpec::read_manifest(&package()).unwrap();
+    let params = Submission::parse(body.to_string().as_bytes())
+        .unwrap()
+        .resolve_with_image(&model, WebhookPolicy::default(), || 0, Some(image))
+        .unwrap()
+        .params;
+    let fitted = kiln_runner::render::input::fit(&bytes, params.width, params.height).unwrap();
+    let request = RenderRequest { params, control: Arc::new(RenderControl::default()), init_image: Some(fitted) };
+    let ours = load(&package()).render(&request).expect("render").frames.concat();
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(fixtures.join("output.png")).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut theirs = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut theirs).unwrap();
+    theirs.truncate(info.buffer_size());
+    assert_eq!(ours.len(), theirs.len());
+    let worst = ours.iter().zip(&theirs).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    let differing = ours.iter().zip(&theirs).filter(|(a, b)| a != b).count();
+    eprintln!("img2img: max |Δ| {worst}, {differing} of {} values differ", ours.len());
+    assert!(worst <= TOLERANCE && differing * 100 <= ours.len(), "img2img: max |Δ| {worst}, {differing} differ");
+    // The image mattered: the same job from noise is another picture.
+    let mut from_noise = request.clone();
+    from_noise.init_image = None;
+    from_noise.params.init_image = None;
+    from_noise.params.strength = None;
+    let plain = load(&package()).render(&from_noise).expect("render").frames.concat();
+    let apart = plain.iter().zip(&ours).map(|(a, b)| f64::from(a.abs_diff(*b))).sum::<f64>() / ours.len() as f64;
+    assert!(apart > 5.0, "the init image changed nothing: mean |Δ| {apart:.2}");
+}

@@ -159,3 +159,39 @@ fn frames_change_as_much_where_windows_meet_as_inside_them() {
     assert!(steps.iter().all(|s| *s > 1.0), "every frame differs from the one before: {steps:?}");
     assert!((0.75..=1.25).contains(&ratio), "border / inside {ratio:.3}");
 }
+
+/// Image-to-video: every frame starts from the image, and the first frame is held to it, so it
+/// is the image (as the VAE gives it back) whatever the seed, while the others move.
+#[test]
+fn an_image_to_video_job_keeps_its_first_frame_and_moves_the_rest() {
+    let package = motion_package();
+    let bytes = std::fs::read(workspace_root().join("gpu-runner/tests/fixtures/img2img/input.png")).unwrap();
+    let render = |seed: u32| {
+        let image = kiln_domain::image::inspect("images/t/img_01KBWJ5N0000000000000000AA.png", &bytes).unwrap();
+        let body = serde_json::json!({
+            "model": "kiln-tiny-motion", "prompt": "a boat drifting", "num_frames": 8, "steps": 6,
+            "strength": 0.7, "seed": seed, "format": "gif", "init_image": "img_01KBWJ5N0000000000000000AA.png",
+        });
+        let model = ModelSpec::read_manifest(&package).unwrap();
+        let params = Submission::parse(body.to_string().as_bytes())
+            .unwrap()
+            .resolve_with_image(&model, WebhookPolicy::default(), || 0, Some(image))
+            .unwrap()
+            .params;
+        assert_eq!((params.width, params.height), (64, 64), "the image's size");
+        let fitted = kiln_runner::render::input::fit(&bytes, params.width, params.height).unwrap();
+        let request = RenderRequest { params, control: Arc::new(RenderControl::default()), init_image: Some(fitted) };
+        let frames = load(&package).render(&request).expect("render").frames;
+        assert_eq!(request.control.progress(), 1.0, "progress counts the steps that ran");
+        frames
+    };
+    let (a, b) = (render(1), render(2));
+    let mean =
+        |x: &[u8], y: &[u8]| x.iter().zip(y).map(|(p, q)| f64::from(p.abs_diff(*q))).sum::<f64>() / x.len() as f64;
+    assert_eq!(a[0], b[0], "the first frame is the image's, whatever the seed");
+    let rest = mean(&a[1..].concat(), &b[1..].concat());
+    assert!(rest > 5.0, "the other frames follow the seed: mean |Δ| {rest:.2}");
+    let moved = mean(&a[0], &a[7]);
+    eprintln!("first vs last frame: mean |Δ| {moved:.2}; seed 1 vs 2 past the first: {rest:.2}");
+    assert!(moved > 1.0, "the video moves away from its first frame");
+}

@@ -316,7 +316,12 @@ impl Api {
         }
     }
 
-    async fn presign_put(&self, key: &str, content_type: &str, size: u64) -> Result<kiln_app::ports::PresignedUrl, ApiError> {
+    async fn presign_put(
+        &self,
+        key: &str,
+        content_type: &str,
+        size: u64,
+    ) -> Result<kiln_app::ports::PresignedUrl, ApiError> {
         Ok(self.links.presign_put(key, content_type, size, UPLOAD_LINK_TTL).await.map_err(kiln_app::AppError::from)?)
     }
 

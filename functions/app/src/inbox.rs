@@ -107,7 +107,8 @@ impl UploadRequest {
                 InputError::invalid("kind", "must be \"spec\" (a job spec for the inbox) or \"image\" (an init image)")
             })?,
         };
-        let allowed: &[&str] = if kind == "image" { &["kind", "content_type", "size"] } else { &["kind", "name", "size"] };
+        let allowed: &[&str] =
+            if kind == "image" { &["kind", "content_type", "size"] } else { &["kind", "name", "size"] };
         if let Some(unknown) = object.keys().find(|key| !allowed.contains(&key.as_str())) {
             return Err(InputError::new(
                 InputErrorKind::UnknownField,

@@ -264,7 +264,9 @@ impl Jobs {
         let bytes = match self.objects.get(key, None, limit).await {
             Ok(Some(bytes)) => bytes,
             Ok(None) => {
-                return Err(InputError::invalid("init_image", "no such image: upload it first (POST /v1/uploads)").into());
+                return Err(
+                    InputError::invalid("init_image", "no such image: upload it first (POST /v1/uploads)").into()
+                );
             }
             Err(ObjectError::TooLarge { limit }) => {
                 return Err(InputError::invalid("init_image", format!("the image is larger than {limit} bytes")).into());
@@ -303,7 +305,12 @@ impl Jobs {
     /// Nothing about it reaches the caller; a shadow that cannot be made is logged and dropped.
     async fn shadow(&self, primary: &Job, submission: &Submission, spec: &ModelSpec) {
         let image = primary.params.init_image.clone();
-        let resolved = match submission.resolve_with_image(spec, self.config.webhook_policy, || primary.params.seed, image) {
+        let resolved = match submission.resolve_with_image(
+            spec,
+            self.config.webhook_policy,
+            || primary.params.seed,
+            image,
+        ) {
             Ok(resolved) => resolved,
             Err(err) => {
                 info!(job_id = %primary.id, version = %spec.version, error = %err, "no shadow: the request does not fit this version");

@@ -144,10 +144,13 @@ pub fn inspect(key: &str, bytes: &[u8]) -> Result<InitImage, InputError> {
         }
         Err(_) => return Err(InputError::invalid(FIELD, "not a PNG or JPEG image")),
     };
-    let reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), match format {
-        ImageFormat::Png => image::ImageFormat::Png,
-        ImageFormat::Jpeg => image::ImageFormat::Jpeg,
-    });
+    let reader = image::ImageReader::with_format(
+        std::io::Cursor::new(bytes),
+        match format {
+            ImageFormat::Png => image::ImageFormat::Png,
+            ImageFormat::Jpeg => image::ImageFormat::Jpeg,
+        },
+    );
     let (width, height) = reader
         .into_dimensions()
         .map_err(|err| InputError::invalid(FIELD, format!("the image's header does not read: {err}")))?;
@@ -160,10 +163,13 @@ pub fn inspect(key: &str, bytes: &[u8]) -> Result<InitImage, InputError> {
         }
     }
     // The whole file, so a truncated one is refused now, not when its job runs.
-    image::load_from_memory_with_format(bytes, match format {
-        ImageFormat::Png => image::ImageFormat::Png,
-        ImageFormat::Jpeg => image::ImageFormat::Jpeg,
-    })
+    image::load_from_memory_with_format(
+        bytes,
+        match format {
+            ImageFormat::Png => image::ImageFormat::Png,
+            ImageFormat::Jpeg => image::ImageFormat::Jpeg,
+        },
+    )
     .map_err(|err| InputError::invalid(FIELD, format!("the image does not decode: {err}")))?;
     Ok(InitImage { key: key.to_owned(), sha256: hex::encode(Sha256::digest(bytes)), width, height, format })
 }
@@ -226,7 +232,8 @@ pub(crate) mod tests {
         let beside = ImageReference::parse("photo.PNG").unwrap();
         assert_eq!(beside.key(&tenant, Some("inbox/acme/batch-1/")).unwrap(), "inbox/acme/batch-1/photo.PNG");
         assert_eq!(beside.key(&tenant, None).unwrap_err().field.as_deref(), Some("init_image"));
-        for bad in ["../other/img.png", "img_nope.png", "photo.gif", "", ".png", "a/b.png", &id.replace(".png", ".gif")] {
+        for bad in ["../other/img.png", "img_nope.png", "photo.gif", "", ".png", "a/b.png", &id.replace(".png", ".gif")]
+        {
             assert_eq!(ImageReference::parse(bad).unwrap_err().field.as_deref(), Some("init_image"), "{bad}");
         }
     }

@@ -223,7 +223,8 @@ impl Submission {
                 Some(strength)
             }
         };
-        let from_image = image.as_ref().map(|image| size_from_image(image, model, body.num_frames.unwrap_or(defaults.num_frames)));
+        let from_image =
+            image.as_ref().map(|image| size_from_image(image, model, body.num_frames.unwrap_or(defaults.num_frames)));
 
         let prompt = body.prompt.as_deref().ok_or_else(|| InputError::missing("prompt"))?.trim();
         if prompt.is_empty() {
@@ -661,10 +662,15 @@ mod tests {
             let body = format!(
                 r#"{{"model":"demo","prompt":"x","init_image":"img_01KBWJ5N0000000000000000AA.png","strength":{strength}}}"#
             );
-            assert_eq!(resolve_image(&body, image(64, 64)).unwrap_err().field.as_deref(), Some("strength"), "{strength}");
+            assert_eq!(
+                resolve_image(&body, image(64, 64)).unwrap_err().field.as_deref(),
+                Some("strength"),
+                "{strength}"
+            );
         }
         // Named but not read: refused, never rendered without it.
-        let err = resolve(r#"{"model":"demo","prompt":"x","init_image":"img_01KBWJ5N0000000000000000AA.png"}"#).unwrap_err();
+        let err =
+            resolve(r#"{"model":"demo","prompt":"x","init_image":"img_01KBWJ5N0000000000000000AA.png"}"#).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("init_image"));
     }
 
@@ -675,7 +681,11 @@ mod tests {
             let params = resolve_image(body, image).unwrap().params;
             crate::CacheKey::compute("demo", "1", &params)
         };
-        let plain = crate::CacheKey::compute("demo", "1", &resolve(r#"{"model":"demo","prompt":"x","seed":1}"#).unwrap().params);
+        let plain = crate::CacheKey::compute(
+            "demo",
+            "1",
+            &resolve(r#"{"model":"demo","prompt":"x","seed":1}"#).unwrap().params,
+        );
         let a = key(image(512, 512), body);
         let mut moved = image(512, 512);
         moved.key = "inbox/acme/x/photo.png".into();

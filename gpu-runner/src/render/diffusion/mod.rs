@@ -153,7 +153,12 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn load(package: &Path, files: &GraphFiles, options: &SessionOptions, scaling_factor: f64) -> Result<Self, DiffusionLoadError> {
+    fn load(
+        package: &Path,
+        files: &GraphFiles,
+        options: &SessionOptions,
+        scaling_factor: f64,
+    ) -> Result<Self, DiffusionLoadError> {
         let path = files.path(package, "vae_encoder", options.device);
         let graph = match path.is_file() {
             true => {

@@ -26,8 +26,9 @@ use serde::Deserialize;
 use std::{borrow::Cow, path::Path};
 
 use super::{
-    Decoder, DiffusionLoadError, Graph, LATENT_CHANNELS, PipelineSettings, PromptEncoder, STEP_STREAM, VAE_FACTOR,
-    extract_floats, float_tensor, graphs::GraphFiles, load_scaling_factor, load_scheduler, timestep_tensor, tokenizer,
+    Decoder, DiffusionLoadError, Encoder, Graph, LATENT_CHANNELS, PipelineSettings, PromptEncoder, STEP_STREAM,
+    VAE_FACTOR, extract_floats, float_tensor, graphs::GraphFiles, load_scaling_factor, load_scheduler, timestep_tensor,
+    tokenizer,
 };
 use crate::render::{
     Frames, Pipeline, RenderError, RenderRequest,
@@ -89,6 +90,7 @@ pub struct MotionDiffusion {
     prompts: PromptEncoder,
     unet: Graph,
     decoder: Decoder,
+    encoder: Encoder,
     scheduler: SchedulerConfig,
     kind: SchedulerKind,
     context: MotionContext,
@@ -115,10 +117,11 @@ impl MotionDiffusion {
             }
         }
         let decoder_path = files.path(package, "vae_decoder", device);
+        let scaling_factor = load_scaling_factor(package)?;
         let decoder = Decoder {
             graph: Graph::load(&decoder_path, options, "sample")?,
             rgb: false,
-            scaling_factor: load_scaling_factor(package)?,
+            scaling_factor,
             tiling: settings.vae_tiling,
         };
         decoder.graph.input("latent_sample", &decoder_path)?;
@@ -126,6 +129,7 @@ impl MotionDiffusion {
             prompts: PromptEncoder::load(package, &files.path(package, "text_encoder", device), options)?,
             unet,
             decoder,
+            encoder: Encoder::load(package, &files, options, scaling_factor)?,
             scheduler,
             kind,
             context: settings.motion.unwrap_or_default(),
@@ -158,26 +162,50 @@ impl Pipeline for MotionDiffusion {
         let hidden =
             float_tensor(hidden_ty, vec![rows as i64, tokenizer::CONTEXT as i64, hidden_width as i64], &hidden_data)?;
 
-        // [4, frames, h, w]: frame f from the seed's stream f.
+        // [4, frames, h, w]: frame f from the seed's stream f. From an image (image-to-video):
+        // every frame starts from the image's latents noised to the first step strength leaves,
+        // and frame 0 is held to the image (see below).
         let seed = u64::from(params.seed);
         let sigma = scheduler.init_noise_sigma();
+        let start = crate::render::input::first_step(params) as usize;
+        let image = request.init_image.as_deref().map(|image| self.encoder.encode(image)).transpose()?;
         let mut latents = vec![0f32; LATENT_CHANNELS * frames * plane];
+        let mut first_noise = Vec::new();
         for frame in 0..frames {
             let noise = gaussian(seed, frame as u64, LATENT_CHANNELS * plane);
+            let start_latents: Vec<f32> = match &image {
+                Some(x0) => scheduler.noised(start, x0, &noise),
+                None => noise.iter().map(|n| (f64::from(*n) * sigma) as f32).collect(),
+            };
             for c in 0..LATENT_CHANNELS {
                 let to = (c * frames + frame) * plane;
-                for (value, n) in latents[to..to + plane].iter_mut().zip(&noise[c * plane..(c + 1) * plane]) {
-                    *value = (f64::from(*n) * sigma) as f32;
-                }
+                latents[to..to + plane].copy_from_slice(&start_latents[c * plane..(c + 1) * plane]);
+            }
+            if frame == 0 {
+                first_noise = noise;
             }
         }
+        // Frame 0 of an image-to-video job after step `i`: the image's latents noised to where
+        // step `i + 1` starts (the clean latents after the last), so the motion model animates
+        // away from a first frame that is the image.
+        let hold_first = |latents: &mut [f32], next: usize| {
+            let Some(x0) = &image else { return };
+            let held = match next < steps as usize {
+                true => scheduler.noised(next, x0, &first_noise),
+                false => x0.clone(),
+            };
+            for c in 0..LATENT_CHANNELS {
+                let to = c * frames * plane;
+                latents[to..to + plane].copy_from_slice(&held[c * plane..(c + 1) * plane]);
+            }
+        };
 
         let windows = self.context.windows(frames);
         let length = frames.min(self.context.context_frames.max(1));
         let weights = MotionContext::weights(length);
-        let total_steps = steps;
+        let total_steps = steps - start as u32;
         request.control.report(0, total_steps);
-        for step in 0..steps as usize {
+        for step in start..steps as usize {
             request.control.check()?;
             let scale = scheduler.input_scale(step);
             let timestep = scheduler.timesteps()[step];
@@ -230,7 +258,8 @@ impl Pipeline for MotionDiffusion {
             let noise: Option<Cow<[f32]>> =
                 scheduler.needs_noise(step).then(|| Cow::Owned(gaussian(seed, STEP_STREAM + step as u64, per_row)));
             scheduler.step(step, &eps, &mut latents, noise.as_deref());
-            request.control.report(step as u32 + 1, total_steps);
+            hold_first(&mut latents, step + 1);
+            request.control.report((step + 1 - start) as u32, total_steps);
         }
         request.control.check()?;
 
