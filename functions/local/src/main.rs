@@ -168,6 +168,7 @@ async fn demo(running: &Running) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let api = &running.stack.api_url;
     let key = &running.key;
+    let image = upload_demo_image(&http, api, key).await?;
     let requests = [
         ("lighthouse", json!({"model": "kiln-demo", "prompt": "a lighthouse at dusk, oil painting", "seed": 7})),
         (
@@ -193,6 +194,20 @@ async fn demo(running: &Running) -> anyhow::Result<()> {
             "seed": 7, "width": 256, "height": 256, "num_frames": 16, "fps": 8, "steps": 8, "guidance": 7.5,
             "format": "gif"}),
         ),
+        (
+            // A text-to-video motion model (AnimateDiff-shaped, random weights): all 16 frames
+            // denoised together, in two overlapping windows of 8.
+            "tiny-motion",
+            json!({"model": "kiln-tiny-motion", "prompt": "waves rolling onto a beach", "seed": 9,
+            "width": 128, "height": 128, "num_frames": 16, "fps": 8, "steps": 6, "guidance": 7.5,
+            "format": "gif"}),
+        ),
+        (
+            // Image to image: the picture uploaded above, its structure 60% replaced.
+            "tiny-sd-img2img",
+            json!({"model": "kiln-tiny-sd", "prompt": "a yellow sun over fields", "seed": 4,
+            "init_image": image, "strength": 0.6, "steps": 8, "guidance": 7.5}),
+        ),
     ];
     let mut jobs = Vec::new();
     for (name, request) in &requests {
@@ -201,7 +216,7 @@ async fn demo(running: &Running) -> anyhow::Result<()> {
         let job: Value = response.json().await?;
         anyhow::ensure!(status.is_success(), "submission failed: {status} {job}");
         let id = job["id"].as_str().context("no job id")?.to_owned();
-        println!("submitted {name:<10} job {id}: {status}");
+        println!("submitted {name:<15} job {id}: {status}");
         jobs.push((*name, id));
     }
     let again: Value =
@@ -229,7 +244,7 @@ async fn demo(running: &Running) -> anyhow::Result<()> {
                 job["progress"].as_f64().unwrap_or(0.0) * 100.0
             );
             if line != last[index] {
-                println!("  {name:<10} {line}");
+                println!("  {name:<15} {line}");
                 last[index] = line;
             }
             if !matches!(job["status"].as_str(), Some("queued" | "running")) {
@@ -241,7 +256,7 @@ async fn demo(running: &Running) -> anyhow::Result<()> {
     println!();
     for ((name, id), job) in jobs.iter().zip(finished.into_iter().flatten()) {
         let Some(output) = job["outputs"].get(0) else {
-            println!("{name:<10} {id} ended {}: {}", job["status"], job["error"]);
+            println!("{name:<15} {id} ended {}: {}", job["status"], job["error"]);
             continue;
         };
         let url = output["url"].as_str().context("no presigned url")?;
@@ -251,7 +266,7 @@ async fn demo(running: &Running) -> anyhow::Result<()> {
         std::fs::write(&path, &bytes)?;
         let t = &job["timings"];
         println!(
-            "{name:<10} {:>8} bytes  queue {:>5} ms  render {:>5} ms  encode {:>4} ms  upload {:>4} ms  -> {}",
+            "{name:<15} {:>8} bytes  queue {:>5} ms  render {:>5} ms  encode {:>4} ms  upload {:>4} ms  -> {}",
             bytes.len(),
             t["queue_ms"],
             t["render_ms"],
@@ -262,6 +277,40 @@ async fn demo(running: &Running) -> anyhow::Result<()> {
     }
     println!("\nartifacts downloaded through their presigned URLs into {}", folder.display());
     inbox_demo(running, &http, &folder).await
+}
+
+/// Uploads a drawn 256×256 picture through a link from `POST /v1/uploads`; its image id.
+async fn upload_demo_image(http: &reqwest::Client, api: &str, key: &str) -> anyhow::Result<String> {
+    let picture = image::RgbImage::from_fn(256, 256, |x, y| {
+        let (dx, dy) = (x as f64 - 128.0, y as f64 - 96.0);
+        match dx * dx + dy * dy < 40.0 * 40.0 {
+            true => image::Rgb([250, 220, 40]),
+            false if y > 170 => image::Rgb([60, 140 + (x % 40) as u8, 50]),
+            false => image::Rgb([90, 150, 230 - (y / 2) as u8]),
+        }
+    });
+    let mut png = std::io::Cursor::new(Vec::new());
+    picture.write_to(&mut png, image::ImageFormat::Png)?;
+    let png = png.into_inner();
+    let link: Value = http
+        .post(format!("{api}/v1/uploads"))
+        .bearer_auth(key)
+        .json(&json!({"kind": "image", "content_type": "image/png", "size": png.len()}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    http.put(link["url"].as_str().context("no upload link")?)
+        .header("content-type", "image/png")
+        .header("content-length", png.len().to_string())
+        .body(png)
+        .send()
+        .await?
+        .error_for_status()?;
+    let image = link["image"].as_str().context("no image id")?.to_owned();
+    println!("uploaded a 256x256 picture as {image} (for the image-to-image job)");
+    Ok(image)
 }
 
 /// A job started by uploading its spec to the S3 inbox, its result read back from the outbox.
