@@ -168,7 +168,7 @@ variable "reserve_api_concurrency" {
 variable "served_models" {
   description = "The model packages in the runner image (their manifest names). The runner publishes their manifests at startup and may write only these items of the models table."
   type        = list(string)
-  default     = ["kiln-demo", "kiln-tiny-sd"]
+  default     = ["kiln-demo", "kiln-tiny-motion", "kiln-tiny-sd"]
 }
 
 variable "edge_key_requests_per_minute" {

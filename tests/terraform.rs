@@ -365,6 +365,61 @@ fn the_hcl_parses_and_checkov_passes_with_every_skip_explained() {
 }
 
 /// The functions step 3 leaves to `webhook_and_inbox_paths`.
+/// The image id the fixtures name (`events/apigw-rest-submit-job-image.json`).
+const FIXTURE_IMAGE: &str = "img_01JX3F8Z2M4N6P8R0T2V4W6Y8Z.png";
+
+/// A 64×64 PNG.
+fn small_png() -> Vec<u8> {
+    let data: Vec<u8> = (0..64 * 64 * 3).map(|i| (i * 7 % 251) as u8).collect();
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, 64, 64);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.write_header().unwrap().write_image_data(&data).unwrap();
+    out
+}
+
+async fn put_object(stack: &LocalStack, key: &str, bytes: Vec<u8>) {
+    stack
+        .clients
+        .s3()
+        .put_object()
+        .bucket(&stack.resources.artifacts_bucket)
+        .key(key)
+        .body(bytes.into())
+        .send()
+        .await
+        .unwrap();
+}
+
+/// Inbox specs that start from images, through the inbox-trigger binary: one names the
+/// uploaded image's id (the function reads `images/`), one a file beside it (the runner reads
+/// `inbox/`). The ids of the jobs they started.
+async fn inbox_jobs_from_images(
+    deploy: &Deploy,
+    stack: &LocalStack,
+    processes: &BTreeMap<String, (LambdaProcess, Recorder)>,
+    client: &Client,
+) -> Vec<String> {
+    put_object(stack, "inbox/fixture-tenant/with-photo/photo.png", small_png()).await;
+    let fixture = &deploy.events("inbox-trigger")[0];
+    let mut ids = Vec::new();
+    for (name, image) in [("with-photo", "photo.png"), ("with-image-id", FIXTURE_IMAGE)] {
+        let prompt = format!("from the inbox, {name}");
+        let spec = json!({"model": "kiln-tiny-sd", "prompt": prompt, "init_image": image, "steps": 2, "seed": 1});
+        let key = format!("inbox/fixture-tenant/{name}/01JX3F8Z2M4N6P8R0T2V4W6Y8Z.json");
+        put_object(stack, &key, spec.to_string().into_bytes()).await;
+        let event = fixture.replace("inbox/fixture-tenant/lighthouse-1/01JX3F8Z2M4N6P8R0T2V4W6Y8Z.json", &key);
+        processes["inbox-trigger"].0.invoke(&event).await.unwrap_or_else(|e| panic!("inbox-trigger {name}: {e}"));
+        let listed = client.get("/v1/jobs?limit=100").await;
+        let job =
+            listed.body["jobs"].as_array().unwrap().iter().find(|j| j["input"]["prompt"] == prompt.as_str()).cloned();
+        ids.push(
+            job.unwrap_or_else(|| panic!("no job from {key}: {}", listed.body))["id"].as_str().unwrap().to_owned(),
+        );
+    }
+    ids
+}
+
 const OWN_SCENARIO: [&str; 3] = ["job-events", "deliver-webhooks", "inbox-trigger"];
 
 /// The scenario: the fixtures' submits through submit-job; the runner renders them (and a
@@ -402,7 +457,9 @@ async fn every_function_and_the_runner_call_only_what_their_roles_grant() {
         processes.insert(name.clone(), (process, recorder));
     }
 
-    // 1. The fixtures' jobs, submitted by the submit-job binary.
+    // 1. The fixtures' jobs, submitted by the submit-job binary (one names the image uploaded
+    //    here under its id), and two inbox specs that start from images.
+    put_object(&stack, &format!("images/fixture-tenant/{FIXTURE_IMAGE}"), small_png()).await;
     let submit = &processes["submit-job"];
     let mut submitted = Vec::new();
     for event in deploy.events("submit-job") {
@@ -417,6 +474,7 @@ async fn every_function_and_the_runner_call_only_what_their_roles_grant() {
         )
         .await;
     submitted.push(slow.body["id"].as_str().unwrap().to_owned());
+    submitted.extend(inbox_jobs_from_images(&deploy, &stack, &processes, &client).await);
     // More of one tenant's jobs than the runner's slots: its fair intake sends some back to the
     // end of the queue (sqs:SendMessage) while it holds the tenant's share.
     for seed in 0..5 {

@@ -20,6 +20,8 @@ pub fn submit_job(aws: &AwsPorts) -> Ports {
         queue: aws.job_queue(),
         catalog: aws.catalog(),
         links: aws.links(),
+        // Init images, read whole when a job names one.
+        objects: aws.objects(),
         ..authenticated(aws)
     }
 }
