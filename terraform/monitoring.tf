@@ -100,6 +100,9 @@ locals {
   function_names = [for name in keys(local.functions) : "${var.prefix}-${name}"]
   queue_names    = concat([for queue in aws_sqs_queue.queue : queue.name], [for queue in aws_sqs_queue.dead_letter : queue.name])
   group_dims     = ["AutoScalingGroupName", local.runner_group]
+  # The API functions' own metrics (kiln-api::metrics, EMF lines): dimension Function is the
+  # name in functions.json, unprefixed.
+  api_function_keys = [for name, unit in local.functions : name if unit.trigger.type == "http"]
 
   widget = {
     latency = {
@@ -163,12 +166,22 @@ locals {
         concat(["kiln", "GPUMemoryUtilization"], local.group_dims, [{ stat = "Maximum", label = "GPU memory (max)" }]),
       ]
     }
+    api_outcomes = {
+      title = "API: latency by function (p99 ms), submits by outcome, 429s by limit"
+      metrics = concat(
+        [for name in local.api_function_keys : ["kiln/api", "LatencyMs", "Function", name, { stat = "p99" }]],
+        [for metric in ["Created", "CacheHits", "Deduplicated", "IdempotentReplays", "ClientErrors", "ServerErrors"] :
+        ["kiln/api", metric, "Function", "submit-job", { stat = "Sum", yAxis = "right" }]],
+        [for limit in ["max_active_jobs", "jobs_per_minute", "units_per_day"] :
+        ["kiln/api", "Throttled", "Limit", limit, { stat = "Sum", yAxis = "right", label = "429 ${limit}" }]],
+      )
+    }
     concurrency = {
       title   = "Saturation: concurrent function executions"
       metrics = [for name in local.function_names : ["AWS/Lambda", "ConcurrentExecutions", "FunctionName", name, { stat = "Maximum" }]]
     }
   }
-  widget_order = ["latency", "function_duration", "traffic", "errors", "queues", "runners", "gpu", "concurrency"]
+  widget_order = ["latency", "function_duration", "traffic", "errors", "queues", "runners", "gpu", "api_outcomes", "concurrency"]
 }
 
 resource "aws_cloudwatch_dashboard" "golden_signals" {

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod error;
+pub mod metrics;
 pub mod routes;
 pub mod wiring;
 

@@ -132,6 +132,8 @@ pub struct Api {
     webhooks: Webhooks,
     links: Arc<dyn ArtifactLinks>,
     max_body_bytes: usize,
+    /// Where each request's metric lines go (`KILN_EMIT_METRICS`: stdout, for CloudWatch).
+    metrics: Option<crate::metrics::MetricsSink>,
 }
 
 /// How long an upload link from `POST /v1/uploads` stays valid.
@@ -146,7 +148,16 @@ impl Api {
             links: ports.links.clone(),
             auth: Authenticator::new(ports.tenants.clone()),
             max_body_bytes: config.max_body_bytes,
+            metrics: config
+                .emit_metrics
+                .then(|| -> crate::metrics::MetricsSink { Arc::new(|line| println!("{line}")) }),
         }
+    }
+
+    /// Sends each request's metric lines to `sink` instead (tests).
+    pub fn with_metrics(mut self, sink: crate::metrics::MetricsSink) -> Self {
+        self.metrics = Some(sink);
+        self
     }
 
     /// The job use cases, for callers that are not HTTP (the demo, tests).
@@ -170,12 +181,27 @@ impl Api {
             status = field::Empty,
         );
         async {
-            let response = match self.route(function, &path, &request).await {
-                Ok(response) => response,
-                Err(err) => err.into_response(),
+            let started = std::time::Instant::now();
+            let (response, code, limit) = match self.route(function, &path, &request).await {
+                Ok(response) => (response, None, None),
+                Err(err) => {
+                    let (code, limit) = (err.code, err.limit);
+                    (err.into_response(), Some(code), limit)
+                }
             };
             tracing::Span::current().record("status", response.status().as_u16());
             tracing::info!("answered");
+            if let Some(sink) = &self.metrics {
+                let outcome = crate::metrics::RequestOutcome {
+                    status: response.status().as_u16(),
+                    code,
+                    limit,
+                    disposition: response.extensions().get::<Disposition>().copied(),
+                };
+                for line in crate::metrics::lines(function.name(), &outcome, started.elapsed(), chrono::Utc::now()) {
+                    sink(line);
+                }
+            }
             response
         }
         .instrument(span)
@@ -271,6 +297,7 @@ impl Api {
             Disposition::Cached | Disposition::Replayed => StatusCode::OK,
         };
         let mut response = json(status, &view)?;
+        response.extensions_mut().insert(submitted.disposition);
         if submitted.disposition == Disposition::Replayed {
             response.headers_mut().insert("idempotent-replayed", http::HeaderValue::from_static("true"));
         }

@@ -30,6 +30,10 @@ pub struct FunctionConfig {
     /// get the model's fast preset (fewer steps; the job's warnings say so).
     #[arg(long, env = "KILN_DEGRADE_BACKLOG_PER_SLOT", default_value_t = 8.0)]
     pub degrade_backlog_per_slot: f64,
+    /// Print each API request's metrics as CloudWatch Embedded Metric Format lines on stdout
+    /// (terraform turns it on; the local stack leaves it off).
+    #[arg(long, env = "KILN_EMIT_METRICS", default_value_t = false)]
+    pub emit_metrics: bool,
     /// Largest accepted request body, in bytes; larger ones get 413.
     #[arg(long, env = "KILN_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
@@ -76,6 +80,7 @@ impl FunctionConfig {
             output_retention_secs: 30 * 24 * 3600,
             catalog_ttl_secs: 30,
             degrade_backlog_per_slot: 8.0,
+            emit_metrics: false,
             max_body_bytes: 64 * 1024,
             allow_local_webhooks: false,
             default_max_active_jobs: TenantLimits::default().max_active_jobs,

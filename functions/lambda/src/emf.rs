@@ -4,8 +4,32 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
+/// One measured value and its CloudWatch unit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Metric<'a> {
+    pub name: &'a str,
+    pub value: f64,
+    pub unit: &'static str,
+}
+
+impl<'a> Metric<'a> {
+    pub fn count(name: &'a str, value: f64) -> Self {
+        Self { name, value, unit: "Count" }
+    }
+
+    pub fn milliseconds(name: &'a str, value: f64) -> Self {
+        Self { name, value, unit: "Milliseconds" }
+    }
+}
+
 /// One EMF line: `metrics` (name, value) counted in `namespace` under `dimensions`, at `at`.
 pub fn line(namespace: &str, dimensions: &[(&str, &str)], metrics: &[(&str, f64)], at: DateTime<Utc>) -> String {
+    let metrics: Vec<Metric> = metrics.iter().map(|(name, value)| Metric::count(name, *value)).collect();
+    line_of(namespace, dimensions, &metrics, at)
+}
+
+/// One EMF line of `metrics`, each with its unit.
+pub fn line_of(namespace: &str, dimensions: &[(&str, &str)], metrics: &[Metric], at: DateTime<Utc>) -> String {
     let mut record = Map::new();
     record.insert(
         "_aws".into(),
@@ -14,15 +38,15 @@ pub fn line(namespace: &str, dimensions: &[(&str, &str)], metrics: &[(&str, f64)
             "CloudWatchMetrics": [{
                 "Namespace": namespace,
                 "Dimensions": [dimensions.iter().map(|(name, _)| *name).collect::<Vec<_>>()],
-                "Metrics": metrics.iter().map(|(name, _)| json!({"Name": name, "Unit": "Count"})).collect::<Vec<_>>(),
+                "Metrics": metrics.iter().map(|m| json!({"Name": m.name, "Unit": m.unit})).collect::<Vec<_>>(),
             }],
         }),
     );
     for (name, value) in dimensions {
         record.insert((*name).into(), Value::from(*value));
     }
-    for (name, value) in metrics {
-        record.insert((*name).into(), json!(value));
+    for metric in metrics {
+        record.insert(metric.name.into(), json!(metric.value));
     }
     Value::Object(record).to_string()
 }
