@@ -337,3 +337,44 @@ async fn answer(metrics: Arc<Metrics>, request: Request<Incoming>) -> Result<Res
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
+
+#[cfg(test)]
+mod dashboard_tests {
+    use super::*;
+
+    /// Every series the Grafana dashboard (`terraform/grafana/runner-dashboard.json`) queries is
+    /// one the runner registers, so a renamed metric cannot leave a panel empty. (Labelled
+    /// families print nothing until first used, so the names come from the registrations.)
+    #[test]
+    fn the_grafana_dashboard_queries_only_metrics_the_runner_exports() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../terraform/grafana/runner-dashboard.json");
+        let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let source = include_str!("metrics.rs");
+        let registered: Vec<String> = source
+            .split("registry.register(")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').nth(1))
+            .map(|name| format!("kiln_runner_{name}"))
+            .collect();
+        // The unlabelled ones are in the text output under the same names.
+        let exported = Metrics::default().render_text();
+        assert!(exported.contains("# TYPE kiln_runner_render_seconds histogram"), "{exported}");
+        let mut queried = 0;
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                for (at, _) in expr.match_indices("kiln_runner_") {
+                    let name: String =
+                        expr[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                    let family = ["_bucket", "_sum", "_count", "_total"]
+                        .iter()
+                        .find_map(|suffix| name.strip_suffix(suffix))
+                        .unwrap_or(&name);
+                    assert!(registered.iter().any(|r| r == family), "{}: `{name}` is not registered", panel["title"]);
+                    queried += 1;
+                }
+            }
+        }
+        assert!(queried >= 15, "the dashboard queries {queried} series");
+    }
+}
