@@ -167,13 +167,15 @@ locals {
       ]
     }
     api_outcomes = {
-      title = "API: latency by function (p99 ms), submits by outcome, 429s by limit"
+      title = "API: latency by function (p99 ms), submits by outcome, 429s by limit, webhook attempts"
       metrics = concat(
         [for name in local.api_function_keys : ["kiln/api", "LatencyMs", "Function", name, { stat = "p99" }]],
         [for metric in ["Created", "CacheHits", "Deduplicated", "IdempotentReplays", "ClientErrors", "ServerErrors"] :
         ["kiln/api", metric, "Function", "submit-job", { stat = "Sum", yAxis = "right" }]],
         [for limit in ["max_active_jobs", "jobs_per_minute", "units_per_day"] :
         ["kiln/api", "Throttled", "Limit", limit, { stat = "Sum", yAxis = "right", label = "429 ${limit}" }]],
+        [for outcome in ["delivered", "retrying", "abandoned"] :
+        ["kiln/webhooks", "Attempts", "Outcome", outcome, { stat = "Sum", yAxis = "right", label = "webhook ${outcome}" }]],
       )
     }
     concurrency = {

@@ -73,7 +73,11 @@ pub fn endpoint_of(tenant: &kiln_domain::TenantId, url: &str) -> String {
     format!("{tenant}#{scheme}://{}", host.to_ascii_lowercase())
 }
 
+/// Told of every recorded attempt (the function's metrics).
+pub type AttemptObserver = Arc<dyn Fn(&AttemptRecord) + Send + Sync>;
+
 pub struct WebhookDeliverer {
+    observer: Option<AttemptObserver>,
     webhooks: Webhooks,
     jobs: Jobs,
     queue: Arc<dyn WebhookQueue>,
@@ -92,6 +96,7 @@ impl WebhookDeliverer {
         circuit: CircuitPolicy,
     ) -> Self {
         Self {
+            observer: None,
             webhooks: Webhooks::new(ports),
             jobs: Jobs::new(ports, config),
             queue: ports.webhook_queue.clone(),
@@ -100,6 +105,12 @@ impl WebhookDeliverer {
             schedule,
             circuit,
         }
+    }
+
+    /// Tells `observer` of every attempt once it is recorded.
+    pub fn with_observer(mut self, observer: AttemptObserver) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// One attempt at the event in `message`. `Err` when a backend failed before the outcome
@@ -153,6 +164,9 @@ impl WebhookDeliverer {
             outcome,
         };
         self.webhooks.record_attempt(&event.job.id, &record).await?;
+        if let Some(observer) = &self.observer {
+            observer(&record);
+        }
         if held_for.is_none() {
             self.track_endpoint(&endpoint, health, &result).await?;
         }

@@ -38,6 +38,16 @@ pub enum AttemptOutcome {
     Abandoned,
 }
 
+impl AttemptOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::Retrying => "retrying",
+            Self::Abandoned => "abandoned",
+        }
+    }
+}
+
 pub struct Webhooks {
     store: Arc<dyn JobStore>,
     queue: Arc<dyn WebhookQueue>,

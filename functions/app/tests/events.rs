@@ -318,3 +318,27 @@ async fn an_upload_answered_from_the_cache_writes_its_outbox_at_once() {
     assert_eq!(result["status"], "succeeded");
     assert!(w.world.memory.artifacts.get("outbox/acme/again/output.png").is_some());
 }
+
+/// The deliverer tells its observer (the function's metrics) of every recorded attempt, by
+/// outcome.
+#[tokio::test]
+async fn every_recorded_attempt_reaches_the_observer_with_its_outcome() {
+    let world = world();
+    let (_, body) = world.completed_event().await;
+    let transport = ScriptedTransport::answering(vec![
+        (Outcome::Retry { after: None }, Some(503)),
+        (Outcome::Delivered, Some(200)),
+    ]);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let into = seen.clone();
+    let deliverer =
+        world.deliverer(transport).with_observer(std::sync::Arc::new(move |record: &kiln_app::AttemptRecord| {
+            into.lock().unwrap().push((record.outcome, record.status))
+        }));
+    deliverer.deliver(&message(&body, 1)).await.unwrap();
+    deliverer.deliver(&message(&body, 2)).await.unwrap();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [(kiln_app::AttemptOutcome::Retrying, Some(503)), (kiln_app::AttemptOutcome::Delivered, Some(200))]
+    );
+}

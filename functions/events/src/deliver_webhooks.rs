@@ -119,10 +119,17 @@ pub fn wire(aws: &AwsPorts, config: &DeliveryConfig) -> anyhow::Result<Deliverie
     };
     let jobs: JobsConfig = config.function.jobs_config();
     let transport = Arc::new(HttpTransport(WebhookSender::new(config.sender())));
-    Ok(Deliveries {
-        deliverer: WebhookDeliverer::new(&ports, jobs, transport, config.schedule()?, config.circuit()),
-        limits: BatchLimits { concurrency: config.concurrency, ..BatchLimits::default() },
-    })
+    let mut deliverer = WebhookDeliverer::new(&ports, jobs, transport, config.schedule()?, config.circuit());
+    if config.function.emit_metrics {
+        deliverer = deliverer.with_observer(Arc::new(|record| println!("{}", attempt_metrics(record))));
+    }
+    Ok(Deliveries { deliverer, limits: BatchLimits { concurrency: config.concurrency, ..BatchLimits::default() } })
+}
+
+/// One attempt as a CloudWatch EMF line (namespace `kiln/webhooks`): `Attempts` by `Outcome`
+/// (delivered, retrying, abandoned).
+pub fn attempt_metrics(record: &kiln_app::AttemptRecord) -> String {
+    kiln_lambda::emf::line("kiln/webhooks", &[("Outcome", record.outcome.as_str())], &[("Attempts", 1.0)], record.at)
 }
 
 pub async fn setup(config: DeliveryConfig) -> anyhow::Result<Deliveries> {
@@ -142,4 +149,24 @@ pub async fn handle(deliveries: Arc<Deliveries>, event: LambdaEvent<SqsEvent>) -
     let deliveries = &deliveries;
     Ok(handle_event(event, deliveries.limits, |message| async move { handle_message(deliveries, &message).await })
         .await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_attempt_is_one_emf_line_by_outcome() {
+        let record = kiln_app::AttemptRecord {
+            event_id: "evt_x_completed_3".into(),
+            at: chrono::Utc::now(),
+            status: Some(503),
+            error: None,
+            outcome: kiln_app::AttemptOutcome::Retrying,
+        };
+        let line: serde_json::Value = serde_json::from_str(&attempt_metrics(&record)).unwrap();
+        assert_eq!(line["_aws"]["CloudWatchMetrics"][0]["Namespace"], "kiln/webhooks");
+        assert_eq!(line["_aws"]["CloudWatchMetrics"][0]["Dimensions"], serde_json::json!([["Outcome"]]));
+        assert_eq!((line["Outcome"].as_str(), line["Attempts"].as_f64()), (Some("retrying"), Some(1.0)));
+    }
 }
