@@ -43,7 +43,7 @@ enum Command {
     /// The models served, with their limits and defaults.
     Models,
     /// Submit a job, follow it, download its outputs.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// The tenant's recent jobs.
     Jobs {
         #[arg(long)]
