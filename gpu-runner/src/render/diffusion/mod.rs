@@ -198,11 +198,9 @@ pub struct VaeDecoder(Decoder);
 
 impl VaeDecoder {
     pub fn load(package: &Path, options: &SessionOptions) -> Result<Self, DiffusionLoadError> {
-        let path = GraphFiles::read(package)?.path(package, "vae_decoder", options.device);
-        let graph = Graph::load(&path, options, "sample")?;
-        graph.input("latent_sample", &path)?;
+        let files = GraphFiles::read(package)?;
         let tiling = PipelineSettings::read(package)?.vae_tiling;
-        Ok(Self(Decoder { graph, rgb: false, scaling_factor: load_scaling_factor(package)?, tiling }))
+        Ok(Self(Decoder::plain(package, &files, options, load_scaling_factor(package)?, tiling)?))
     }
 
     /// `None`: never tile.
@@ -316,6 +314,20 @@ struct Decoder {
 }
 
 impl Decoder {
+    /// The package's plain VAE decoder graph for the device (`latent_sample` → `sample`).
+    fn plain(
+        package: &Path,
+        files: &GraphFiles,
+        options: &SessionOptions,
+        scaling_factor: f64,
+        tiling: TilePolicy,
+    ) -> Result<Self, DiffusionLoadError> {
+        let path = files.path(package, "vae_decoder", options.device);
+        let graph = Graph::load(&path, options, "sample")?;
+        graph.input("latent_sample", &path)?;
+        Ok(Self { graph, rgb: false, scaling_factor, tiling })
+    }
+
     /// Host latents (each `[4, h, w]`, as the scheduler leaves them) to RGB bytes.
     fn decode(
         &mut self,
@@ -823,13 +835,7 @@ impl UnetCall {
     ) -> Result<Vec<f32>, RenderError> {
         let (sample_ty, _) = unet.inputs["sample"].clone();
         let sample = float_tensor(sample_ty, shape.to_vec(), sample)?;
-        let (timestep_ty, timestep_shape) = unet.inputs["timestep"].clone();
-        let count = match timestep_shape.first() {
-            Some(1) => 1,
-            Some(_) => shape[0] as usize,
-            None => 0, // a scalar
-        };
-        let timestep = timestep_tensor(timestep_ty, count, timestep)?;
+        let timestep = timestep_input(unet, shape[0] as usize, timestep)?;
         let output = unet.output.clone();
         match self {
             Self::Plain { hidden, cond } => {
@@ -864,6 +870,18 @@ fn guidance_scale_embedding(w: f64, dim: usize) -> Vec<f32> {
         angles.iter().map(|a| a.sin() as f32).chain(angles.iter().map(|a| a.cos() as f32)).collect();
     out.resize(dim, 0.0);
     out
+}
+
+/// The UNet's `timestep` input for a run of `rows` rows, shaped as the graph declares it (one
+/// per row, one for all, or a scalar).
+fn timestep_input(unet: &Graph, rows: usize, timestep: f64) -> Result<DynValue, RenderError> {
+    let (ty, shape) = unet.inputs["timestep"].clone();
+    let count = match shape.first() {
+        Some(1) => 1,
+        Some(_) => rows,
+        None => 0, // a scalar
+    };
+    timestep_tensor(ty, count, timestep)
 }
 
 fn timestep_tensor(ty: TensorElementType, count: usize, timestep: f64) -> Result<DynValue, RenderError> {

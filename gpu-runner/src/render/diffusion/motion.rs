@@ -27,7 +27,7 @@ use std::{borrow::Cow, path::Path};
 
 use super::{
     Decoder, DiffusionLoadError, Encoder, Graph, LATENT_CHANNELS, PipelineSettings, PromptEncoder, STEP_STREAM,
-    VAE_FACTOR, extract_floats, float_tensor, graphs::GraphFiles, load_scaling_factor, load_scheduler, timestep_tensor,
+    VAE_FACTOR, extract_floats, float_tensor, graphs::GraphFiles, load_scaling_factor, load_scheduler, timestep_input,
     tokenizer,
 };
 use crate::render::{
@@ -116,15 +116,8 @@ impl MotionDiffusion {
                 });
             }
         }
-        let decoder_path = files.path(package, "vae_decoder", device);
         let scaling_factor = load_scaling_factor(package)?;
-        let decoder = Decoder {
-            graph: Graph::load(&decoder_path, options, "sample")?,
-            rgb: false,
-            scaling_factor,
-            tiling: settings.vae_tiling,
-        };
-        decoder.graph.input("latent_sample", &decoder_path)?;
+        let decoder = Decoder::plain(package, &files, options, scaling_factor, settings.vae_tiling)?;
         Ok(Self {
             prompts: PromptEncoder::load(package, &files.path(package, "text_encoder", device), options)?,
             unet,
@@ -297,13 +290,7 @@ impl MotionDiffusion {
     ) -> Result<Vec<f32>, RenderError> {
         let (sample_ty, _) = self.unet.inputs["sample"].clone();
         let sample = float_tensor(sample_ty, shape.to_vec(), sample)?;
-        let (timestep_ty, timestep_shape) = self.unet.inputs["timestep"].clone();
-        let count = match timestep_shape.first() {
-            Some(1) => 1,
-            Some(_) => shape[0] as usize,
-            None => 0, // a scalar
-        };
-        let timestep = timestep_tensor(timestep_ty, count, timestep)?;
+        let timestep = timestep_input(&self.unet, shape[0] as usize, timestep)?;
         let inputs: Vec<(Cow<str>, SessionInputValue)> = vec![
             ("sample".into(), sample.into()),
             ("timestep".into(), timestep.into()),
