@@ -5,7 +5,7 @@
 //! `error.json`; no tenant can name another's image.
 
 use kiln_local::LocalStack;
-use kiln_tests::{Client, download, media, runner_options, stack, start_runner};
+use kiln_tests::{Client, download, media, put_object, runner_options, stack, start_runner, wait_for_object};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -135,55 +135,29 @@ async fn bad_images_are_refused_naming_the_field() {
     assert_eq!(link.body["error"]["field"], "size", "{}", link.body);
 }
 
-/// Waits for an object in the bucket; its bytes.
-async fn object(stack: &LocalStack, key: &str, limit: Duration) -> Vec<u8> {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let got = stack.clients.s3().get_object().bucket(&stack.resources.artifacts_bucket).key(key).send().await;
-        if let Ok(output) = got {
-            return output.body.collect().await.unwrap().into_bytes().to_vec();
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{key} never appeared");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// A writer with access to the bucket (a batch pipeline) drops an image, then its spec.
-async fn drop_into_inbox(stack: &LocalStack, key: &str, bytes: Vec<u8>, content_type: &str) {
-    stack
-        .clients
-        .s3()
-        .put_object()
-        .bucket(&stack.resources.artifacts_bucket)
-        .key(key)
-        .content_type(content_type)
-        .body(bytes.into())
-        .send()
-        .await
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_inbox_spec_starts_from_the_image_beside_it() {
     let stack = started().await;
     let _runner = start_runner(&stack, &runner_options("images-inbox"));
     let _client = Client::tenant(&stack, "acme").await;
     // Beside it: in the spec's folder (here the tenant's, for a spec named without an upload id).
-    drop_into_inbox(&stack, "inbox/acme/photo.png", picture(128, 80), "image/png").await;
+    put_object(&stack, "inbox/acme/photo.png", picture(128, 80), "image/png").await;
     let spec = json!({"model": "kiln-tiny-sd", "prompt": "boats", "init_image": "photo.png", "steps": 4, "seed": 2});
-    drop_into_inbox(&stack, "inbox/acme/boats.json", spec.to_string().into_bytes(), "application/json").await;
-    let result: Value =
-        serde_json::from_slice(&object(&stack, "outbox/acme/boats/result.json", Duration::from_secs(120)).await)
-            .unwrap();
+    put_object(&stack, "inbox/acme/boats.json", spec.to_string().into_bytes(), "application/json").await;
+    let result: Value = serde_json::from_slice(
+        &wait_for_object(&stack, "outbox/acme/boats/result.json", Duration::from_secs(120)).await,
+    )
+    .unwrap();
     assert_eq!(result["status"], "succeeded", "{result}");
     assert_eq!((result["input"]["width"].as_u64(), result["input"]["height"].as_u64()), (Some(128), Some(80)));
-    let png = object(&stack, "outbox/acme/boats/output.png", Duration::from_secs(5)).await;
+    let png = wait_for_object(&stack, "outbox/acme/boats/output.png", Duration::from_secs(5)).await;
     assert_eq!(media::probe("png", &png).unwrap(), media::Probe { width: 128, height: 80, frames: 1 });
 
     // A spec naming a file that is not there: error.json names the field.
     let spec = json!({"model": "kiln-tiny-sd", "prompt": "boats", "init_image": "nowhere.png"});
-    drop_into_inbox(&stack, "inbox/acme/lost.json", spec.to_string().into_bytes(), "application/json").await;
+    put_object(&stack, "inbox/acme/lost.json", spec.to_string().into_bytes(), "application/json").await;
     let error: Value =
-        serde_json::from_slice(&object(&stack, "outbox/acme/lost/error.json", Duration::from_secs(30)).await).unwrap();
+        serde_json::from_slice(&wait_for_object(&stack, "outbox/acme/lost/error.json", Duration::from_secs(30)).await)
+            .unwrap();
     assert_eq!(error["error"]["field"], "init_image", "{error}");
 }

@@ -5,7 +5,7 @@
 //! the API's own messages.
 
 use kiln_local::LocalStack;
-use kiln_tests::{Client, media, runner_options, stack, start_runner};
+use kiln_tests::{Client, media, runner_options, stack, start_runner, wait_for_object};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -32,19 +32,6 @@ async fn upload(client: &Client, name: &str, body: &str) -> Value {
     link.body
 }
 
-/// Waits for an object to appear in the bucket; its bytes.
-async fn object(stack: &LocalStack, key: &str, limit: Duration) -> Vec<u8> {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let got = stack.clients.s3().get_object().bucket(&stack.resources.artifacts_bucket).key(key).send().await;
-        if let Ok(output) = got {
-            return output.body.collect().await.unwrap().into_bytes().to_vec();
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{key} never appeared");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_uploaded_spec_renders_into_the_outbox() {
     let stack = started_stack().await;
@@ -61,13 +48,14 @@ async fn an_uploaded_spec_renders_into_the_outbox() {
     let outbox = format!("outbox/acme/harbour-01/{upload_id}/");
     assert_eq!(link["outbox"], outbox.as_str());
 
-    let result: Value =
-        serde_json::from_slice(&object(&stack, &format!("{outbox}result.json"), Duration::from_secs(90)).await)
-            .unwrap();
+    let result: Value = serde_json::from_slice(
+        &wait_for_object(&stack, &format!("{outbox}result.json"), Duration::from_secs(90)).await,
+    )
+    .unwrap();
     assert_eq!(result["status"], "succeeded", "{result}");
     assert_eq!(result["input"]["prompt"], "a harbour");
     let id = result["id"].as_str().unwrap();
-    let png = object(&stack, &format!("{outbox}output.png"), Duration::from_secs(5)).await;
+    let png = wait_for_object(&stack, &format!("{outbox}output.png"), Duration::from_secs(5)).await;
     assert_eq!(media::probe("png", &png).unwrap(), media::Probe { width: 128, height: 96, frames: 1 });
     // The job is the tenant's, visible through the API like any other.
     let job = client.get(&format!("/v1/jobs/{id}")).await;
@@ -82,7 +70,8 @@ async fn a_bad_spec_gets_the_apis_error_and_a_repeated_event_starts_no_second_jo
     let bad = r#"{"model":"kiln-demo","prompt":"x","width":100000}"#;
     let link = upload(&client, "too-wide", bad).await;
     let error_key = format!("{}error.json", link["outbox"].as_str().unwrap());
-    let error: Value = serde_json::from_slice(&object(&stack, &error_key, Duration::from_secs(30)).await).unwrap();
+    let error: Value =
+        serde_json::from_slice(&wait_for_object(&stack, &error_key, Duration::from_secs(30)).await).unwrap();
     let api = client.post_json("/v1/jobs", &serde_json::from_str(bad).unwrap()).await;
     assert_eq!(api.status, 422);
     assert_eq!(error["error"], api.body["error"], "the same code, message and field as the API");
@@ -90,7 +79,8 @@ async fn a_bad_spec_gets_the_apis_error_and_a_repeated_event_starts_no_second_jo
 
     let link = upload(&client, "not-json", "this is not json").await;
     let error_key = format!("{}error.json", link["outbox"].as_str().unwrap());
-    let error: Value = serde_json::from_slice(&object(&stack, &error_key, Duration::from_secs(30)).await).unwrap();
+    let error: Value =
+        serde_json::from_slice(&wait_for_object(&stack, &error_key, Duration::from_secs(30)).await).unwrap();
     assert_eq!(error["error"]["code"], "invalid_json", "{error}");
 
     // The same object announced twice (S3 delivers at least once) is one job.
@@ -161,14 +151,15 @@ async fn two_specs_uploaded_under_one_name_answer_in_two_outboxes() {
     let client = Client::tenant(&stack, "acme").await;
     let bad = upload(&client, "nightly", r#"{"model":"kiln-demo","prompt":"x","width":100000}"#).await;
     let bad_outbox = bad["outbox"].as_str().unwrap().to_owned();
-    object(&stack, &format!("{bad_outbox}error.json"), Duration::from_secs(30)).await;
+    wait_for_object(&stack, &format!("{bad_outbox}error.json"), Duration::from_secs(30)).await;
     let good =
         upload(&client, "nightly", r#"{"model":"kiln-demo","prompt":"fixed","width":64,"height":64,"steps":1}"#).await;
     let good_outbox = good["outbox"].as_str().unwrap().to_owned();
     assert_ne!(bad_outbox, good_outbox, "two uploads of one name share an outbox");
-    let result: Value =
-        serde_json::from_slice(&object(&stack, &format!("{good_outbox}result.json"), Duration::from_secs(90)).await)
-            .unwrap();
+    let result: Value = serde_json::from_slice(
+        &wait_for_object(&stack, &format!("{good_outbox}result.json"), Duration::from_secs(90)).await,
+    )
+    .unwrap();
     assert_eq!((result["status"].as_str(), result["input"]["prompt"].as_str()), (Some("succeeded"), Some("fixed")));
     let beside_result = kiln_tests::stored_keys(&stack, &good_outbox).await;
     assert!(
@@ -176,8 +167,9 @@ async fn two_specs_uploaded_under_one_name_answer_in_two_outboxes() {
         "an old error.json lies beside the later result: {beside_result:?}"
     );
     // The first upload's answer is still its own.
-    let error: Value =
-        serde_json::from_slice(&object(&stack, &format!("{bad_outbox}error.json"), Duration::from_secs(5)).await)
-            .unwrap();
+    let error: Value = serde_json::from_slice(
+        &wait_for_object(&stack, &format!("{bad_outbox}error.json"), Duration::from_secs(5)).await,
+    )
+    .unwrap();
     assert_eq!(error["error"]["field"], "width");
 }

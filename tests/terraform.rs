@@ -378,19 +378,6 @@ fn small_png() -> Vec<u8> {
     out
 }
 
-async fn put_object(stack: &LocalStack, key: &str, bytes: Vec<u8>) {
-    stack
-        .clients
-        .s3()
-        .put_object()
-        .bucket(&stack.resources.artifacts_bucket)
-        .key(key)
-        .body(bytes.into())
-        .send()
-        .await
-        .unwrap();
-}
-
 /// Inbox specs that start from images, through the inbox-trigger binary: one names the
 /// uploaded image's id (the function reads `images/`), one a file beside it (the runner reads
 /// `inbox/`). The ids of the jobs they started.
@@ -400,14 +387,14 @@ async fn inbox_jobs_from_images(
     processes: &BTreeMap<String, (LambdaProcess, Recorder)>,
     client: &Client,
 ) -> Vec<String> {
-    put_object(stack, "inbox/fixture-tenant/with-photo/photo.png", small_png()).await;
+    kiln_tests::put_object(stack, "inbox/fixture-tenant/with-photo/photo.png", small_png(), "image/png").await;
     let fixture = &deploy.events("inbox-trigger")[0];
     let mut ids = Vec::new();
     for (name, image) in [("with-photo", "photo.png"), ("with-image-id", FIXTURE_IMAGE)] {
         let prompt = format!("from the inbox, {name}");
         let spec = json!({"model": "kiln-tiny-sd", "prompt": prompt, "init_image": image, "steps": 2, "seed": 1});
         let key = format!("inbox/fixture-tenant/{name}/01JX3F8Z2M4N6P8R0T2V4W6Y8Z.json");
-        put_object(stack, &key, spec.to_string().into_bytes()).await;
+        kiln_tests::put_object(stack, &key, spec.to_string().into_bytes(), "application/json").await;
         let event = fixture.replace("inbox/fixture-tenant/lighthouse-1/01JX3F8Z2M4N6P8R0T2V4W6Y8Z.json", &key);
         processes["inbox-trigger"].0.invoke(&event).await.unwrap_or_else(|e| panic!("inbox-trigger {name}: {e}"));
         let listed = client.get("/v1/jobs?limit=100").await;
@@ -459,7 +446,7 @@ async fn every_function_and_the_runner_call_only_what_their_roles_grant() {
 
     // 1. The fixtures' jobs, submitted by the submit-job binary (one names the image uploaded
     //    here under its id), and two inbox specs that start from images.
-    put_object(&stack, &format!("images/fixture-tenant/{FIXTURE_IMAGE}"), small_png()).await;
+    kiln_tests::put_object(&stack, &format!("images/fixture-tenant/{FIXTURE_IMAGE}"), small_png(), "image/png").await;
     let submit = &processes["submit-job"];
     let mut submitted = Vec::new();
     for event in deploy.events("submit-job") {

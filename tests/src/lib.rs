@@ -246,6 +246,26 @@ pub async fn messages_on(stack: &LocalStack, queue_url: &str) -> usize {
         .sum()
 }
 
+/// Waits for an object to appear in the artifacts bucket, for up to `limit`; its bytes.
+pub async fn wait_for_object(stack: &LocalStack, key: &str, limit: std::time::Duration) -> Vec<u8> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let got = stack.clients.s3().get_object().bucket(&stack.resources.artifacts_bucket).key(key).send().await;
+        if let Ok(output) = got {
+            return output.body.collect().await.unwrap().into_bytes().to_vec();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{key} never appeared");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Writes an object into the artifacts bucket as a writer with access to it would (a batch
+/// pipeline dropping files into the inbox, a fixture's image).
+pub async fn put_object(stack: &LocalStack, key: &str, bytes: Vec<u8>, content_type: &str) {
+    let put = stack.clients.s3().put_object().bucket(&stack.resources.artifacts_bucket).key(key);
+    put.content_type(content_type).body(bytes.into()).send().await.unwrap();
+}
+
 /// The keys in the artifacts bucket under `prefix`.
 pub async fn stored_keys(stack: &LocalStack, prefix: &str) -> Vec<String> {
     let listed = stack
