@@ -23,6 +23,7 @@ const LIST: &str = include_str!("../events/apigw-rest-list-jobs.json");
 const LIST_PAGE: &str = include_str!("../events/apigw-rest-list-jobs-page.json");
 const CANCEL: &str = include_str!("../events/apigw-rest-cancel-job.json");
 const MODELS: &str = include_str!("../events/apigw-rest-list-models.json");
+const OPENAPI: &str = include_str!("../events/apigw-rest-openapi.json");
 const USAGE: &str = include_str!("../events/apigw-rest-get-usage.json");
 const SCHEDULE: &str = include_str!("../events/eventbridge-schedule-expire-jobs.json");
 const DEAD_LETTERS: &str = include_str!("../events/sqs-job-dead-letters.json");
@@ -60,7 +61,7 @@ async fn fixture_stack() -> LocalStack {
 
 #[test]
 fn api_events_round_trip_through_the_event_types() {
-    for fixture in [SUBMIT, SUBMIT_BASE64, GET, LIST, LIST_PAGE, CANCEL, MODELS, USAGE] {
+    for fixture in [SUBMIT, SUBMIT_BASE64, GET, LIST, LIST_PAGE, CANCEL, MODELS, OPENAPI, USAGE] {
         let event: ApiGatewayProxyRequest = serde_json::from_str(fixture).unwrap();
         let again: ApiGatewayProxyRequest = serde_json::from_value(serde_json::to_value(&event).unwrap()).unwrap();
         assert_eq!(again.path, event.path);
@@ -98,6 +99,11 @@ async fn each_route_answers_its_event() {
     let (status, models) = invoke(&stack, Function::ListModels, MODELS).await;
     assert_eq!(status, 200);
     assert!(models["models"].as_array().unwrap().iter().any(|m| m["name"] == "kiln-demo"));
+
+    // The document needs no key (the event has no Authorization header).
+    let (status, document) = invoke(&stack, Function::ListModels, OPENAPI).await;
+    assert_eq!(status, 200, "{document}");
+    assert_eq!(document, serde_json::from_str::<Value>(&kiln_api::openapi::document_json()).unwrap());
 
     let (status, usage) = invoke(&stack, Function::GetUsage, USAGE).await;
     assert_eq!(status, 200, "{usage}");

@@ -4,7 +4,7 @@ use http::{Response, StatusCode, header};
 use kiln_app::{AppError, ports::PortError};
 use kiln_domain::InputErrorKind;
 use lambda_http::Body;
-use serde_json::json;
+use serde::Serialize;
 use tracing::{error, warn};
 
 /// A failure answered to the client.
@@ -37,18 +37,83 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response<Body> {
-        let mut error = json!({"code": self.code, "message": self.message, "field": self.field});
-        if let Some(limit) = self.limit {
-            error["limit"] = json!(limit);
-            error["resets_at"] = json!(self.resets_at);
-        }
-        let body = json!({ "error": error });
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: &self.message,
+                field: self.field.as_deref(),
+                limit: self.limit,
+                resets_at: self.resets_at,
+            },
+        };
+        let text = serde_json::to_string(&body).unwrap_or_default();
         let mut builder = Response::builder().status(self.status).header(header::CONTENT_TYPE, "application/json");
         for (name, value) in self.headers {
             builder = builder.header(name, value);
         }
-        builder.body(Body::Text(body.to_string())).unwrap_or_else(|_| Response::new(Body::Empty))
+        builder.body(Body::Text(text)).unwrap_or_else(|_| Response::new(Body::Empty))
     }
+}
+
+/// Every error answer's body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
+}
+
+/// What went wrong, in words a client can show, and the field or header to fix.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail<'a> {
+    #[schema(value_type = ErrorCode)]
+    pub code: &'static str,
+    pub message: &'a str,
+    /// The field (dotted path, e.g. `webhook.url`), query parameter or header to fix.
+    pub field: Option<&'a str>,
+    /// On a 429: the limit that refused (see `GET /v1/usage`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<kiln_app::limits::LimitName>)]
+    pub limit: Option<&'static str>,
+    /// On a 429: when the limit frees up; absent for `max_active_jobs` (it frees when a job ends).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// The error codes, stable for scripts: what `error.code` can be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The body is not JSON, or not an object.
+    InvalidJson,
+    /// A field has the wrong JSON type.
+    InvalidType,
+    MissingField,
+    UnknownField,
+    /// A field is out of its range or not one of its values.
+    InvalidValue,
+    UnknownModel,
+    /// No valid API key (`Authorization: Bearer <key>`).
+    Unauthorized,
+    /// No such job for this tenant.
+    NotFound,
+    /// Canceling a job that has ended.
+    AlreadyFinished,
+    /// The `Idempotency-Key` was used before with another body.
+    IdempotencyKeyReused,
+    QueueUnavailable,
+    /// `max_active_jobs`.
+    QuotaExceeded,
+    /// `jobs_per_minute`.
+    RateLimited,
+    /// `units_per_day`.
+    UnitsExhausted,
+    /// Too many concurrent writes to the same record: retry.
+    Contention,
+    BackendUnavailable,
+    Internal,
+    RouteNotFound,
+    MethodNotAllowed,
+    BodyTooLarge,
+    UnsupportedMediaType,
 }
 
 impl From<AppError> for ApiError {
@@ -93,6 +158,55 @@ impl From<AppError> for ApiError {
             }
             _ if status == S::SERVICE_UNAVAILABLE => answer.with_header(header::RETRY_AFTER, "1"),
             _ => answer,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_domain::{InputError, JobId, JobStatus};
+
+    /// Every code an answer can carry is in the document's `ErrorCode` (the codes of the use
+    /// cases' errors, and those of the HTTP layer's own refusals).
+    #[test]
+    fn every_error_code_is_documented() {
+        let doc = serde_json::to_value(crate::openapi::document()).unwrap();
+        let documented: Vec<&str> = doc["components"]["schemas"]["ErrorCode"]["enum"]
+            .as_array()
+            .expect("ErrorCode's values")
+            .iter()
+            .map(|code| code.as_str().unwrap())
+            .collect();
+        let now = chrono::Utc::now();
+        let input = |kind| AppError::Input(InputError::new(kind, None, "x"));
+        let errors = [
+            input(InputErrorKind::InvalidJson),
+            input(InputErrorKind::InvalidType),
+            input(InputErrorKind::MissingField),
+            input(InputErrorKind::UnknownField),
+            input(InputErrorKind::InvalidValue),
+            input(InputErrorKind::UnknownModel),
+            AppError::Unauthorized("x"),
+            AppError::NotFound("x".into()),
+            AppError::AlreadyFinished { id: JobId::generate(now), status: JobStatus::Succeeded },
+            AppError::IdempotencyMismatch,
+            AppError::QueueUnavailable(PortError::unavailable("sqs", "down")),
+            AppError::QuotaExceeded { limit: 1 },
+            AppError::RateLimited { limit: 1, retry_after_secs: 1, resets_at: now },
+            AppError::UnitsExhausted { limit: 1, used: 1, cost: 1, resets_at: now, retry_after_secs: 1 },
+            AppError::Contention,
+            AppError::Port(PortError::unavailable("dynamodb", "down")),
+            AppError::Port(PortError::Corrupt { what: "job", detail: "x".into() }),
+        ];
+        let mut codes: Vec<&str> = errors.iter().map(AppError::code).collect();
+        let http_layer = include_str!("routes.rs");
+        for code in ["route_not_found", "method_not_allowed", "body_too_large", "unsupported_media_type", "internal"] {
+            assert!(http_layer.contains(&format!("\"{code}\"")), "routes.rs no longer answers {code}");
+            codes.push(code);
+        }
+        for code in codes {
+            assert!(documented.contains(&code), "`{code}` is not in the document's ErrorCode: {documented:?}");
         }
     }
 }

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod error;
 pub mod metrics;
+pub mod openapi;
 pub mod routes;
 pub mod wiring;
 

@@ -3,8 +3,9 @@
 use http::{Method, Response, StatusCode, header};
 use kiln_app::{
     Authenticator, Disposition, Jobs, Ports, Tenant, Webhooks, inbox,
+    inbox::{UploadHeaders, UploadLink, UploadTarget},
     ports::ArtifactLinks,
-    views::{JobView, ModelView, UsageView},
+    views::{JobPage, JobView, ModelList, ModelView, SecretView, UsageView},
 };
 use kiln_domain::{InputError, InputErrorKind, JobId, JobStatus};
 use kiln_lambda::FunctionConfig;
@@ -36,7 +37,15 @@ pub enum Route {
     RotateWebhookSecret,
     /// `POST /v1/uploads`: a presigned PUT into the tenant's S3 inbox.
     CreateUpload,
+    /// `GET /v1/openapi.json`: the API's description (no key needed).
+    OpenApi,
+    /// `GET /v1/playground` (and `GET /` on the local server): the web playground, a static
+    /// page that asks for the key itself.
+    Playground,
 }
+
+/// The web playground (`functions/api/playground/index.html`).
+pub const PLAYGROUND_HTML: &str = include_str!("../playground/index.html");
 
 impl Route {
     /// Matches a method and path; the error is the answer when nothing matches.
@@ -60,6 +69,10 @@ impl Route {
             ["v1", "webhooks", "secret", "rotate"] => (None, "POST"),
             ["v1", "uploads"] if method == Method::POST => (Some(Self::CreateUpload), ""),
             ["v1", "uploads"] => (None, "POST"),
+            ["v1", "openapi.json"] if method == Method::GET => (Some(Self::OpenApi), ""),
+            ["v1", "openapi.json"] => (None, "GET"),
+            [] | [""] | ["v1", "playground"] if method == Method::GET => (Some(Self::Playground), ""),
+            [] | [""] | ["v1", "playground"] => (None, "GET"),
             _ => (None, ""),
         };
         match (route, allowed) {
@@ -117,7 +130,7 @@ impl Function {
                 | (Self::GetJob, Route::GetJob(_))
                 | (Self::ListJobs, Route::ListJobs)
                 | (Self::CancelJob, Route::CancelJob(_))
-                | (Self::ListModels, Route::ListModels)
+                | (Self::ListModels, Route::ListModels | Route::OpenApi | Route::Playground)
                 | (Self::GetUsage, Route::GetUsage)
                 | (Self::WebhookSecret, Route::WebhookSecret | Route::RotateWebhookSecret)
                 | (Self::CreateUpload, Route::CreateUpload)
@@ -217,6 +230,19 @@ impl Api {
                 format!("this function does not serve {path}"),
             ));
         }
+        let public = match route {
+            Route::OpenApi => Some(("application/json", crate::openapi::document_json())),
+            Route::Playground => Some(("text/html; charset=utf-8", PLAYGROUND_HTML.to_owned())),
+            _ => None,
+        };
+        if let Some((content_type, body)) = public {
+            return Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, content_type)
+                .header(header::CACHE_CONTROL, "public, max-age=300")
+                .body(Body::Text(body))
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()));
+        }
         let authorization = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         let tenant = self.auth.authenticate(authorization).await?;
         tracing::Span::current().record("tenant_id", tenant.id.as_str());
@@ -236,22 +262,23 @@ impl Api {
             }
             Route::ListModels => {
                 let models = self.jobs.models().await?;
-                json(StatusCode::OK, &serde_json::json!({ "models": ModelView::list(&models) }))
+                json(StatusCode::OK, &ModelList { models: ModelView::list(&models) })
             }
             Route::GetUsage => json(StatusCode::OK, &UsageView::new(&self.jobs.usage(&tenant).await?)),
             Route::WebhookSecret => {
                 let secret = self.webhooks.current_secret(&tenant.id, chrono::Utc::now()).await?;
-                json(StatusCode::OK, &serde_json::json!({"secret": secret.value, "created_at": secret.created_at}))
+                json(StatusCode::OK, &SecretView { secret: &secret.value, created_at: secret.created_at, note: None })
             }
             Route::RotateWebhookSecret => {
                 let secret = self.webhooks.rotate_secret(&tenant.id, chrono::Utc::now()).await?;
+                let note = "the previous secret keeps signing (as a second signature) for 24 hours";
                 json(
                     StatusCode::OK,
-                    &serde_json::json!({"secret": secret.value, "created_at": secret.created_at,
-                        "note": "the previous secret keeps signing (as a second signature) for 24 hours"}),
+                    &SecretView { secret: &secret.value, created_at: secret.created_at, note: Some(note) },
                 )
             }
             Route::CreateUpload => self.create_upload(&tenant, request).await,
+            Route::OpenApi | Route::Playground => unreachable!("answered before authentication"),
         }
     }
 
@@ -311,36 +338,24 @@ impl Api {
         let asked = inbox::UploadRequest::parse(request.body().as_ref(), self.max_body_bytes as u64)
             .map_err(kiln_app::AppError::from)?;
         let now = chrono::Utc::now();
-        match asked {
+        let (target, key, content_type, size) = match asked {
             inbox::UploadRequest::Spec { name, size } => {
                 let upload = inbox::Upload::new(&tenant.id, &name, now);
-                let key = upload.key();
-                let link = self.presign_put(&key, "application/json", size).await?;
-                json(
-                    StatusCode::CREATED,
-                    &serde_json::json!({
-                        "kind": "spec", "upload_id": upload.id, "name": upload.name, "size": size, "method": "PUT",
-                        "url": link.url, "expires_at": link.expires_at,
-                        "headers": {"content-type": "application/json", "content-length": size.to_string()},
-                        "key": key, "outbox": upload.outbox(),
-                    }),
-                )
+                let (key, outbox) = (upload.key(), upload.outbox());
+                let target = UploadTarget::Spec { upload_id: upload.id.unwrap_or_default(), name: upload.name, outbox };
+                (target, key, "application/json", size)
             }
             inbox::UploadRequest::Image { format, size } => {
                 let image = kiln_domain::image::new_image_id(format, now);
                 let key = kiln_domain::image::uploaded_key(&tenant.id, &image);
-                let link = self.presign_put(&key, format.content_type(), size).await?;
-                json(
-                    StatusCode::CREATED,
-                    &serde_json::json!({
-                        "kind": "image", "image": image, "size": size, "method": "PUT",
-                        "url": link.url, "expires_at": link.expires_at,
-                        "headers": {"content-type": format.content_type(), "content-length": size.to_string()},
-                        "key": key,
-                    }),
-                )
+                (UploadTarget::Image { image }, key, format.content_type(), size)
             }
-        }
+        };
+        let link = self.presign_put(&key, content_type, size).await?;
+        let headers = UploadHeaders { content_type: content_type.to_owned(), content_length: size.to_string() };
+        let answer =
+            UploadLink { target, size, method: "PUT", url: link.url, expires_at: link.expires_at, headers, key };
+        json(StatusCode::CREATED, &answer)
     }
 
     async fn presign_put(
@@ -380,7 +395,7 @@ impl Api {
         }
         let page = self.jobs.list(tenant, status, limit, after.as_ref()).await?;
         let jobs: Vec<JobView> = page.jobs.iter().map(|job| JobView::new(job, &[])).collect();
-        json(StatusCode::OK, &serde_json::json!({ "jobs": jobs, "next_cursor": page.next }))
+        json(StatusCode::OK, &JobPage { jobs, next_cursor: page.next.map(|id| id.as_str().to_owned()) })
     }
 }
 
@@ -408,6 +423,10 @@ mod tests {
         assert_eq!(ok(Method::POST, "/v1/jobs/abc/cancel"), Route::CancelJob("abc".into()));
         assert_eq!(ok(Method::GET, "/v1/models"), Route::ListModels);
         assert_eq!(ok(Method::GET, "/v1/usage"), Route::GetUsage);
+        assert_eq!(ok(Method::GET, "/v1/openapi.json"), Route::OpenApi);
+        assert_eq!(ok(Method::GET, "/"), Route::Playground);
+        assert_eq!(ok(Method::GET, "/v1/playground"), Route::Playground);
+        assert_eq!(Route::resolve(&Method::POST, "/").unwrap_err().status, StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(Route::resolve(&Method::DELETE, "/v1/jobs/abc").unwrap_err().status, StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(Route::resolve(&Method::GET, "/v2/jobs").unwrap_err().status, StatusCode::NOT_FOUND);
         assert_eq!(Route::resolve(&Method::GET, "/v1/jobs/a/b/c").unwrap_err().status, StatusCode::NOT_FOUND);

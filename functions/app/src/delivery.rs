@@ -28,7 +28,7 @@ use tracing::{error, info};
 use crate::{
     AppError, AttemptOutcome, AttemptRecord, Jobs, JobsConfig, Webhooks,
     ports::{Delivery, EndpointCircuits, EndpointHealth, WebhookQueue, WebhookTransport},
-    views::JobView,
+    views::{JobView, WebhookPayload},
     wiring::Ports,
 };
 
@@ -214,11 +214,7 @@ impl WebhookDeliverer {
             .filter_map(|text| Secret::parse(text).ok())
             .collect();
         let read = self.jobs.with_links(event.job.clone()).await?;
-        let payload = serde_json::json!({
-            "type": event.kind.as_str(),
-            "timestamp": event.timestamp,
-            "job": JobView::with_links(&read),
-        });
+        let payload = WebhookPayload { kind: event.kind, timestamp: event.timestamp, job: JobView::with_links(&read) };
         let request = DeliveryRequest {
             url: webhook.url.clone(),
             message_id: event.id.clone(),

@@ -34,7 +34,7 @@ pub fn board_key(model: &str, version: &str) -> String {
 pub const REPORT_FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Where a queued or running job stands.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Estimate {
     /// Queued: the jobs that will start before it (an estimate).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -56,7 +56,7 @@ pub struct Estimate {
 }
 
 /// What an estimate stands on, so a client can judge it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Basis {
     /// Runners serving the model that reported within the last minute.
     pub runners: usize,

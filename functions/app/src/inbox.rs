@@ -142,6 +142,86 @@ impl UploadRequest {
     }
 }
 
+/// The body of `POST /v1/uploads` as the API document describes it ([`UploadRequest::parse`]
+/// reads it, with an error naming the field for each mistake).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum UploadBody {
+    Spec(SpecUpload),
+    Image(ImageUpload),
+}
+
+/// A job spec for the inbox: `inbox/<tenant>/<name>/<upload id>.json`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SpecUpload {
+    /// `spec`, the default.
+    #[schema(value_type = Option<String>, pattern = "^spec$")]
+    pub kind: Option<String>,
+    /// Names the result's folder: `outbox/<tenant>/<name>/<upload id>/`.
+    #[schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$", example = "lighthouse")]
+    pub name: String,
+    /// The spec's exact size in bytes (the link is signed for it), at most the API's body limit.
+    #[schema(minimum = 1)]
+    pub size: u64,
+}
+
+/// An image a job can start from (`init_image`).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImageUpload {
+    #[schema(value_type = String, pattern = "^image$")]
+    pub kind: String,
+    #[schema(value_type = String, pattern = "^image/(png|jpeg)$", example = "image/png")]
+    pub content_type: String,
+    /// The image's exact size in bytes, at most 20 MiB.
+    #[schema(minimum = 1, maximum = 20971520)]
+    pub size: u64,
+}
+
+/// The answer to `POST /v1/uploads`: a presigned PUT for the exact size asked.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct UploadLink {
+    #[serde(flatten)]
+    pub target: UploadTarget,
+    pub size: u64,
+    /// Always `PUT`.
+    pub method: &'static str,
+    pub url: String,
+    pub expires_at: DateTime<Utc>,
+    /// Send exactly these with the PUT (the link is signed for them).
+    pub headers: UploadHeaders,
+    /// The object the PUT writes.
+    pub key: String,
+}
+
+/// What an upload is for.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum UploadTarget {
+    /// A job spec: the job starts when it lands.
+    Spec {
+        upload_id: String,
+        name: String,
+        /// Where the job's result lands.
+        outbox: String,
+    },
+    /// An init image.
+    Image {
+        /// The id a job names in `init_image`.
+        image: String,
+    },
+}
+
+/// The headers an upload's PUT must carry (the link is signed for them).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct UploadHeaders {
+    #[serde(rename = "content-type")]
+    pub content_type: String,
+    #[serde(rename = "content-length")]
+    pub content_length: String,
+}
+
 /// Names are 1 to [`MAX_NAME_LEN`] of `A-Z a-z 0-9 . _ -`, not starting with a dot.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()

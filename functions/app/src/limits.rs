@@ -33,7 +33,8 @@ impl Default for TenantLimits {
 
 /// A limit a new job can exceed, by its name in the API (`limit` in a 429's error and in
 /// `GET /v1/usage`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
 pub enum LimitName {
     MaxActiveJobs,
     JobsPerMinute,

@@ -11,7 +11,7 @@ use kiln_domain::{Job, JobError, JobParams, JobStatus, Timings, Webhook};
 use serde::Serialize;
 
 /// A job as returned by every job route.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JobView<'a> {
     pub id: &'a str,
     pub status: JobStatus,
@@ -28,7 +28,9 @@ pub struct JobView<'a> {
     pub progress: f32,
     /// Queued or running (`GET /v1/jobs/{id}`): `queue_position`, `step`/`steps`,
     /// `estimated_start_at`, `estimated_finish_at` and what they stand on (`estimate_basis`).
+    /// (The document lists these fields among the job's own: see `kiln_api::openapi`.)
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
     pub estimate: Option<&'a Estimate>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -55,7 +57,7 @@ pub struct JobView<'a> {
     pub deduplicated: Option<bool>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct OutputView<'a> {
     pub key: &'a str,
     pub content_type: &'a str,
@@ -119,7 +121,7 @@ impl<'a> JobView<'a> {
 }
 
 /// A tenant's limits and its use of them, as `GET /v1/usage` answers.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct UsageView {
     /// GPU-work units of new jobs this UTC day (see a job's `cost_units`).
     pub units_per_day: Counter<u64>,
@@ -130,7 +132,7 @@ pub struct UsageView {
 }
 
 /// One limit: what it allows, what is used, what is left, and when the count starts again.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Counter<T> {
     pub limit: T,
     pub used: T,
@@ -162,14 +164,14 @@ impl UsageView {
 
 /// A model as `GET /v1/models` lists it: its default version's description (what a request
 /// without a version most likely gets), and every version a request may pin.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ModelView<'a> {
     #[serde(flatten)]
     pub spec: &'a kiln_domain::ModelSpec,
     pub versions: Vec<VersionView<'a>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct VersionView<'a> {
     pub version: &'a str,
     /// Its share of requests without a version, relative to the others'.
@@ -188,4 +190,41 @@ impl<'a> ModelView<'a> {
             })
             .collect()
     }
+}
+
+/// `GET /v1/jobs`: a page of the tenant's jobs, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct JobPage<'a> {
+    pub jobs: Vec<JobView<'a>>,
+    /// Pass as `cursor` for the next page; `null` on the last.
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelList<'a> {
+    pub models: Vec<ModelView<'a>>,
+}
+
+/// The tenant's webhook signing secret (`GET /v1/webhooks/secret`, and after a rotation).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SecretView<'a> {
+    /// `whsec_` and base64: the Standard Webhooks secret that signs every webhook request.
+    #[schema(example = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")]
+    pub secret: &'a str,
+    pub created_at: DateTime<Utc>,
+    /// After a rotation: how long the previous secret keeps signing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<&'static str>,
+}
+
+/// What a webhook request carries (signed with the tenant's secret, Standard Webhooks headers
+/// `webhook-id`, `webhook-timestamp`, `webhook-signature`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WebhookPayload<'a> {
+    #[serde(rename = "type")]
+    pub kind: kiln_domain::WebhookEvent,
+    pub timestamp: DateTime<Utc>,
+    /// The job as `GET /v1/jobs/{id}` shows it, with fresh download links when it succeeded.
+    pub job: JobView<'a>,
 }

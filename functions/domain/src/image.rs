@@ -29,7 +29,7 @@ pub const DEFAULT_STRENGTH: f64 = 0.8;
 
 const FIELD: &str = "init_image";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageFormat {
     Png,
@@ -62,7 +62,7 @@ impl ImageFormat {
 }
 
 /// An input image as a job records it: where it is, its hash and its size.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InitImage {
     /// The object's key in the artifacts bucket.
     pub key: String,

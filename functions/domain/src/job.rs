@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// Why a job failed, in a form clients can branch on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobErrorCode {
     /// The job could not be put on the job queue; submitting again is safe.
@@ -31,7 +31,7 @@ pub enum JobErrorCode {
 }
 
 /// What went wrong, for a failed job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobError {
     pub code: JobErrorCode,
     pub message: String,
@@ -47,7 +47,7 @@ pub struct Output {
 }
 
 /// The webhook deliveries of one job, summed up: visible on the job.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WebhookDelivery {
     /// HTTP attempts, all events together.
     pub attempts: u32,
@@ -66,7 +66,7 @@ pub struct WebhookDelivery {
 }
 
 /// Milliseconds spent in each stage.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Timings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_ms: Option<u64>,
@@ -85,7 +85,9 @@ pub struct Timings {
 /// How soon a job should be served against the other jobs waiting (`priority` on a request,
 /// capped by its tenant's maximum). Runners start a higher priority first; a job waiting in a
 /// runner's hold rises one level per [`Priority::AGING`] of its age, so none waits for ever.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     Low,

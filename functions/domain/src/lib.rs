@@ -25,7 +25,9 @@ pub use job::{
     IllegalTransition, Job, JobError, JobErrorCode, Output, Priority, Subscription, Timings, WebhookDelivery,
 };
 pub use model::{CostModel, FastPreset, ManifestError, ModelSpec, OutputFormat, RenderBudget};
-pub use params::{JobParams, Quality, SeedSource, Submission, Webhook, WebhookEvent, WebhookPolicy};
+pub use params::{
+    JobParams, JobRequest, Quality, SeedSource, Submission, Webhook, WebhookEvent, WebhookPolicy, WebhookRequest,
+};
 pub use status::JobStatus;
 
 /// The tenant shadow jobs belong to: no key is ever made for it, so no client sees them.

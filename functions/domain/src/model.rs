@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// An inclusive range of allowed values.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Range<T> {
     pub min: T,
     pub max: T,
@@ -19,7 +19,7 @@ impl<T: PartialOrd + Copy> Range<T> {
 }
 
 /// Output encodings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputFormat {
     Png,
@@ -66,7 +66,7 @@ impl fmt::Display for OutputFormat {
 }
 
 /// What a request may ask of the model.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Limits {
     pub width: Range<u32>,
     pub height: Range<u32>,
@@ -84,7 +84,7 @@ pub struct Limits {
 }
 
 /// Values used when a request leaves a field out.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Defaults {
     pub width: u32,
     pub height: u32,
@@ -97,7 +97,7 @@ pub struct Defaults {
 }
 
 /// A served model.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ModelSpec {
     /// What clients put in `model`.
     pub name: String,
@@ -122,7 +122,7 @@ pub struct ModelSpec {
 }
 
 /// A model's quicker settings: fewer denoising steps (a few-step sampler's count, say).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FastPreset {
     pub steps: u32,
 }
@@ -137,7 +137,7 @@ pub struct FastPreset {
 /// (render-bench prints the time per unit; BENCHMARKS.md "Cost units" holds the calibration):
 /// a model twice as slow per pixel-step costs twice the units, so a quota of units is a quota
 /// of GPU time whatever the mix of models and sizes.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CostModel {
     pub unit_scale: f64,
 }
@@ -165,7 +165,7 @@ impl CostModel {
 /// How long one job's render may take on this model: `base_secs`, plus `per_megapixel_step_secs`
 /// for every million pixels of every frame at every step. Past it the runner stops the render
 /// and fails the job (`render_timeout`); a render that does not stop marks the runner unhealthy.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RenderBudget {
     pub base_secs: f64,
     pub per_megapixel_step_secs: f64,

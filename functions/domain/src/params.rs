@@ -15,7 +15,7 @@ pub const MAX_PROMPT_CHARS: usize = 2_000;
 pub const MAX_WEBHOOK_URL_BYTES: usize = 2_048;
 
 /// Where a job's seed came from: only a client's seed is part of the cache key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SeedSource {
     Client,
@@ -23,7 +23,7 @@ pub enum SeedSource {
 }
 
 /// The parameters a job renders with: every default applied, every limit checked.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobParams {
     pub prompt: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -50,7 +50,7 @@ pub struct JobParams {
 }
 
 /// Job events a webhook can subscribe to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WebhookEvent {
     Started,
@@ -72,7 +72,7 @@ impl WebhookEvent {
 }
 
 /// Where to tell the client about its job, and which events it wants.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Webhook {
     pub url: String,
     pub events: Vec<WebhookEvent>,
@@ -89,34 +89,63 @@ pub struct WebhookPolicy {
 /// A submission as parsed, before the model is known.
 #[derive(Debug, Clone)]
 pub struct Submission {
-    body: RawSubmission,
+    body: JobRequest,
     fingerprint: String,
 }
 
-/// The parsed body; every field optional so a missing one gets a clear error of our own.
-#[derive(Debug, Clone, Deserialize)]
+/// The body of `POST /v1/jobs`. Every field is optional to the parser, so that a missing one
+/// gets a clear error of our own; `model` and `prompt` are required. Ranges and defaults are the
+/// model's (`GET /v1/models`: `limits`, `defaults`); a `null` field takes the default.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RawSubmission {
+pub struct JobRequest {
+    /// `name`, or `name@version` to pin a version (`GET /v1/models` lists both).
+    #[schema(required = true, nullable = false, example = "kiln-demo")]
     model: Option<String>,
+    /// What to render; surrounding spaces are trimmed and it must not be empty.
+    #[schema(required = true, nullable = false, max_length = 2000, example = "a lighthouse in a storm")]
     prompt: Option<String>,
+    /// What to steer away from.
+    #[schema(max_length = 2000)]
     negative_prompt: Option<String>,
+    /// Pixels; within the model's `limits.width` and a multiple of its `limits.size_multiple`.
+    /// With `init_image` and no size: the image's, scaled to fit.
     width: Option<u32>,
+    /// Pixels; as `width`.
     height: Option<u32>,
+    /// 1 for an image; more for a video (within the model's `limits.num_frames`, and
+    /// `num_frames × width × height` at most its `limits.max_total_pixels`).
     num_frames: Option<u32>,
+    /// Frames per second of a video; ignored for an image.
     fps: Option<u32>,
+    /// Denoising steps.
     steps: Option<u32>,
+    /// Classifier-free guidance scale.
     guidance: Option<f64>,
+    /// The start noise; drawn (and recorded in the job's `input`) when absent. The same seed,
+    /// model version and parameters give the same output, and an earlier result is reused.
+    #[schema(maximum = 4294967295_u64)]
     seed: Option<u64>,
+    /// The encoding: an image format for one frame, a video format for several (the model's
+    /// `limits.image_formats`, `limits.video_formats`).
+    #[schema(value_type = Option<OutputFormat>)]
     format: Option<String>,
-    webhook: Option<RawWebhook>,
+    /// Where to POST the job's events, signed (see the `jobEvent` webhook).
+    webhook: Option<WebhookRequest>,
+    /// The queue it waits in; capped by the account's maximum priority.
     priority: Option<crate::Priority>,
     quality: Option<Quality>,
+    /// An uploaded image to start from (`img_….png` from `POST /v1/uploads`, kind `image`):
+    /// image-to-image, or image-to-video with it as the first frame.
+    #[schema(example = "img_01KBWJ5N0000000000000000AA.png")]
     init_image: Option<String>,
+    /// With `init_image`: how much of it is replaced, above 0 up to 1 (default 0.8).
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     strength: Option<f64>,
 }
 
 /// What a request lets the platform trade for speed (`quality` on a request).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Quality {
     /// Rendered as asked.
@@ -127,10 +156,14 @@ pub enum Quality {
     Auto,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// A job's webhook: where its events go and which.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RawWebhook {
+pub struct WebhookRequest {
+    /// `https://` on a public address (plain `http://` and loopback only on a local stack).
+    #[schema(required = true, nullable = false, max_length = 2048, example = "https://example.com/hooks/kiln")]
     url: Option<String>,
+    /// The events to send; all three when absent.
     events: Option<Vec<WebhookEvent>>,
 }
 
@@ -356,7 +389,7 @@ fn resolve_format(asked: Option<&str>, num_frames: u32, model: &ModelSpec) -> Re
     }
 }
 
-fn resolve_webhook(raw: &RawWebhook, policy: WebhookPolicy) -> Result<Webhook, InputError> {
+fn resolve_webhook(raw: &WebhookRequest, policy: WebhookPolicy) -> Result<Webhook, InputError> {
     let text = raw.url.as_deref().ok_or_else(|| InputError::missing("webhook.url"))?;
     if text.len() > MAX_WEBHOOK_URL_BYTES {
         return Err(InputError::invalid("webhook.url", format!("at most {MAX_WEBHOOK_URL_BYTES} bytes")));
