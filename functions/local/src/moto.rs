@@ -13,8 +13,10 @@ use std::{
 /// What the project installs into `<workspace>/.venv`: moto's server (the local AWS), ONNX
 /// Runtime's CPU build (its `libonnxruntime.so` is what the runner loads; its Python package
 /// carries `onnxruntime.transformers`, the graph optimizer `gpu-runner/sd/prepare_sd.py` runs)
-/// and onnx, which that optimizer needs.
-pub const PYTHON_REQUIREMENTS: &[&str] = &["moto[server]==5.2.5", "onnxruntime==1.31.1", "onnx==1.23.2"];
+/// and onnx, which that optimizer needs; schemathesis, which tests the API against its OpenAPI
+/// document (`tests/openapi.rs`).
+pub const PYTHON_REQUIREMENTS: &[&str] =
+    &["moto[server]==5.2.5", "onnxruntime==1.31.1", "onnx==1.23.2", "schemathesis==4.32.5"];
 
 /// Debian packages the runner links against: libvpx for WebM (VP9), found through pkg-config.
 const SYSTEM_PACKAGES: &[&str] = &["libvpx-dev", "pkg-config"];
