@@ -1,6 +1,7 @@
 //! The harness of the end-to-end tests: one moto server per test process (or the one the test
 //! command started), a fresh set of resources per test, the API on a free port, HTTP helpers.
 
+pub mod browser;
 pub mod burst;
 pub mod chaos;
 pub mod check;

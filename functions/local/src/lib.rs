@@ -10,6 +10,6 @@ pub mod server;
 pub mod stack;
 
 pub use faults::{FaultCounts, FaultKind, FaultPlan, FaultProxy, Service};
-pub use moto::{MotoServer, Tools, ensure_system_libraries, ensure_tools};
+pub use moto::{MotoServer, Tools, ensure_browser, ensure_system_libraries, ensure_tools};
 pub use runner::{RunnerOptions, RunnerProcess, runner_binary, wait_exit};
 pub use stack::{LocalStack, StackOptions, cargo_command, workspace_root};

@@ -105,6 +105,22 @@ pub fn ensure_system_libraries() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Debian's Chromium and its WebDriver, for the playground's browser test.
+const BROWSER_PACKAGES: &[&str] = &["chromium", "chromium-driver"];
+
+/// Where Debian's `chromium-driver` puts ChromeDriver, and `chromium` the browser.
+pub const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+pub const CHROMIUM: &str = "/usr/bin/chromium";
+
+/// Installs Chromium and ChromeDriver with apt-get when they are not there (first run only).
+pub fn ensure_browser() -> anyhow::Result<()> {
+    if !(Path::new(CHROMEDRIVER).exists() && Path::new(CHROMIUM).exists()) {
+        eprintln!("kiln: installing {} with apt-get (first run only)", BROWSER_PACKAGES.join(", "));
+        apt_get_install(BROWSER_PACKAGES)?;
+    }
+    Ok(())
+}
+
 fn apt_get_install(packages: &[&str]) -> anyhow::Result<()> {
     let root = Command::new("id").arg("-u").output().is_ok_and(|out| out.stdout.starts_with(b"0"));
     let sudo: &[&str] = if root { &[] } else { &["sudo"] };
