@@ -52,6 +52,10 @@ locals {
   # the functions accept it in the header (`Bearer ` or `bearer `, surrounding spaces trimmed).
   edge_key_pattern = "^[Bb]earer +kiln_[0-9A-Za-z]{40} *$"
 
+  # The paths of the public routes (functions.json's `public`), with or without the stage in
+  # front: the keyless rule lets these through.
+  edge_public_path_pattern = "^(/${local.api_stage})?(${join("|", sort([for route in local.public_routes : replace(split(" ", route)[1], ".", "\\.")]))})$"
+
   # Bodies in the API's own error shape ({"error": {code, message, field}}, kiln-api error.rs).
   edge_errors = {
     unauthorized = { code = "unauthorized", message = "missing or malformed Authorization header; send `Authorization: Bearer <api key>`", field = "Authorization" }
@@ -123,8 +127,8 @@ resource "aws_api_gateway_method" "route" {
   resource_id          = local.rest_resource_ids[each.value.path]
   http_method          = each.value.method
   authorization        = "NONE"
-  request_validator_id = aws_api_gateway_request_validator.authorization.id
-  request_parameters   = { "method.request.header.Authorization" = true }
+  request_validator_id = contains(local.public_routes, each.key) ? null : aws_api_gateway_request_validator.authorization.id
+  request_parameters   = contains(local.public_routes, each.key) ? {} : { "method.request.header.Authorization" = true }
 }
 
 resource "aws_api_gateway_integration" "route" {
@@ -280,8 +284,8 @@ resource "aws_wafv2_web_acl" "api" {
     }
   }
 
-  # 1. No well-formed bearer key: 401, whatever the path (the API has no public route; one
-  #    added later needs an exemption here, which tests/terraform.rs asks for).
+  # 1. No well-formed bearer key: 401, on every path but the public routes' (functions.json's
+  #    `public`: the API document and the playground page).
   rule {
     name     = "keyless"
     priority = 0
@@ -294,18 +298,38 @@ resource "aws_wafv2_web_acl" "api" {
       }
     }
     statement {
-      not_statement {
+      and_statement {
         statement {
-          regex_match_statement {
-            regex_string = local.edge_key_pattern
-            field_to_match {
-              single_header {
-                name = "authorization"
+          not_statement {
+            statement {
+              regex_match_statement {
+                regex_string = local.edge_key_pattern
+                field_to_match {
+                  single_header {
+                    name = "authorization"
+                  }
+                }
+                text_transformation {
+                  priority = 0
+                  type     = "NONE"
+                }
               }
             }
-            text_transformation {
-              priority = 0
-              type     = "NONE"
+          }
+        }
+        statement {
+          not_statement {
+            statement {
+              regex_match_statement {
+                regex_string = local.edge_public_path_pattern
+                field_to_match {
+                  uri_path {}
+                }
+                text_transformation {
+                  priority = 0
+                  type     = "NONE"
+                }
+              }
             }
           }
         }

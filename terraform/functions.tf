@@ -15,6 +15,9 @@ locals {
   http_routes = merge([
     for name, f in local.functions : { for route in f.trigger.routes : route => name } if f.trigger.type == "http"
   ]...)
+  # Routes that answer without a key (the API document and the playground page): exempt from
+  # the edge's keyless rule and API Gateway's header check (api.tf).
+  public_routes = toset(flatten([for f in values(local.functions) : try(f.trigger.public, [])]))
   scheduled_functions = { for name, f in local.functions : name => f if f.trigger.type == "schedule" }
   sqs_functions       = { for name, f in local.functions : name => f if f.trigger.type == "sqs" }
   stream_functions    = { for name, f in local.functions : name => f if f.trigger.type == "dynamodb_stream" }

@@ -243,8 +243,10 @@ fn a_web_acl_refuses_keyless_requests_and_limits_each_key_and_address_before_the
     let status = |rule: &Value| rule["action"][0]["block"][0]["custom_response"][0]["response_code"].as_u64();
     assert_eq!(rules.iter().map(status).collect::<Vec<_>>(), [Some(401), Some(429), Some(429)]);
 
-    // 1. Refused unless `Authorization` has the form of a key.
-    let keyless = &rules[0]["statement"][0]["not_statement"][0]["statement"][0]["regex_match_statement"][0];
+    // 1. Refused unless `Authorization` has the form of a key, or the path is a public route's.
+    let both = &rules[0]["statement"][0]["and_statement"][0]["statement"];
+    let unless = |n: usize| both[n]["not_statement"][0]["statement"][0]["regex_match_statement"][0].clone();
+    let (keyless, public) = (unless(0), unless(1));
     assert_eq!(keyless["field_to_match"][0]["single_header"][0]["name"], "authorization", "{keyless}");
     assert_eq!(keyless["regex_string"], "${local.edge_key_pattern}");
     let pattern = parsed["locals"]["edge_key_pattern"].as_str().expect("the key pattern");
@@ -263,6 +265,49 @@ fn a_web_acl_refuses_keyless_requests_and_limits_each_key_and_address_before_the
     assert!(matched[..keys.len()].iter().all(|m| *m), "a key the API issues would be refused at the edge");
     assert!(matched[keys.len()..].iter().all(|m| !*m), "a keyless header passes the edge: {refused:?} {matched:?}");
 
+    // The public paths: exactly the routes functions.json marks `public`, with or without the
+    // stage; every other route's path is behind the key.
+    assert_eq!(public["field_to_match"][0]["uri_path"].as_array().map(Vec::len), Some(1), "{public}");
+    assert_eq!(public["regex_string"], "${local.edge_public_path_pattern}");
+    let deploy = Deploy::load();
+    let mut public_paths = Vec::new();
+    let mut keyed_paths = Vec::new();
+    for (name, spec) in deploy.functions() {
+        let public: Vec<&str> =
+            spec["trigger"]["public"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        for route in spec["trigger"]["routes"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+            let path = route.split_once(' ').unwrap().1;
+            assert!(path.starts_with("/v1/"), "{name}: {route}");
+            let paths = if public.contains(&route) { &mut public_paths } else { &mut keyed_paths };
+            paths.push(path.replace("{id}", "01KAQ3Z8X9K2M3N4P5Q6R7S8T9"));
+        }
+    }
+    assert_eq!(public_paths.len(), 2, "the document and the playground: {public_paths:?}");
+    // The pattern as terraform builds it from the public routes (its `replace` and `join`).
+    let mut escaped: Vec<String> = public_paths.iter().map(|p| p.replace('.', "\\.")).collect();
+    escaped.sort();
+    let pattern = format!("^(/live)?({})$", escaped.join("|"));
+    let built = parsed["locals"]["edge_public_path_pattern"].as_str().expect("the public path pattern");
+    assert!(built.contains("^(/${local.api_stage})?(") && built.contains("local.public_routes"), "{built}");
+    let staged =
+        |paths: &[String]| -> Vec<String> { paths.iter().flat_map(|p| [p.clone(), format!("/live{p}")]).collect() };
+    let cases: Vec<String> = staged(&public_paths)
+        .into_iter()
+        .chain(staged(&keyed_paths))
+        .chain(["/v1/openapi.jsonx", "/x/v1/playground", "/v1/playground/", "/"].map(String::from))
+        .collect();
+    let mut child = std::process::Command::new(&python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), json!([pattern, cases]).to_string().as_bytes()).unwrap();
+    let matched: Vec<bool> = serde_json::from_slice(&child.wait_with_output().unwrap().stdout).unwrap();
+    let open = public_paths.len() * 2;
+    assert!(matched[..open].iter().all(|m| *m), "a public route would need a key: {cases:?} {matched:?}");
+    assert!(matched[open..].iter().all(|m| !*m), "a keyed path passes the edge without a key: {cases:?} {matched:?}");
+
     // 2. and 3. Per address and per key (the tenant's throttle), within WAF's bounds.
     let rate = |rule: &Value| rule["statement"][0]["rate_based_statement"][0].clone();
     let (per_ip, per_key) = (rate(&rules[1]), rate(&rules[2]));
@@ -278,13 +323,6 @@ fn a_web_acl_refuses_keyless_requests_and_limits_each_key_and_address_before_the
     // The functions still check every key; WAF's logs never hold one.
     let logging = &parsed["resource"]["aws_wafv2_web_acl_logging_configuration"]["api"];
     assert_eq!(logging["redacted_fields"][0]["single_header"][0]["name"], "authorization", "{logging}");
-    let deploy = Deploy::load();
-    for (name, spec) in deploy.functions() {
-        for route in spec["trigger"]["routes"].as_array().into_iter().flatten() {
-            let path = route.as_str().unwrap().split_once(' ').unwrap().1;
-            assert!(path.starts_with("/v1/"), "{name}: {route} (every route is behind the keyless rule)");
-        }
-    }
 }
 
 #[test]

@@ -134,6 +134,11 @@ impl Deploy {
                         problems.push(format!("route `{route}` is not `METHOD /path`"));
                     }
                 }
+                for public in trigger["public"].as_array().into_iter().flatten() {
+                    if !routes.contains(public) {
+                        problems.push(format!("public route {public} is not among its routes"));
+                    }
+                }
             }
             "schedule" if text("expression").starts_with("rate(") || text("expression").starts_with("cron(") => {}
             "schedule" => problems.push("a schedule needs a rate() or cron() expression".into()),
