@@ -60,6 +60,10 @@ struct StackArgs {
     /// Which faults to inject (default: every kind).
     #[arg(long, value_enum, value_delimiter = ',', requires = "faults")]
     fault_kinds: Vec<FaultKind>,
+    /// Print the API's and webhooks' metric lines (CloudWatch Embedded Metric Format, as the
+    /// deployed functions do) on stdout.
+    #[arg(long)]
+    emit_metrics: bool,
 }
 
 fn fault_rate(text: &str) -> Result<f64, String> {
@@ -112,7 +116,12 @@ impl Running {
             }
             plan
         });
-        let options = StackOptions { api_addr: args.api_addr, faults, ..StackOptions::default() };
+        let options = StackOptions {
+            api_addr: args.api_addr,
+            faults,
+            emit_metrics: args.emit_metrics,
+            ..StackOptions::default()
+        };
         let mut stack = LocalStack::start(&moto.url, options).await.context("starting the local stack")?;
         stack.start_relays().await?;
         let models = stack.publish_models(&root.join("gpu-runner/models")).await?;
@@ -130,7 +139,19 @@ impl Running {
             "  models:      {}",
             models.iter().map(|m| format!("{}@{}", m.name, m.version)).collect::<Vec<_>>().join(", ")
         );
-        println!("  gpu-runner:  pid {}, metrics {}/metrics, log .kiln/runner.log", runner.id(), runner.metrics_url);
+        println!("  gpu-runner:  pid {}, log .kiln/runner.log", runner.id());
+        println!("  playground:  {}/", stack.api_url);
+        println!("  OpenAPI:     {}/v1/openapi.json", stack.api_url);
+        println!(
+            "  metrics:     {}/metrics (the runner's Prometheus metrics; Grafana dashboard: \
+             terraform/grafana/runner-dashboard.json); {}",
+            runner.metrics_url,
+            if args.emit_metrics {
+                "the API's and webhooks' EMF lines on this stdout"
+            } else {
+                "--emit-metrics prints the API's and webhooks' EMF lines here"
+            }
+        );
         if let Some(proxy) = stack.faults() {
             stack.start_faults();
             let kinds: Vec<&str> = proxy.plan().kinds.iter().map(|k| k.as_str()).collect();

@@ -46,6 +46,9 @@ pub struct StackOptions {
     /// Put a fault-injecting proxy between every client of the stack and moto (see
     /// [`crate::faults`]); it injects nothing until [`LocalStack::start_faults`].
     pub faults: Option<FaultPlan>,
+    /// Print the API's and the webhook deliverer's metric lines (CloudWatch Embedded Metric
+    /// Format, as the deployed functions write them) on stdout.
+    pub emit_metrics: bool,
 }
 
 impl Default for StackOptions {
@@ -60,6 +63,7 @@ impl Default for StackOptions {
             allow_local_webhooks: true,
             webhook_retry_base_secs: 1,
             faults: None,
+            emit_metrics: false,
         }
     }
 }
@@ -122,6 +126,7 @@ impl LocalStack {
         config.output_retention_secs = options.output_retention_secs;
         config.link_ttl_secs = options.link_ttl_secs;
         config.allow_local_webhooks = options.allow_local_webhooks;
+        config.emit_metrics = options.emit_metrics;
         let backend = Backend { direct, endpoint: endpoint_url.to_owned(), fault_proxy };
         Self::serve_on(clients, backend, resources, config, options).await
     }
