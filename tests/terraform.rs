@@ -218,6 +218,19 @@ fn the_runner_group_counts_gpus_so_instance_types_with_several_mix() {
 /// is a REST API (AWS WAF cannot sit on an HTTP API) behind a web ACL that refuses a request
 /// without a well-formed key (401) before its throttle, then limits each address and each key
 /// (the per-tenant throttle at the edge).
+/// Which of `cases` Python's `re.search` finds `pattern` in (WAF's regexes are PCRE-like).
+fn python_matches(python: &std::path::Path, pattern: &str, cases: &[String]) -> Vec<bool> {
+    let script = "import re, json, sys\npattern, cases = json.load(sys.stdin)\nprint(json.dumps([re.search(pattern, c) is not None for c in cases]))";
+    let mut child = std::process::Command::new(python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), json!([pattern, cases]).to_string().as_bytes()).unwrap();
+    serde_json::from_slice(&child.wait_with_output().unwrap().stdout).unwrap()
+}
+
 #[test]
 fn a_web_acl_refuses_keyless_requests_and_limits_each_key_and_address_before_the_api() {
     let python = harness::checkov_python();
@@ -252,16 +265,8 @@ fn a_web_acl_refuses_keyless_requests_and_limits_each_key_and_address_before_the
     let pattern = parsed["locals"]["edge_key_pattern"].as_str().expect("the key pattern");
     let keys: Vec<String> = (0..200).map(|_| format!("Bearer {}", ApiKey::generate().expose())).collect();
     let refused = ["", "Bearer", "Bearer ", "Basic a2lsbjpwYXNz", "Bearer kiln_short", "Bearer sk_live_0123456789"];
-    let script = "import re, json, sys\npattern, cases = json.load(sys.stdin)\nprint(json.dumps([re.search(pattern, c) is not None for c in cases]))";
     let cases: Vec<String> = keys.iter().cloned().chain(refused.iter().map(|s| s.to_string())).collect();
-    let mut child = std::process::Command::new(&python)
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), json!([pattern, cases]).to_string().as_bytes()).unwrap();
-    let matched: Vec<bool> = serde_json::from_slice(&child.wait_with_output().unwrap().stdout).unwrap();
+    let matched = python_matches(&python, pattern, &cases);
     assert!(matched[..keys.len()].iter().all(|m| *m), "a key the API issues would be refused at the edge");
     assert!(matched[keys.len()..].iter().all(|m| !*m), "a keyless header passes the edge: {refused:?} {matched:?}");
 
@@ -296,14 +301,7 @@ fn a_web_acl_refuses_keyless_requests_and_limits_each_key_and_address_before_the
         .chain(staged(&keyed_paths))
         .chain(["/v1/openapi.jsonx", "/x/v1/playground", "/v1/playground/", "/"].map(String::from))
         .collect();
-    let mut child = std::process::Command::new(&python)
-        .args(["-c", script])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(child.stdin.as_mut().unwrap(), json!([pattern, cases]).to_string().as_bytes()).unwrap();
-    let matched: Vec<bool> = serde_json::from_slice(&child.wait_with_output().unwrap().stdout).unwrap();
+    let matched = python_matches(&python, &pattern, &cases);
     let open = public_paths.len() * 2;
     assert!(matched[..open].iter().all(|m| *m), "a public route would need a key: {cases:?} {matched:?}");
     assert!(matched[open..].iter().all(|m| !*m), "a keyed path passes the edge without a key: {cases:?} {matched:?}");
