@@ -374,7 +374,16 @@ async fn a_render_past_its_budget_fails_and_a_stuck_one_takes_the_runner_out_of_
     );
     assert!(job["error"]["message"].as_str().unwrap().contains("did not stop"), "{job}");
     assert_eq!(health().await, StatusCode::SERVICE_UNAVAILABLE);
-    let metrics = reqwest::get(format!("{}/metrics", runner.metrics_url)).await.unwrap().text().await.unwrap();
+    // The slot is given back after the job's end is written (and its message deleted): soon
+    // after, not before, the job reads failed.
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = reqwest::get(format!("{}/metrics", runner.metrics_url)).await.unwrap().text().await.unwrap();
+        if metrics.contains("kiln_runner_in_flight 0") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(metrics.contains("kiln_runner_in_flight 0"), "{metrics}");
     let after = client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": "after the hang"})).await.job_id();
     tokio::time::sleep(Duration::from_secs(3)).await;
