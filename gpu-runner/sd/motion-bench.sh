@@ -12,6 +12,11 @@
 #                                               # the SD-1.5-sized package (fp16) and its diffusers twin
 #   bash gpu-runner/sd/motion-bench.sh measure  # carrying the same: both pipelines timed, the decodes
 #
+#   bash gpu-runner/sd/motion-bench.sh images   # carrying .gpu/diffusion-bench.xz and .gpu/tiny.tar.xz
+#                                               # (the tiny packages, the img2img fixture and the CPU
+#                                               # render of an image-to-video job: `images-pack` here
+#                                               # makes it): image-to-image and image-to-video on CUDA
+#
 # The machine goes back half a minute after a call ends, so `all` does unpack, build and measure
 # in one call, carrying all four .gpu paths; that is over a call's 64 MiB unless the tree's model
 # packages and test fixtures stay behind (move gpu-runner/models and gpu-runner/tests/fixtures
@@ -19,9 +24,24 @@
 #
 # Everything it reports lands in $OUT.
 set -euo pipefail
+I2V_JOB='{"model":"kiln-tiny-motion","prompt":"a red boat drifting on a lake","width":64,"height":64,"num_frames":8,"steps":4,"guidance":7.5,"seed":3,"strength":0.7,"init_image":"img_01KBWJ5N0000000000000000AA.png"}'
 step=${1:?usage: motion-bench.sh unpack|tiny|build|measure|all}
 if [ "$step" = all ]; then
     bash "$0" unpack && bash "$0" build && exec bash "$0" measure
+fi
+if [ "$step" = images-pack ]; then
+    # On the development machine (ORT_DYLIB_PATH: the CPU library; the release bench built):
+    # the image-to-video job rendered on the CPU, packed with the tiny packages and the img2img
+    # fixture for the `images` step. Small enough to carry with .gpu/ort (the tree itself must
+    # leave gpu-runner/models, gpu-runner/tests/fixtures, functions, tests and terraform behind).
+    pack=$(mktemp -d)
+    cp -r gpu-runner/models/kiln-tiny-sd gpu-runner/models/kiln-tiny-motion gpu-runner/tests/fixtures/img2img "$pack/"
+    target/release/diffusion-bench --device cpu video --package gpu-runner/models/kiln-tiny-motion \
+        --job "$I2V_JOB" --repeats 1 --out "$pack/i2v-cpu.rgb" --init-image gpu-runner/tests/fixtures/img2img/input.png
+    tar cf - -C "$pack" . | xz -9e -T2 > .gpu/tiny.tar.xz
+    rm -rf "$pack"
+    ls -la .gpu/tiny.tar.xz
+    exit 0
 fi
 if [ "$step" = unpack ]; then
     eval "$(bash .gpu/unpack-ort-cuda .gpu/ort)"
@@ -35,7 +55,7 @@ export ORT_DYLIB_PATH=$ort/libonnxruntime.so LD_LIBRARY_PATH=$ort:$cuda:/usr/lib
 OUT=${OUT:?set OUT to a folder for the results}
 work=/tmp/kiln-motion
 mkdir -p "$work/py"
-[ -d "$work/py/diffusers" ] || tar xJf .gpu/diffusers.tar.xz -C "$work/py"
+[ -d "$work/py/diffusers" ] || [ ! -e .gpu/diffusers.tar.xz ] || tar xJf .gpu/diffusers.tar.xz -C "$work/py"
 xz -dc .gpu/diffusion-bench.xz > "$work/diffusion-bench" && chmod +x "$work/diffusion-bench"
 export PYTHONPATH="$work/py" HF_HUB_OFFLINE=1
 bench=$work/diffusion-bench
@@ -63,6 +83,36 @@ for case in json.load(open("gpu-runner/tests/fixtures/motion/cases.json")):
     d = np.abs(ours - theirs)
     print(f"tiny `{case['name']}` ({case['frames']} frames) on CUDA against diffusers on the CPU: max |diff| {d.max()}, "
           f"mean {d.mean():.3f}, {(d > 0).mean() * 100:.2f}% of values differ")
+PY
+    exit 0
+fi
+if [ "$step" = images ]; then
+    # Image-to-image (kiln-tiny-sd) against diffusers' StableDiffusionImg2ImgPipeline's frame (the
+    # test suite's fixture, rendered on the CPU), and image-to-video (kiln-tiny-motion) against the
+    # same job rendered by kiln on the CPU: the same start noise and image, on CUDA.
+    tiny=/tmp/kiln-tiny
+    rm -rf "$tiny" && mkdir -p "$tiny" && tar xJf .gpu/tiny.tar.xz -C "$tiny"
+    i2i='{"model":"kiln-tiny-sd","prompt":"a red boat on a lake","width":64,"height":64,"steps":8,"strength":0.6,"guidance":7.5,"seed":5,"init_image":"img_01KBWJ5N0000000000000000AA.png"}'
+    "$bench" --device cuda video --package "$tiny/kiln-tiny-sd" --job "$i2i" --repeats 1 --out /tmp/i2i.rgb \
+        --init-image "$tiny/img2img/input.png" 2>> "$OUT/bench.log"
+    "$bench" --device cuda video --package "$tiny/kiln-tiny-motion" --job "$I2V_JOB" --repeats 1 --out /tmp/i2v.rgb \
+        --init-image "$tiny/img2img/input.png" 2>> "$OUT/bench.log"
+    python3 - "$tiny" <<'PY' 2>&1 | tee "$OUT/images-cuda.txt"
+import sys, numpy as np
+from PIL import Image
+tiny = sys.argv[1]
+def rgb(path):
+    return np.frombuffer(open(path, "rb").read(), dtype=np.uint8).astype(int)
+def report(what, ours, theirs):
+    d = np.abs(ours - theirs)
+    print(f"{what}: max |diff| {d.max()}, mean {d.mean():.3f}, {(d > 0).mean() * 100:.2f}% of {d.size} values differ")
+diffusers = np.asarray(Image.open(f"{tiny}/img2img/output.png").convert("RGB")).astype(int).reshape(-1)
+report("image-to-image (kiln-tiny-sd) on CUDA against diffusers' StableDiffusionImg2ImgPipeline on the CPU", rgb("/tmp/i2i.rgb"), diffusers)
+report("image-to-video (kiln-tiny-motion, 8 frames) on CUDA against kiln on the CPU", rgb("/tmp/i2v.rgb"), rgb(f"{tiny}/i2v-cpu.rgb"))
+frames = rgb("/tmp/i2v.rgb").reshape(8, -1)
+image = np.asarray(Image.open(f"{tiny}/img2img/input.png").convert("RGB").resize((64, 64))).astype(int).reshape(-1)
+print("image-to-video on CUDA, mean |diff| from the input image by frame: "
+      + ", ".join(f"{np.abs(f - image).mean():.1f}" for f in frames))
 PY
     exit 0
 fi

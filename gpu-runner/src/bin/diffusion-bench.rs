@@ -89,6 +89,10 @@ enum Command {
         /// Write the last render's frames here, as raw RGB.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// A PNG or JPEG the job starts from (image-to-image, image-to-video): the job names it
+        /// as `"init_image": "img_01KBWJ5N0000000000000000AA.png"`.
+        #[arg(long)]
+        init_image: Option<PathBuf>,
     },
     /// Decodes seeded latents of one frame of `--width`×`--height` with the package's VAE
     /// decoder, whole or in tiles, and prints the median seconds (after a warm-up).
@@ -142,13 +146,14 @@ fn main() -> anyhow::Result<()> {
         diffusion: DiffusionOptions { max_unet_rows: max_rows, io_binding, cuda_graphs },
     };
     match &cli.command {
-        Command::Video { package, job, repeats, out } => {
+        Command::Video { package, job, repeats, out, init_image } => {
+            let image = init_image.as_deref().map(std::fs::read).transpose()?;
             let spec = ModelSpec::read_manifest(package)?;
             let mut pipeline = kiln_runner::packages::load(package, spec.clone(), &options(false, 0))?.pipeline;
             let mut times = Vec::new();
             for run in 0..=*repeats {
                 let started = Instant::now();
-                let frames = pipeline.render(&request(package, job)?)?;
+                let frames = pipeline.render(&request_with_image(package, job, image.as_deref())?)?;
                 let seconds = started.elapsed().as_secs_f64();
                 eprintln!(
                     "render {run}: {seconds:.3} s, {} frames of {}x{}",
@@ -352,13 +357,25 @@ fn render_beside_a_leaver(
 }
 
 fn request(package: &Path, body: &str) -> anyhow::Result<RenderRequest> {
+    request_with_image(package, body, None)
+}
+
+/// The job `body` on `package`'s model, starting from `image` (the bytes of the file its
+/// `init_image` names) when there is one.
+fn request_with_image(package: &Path, body: &str, image: Option<&[u8]>) -> anyhow::Result<RenderRequest> {
     let model = ModelSpec::read_manifest(package)?;
+    let inspected = image
+        .map(|bytes| kiln_domain::image::inspect("images/bench/img_01KBWJ5N0000000000000000AA.png", bytes))
+        .transpose()
+        .map_err(|err| anyhow::anyhow!("{err}"))?;
     let params = Submission::parse(body.as_bytes())
         .map_err(|err| anyhow::anyhow!("{err}"))?
-        .resolve(&model, WebhookPolicy::default(), || 0)
+        .resolve_with_image(&model, WebhookPolicy::default(), || 0, inspected)
         .map_err(|err| anyhow::anyhow!("{err}"))?
         .params;
-    Ok(RenderRequest { params, control: Arc::new(RenderControl::default()), init_image: None })
+    let init_image =
+        image.map(|bytes| kiln_runner::render::input::fit(bytes, params.width, params.height)).transpose()?;
+    Ok(RenderRequest { params, control: Arc::new(RenderControl::default()), init_image })
 }
 
 /// The UNet graph `unet` alone at each of `row_counts`: median milliseconds of one `session.run`.
