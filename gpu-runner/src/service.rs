@@ -1499,8 +1499,8 @@ mod tests {
         }
     }
 
-    /// Two devices' sessions of one model: four jobs at once go two to each (the least loaded
-    /// session takes the next job), and all succeed.
+    /// Two devices' sessions of one model: four jobs at once are spread over both (the least
+    /// loaded session takes the next job), and all succeed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn jobs_spread_over_the_devices_sessions() {
         let model = demo_model();
@@ -1547,7 +1547,10 @@ mod tests {
             // Each render takes 300 ms: the busy time says how many each device did.
             (busy.get() / 0.3).round() as u64
         };
-        assert_eq!((rendered("cpu"), rendered("cuda:7")), (2, 2), "two jobs on each device");
+        // Two each when the four are submitted within one render's time; on a loaded machine a
+        // late one may find a device free again (still the least loaded): both must render.
+        let (cpu, cuda) = (rendered("cpu"), rendered("cuda:7"));
+        assert!(cpu >= 1 && cuda >= 1, "jobs on each device: cpu {cpu}, cuda {cuda}");
         for job in &jobs {
             assert_eq!(store.get(&job.id).await.unwrap().unwrap().status, JobStatus::Succeeded);
         }
