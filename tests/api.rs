@@ -596,6 +596,8 @@ async fn tenants_limits_refuse_new_jobs_with_429_and_name_the_limit() {
         refused.body
     );
     assert_eq!(refused.body["error"]["limit"], "max_active_jobs", "{}", refused.body);
+    let error = refused.body["error"].as_object().unwrap();
+    assert!(error.get("resets_at").is_some_and(Value::is_null), "frees when a job ends: {}", refused.body);
     // Answering an identical request renders nothing: not refused.
     let same = quota.post_json("/v1/jobs", &job(1)).await;
     assert_eq!((same.status, same.body["deduplicated"].as_bool()), (StatusCode::ACCEPTED, Some(true)), "{}", same.body);

@@ -43,7 +43,7 @@ impl ApiError {
                 message: &self.message,
                 field: self.field.as_deref(),
                 limit: self.limit,
-                resets_at: self.resets_at,
+                resets_at: self.limit.map(|_| self.resets_at),
             },
         };
         let text = serde_json::to_string(&body).unwrap_or_default();
@@ -73,9 +73,10 @@ pub struct ErrorDetail<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<kiln_app::limits::LimitName>)]
     pub limit: Option<&'static str>,
-    /// On a 429: when the limit frees up; absent for `max_active_jobs` (it frees when a job ends).
+    /// On a 429: when the limit frees up; `null` for `max_active_jobs` (it frees when a job ends).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub resets_at: Option<chrono::DateTime<chrono::Utc>>,
+    #[schema(value_type = Option<chrono::DateTime<chrono::Utc>>)]
+    pub resets_at: Option<Option<chrono::DateTime<chrono::Utc>>>,
 }
 
 /// The error codes, stable for scripts: what `error.code` can be.
@@ -198,7 +199,29 @@ mod tests {
             AppError::Contention,
             AppError::Port(PortError::unavailable("dynamodb", "down")),
             AppError::Port(PortError::Corrupt { what: "job", detail: "x".into() }),
+            AppError::Transition(kiln_domain::IllegalTransition {
+                id: JobId::generate(now),
+                from: JobStatus::Succeeded,
+                to: JobStatus::Running,
+            }),
         ];
+        // A new AppError variant stops this compiling until it is added to `errors` above.
+        for error in &errors {
+            match error {
+                AppError::Input(_)
+                | AppError::Unauthorized(_)
+                | AppError::NotFound(_)
+                | AppError::AlreadyFinished { .. }
+                | AppError::IdempotencyMismatch
+                | AppError::QueueUnavailable(_)
+                | AppError::QuotaExceeded { .. }
+                | AppError::RateLimited { .. }
+                | AppError::UnitsExhausted { .. }
+                | AppError::Contention
+                | AppError::Port(_)
+                | AppError::Transition(_) => {}
+            }
+        }
         let mut codes: Vec<&str> = errors.iter().map(AppError::code).collect();
         let http_layer = include_str!("routes.rs");
         for code in ["route_not_found", "method_not_allowed", "body_too_large", "unsupported_media_type", "internal"] {
