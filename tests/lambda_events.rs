@@ -103,7 +103,7 @@ async fn each_route_answers_its_event() {
     // The document needs no key (the event has no Authorization header).
     let (status, document) = invoke(&stack, Function::ListModels, OPENAPI).await;
     assert_eq!(status, 200, "{document}");
-    assert_eq!(document, serde_json::from_str::<Value>(&kiln_api::openapi::document_json()).unwrap());
+    assert_eq!(document, serde_json::from_str::<Value>(kiln_api::openapi::document_json()).unwrap());
 
     let (status, usage) = invoke(&stack, Function::GetUsage, USAGE).await;
     assert_eq!(status, 200, "{usage}");

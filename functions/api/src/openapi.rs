@@ -31,9 +31,10 @@ pub fn document() -> openapi::OpenApi {
     ApiDoc::openapi()
 }
 
-/// The document as `GET /v1/openapi.json` answers it and `openapi.json` holds it.
-pub fn document_json() -> String {
-    document().to_pretty_json().unwrap_or_default() + "\n"
+/// The document as `GET /v1/openapi.json` answers it and `openapi.json` holds it (built once).
+pub fn document_json() -> &'static str {
+    static JSON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    JSON.get_or_init(|| document().to_pretty_json().unwrap_or_default() + "\n")
 }
 
 #[derive(OpenApi)]
@@ -41,7 +42,8 @@ pub fn document_json() -> String {
     info(
         title = "kiln",
         description = "Text-to-image and text-to-video jobs: submit, follow, cancel, and fetch the outputs by \
-            presigned URL. Every route under /v1 but this document takes `Authorization: Bearer <API key>`; \
+            presigned URL. Every route under /v1 but this document and the playground page takes \
+            `Authorization: Bearer <API key>`; \
             a job belongs to the key's tenant and is invisible to others. Errors are \
             `{\"error\": {\"code\", \"message\", \"field\"}}` with a stable `code`.",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
@@ -92,7 +94,7 @@ struct ApiDoc;
         (status = 400, description = "The body is not a JSON object of known fields with the right types", body = ErrorBody),
         (status = 413, description = "The body is larger than the API accepts", body = ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = ErrorBody),
-        (status = 422, description = "A value the model does not allow, an unknown model, or a reused `Idempotency-Key`", body = ErrorBody),
+        (status = 422, description = "A value the model does not allow, an unknown model, an invalid `Idempotency-Key`, or one reused with another body", body = ErrorBody),
         (status = 429, description = "A tenant limit (`error.limit`): active jobs, jobs per minute or units per day", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds until the limit frees (not for active jobs)"))),
     )
@@ -185,8 +187,8 @@ fn rotate_webhook_secret() {}
     request_body = UploadBody,
     responses(
         (status = 201, description = "The link and the headers its PUT must carry", body = UploadLink),
-        (status = 400, description = "An unknown field", body = ErrorBody),
-        (status = 422, description = "A missing or invalid field", body = ErrorBody),
+        (status = 400, description = "The body is not a JSON object, or has an unknown or missing field", body = ErrorBody),
+        (status = 422, description = "A field's value is invalid (`size` out of range, a bad `name` or `content_type`)", body = ErrorBody),
     )
 )]
 #[allow(dead_code)]
@@ -333,7 +335,7 @@ mod tests {
 
     #[test]
     fn the_document_is_openapi_3_1_with_every_route() {
-        let doc: serde_json::Value = serde_json::from_str(&document_json()).unwrap();
+        let doc: serde_json::Value = serde_json::from_str(document_json()).unwrap();
         assert_eq!(doc["openapi"], "3.1.0");
         let paths: Vec<&str> = doc["paths"].as_object().unwrap().keys().map(String::as_str).collect();
         for route in [
@@ -360,7 +362,7 @@ mod tests {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../openapi.json");
         let served = document_json();
         if std::env::var_os("KILN_BLESS").is_some() {
-            std::fs::write(&path, &served).unwrap();
+            std::fs::write(&path, served).unwrap();
         }
         let committed = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(

@@ -47,6 +47,13 @@ pub enum Route {
 /// The web playground (`functions/api/playground/index.html`).
 pub const PLAYGROUND_HTML: &str = include_str!("../playground/index.html");
 
+/// What the public pages may do: the playground's own inline script and style, calls to this
+/// API only, outputs from their presigned URLs; never inside another site's frame (a page that
+/// holds a key must not be clickjacked into spending a tenant's units).
+const PLAYGROUND_POLICY: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+    connect-src 'self'; img-src http: https: data:; media-src http: https:; frame-ancestors 'none'; \
+    base-uri 'none'; form-action 'none'";
+
 impl Route {
     /// Matches a method and path; the error is the answer when nothing matches.
     pub fn resolve(method: &Method, path: &str) -> Result<Self, ApiError> {
@@ -71,8 +78,8 @@ impl Route {
             ["v1", "uploads"] => (None, "POST"),
             ["v1", "openapi.json"] if method == Method::GET => (Some(Self::OpenApi), ""),
             ["v1", "openapi.json"] => (None, "GET"),
-            [] | [""] | ["v1", "playground"] if method == Method::GET => (Some(Self::Playground), ""),
-            [] | [""] | ["v1", "playground"] => (None, "GET"),
+            [] | ["v1", "playground"] if method == Method::GET => (Some(Self::Playground), ""),
+            [] | ["v1", "playground"] => (None, "GET"),
             _ => (None, ""),
         };
         match (route, allowed) {
@@ -231,7 +238,7 @@ impl Api {
             ));
         }
         let public = match route {
-            Route::OpenApi => Some(("application/json", crate::openapi::document_json())),
+            Route::OpenApi => Some(("application/json", crate::openapi::document_json().to_owned())),
             Route::Playground => Some(("text/html; charset=utf-8", PLAYGROUND_HTML.to_owned())),
             _ => None,
         };
@@ -240,6 +247,8 @@ impl Api {
                 .status(StatusCode::OK)
                 .header(header::CONTENT_TYPE, content_type)
                 .header(header::CACHE_CONTROL, "public, max-age=300")
+                .header(header::CONTENT_SECURITY_POLICY, PLAYGROUND_POLICY)
+                .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
                 .body(Body::Text(body))
                 .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()));
         }

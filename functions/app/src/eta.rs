@@ -39,10 +39,10 @@ pub struct Estimate {
     /// Queued: the jobs that will start before it (an estimate).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<u64>,
-    /// Queued: when it should start; None while no runner serves its model.
+    /// Queued: when it should start; absent while no runner serves its model.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub estimated_start_at: Option<DateTime<Utc>>,
-    /// When it should finish; None while no runner serves its model and it has not started.
+    /// When it should finish; absent while no runner serves its model and it has not started.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub estimated_finish_at: Option<DateTime<Utc>>,
     /// Running: the denoising step it has reached, of `steps`.

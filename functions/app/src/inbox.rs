@@ -98,9 +98,12 @@ pub enum UploadRequest {
 impl UploadRequest {
     /// Parses the JSON body; `max_size` is the inbox's limit on a spec.
     pub fn parse(body: &[u8], max_size: u64) -> Result<Self, InputError> {
-        let body: serde_json::Value =
-            serde_json::from_slice(body).map_err(|err| InputError::invalid("body", format!("not JSON: {err}")))?;
-        let object = body.as_object().ok_or_else(|| InputError::invalid("body", "must be a JSON object"))?;
+        let body: serde_json::Value = serde_json::from_slice(body).map_err(|err| {
+            InputError::new(InputErrorKind::InvalidJson, None, format!("the body is not valid JSON: {err}"))
+        })?;
+        let object = body
+            .as_object()
+            .ok_or_else(|| InputError::new(InputErrorKind::InvalidJson, None, "the body must be a JSON object"))?;
         let kind = match object.get("kind") {
             None => "spec",
             Some(kind) => kind.as_str().filter(|k| matches!(*k, "spec" | "image")).ok_or_else(|| {
@@ -156,7 +159,7 @@ pub enum UploadBody {
 #[serde(deny_unknown_fields)]
 pub struct SpecUpload {
     /// `spec`, the default.
-    #[schema(value_type = Option<String>, pattern = "^spec$")]
+    #[schema(value_type = String, required = false, pattern = "^spec$")]
     pub kind: Option<String>,
     /// Names the result's folder: `outbox/<tenant>/<name>/<upload id>/`.
     #[schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$", example = "lighthouse")]

@@ -115,7 +115,7 @@ pub struct ModelSpec {
     /// What a job of this model costs in GPU-work units (the tenants' daily quota counts them).
     #[serde(default)]
     pub cost: CostModel,
-    /// The settings `quality: auto` falls back to under load (None: such requests render as
+    /// The settings `quality: auto` falls back to under load (absent: such requests render as
     /// asked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fast: Option<FastPreset>,

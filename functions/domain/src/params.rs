@@ -37,6 +37,7 @@ pub struct JobParams {
     pub fps: Option<u32>,
     pub steps: u32,
     pub guidance: f64,
+    #[schema(value_type = u64, maximum = 4294967295_u64)]
     pub seed: u32,
     pub seed_source: SeedSource,
     pub format: OutputFormat,
