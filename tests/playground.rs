@@ -83,6 +83,14 @@ async fn the_playground_renders_a_job_in_a_real_browser() {
     assert!(history.as_str().unwrap().contains("succeeded"), "{history}");
 
     let png = browser.screenshot().await.unwrap();
+
+    // Where API Gateway serves it (`/<stage>/v1/playground`) the page finds the API beside it
+    // too; the key stays for the tab's life, so it connects at once.
+    browser.open(&format!("{}/v1/playground", stack.api_url)).await.unwrap();
+    browser
+        .wait_for("return document.querySelectorAll('#model option').length > 0", Duration::from_secs(10))
+        .await
+        .unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
     let out = workspace_root().join("target/playground");
     std::fs::create_dir_all(&out).unwrap();
