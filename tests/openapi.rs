@@ -19,9 +19,11 @@ async fn the_api_answers_as_its_document_says_for_two_tenants() {
     let a = Client::tenant(&stack, "schema-a").await;
     let b = Client::tenant(&stack, "schema-b").await;
     // Each tenant has a job, so the job routes have real ids to find (and to try as the other).
+    let mut ids = Vec::new();
     for (client, prompt) in [(&a, "tenant a's lighthouse"), (&b, "tenant b's harbour")] {
         let submitted = client.post_json("/v1/jobs", &json!({"model": "kiln-demo", "prompt": prompt, "seed": 1})).await;
         assert_eq!(submitted.status, 202, "{}", submitted.body);
+        ids.push(submitted.job_id());
     }
     let served: Value = reqwest::get(format!("{}/v1/openapi.json", stack.api_url)).await.unwrap().json().await.unwrap();
     assert_eq!(served["openapi"], "3.1.0");
@@ -49,7 +51,7 @@ async fn the_api_answers_as_its_document_says_for_two_tenants() {
         .args(["--phases", "examples,coverage,fuzzing,stateful", "--no-color", "--report", "junit"])
         .arg("--report-junit-path")
         .arg(&report)
-        .args(["--suppress-health-check", "too_slow,filter_too_much"])
+        .args(["--suppress-health-check", "too_slow,filter_too_much", "--request-timeout", "20"])
         .env("SCHEMATHESIS_HOOKS", "")
         // Its own cache (`.schemathesis/`) goes to target/, not into the tree.
         .current_dir(&out)
@@ -64,7 +66,12 @@ async fn the_api_answers_as_its_document_says_for_two_tenants() {
         report.display()
     );
 
-    // Whatever schemathesis did as either tenant, neither can see the other's jobs.
+    // Whatever schemathesis did as either tenant, neither can see the other's jobs: by id, and
+    // in their lists (kept short: no tenant has more than a page of jobs here).
+    for (client, other) in [(&b, &ids[0]), (&a, &ids[1])] {
+        assert_eq!(client.get(&format!("/v1/jobs/{other}")).await.status, 404);
+        assert_eq!(client.post(&format!("/v1/jobs/{other}/cancel")).await.status, 404);
+    }
     let prompts = |page: &Value| -> Vec<String> {
         page["jobs"].as_array().unwrap().iter().map(|job| job["input"]["prompt"].as_str().unwrap().to_owned()).collect()
     };

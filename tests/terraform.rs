@@ -213,11 +213,6 @@ fn the_runner_group_counts_gpus_so_instance_types_with_several_mix() {
     assert_eq!(names, ["SchedulableBacklog", "GroupInServiceCapacity"]);
 }
 
-/// Keyless floods: API Gateway's throttle is shared by every caller and keys are checked in the
-/// functions, so requests without a key must be refused before they reach the stage. The API
-/// is a REST API (AWS WAF cannot sit on an HTTP API) behind a web ACL that refuses a request
-/// without a well-formed key (401) before its throttle, then limits each address and each key
-/// (the per-tenant throttle at the edge).
 /// Which of `cases` Python's `re.search` finds `pattern` in (WAF's regexes are PCRE-like).
 fn python_matches(python: &std::path::Path, pattern: &str, cases: &[String]) -> Vec<bool> {
     let script = "import re, json, sys\npattern, cases = json.load(sys.stdin)\nprint(json.dumps([re.search(pattern, c) is not None for c in cases]))";
@@ -231,6 +226,11 @@ fn python_matches(python: &std::path::Path, pattern: &str, cases: &[String]) -> 
     serde_json::from_slice(&child.wait_with_output().unwrap().stdout).unwrap()
 }
 
+/// Keyless floods: API Gateway's throttle is shared by every caller and keys are checked in the
+/// functions, so requests without a key must be refused before they reach the stage. The API
+/// is a REST API (AWS WAF cannot sit on an HTTP API) behind a web ACL that refuses a request
+/// without a well-formed key (401) before its throttle, then limits each address and each key
+/// (the per-tenant throttle at the edge).
 #[test]
 fn a_web_acl_refuses_keyless_requests_and_limits_each_key_and_address_before_the_api() {
     let python = harness::checkov_python();
@@ -291,11 +291,12 @@ fn a_web_acl_refuses_keyless_requests_and_limits_each_key_and_address_before_the
     // The pattern as terraform builds it from the public routes (its `replace` and `join`).
     let mut escaped: Vec<String> = public_paths.iter().map(|p| p.replace('.', "\\.")).collect();
     escaped.sort();
-    let pattern = format!("^(/live)?({})$", escaped.join("|"));
+    let stage = parsed["locals"]["api_stage"].as_str().expect("the API's stage");
+    let pattern = format!("^(/{stage})?({})$", escaped.join("|"));
     let built = parsed["locals"]["edge_public_path_pattern"].as_str().expect("the public path pattern");
     assert!(built.contains("^(/${local.api_stage})?(") && built.contains("local.public_routes"), "{built}");
     let staged =
-        |paths: &[String]| -> Vec<String> { paths.iter().flat_map(|p| [p.clone(), format!("/live{p}")]).collect() };
+        |paths: &[String]| -> Vec<String> { paths.iter().flat_map(|p| [p.clone(), format!("/{stage}{p}")]).collect() };
     let cases: Vec<String> = staged(&public_paths)
         .into_iter()
         .chain(staged(&keyed_paths))

@@ -6,6 +6,7 @@ use base64::Engine;
 use kiln_local::moto::{CHROMEDRIVER, CHROMIUM};
 use serde_json::{Value, json};
 use std::{
+    os::unix::process::CommandExt,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -15,11 +16,29 @@ const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// ChromeDriver and one browser session; both end when it drops.
 pub struct Browser {
-    driver: Child,
     session: String,
     base: String,
     http: reqwest::Client,
+    // Dropped after the session is ended (fields drop in order): then the processes, then
+    // the profile folder.
+    _driver: Driver,
     _profile: TempDir,
+}
+
+/// ChromeDriver in a process group of its own, with the Chromium it starts: killed together
+/// when this drops, whatever happened to the session.
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let group = self.0.id() as i32;
+        // SAFETY: kill(2) with a negative pid signals the group this process leads; no memory
+        // is shared with it.
+        unsafe {
+            libc::kill(-group, libc::SIGKILL);
+        }
+        let _ = self.0.wait();
+    }
 }
 
 /// A fresh user-data folder per browser (Chromium refuses one another instance holds).
@@ -37,11 +56,14 @@ impl Browser {
     pub async fn start() -> anyhow::Result<Self> {
         kiln_local::ensure_browser()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let driver = Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
+        let driver = Driver(
+            Command::new(CHROMEDRIVER)
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()?,
+        );
         let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::new();
         let started = Instant::now();
@@ -74,7 +96,7 @@ impl Browser {
             .as_str()
             .ok_or_else(|| anyhow::anyhow!("no WebDriver session: {answer}"))?
             .to_owned();
-        Ok(Self { driver, session, base, http, _profile: profile })
+        Ok(Self { session, base, http, _driver: driver, _profile: profile })
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> anyhow::Result<Value> {
@@ -142,7 +164,8 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // Ending the session closes Chromium (a raw DELETE: no runtime here), then ChromeDriver.
+        // Ending the session closes Chromium (a raw DELETE: no runtime here); the driver's
+        // process group is killed after, in any case.
         if let Ok(mut stream) = std::net::TcpStream::connect(self.base.trim_start_matches("http://")) {
             use std::io::{Read, Write};
             let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
@@ -155,7 +178,5 @@ impl Drop for Browser {
                 let _ = stream.read_to_end(&mut Vec::new());
             }
         }
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
     }
 }
