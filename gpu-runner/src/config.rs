@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::render::{
     diffusion::DiffusionOptions,
-    runtime::{Device, Devices, SessionOptions},
+    runtime::{ConvSearch, Device, Devices, SessionOptions},
 };
 
 /// A setting that is on, off, or decided by the device.
@@ -71,6 +71,11 @@ pub struct RunnerConfig {
     /// `kiln_runner_step_runs_total{run}` counts which. 0: no CUDA graphs.
     #[arg(long, env = "KILN_CUDA_GRAPHS", default_value_t = crate::render::diffusion::DEFAULT_CUDA_GRAPHS)]
     pub cuda_graphs: usize,
+
+    /// How cuDNN picks each convolution's algorithm on CUDA: `exhaustive` (time them all once
+    /// per input shape), `heuristic` or `default`.
+    #[arg(long, env = "KILN_CUDNN_CONV_SEARCH", value_enum, default_value_t = ConvSearch::Exhaustive)]
+    pub conv_search: ConvSearch,
 
     /// Most jobs held at once per device (rendering, waiting to render, encoding or uploading).
     /// The runner takes messages from the queue only while below this times its devices, so
@@ -181,6 +186,7 @@ impl RunnerConfig {
                 io_binding,
                 cuda_graphs: if matches!(device, Device::Cuda(_)) { self.cuda_graphs } else { 0 },
             },
+            conv_search: self.conv_search,
         }
     }
 

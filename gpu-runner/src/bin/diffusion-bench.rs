@@ -24,7 +24,7 @@ use kiln_domain::{ModelSpec, Submission, WebhookPolicy};
 use kiln_runner::render::{
     Pipeline, RenderControl, RenderRequest,
     diffusion::{DiffusionOptions, LatentDiffusion, float_tensor, graphs::GraphFiles},
-    runtime::{self, Device, SessionOptions},
+    runtime::{self, ConvSearch, Device, SessionOptions},
 };
 use ort::{
     memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType},
@@ -43,6 +43,9 @@ struct Cli {
     ort_dylib: PathBuf,
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// cuDNN's convolution algorithm search (`KILN_CUDNN_CONV_SEARCH`).
+    #[arg(long, value_enum, default_value_t = ConvSearch::Exhaustive)]
+    conv_search: ConvSearch,
     #[command(subcommand)]
     command: Command,
 }
@@ -144,6 +147,7 @@ fn main() -> anyhow::Result<()> {
         device: cli.device,
         intra_threads: 0,
         diffusion: DiffusionOptions { max_unet_rows: max_rows, io_binding, cuda_graphs },
+        conv_search: cli.conv_search,
     };
     match &cli.command {
         Command::Video { package, job, repeats, out, init_image } => {

@@ -137,12 +137,33 @@ pub struct SessionOptions {
     pub intra_threads: usize,
     /// How latent-diffusion packages batch and bind their UNet runs.
     pub diffusion: DiffusionOptions,
+    /// How cuDNN picks each convolution's algorithm on CUDA (ignored on the CPU).
+    pub conv_search: ConvSearch,
+}
+
+/// How cuDNN picks a convolution's algorithm for each new input shape (ONNX Runtime's
+/// `cudnn_conv_algo_search`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ConvSearch {
+    /// Time every algorithm once per shape and keep the fastest (ONNX Runtime's default).
+    #[default]
+    Exhaustive,
+    /// cuDNN's own guess, without timing.
+    Heuristic,
+    /// The default algorithm.
+    Default,
 }
 
 impl SessionOptions {
     /// The CPU, ONNX Runtime's default threads.
     pub fn cpu(dylib: PathBuf) -> Self {
-        Self { dylib, device: Device::Cpu, intra_threads: 0, diffusion: DiffusionOptions::for_device(Device::Cpu) }
+        Self {
+            dylib,
+            device: Device::Cpu,
+            intra_threads: 0,
+            diffusion: DiffusionOptions::for_device(Device::Cpu),
+            conv_search: ConvSearch::default(),
+        }
     }
 }
 
@@ -170,7 +191,18 @@ fn build(model: &Path, options: &SessionOptions, cuda_graph: bool) -> Result<Ses
         builder = builder.with_intra_threads(options.intra_threads).map_err(|err| fail(err.into()))?;
     }
     if let Device::Cuda(id) = options.device {
-        let cuda = ort::ep::CUDA::default().with_device_id(id).with_cuda_graph(cuda_graph).build().error_on_failure();
+        use ort::ep::cuda::ConvAlgorithmSearch as Search;
+        let search = match options.conv_search {
+            ConvSearch::Exhaustive => Search::Exhaustive,
+            ConvSearch::Heuristic => Search::Heuristic,
+            ConvSearch::Default => Search::Default,
+        };
+        let cuda = ort::ep::CUDA::default()
+            .with_device_id(id)
+            .with_cuda_graph(cuda_graph)
+            .with_conv_algorithm_search(search)
+            .build()
+            .error_on_failure();
         builder = builder.with_execution_providers([cuda]).map_err(|err| fail(err.into()))?;
     }
     builder.commit_from_file(model).map_err(fail)
