@@ -40,7 +40,7 @@ use std::{borrow::Cow, collections::HashMap, path::Path};
 use super::{
     Frames, Pipeline, RenderError, RenderRequest,
     noise::{gaussian, slerp},
-    runtime::{self, Device, RuntimeError, SessionOptions},
+    runtime::{self, ConvSearch, Device, RuntimeError, SessionOptions},
 };
 use graphs::GraphFiles;
 use plan::{JobShape, Lane, Row, UnetGuidance, plan};
@@ -323,9 +323,17 @@ impl Decoder {
         tiling: TilePolicy,
     ) -> Result<Self, DiffusionLoadError> {
         let path = files.path(package, "vae_decoder", options.device);
-        let graph = Graph::load(&path, options, "sample")?;
+        let graph = Graph::load(&path, &Self::session_options(options), "sample")?;
         graph.input("latent_sample", &path)?;
         Ok(Self { graph, rgb: false, scaling_factor, tiling })
+    }
+
+    /// How the decoder's session is loaded: as `options` say, but with cuDNN's heuristic choice
+    /// of convolution algorithms. A tiled decode runs several input shapes in turn, and the
+    /// exhaustive search ran again at each: on an H100 a 1920×1080 frame in tiles took 4.663 s
+    /// with it and 0.761 s without (whole: 0.190 and 0.186 s; BENCHMARKS.md).
+    fn session_options(options: &SessionOptions) -> SessionOptions {
+        SessionOptions { conv_search: ConvSearch::Heuristic, ..options.clone() }
     }
 
     /// Host latents (each `[4, h, w]`, as the scheduler leaves them) to RGB bytes.
@@ -444,7 +452,11 @@ impl LatentDiffusion {
             }
         };
         let decoder = Decoder {
-            graph: Graph::load(&decoder_path, options, if rgb.is_some() { "rgb" } else { "sample" })?,
+            graph: Graph::load(
+                &decoder_path,
+                &Decoder::session_options(options),
+                if rgb.is_some() { "rgb" } else { "sample" },
+            )?,
             rgb: rgb.is_some(),
             scaling_factor,
             tiling: manifest.vae_tiling,
