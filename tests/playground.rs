@@ -84,6 +84,24 @@ async fn the_playground_renders_a_job_in_a_real_browser() {
 
     let png = browser.screenshot().await.unwrap();
 
+    // A video: it plays in the page (Chromium decodes the WebM; `readyState` 2 or more means a
+    // frame is decoded and showing).
+    browser.type_into("#frames", "8").await.unwrap();
+    browser.eval("const f = document.querySelector('#format'); f.value = 'webm'; return f.value").await.unwrap();
+    browser.type_into("#prompt", "waves rolling in").await.unwrap();
+    browser.click("#submit").await.unwrap();
+    let video = browser
+        .wait_for(
+            "const v = document.querySelector('#result'); \
+             return v && v.tagName === 'VIDEO' && v.readyState >= 2 && v.videoWidth > 0 \
+                 ? {width: v.videoWidth, paused: v.paused, loop: v.loop} : null",
+            Duration::from_secs(90),
+        )
+        .await
+        .unwrap();
+    assert_eq!(video["width"], 512, "{video}");
+    assert_eq!(video["loop"], true, "{video}");
+
     // Where API Gateway serves it (`/<stage>/v1/playground`) the page finds the API beside it
     // too; the key stays for the tab's life, so it connects at once.
     browser.open(&format!("{}/v1/playground", stack.api_url)).await.unwrap();
