@@ -89,8 +89,16 @@ struct ApiDoc;
     ),
     responses(
         (status = 200, description = "An earlier result (`cached`) or a replayed submission", body = JobView,
-            headers(("Idempotent-Replayed" = String, description = "`true` when this answers a retry of an earlier submission"))),
-        (status = 202, description = "Queued (or `deduplicated`: joined an identical queued or running job)", body = JobView),
+            headers(("Idempotent-Replayed" = String, description = "`true` when this answers a retry of an earlier submission")),
+            links(
+                ("GetJob" = (operation_id = "get_job", parameters(("id" = "$response.body#/id")))),
+                ("CancelJob" = (operation_id = "cancel_job", parameters(("id" = "$response.body#/id")))),
+            )),
+        (status = 202, description = "Queued (or `deduplicated`: joined an identical queued or running job)", body = JobView,
+            links(
+                ("GetJob" = (operation_id = "get_job", parameters(("id" = "$response.body#/id")))),
+                ("CancelJob" = (operation_id = "cancel_job", parameters(("id" = "$response.body#/id")))),
+            )),
         (status = 400, description = "The body is not a JSON object of known fields with the right types", body = ErrorBody),
         (status = 413, description = "The body is larger than the API accepts", body = ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = ErrorBody),
@@ -138,8 +146,10 @@ fn get_job() {}
     post, path = "/v1/jobs/{id}/cancel", tag = "jobs", operation_id = "cancel_job",
     params(("id" = String, Path, description = "The job's id")),
     responses(
-        (status = 200, description = "Canceled", body = JobView),
-        (status = 202, description = "Running: it stops at its next step", body = JobView),
+        (status = 200, description = "Canceled", body = JobView,
+            links(("GetJob" = (operation_id = "get_job", parameters(("id" = "$response.body#/id")))))),
+        (status = 202, description = "Running: it stops at its next step", body = JobView,
+            links(("GetJob" = (operation_id = "get_job", parameters(("id" = "$response.body#/id")))))),
         (status = 404, description = "No such job for this tenant", body = ErrorBody),
         (status = 409, description = "The job has already ended otherwise", body = ErrorBody),
     )
