@@ -20,7 +20,7 @@ use utoipa::{
         request_body::RequestBodyBuilder,
         response::{ResponseBuilder, ResponsesBuilder},
         schema::SchemaType,
-        security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
+        security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme},
     },
 };
 
@@ -242,9 +242,7 @@ impl Modify for CommonErrors {
                 openapi::content::Content::new(Some(RefOr::Ref(openapi::Ref::from_schema_name("ErrorBody")))),
             );
             if let Some((name, about)) = header {
-                let mut value = openapi::header::Header::new(
-                    openapi::schema::ObjectBuilder::new().schema_type(SchemaType::from(openapi::schema::Type::String)),
-                );
+                let mut value = openapi::header::Header::new(string_schema());
                 value.description = Some(about.to_owned());
                 response = response.header(name, value);
             }
@@ -256,9 +254,13 @@ impl Modify for CommonErrors {
             "A backend is unavailable or busy: nothing was changed, retrying is safe",
             Some(("Retry-After", "Seconds to wait before retrying")),
         );
-        for (path, item) in doc.paths.paths.iter_mut() {
-            let public = matches!(path.as_str(), "/v1/openapi.json" | "/v1/playground");
+        for item in doc.paths.paths.values_mut() {
             for operation in operations(item) {
+                // A public operation says so itself: `security(())`, no key needed.
+                let public = operation
+                    .security
+                    .as_ref()
+                    .is_some_and(|requirements| requirements.contains(&SecurityRequirement::default()));
                 let responses = &mut operation.responses.responses;
                 if !public {
                     responses.insert("401".into(), RefOr::T(unauthorized.clone()));
@@ -272,6 +274,11 @@ impl Modify for CommonErrors {
 
 fn operations(item: &mut PathItem) -> impl Iterator<Item = &mut openapi::path::Operation> {
     [&mut item.get, &mut item.post].into_iter().filter_map(Option::as_mut)
+}
+
+/// `{"type": "string"}`, for headers.
+fn string_schema() -> openapi::schema::ObjectBuilder {
+    openapi::schema::ObjectBuilder::new().schema_type(SchemaType::from(openapi::schema::Type::String))
 }
 
 /// A queued or running job's estimate fields are flattened into the job (`queue_position`,
@@ -302,9 +309,7 @@ impl Modify for JobEvents {
                 .parameter_in(ParameterIn::Header)
                 .required(Required::True)
                 .description(Some(about))
-                .schema(Some(
-                    openapi::schema::ObjectBuilder::new().schema_type(SchemaType::from(openapi::schema::Type::String)),
-                ))
+                .schema(Some(string_schema()))
                 .build()
         };
         let operation = OperationBuilder::new()

@@ -243,14 +243,12 @@ impl Api {
             _ => None,
         };
         if let Some((content_type, body)) = public {
-            return Response::builder()
-                .status(StatusCode::OK)
-                .header(header::CONTENT_TYPE, content_type)
-                .header(header::CACHE_CONTROL, "public, max-age=300")
-                .header(header::CONTENT_SECURITY_POLICY, PLAYGROUND_POLICY)
-                .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
-                .body(Body::Text(body))
-                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()));
+            let mut page = respond(StatusCode::OK, content_type, body)?;
+            let headers = page.headers_mut();
+            headers.insert(header::CACHE_CONTROL, http::HeaderValue::from_static("public, max-age=300"));
+            headers.insert(header::CONTENT_SECURITY_POLICY, http::HeaderValue::from_static(PLAYGROUND_POLICY));
+            headers.insert(header::X_CONTENT_TYPE_OPTIONS, http::HeaderValue::from_static("nosniff"));
+            return Ok(page);
         }
         let authorization = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         let tenant = self.auth.authenticate(authorization).await?;
@@ -412,9 +410,13 @@ fn json(status: StatusCode, value: &impl Serialize) -> Result<Response<Body>, Ap
     let body = serde_json::to_string(value).map_err(|e| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("encoding the response: {e}"))
     })?;
+    respond(status, "application/json", body)
+}
+
+fn respond(status: StatusCode, content_type: &str, body: String) -> Result<Response<Body>, ApiError> {
     Response::builder()
         .status(status)
-        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_TYPE, content_type)
         .body(Body::Text(body))
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
 }
