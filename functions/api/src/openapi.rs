@@ -372,6 +372,41 @@ mod tests {
         assert!(doc["paths"]["/v1/openapi.json"]["get"]["responses"].get("401").is_none());
     }
 
+    /// utoipa's attributes take literals only: each limit the document states is held here to
+    /// the constant the code checks, so the two cannot drift apart.
+    #[test]
+    fn the_documents_limits_are_the_codes() {
+        use kiln_app::{inbox, jobs};
+        use kiln_domain::{image, params};
+        let doc: serde_json::Value = serde_json::from_str(document_json()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let property = |schema: &str, name: &str| schemas[schema]["properties"][name].clone();
+        let request = |name: &str| property("JobRequest", name);
+        assert_eq!(request("prompt")["maxLength"], params::MAX_PROMPT_CHARS);
+        assert_eq!(request("negative_prompt")["maxLength"], params::MAX_PROMPT_CHARS);
+        assert_eq!(request("seed")["maximum"], u32::MAX);
+        assert_eq!(property("JobParams", "seed")["maximum"], u32::MAX);
+        assert_eq!(request("strength")["minimum"], params::MIN_FRACTION);
+        assert_eq!(property("WebhookRequest", "url")["maxLength"], params::MAX_WEBHOOK_URL_BYTES);
+        assert_eq!(property("ImageUpload", "size")["maximum"], image::MAX_IMAGE_BYTES);
+        let name = property("SpecUpload", "name")["pattern"].as_str().unwrap().to_owned();
+        assert!(name.ends_with(&format!("{{0,{}}}$", inbox::MAX_NAME_LEN - 1)), "{name}");
+        let parameter = |path: &str, method: &str, name: &str| {
+            doc["paths"][path][method]["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name)
+                .unwrap_or_else(|| panic!("{method} {path} has no parameter {name}"))
+                .clone()
+        };
+        assert_eq!(parameter("/v1/jobs", "get", "limit")["schema"]["maximum"], jobs::MAX_PAGE);
+        assert_eq!(
+            parameter("/v1/jobs", "post", "Idempotency-Key")["schema"]["maxLength"],
+            jobs::MAX_IDEMPOTENCY_KEY_LEN
+        );
+    }
+
     #[test]
     fn the_committed_document_is_the_served_one() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../openapi.json");
