@@ -277,9 +277,11 @@ fn a_web_acl_refuses_keyless_requests_and_limits_each_key_and_address_before_the
     let deploy = Deploy::load();
     let mut public_paths = Vec::new();
     let mut keyed_paths = Vec::new();
+    let mut public_routes = std::collections::BTreeSet::new();
     for (name, spec) in deploy.functions() {
         let public: Vec<&str> =
             spec["trigger"]["public"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        public_routes.extend(public.iter().map(|route| route.to_string()));
         for route in spec["trigger"]["routes"].as_array().into_iter().flatten().filter_map(Value::as_str) {
             let path = route.split_once(' ').unwrap().1;
             assert!(path.starts_with("/v1/"), "{name}: {route}");
@@ -288,6 +290,21 @@ fn a_web_acl_refuses_keyless_requests_and_limits_each_key_and_address_before_the
         }
     }
     assert_eq!(public_paths.len(), 2, "the document and the playground: {public_paths:?}");
+    // The same routes the API document marks as needing no key (`security: [{}]`).
+    let document: Value = serde_json::from_str(kiln_api::openapi::document_json()).unwrap();
+    let keyless: std::collections::BTreeSet<String> = document["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .iter()
+                .filter(|(_, op)| op["security"] == json!([{}]))
+                .map(move |(method, _)| format!("{} {path}", method.to_uppercase()))
+        })
+        .collect();
+    assert_eq!(public_routes, keyless, "functions.json's public routes and the document's keyless operations");
     // The pattern as terraform builds it from the public routes (its `replace` and `join`).
     let mut escaped: Vec<String> = public_paths.iter().map(|p| p.replace('.', "\\.")).collect();
     escaped.sort();
