@@ -153,6 +153,26 @@ async fn an_inbox_spec_starts_from_the_image_beside_it() {
     let png = wait_for_object(&stack, "outbox/acme/boats/output.png", Duration::from_secs(5)).await;
     assert_eq!(media::probe("png", &png).unwrap(), media::Probe { width: 128, height: 80, frames: 1 });
 
+    // The motion model through the inbox: a video from the prompt alone, and one from the image.
+    for (name, image) in [("waves", None), ("boats-moving", Some("photo.png"))] {
+        let mut spec = json!({"model": "kiln-tiny-motion", "prompt": "boats on a windy lake", "num_frames": 8,
+                              "width": 64, "height": 64, "steps": 4, "seed": 3});
+        if let Some(image) = image {
+            spec["init_image"] = json!(image);
+        }
+        put_object(&stack, &format!("inbox/acme/{name}.json"), spec.to_string().into_bytes(), "application/json").await;
+        let outbox = format!("outbox/acme/{name}/");
+        let result: Value = serde_json::from_slice(
+            &wait_for_object(&stack, &format!("{outbox}result.json"), Duration::from_secs(120)).await,
+        )
+        .unwrap();
+        assert_eq!(result["status"], "succeeded", "{name}: {result}");
+        let video = result["outputs"][0]["key"].as_str().unwrap().rsplit('/').next().unwrap().to_owned();
+        let gif = wait_for_object(&stack, &format!("{outbox}{video}"), Duration::from_secs(5)).await;
+        assert_eq!(media::probe("gif", &gif).unwrap(), media::Probe { width: 64, height: 64, frames: 8 }, "{name}");
+        assert_eq!(result["input"]["init_image"].is_object(), image.is_some(), "{name}: {result}");
+    }
+
     // A spec naming a file that is not there: error.json names the field.
     let spec = json!({"model": "kiln-tiny-sd", "prompt": "boats", "init_image": "nowhere.png"});
     put_object(&stack, "inbox/acme/lost.json", spec.to_string().into_bytes(), "application/json").await;
